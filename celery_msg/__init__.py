@@ -1,0 +1,36 @@
+"""celery-msg: a reliable Redis broker for Celery.
+
+Importing this package registers the ``celery-msg://`` and ``celery-msgs://`` (TLS) URL schemes
+with kombu, so that ``broker_url = "celery-msg://localhost:6379/0"`` selects
+:class:`celery_msg.transport.Transport`.
+"""
+
+from __future__ import annotations
+
+from kombu.transport import TRANSPORT_ALIASES
+
+from .app import configure
+from .errors import (
+    BrokerConnectionError,
+    CeleryMsgError,
+    ConfigurationError,
+    LeaseLost,
+    MessageNotFound,
+    ScriptError,
+)
+
+__version__ = "0.1.0"
+
+TRANSPORT_ALIASES.setdefault("celery-msg", "celery_msg.transport:Transport")
+TRANSPORT_ALIASES.setdefault("celery-msgs", "celery_msg.transport:Transport")
+
+__all__ = [
+    "BrokerConnectionError",
+    "CeleryMsgError",
+    "ConfigurationError",
+    "LeaseLost",
+    "MessageNotFound",
+    "ScriptError",
+    "__version__",
+    "configure",
+]

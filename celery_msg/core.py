@@ -1,0 +1,542 @@
+"""The broker core: messages, leases and queues on Redis, with no knowledge of kombu or Celery.
+
+Every state change is one script call (see :mod:`celery_msg.scripts`); this module turns Python
+calls into script calls, groups them per queue (one queue = one hash slot), pipelines what can
+be pipelined, and translates redis-py errors into :mod:`celery_msg.errors`.
+
+A message is stored once per queue under a *key*: its ID, or ``ID/<n>`` when that ID is already
+stored in the queue (a Celery retry republishes the same task id while the first delivery is
+still leased). Its life: READY -> RESERVED (leased, with a fencing token) -> ACKED (gone) |
+READY again (requeued, or its lease expired) | DEAD (dead-letter store, with a reason).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal, TypeVar, cast
+
+import redis
+
+from .errors import BrokerConnectionError, MessageNotFound, ScriptError
+from .keys import QueueKeys, bindings_key, queues_key
+from .scripts import Code, Scripts
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: redis-py errors that mean "the connection, not the command, failed".
+REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+_BINDING_SEP = "\x06\x16"
+
+
+class State(StrEnum):
+    """Where a message is in its life."""
+
+    READY = "READY"
+    RESERVED = "RESERVED"
+    DEAD = "DEAD"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to one consumer: it holds the lease until ack, requeue or expiry."""
+
+    queue: str
+    key: str
+    token: int
+    deliveries: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What a consumer needs to settle a delivery (ack, requeue, dead-letter, renew)."""
+
+    queue: str
+    key: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """What one consumer wants in a combined round (see :meth:`Broker.settle_and_reserve`)."""
+
+    queues: list[str]
+    count: int
+    consumer: str
+    order: Literal["fair", "strict"] = "fair"
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """A message as :meth:`Broker.lookup` finds it."""
+
+    id: str
+    key: str
+    queue: str
+    state: State
+    deliveries: int
+    priority_band: int | None
+    owner: str | None
+    lease_deadline: float | None
+    dead_reason: dict[str, Any] | None
+    payload: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A route from an exchange to a queue (kombu's ``(routing_key, pattern, queue)``)."""
+
+    routing_key: str
+    pattern: str
+    queue: str
+
+    def encode(self) -> str:
+        return _BINDING_SEP.join((self.routing_key, self.pattern, self.queue))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Binding:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        routing_key, pattern, queue = text.split(_BINDING_SEP)
+        return cls(routing_key, pattern, queue)
+
+
+@contextmanager
+def translated_errors(what: str) -> Iterator[None]:
+    """Re-raise redis-py errors as celery-msg errors, keeping the cause."""
+    try:
+        yield
+    except redis.exceptions.NoScriptError:
+        raise
+    except redis.ResponseError as exc:
+        raise ScriptError(f"{what}: {exc}") from exc
+    except REDIS_CONNECTION_ERRORS as exc:
+        raise BrokerConnectionError(f"{what}: Redis unreachable: {exc}") from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Broker:
+    """Queues of leased, ID-tracked messages on one Redis (or one Cluster slot per queue).
+
+    ``clock`` returns seconds (``time.time`` by default) and is the only source of time: scripts
+    get ``now`` as an argument, never from the server, so tests can pin it.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "celery-msg:",
+        lease_ms: int = 10_000,
+        reclaim_batch: int = 100,
+        max_deliveries: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.lease_ms = lease_ms
+        self.reclaim_batch = reclaim_batch
+        self.max_deliveries = max_deliveries
+        self.clock = clock
+        self.scripts = Scripts(client)
+        self._keys: dict[str, QueueKeys] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def keys(self, queue: str) -> QueueKeys:
+        try:
+            return self._keys[queue]
+        except KeyError:
+            keys = self._keys[queue] = QueueKeys(queue, self.prefix)
+            return keys
+
+    # -- queues ----------------------------------------------------------------------------
+
+    def declare(self, queue: str) -> None:
+        """Remember ``queue`` in the registry of queues (used by look-ups and the CLI)."""
+        with translated_errors(f"declare queue {queue!r}"):
+            self.client.sadd(queues_key(self.prefix), queue)
+
+    def queues(self) -> list[str]:
+        with translated_errors("list queues"):
+            return sorted(_text(q) for q in self.client.smembers(queues_key(self.prefix)))
+
+    def exists(self, queue: str) -> bool:
+        with translated_errors(f"check queue {queue!r}"):
+            return bool(self.client.sismember(queues_key(self.prefix), queue))
+
+    def size(self, queue: str) -> int:
+        """Number of READY messages (what kombu and Celery call the queue's size)."""
+        with translated_errors(f"size of {queue!r}"):
+            return int(self.client.zcard(self.keys(queue).ready))
+
+    def counts(self, queue: str) -> dict[str, int]:
+        """READY, RESERVED and DEAD counts of ``queue`` in one round trip."""
+        keys = self.keys(queue)
+        with translated_errors(f"counts of {queue!r}"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zcard(keys.ready)
+            pipe.zcard(keys.leased)
+            pipe.zcard(keys.dead)
+            ready, reserved, dead = pipe.execute()
+        return {"ready": int(ready), "reserved": int(reserved), "dead": int(dead)}
+
+    def stats(self, queue: str) -> dict[str, int]:
+        """Lifetime counters of ``queue``: published, acked, requeued, reclaimed, dead, ..."""
+        with translated_errors(f"stats of {queue!r}"):
+            raw = self.client.hgetall(self.keys(queue).stats)
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    def purge(self, queue: str, batch: int = 1000) -> int:
+        """Remove every READY message of ``queue`` (in bounded steps); returns how many."""
+        keys = self.keys(queue).all
+        total = 0
+        with translated_errors(f"purge {queue!r}"):
+            while True:
+                removed = int(self.scripts.purge(keys=keys, args=[batch]))
+                total += removed
+                if removed < batch:
+                    return total
+
+    def delete(self, queue: str) -> None:
+        """Remove ``queue`` with everything in it, leased and dead messages included."""
+        with translated_errors(f"delete {queue!r}"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(*self.keys(queue).all)
+            pipe.srem(queues_key(self.prefix), queue)
+            pipe.execute()
+
+    # -- message life ----------------------------------------------------------------------
+
+    def publish(self, queue: str, message_id: str, payload: bytes | str, band: int) -> str:
+        """Append a message to its priority band; returns its key in this queue."""
+        with translated_errors(f"publish to {queue!r}"):
+            key = self.scripts.publish(keys=self.keys(queue).all, args=[message_id, payload, band])
+        return _text(key)
+
+    def publish_many(
+        self, queues: Sequence[str], message_id: str, payload: bytes | str, band: int
+    ) -> list[str]:
+        """Publish one message into several queues (a broadcast) in one round trip."""
+        if not queues:
+            return []
+        with translated_errors(f"publish to {len(queues)} queues"):
+            pipe = self.client.pipeline(transaction=False)
+            for queue in queues:
+                self.scripts.publish(
+                    keys=self.keys(queue).all, args=[message_id, payload, band], client=pipe
+                )
+            return [_text(k) for k in pipe.execute()]
+
+    def reserve(
+        self,
+        queues: Sequence[str],
+        count: int,
+        consumer: str,
+        *,
+        order: Literal["fair", "strict"] = "fair",
+        start: int = 0,
+    ) -> list[Delivery]:
+        """Lease up to ``count`` messages from ``queues`` in one script call.
+
+        Expired leases of those queues are reclaimed first. With ``order="strict"`` earlier
+        queues are drained first; with ``"fair"`` one message is taken from each queue in turn,
+        beginning with ``queues[start]``.
+        """
+        request = ReserveRequest(list(queues), count, consumer, order, start)
+        with translated_errors(f"reserve from {list(queues)!r}"):
+            flat = self.scripts.reserve(
+                keys=self._reserve_keys(request), args=self._reserve_args(request)
+            )
+        return _deliveries(request, flat)
+
+    def settle_and_reserve(
+        self, acks: Sequence[Lease], requests: Sequence[ReserveRequest]
+    ) -> tuple[list[list[Delivery]], list[Lease]]:
+        """Ack ``acks`` and serve every request in a single round trip (a consumer's hot path).
+
+        Returns the deliveries of each request, in order, and the acks whose lease was lost.
+        """
+        by_queue = _group(acks)
+        wanted = [r for r in requests if r.count > 0 and r.queues]
+        if not by_queue and not wanted:
+            return [[] for _ in requests], []
+        with translated_errors("ack and reserve"):
+            pipe = self.client.pipeline(transaction=False)
+            for queue, group in by_queue.items():
+                self.scripts.ack(keys=self.keys(queue).all, args=_pairs(group), client=pipe)
+            for request in wanted:
+                self.scripts.reserve(
+                    keys=self._reserve_keys(request), args=self._reserve_args(request), client=pipe
+                )
+            results = pipe.execute()
+        lost = _lost(by_queue.values(), results[: len(by_queue)])
+        served = iter(results[len(by_queue) :])
+        out = [_deliveries(r, next(served)) if r.count > 0 and r.queues else [] for r in requests]
+        return out, lost
+
+    def _reserve_keys(self, request: ReserveRequest) -> list[str]:
+        keys: list[str] = []
+        for queue in request.queues:
+            keys.extend(self.keys(queue).all)
+        return keys
+
+    def _reserve_args(self, request: ReserveRequest) -> list[Any]:
+        return [
+            self.now_ms(),
+            self.lease_ms,
+            request.count,
+            request.consumer,
+            request.order,
+            request.start,
+            self.reclaim_batch,
+            self.max_deliveries,
+        ]
+
+    def ack(self, leases: Iterable[Lease]) -> list[Lease]:
+        """Settle deliveries as done; returns the leases that were lost (nothing changed)."""
+        return self._settle(leases, "ack", [])
+
+    def requeue(self, leases: Iterable[Lease], *, uncount: bool = False) -> list[Lease]:
+        """Put deliveries back at the front of their band; returns the lost leases.
+
+        ``uncount`` takes the delivery back from the delivery count: for messages that were
+        prefetched but never started, so that they do not look like poison.
+        """
+        return self._settle(leases, "requeue", [1 if uncount else 0])
+
+    def extend(self, leases: Iterable[Lease]) -> list[Lease]:
+        """Renew leases for another ``lease_ms``; returns the ones that were lost."""
+        return self._settle(leases, "extend", [self.now_ms(), self.lease_ms])
+
+    def _settle(self, leases: Iterable[Lease], script: str, head: list[Any]) -> list[Lease]:
+        by_queue = _group(leases)
+        if not by_queue:
+            return []
+        run = getattr(self.scripts, script)
+        with translated_errors(f"{script} {sum(map(len, by_queue.values()))} messages"):
+            if len(by_queue) == 1:
+                ((queue, group),) = by_queue.items()
+                results = [run(keys=self.keys(queue).all, args=head + _pairs(group))]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for queue, group in by_queue.items():
+                    run(keys=self.keys(queue).all, args=head + _pairs(group), client=pipe)
+                results = pipe.execute()
+        return _lost(by_queue.values(), results)
+
+    def dead_letter(self, lease: Lease, reason: str, detail: str = "", **extra: Any) -> bool:
+        """Move a leased message to its queue's dead-letter store; False if the lease was lost.
+
+        ``reason`` is a short word (``undecodable``, ``rejected``, ``poison``, ...), ``detail``
+        a human sentence; ``extra`` adds JSON-serialisable fields.
+        """
+        now = self.now_ms()
+        record = {"reason": reason, "detail": detail, "time": now, **extra}
+        with translated_errors(f"dead-letter {lease.key!r} in {lease.queue!r}"):
+            code = self.scripts.dead_letter(
+                keys=self.keys(lease.queue).all,
+                args=[now, lease.key, lease.token, json.dumps(record, default=str)],
+            )
+        return int(code) == Code.OK
+
+    def reclaim(self, queue: str, limit: int | None = None) -> int:
+        """Return expired leases of ``queue`` to the front of their band; returns how many."""
+        batch = self.reclaim_batch if limit is None else limit
+        with translated_errors(f"reclaim in {queue!r}"):
+            return int(self.scripts.reclaim(keys=self.keys(queue).all, args=[self.now_ms(), batch]))
+
+    def wait(self, queues: Sequence[str], timeout: float) -> bool:
+        """Block until something may be ready in ``queues`` or ``timeout`` seconds pass.
+
+        Costs nothing while waiting: one BLPOP on the queues' wake-up markers. True when woken.
+        """
+        if not queues:
+            time.sleep(timeout)
+            return False
+        keys = [self.keys(q).signal for q in queues]
+        with translated_errors(f"wait on {list(queues)!r}"):
+            return self.client.blpop(keys, timeout=timeout) is not None
+
+    # -- look-ups --------------------------------------------------------------------------
+
+    def lookup(self, message_id: str, queues: Sequence[str] | None = None) -> list[MessageInfo]:
+        """Every stored instance of ``message_id`` in ``queues`` (default: all known queues).
+
+        Acked messages leave no trace, so an empty list means acked, purged or never published.
+        """
+        found: list[MessageInfo] = []
+        for queue in self.queues() if queues is None else queues:
+            for key in self._keys_of(queue, message_id):
+                info = self._info(queue, message_id, key)
+                if info is not None:
+                    found.append(info)
+        return found
+
+    def get(self, message_id: str, queues: Sequence[str] | None = None) -> MessageInfo:
+        """The newest stored instance of ``message_id``; raises :class:`MessageNotFound`."""
+        found = self.lookup(message_id, queues)
+        if not found:
+            raise MessageNotFound(f"no message with id {message_id!r} is stored")
+        return found[-1]
+
+    def _keys_of(self, queue: str, message_id: str) -> list[str]:
+        body = self.keys(queue).body
+        pattern = _glob_escape(message_id) + "/*"
+        with translated_errors(f"look up {message_id!r} in {queue!r}"):
+            keys = [message_id] if self.client.hexists(body, message_id) else []
+            for field, _ in self.client.hscan_iter(body, match=pattern):
+                keys.append(_text(field))
+        return keys
+
+    def _info(self, queue: str, message_id: str, key: str) -> MessageInfo | None:
+        k = self.keys(queue)
+        with translated_errors(f"look up {key!r} in {queue!r}"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hget(k.body, key)
+            pipe.zscore(k.ready, key)
+            pipe.zscore(k.leased, key)
+            pipe.zscore(k.dead, key)
+            pipe.hget(k.deliv, key)
+            pipe.hget(k.prio, key)
+            pipe.hget(k.owner, key)
+            pipe.hget(k.reason, key)
+            body, ready, leased, dead, deliv, prio, owner, reason = pipe.execute()
+        if body is None:
+            return None
+        if leased is not None:
+            state = State.RESERVED
+        elif dead is not None:
+            state = State.DEAD
+        elif ready is not None:
+            state = State.READY
+        else:
+            return None
+        return MessageInfo(
+            id=message_id,
+            key=key,
+            queue=queue,
+            state=state,
+            deliveries=int(deliv or 0),
+            priority_band=None if prio is None else int(prio),
+            owner=None if owner is None else _text(owner),
+            lease_deadline=None if leased is None else float(leased) / 1000.0,
+            dead_reason=None if reason is None else json.loads(reason),
+            payload=body,
+        )
+
+    def dead_letters(self, queue: str, limit: int = 100) -> list[MessageInfo]:
+        """The oldest ``limit`` dead messages of ``queue``."""
+        with translated_errors(f"list dead letters of {queue!r}"):
+            raw = cast(list[bytes], self.client.zrange(self.keys(queue).dead, 0, limit - 1))
+        keys = [_text(k) for k in raw]
+        infos = (self._info(queue, key.split("/", 1)[0], key) for key in keys)
+        return [info for info in infos if info is not None]
+
+    # -- bindings --------------------------------------------------------------------------
+
+    def bind(self, exchange: str, binding: Binding, ttl_ms: int | None = None) -> None:
+        """Add a route; with ``ttl_ms`` it expires unless :meth:`refresh_bindings` renews it."""
+        expires = 0 if ttl_ms is None else self.now_ms() + ttl_ms
+        with translated_errors(f"bind {binding.queue!r} to {exchange!r}"):
+            self.client.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
+
+    def unbind(self, exchange: str, binding: Binding) -> None:
+        with translated_errors(f"unbind {binding.queue!r} from {exchange!r}"):
+            self.client.hdel(bindings_key(self.prefix, exchange), binding.encode())
+
+    def refresh_bindings(self, bindings: Mapping[str, Iterable[Binding]], ttl_ms: int) -> None:
+        """Renew expiring bindings (exchange -> bindings) of live consumers, in one round trip."""
+        expires = self.now_ms() + ttl_ms
+        with translated_errors("refresh bindings"):
+            pipe = self.client.pipeline(transaction=False)
+            for exchange, group in bindings.items():
+                for binding in group:
+                    pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
+            pipe.execute()
+
+    def table(self, exchange: str) -> list[Binding]:
+        """The live bindings of ``exchange``. Expired ones are removed with their queues."""
+        key = bindings_key(self.prefix, exchange)
+        with translated_errors(f"read bindings of {exchange!r}"):
+            raw = self.client.hgetall(key)
+        now = self.now_ms()
+        live: list[Binding] = []
+        expired: list[Binding] = []
+        for field, expires in raw.items():
+            binding = Binding.decode(field)
+            deadline = int(expires)
+            (expired if deadline and deadline < now else live).append(binding)
+        for binding in expired:
+            self._expire_binding(exchange, binding)
+        return live
+
+    def _expire_binding(self, exchange: str, binding: Binding) -> None:
+        logger.info(
+            "binding of queue %s to exchange %s expired: its consumer is gone; deleting the queue",
+            binding.queue,
+            exchange,
+        )
+        with translated_errors(f"expire binding of {binding.queue!r}"):
+            self.client.hdel(bindings_key(self.prefix, exchange), binding.encode())
+        self.delete(binding.queue)
+
+
+def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
+    queues = request.queues
+    return [
+        Delivery(
+            queue=queues[int(flat[i])],
+            key=_text(flat[i + 1]),
+            token=int(flat[i + 2]),
+            deliveries=int(flat[i + 3]),
+            payload=flat[i + 4],
+        )
+        for i in range(0, len(flat), 5)
+    ]
+
+
+def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
+    by_queue: dict[str, list[Lease]] = {}
+    for lease in leases:
+        by_queue.setdefault(lease.queue, []).append(lease)
+    return by_queue
+
+
+def _lost(groups: Iterable[list[Lease]], results: Sequence[Any]) -> list[Lease]:
+    lost: list[Lease] = []
+    for group, codes in zip(groups, results, strict=True):
+        lost.extend(lease for lease, code in zip(group, codes, strict=True) if code != Code.OK)
+    return lost
+
+
+def _pairs(leases: Iterable[Lease]) -> list[Any]:
+    out: list[Any] = []
+    for lease in leases:
+        out.append(lease.key)
+        out.append(lease.token)
+    return out
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,41 @@
+"""One error hierarchy for celery-msg.
+
+Driver errors (redis-py) are translated at the edge, in :mod:`celery_msg.core`, so that callers
+catch *our* names and still find the original error in ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class CeleryMsgError(Exception):
+    """Base class of every error raised by celery-msg."""
+
+
+class ConfigurationError(CeleryMsgError, ValueError):
+    """An option, URL or policy is invalid. The message names the option."""
+
+
+class BrokerConnectionError(CeleryMsgError, ConnectionError):
+    """Redis cannot be reached, or the connection dropped mid-command."""
+
+
+class LeaseLost(CeleryMsgError):
+    """A consumer tried to ack, reject or renew a delivery whose lease it no longer holds.
+
+    This is what fencing looks like from the outside: the lease expired (the consumer was presumed
+    dead) and the message was handed to someone else, or it was purged or deleted meanwhile.
+    """
+
+    def __init__(self, queue: str, key: str, token: int) -> None:
+        super().__init__(f"lease lost: queue={queue!r} message={key!r} token={token}")
+        self.queue = queue
+        self.key = key
+        self.token = token
+
+
+class MessageNotFound(CeleryMsgError, LookupError):
+    """No message with that ID exists in any known queue (it may have been acked)."""
+
+
+class ScriptError(CeleryMsgError):
+    """A server-side script failed; the message keeps the Redis error text."""

@@ -1,0 +1,75 @@
+"""The key schema. Every key lives under one prefix; every key of a queue shares its hash tag.
+
+For a queue ``q`` and the default prefix, the keys are ``celery-msg:{q}:<part>``, so one queue
+always maps to one Redis Cluster slot and every script touches a single slot. The parts, in the
+order in which scripts receive them in ``KEYS`` (see ``QUEUE_KEY_PARTS``):
+
+=========  ======  ===================================================================
+ready      ZSET    message key -> score (priority band * 2^44 + sequence)
+leased     ZSET    message key -> lease deadline (ms)
+body       HASH    message key -> payload (the kombu message as JSON)
+prio       HASH    message key -> priority band (0..255, 0 is served first)
+deliv      HASH    message key -> delivery count
+token      HASH    message key -> fencing token of the current lease
+owner      HASH    message key -> consumer holding the current lease
+seq        STRING  counter: back-of-queue sequence numbers and fencing tokens
+front      STRING  counter: front-of-queue sequence numbers (requeue, reclaim)
+signal     LIST    wake-up marker for blocked consumers (at most one element)
+dead       ZSET    message key -> time it was dead-lettered (ms)
+reason     HASH    message key -> why it was dead-lettered (JSON)
+stats      HASH    counters: published, acked, requeued, reclaimed, dead, lease_lost
+=========  ======  ===================================================================
+
+Global keys (no hash tag; never touched by a script): ``<prefix>queues`` (SET of queue names)
+and ``<prefix>bindings:<exchange>`` (HASH binding -> expiry ms, 0 = permanent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUEUE_KEY_PARTS: tuple[str, ...] = (
+    "ready",
+    "leased",
+    "body",
+    "prio",
+    "deliv",
+    "token",
+    "owner",
+    "seq",
+    "front",
+    "signal",
+    "dead",
+    "reason",
+    "stats",
+)
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """The keys of one queue, in script ``KEYS`` order."""
+
+    queue: str
+    prefix: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}{{{self.queue}}}:"
+
+    @property
+    def all(self) -> list[str]:
+        base = self.base
+        return [base + part for part in QUEUE_KEY_PARTS]
+
+    def __getattr__(self, part: str) -> str:
+        if part in QUEUE_KEY_PARTS:
+            return self.base + part
+        raise AttributeError(part)
+
+
+def queues_key(prefix: str) -> str:
+    return f"{prefix}queues"
+
+
+def bindings_key(prefix: str, exchange: str) -> str:
+    return f"{prefix}bindings:{exchange}"

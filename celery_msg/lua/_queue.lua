@@ -1,0 +1,71 @@
+-- Shared helpers, included at load time (see celery_msg/scripts.py); never run on its own.
+-- The generated preamble before this file defines NK (keys per queue), PARTS (their names, in
+-- KEYS order) and the return codes (OK, LEASE_LOST), taken from Python so the two never drift.
+--
+-- Ready scores: band * 2^44 + 2^43 + n for the back of a band (n grows), band * 2^44 + 2^43 - m
+-- for its front (m grows), so ZPOPMIN serves band 0 first, FIFO within a band, and a requeued
+-- message goes before everything else of its band. All values stay below 2^53 (exact doubles).
+
+local BAND = 17592186044416
+local MID = 8796093022208
+
+local function queue_keys(group)
+  local q = {}
+  local offset = group * NK
+  for i, part in ipairs(PARTS) do
+    q[part] = KEYS[offset + i]
+  end
+  return q
+end
+
+local function count(q, field, n)
+  redis.call('HINCRBY', q.stats, field, n)
+end
+
+local function signal(q)
+  redis.call('LPUSH', q.signal, '1')
+  redis.call('LTRIM', q.signal, 0, 0)
+end
+
+local function enqueue_back(q, key, band)
+  redis.call('ZADD', q.ready, band * BAND + MID + redis.call('INCR', q.seq), key)
+end
+
+local function enqueue_front(q, key)
+  local band = tonumber(redis.call('HGET', q.prio, key)) or 0
+  redis.call('ZADD', q.ready, band * BAND + MID - redis.call('INCR', q.front), key)
+end
+
+local function holds(q, key, token)
+  return redis.call('HGET', q.token, key) == token
+end
+
+-- End the current lease of key (whoever holds it).
+local function release(q, key)
+  redis.call('ZREM', q.leased, key)
+  redis.call('HDEL', q.token, key)
+  redis.call('HDEL', q.owner, key)
+end
+
+-- Remove every trace of key but its dead-letter entry.
+local function forget(q, key)
+  release(q, key)
+  redis.call('HDEL', q.body, key)
+  redis.call('HDEL', q.prio, key)
+  redis.call('HDEL', q.deliv, key)
+end
+
+-- Move up to limit expired leases back to the front of the queue. Returns how many moved.
+-- Atomic with respect to every other script, so each expired lease is reclaimed exactly once.
+local function reclaim_expired(q, now, limit)
+  local expired = redis.call('ZRANGEBYSCORE', q.leased, '-inf', now, 'LIMIT', 0, limit)
+  for _, key in ipairs(expired) do
+    release(q, key)
+    enqueue_front(q, key)
+  end
+  if #expired > 0 then
+    count(q, 'reclaimed', #expired)
+    signal(q)
+  end
+  return #expired
+end

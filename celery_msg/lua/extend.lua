@@ -1,0 +1,19 @@
+-- extend: renew the leases a live consumer holds (one call per queue per renewal round).
+-- KEYS: the NK keys of one queue.
+-- ARGV[1] now (ms), ARGV[2] lease (ms), then message key, token, message key, token, ...
+-- Returns one code per pair: OK, or LEASE_LOST (the lease expired and was reclaimed, or the
+-- message was acked, purged or deleted meanwhile): the consumer must not ack it any more.
+--@include _queue.lua
+local q = queue_keys(0)
+local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
+local codes = {}
+for i = 3, #ARGV, 2 do
+  local key = ARGV[i]
+  if holds(q, key, ARGV[i + 1]) then
+    redis.call('ZADD', q.leased, 'XX', deadline, key)
+    codes[#codes + 1] = OK
+  else
+    codes[#codes + 1] = LEASE_LOST
+  end
+end
+return codes

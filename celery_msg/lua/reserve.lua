@@ -1,0 +1,98 @@
+-- reserve: READY -> RESERVED for up to ARGV[3] messages across one or more queues. The fetch *is*
+-- the lease: there is no moment where a message is neither in its queue nor leased.
+-- First reclaims expired leases of every queue (back to the front of their band).
+-- KEYS: NK keys per queue, queue after queue (group g = KEYS[g*NK+1 .. g*NK+NK]).
+-- ARGV[1] now (ms), ARGV[2] lease (ms), ARGV[3] most messages to reserve, ARGV[4] consumer id,
+-- ARGV[5] 'strict' (queue order) or 'fair' (round-robin), ARGV[6] group to start at (fair),
+-- ARGV[7] most expired leases to reclaim per queue, ARGV[8] max deliveries (0 = unlimited).
+-- Returns a flat array, five entries per reserved message:
+--   group (0-based), message key, fencing token, delivery count, payload.
+-- A message delivered max-deliveries times already is dead-lettered as 'poison' instead.
+--@include _queue.lua
+local now = tonumber(ARGV[1])
+local lease_ms = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local consumer = ARGV[4]
+local mode = ARGV[5]
+local start = tonumber(ARGV[6])
+local reclaim_limit = tonumber(ARGV[7])
+local max_deliveries = tonumber(ARGV[8])
+local groups = #KEYS / NK
+
+local queues = {}
+for g = 0, groups - 1 do
+  queues[g] = queue_keys(g)
+  reclaim_expired(queues[g], now, reclaim_limit)
+end
+
+local out = {}
+local got = 0
+
+local function deliver(g, key)
+  local q = queues[g]
+  local payload = redis.call('HGET', q.body, key)
+  if not payload then
+    -- An id without a body (e.g. deleted by hand): nothing to deliver, drop the leftovers.
+    redis.call('HDEL', q.prio, key)
+    redis.call('HDEL', q.deliv, key)
+    return
+  end
+  local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0
+  if max_deliveries > 0 and delivered >= max_deliveries then
+    redis.call('ZADD', q.dead, now, key)
+    redis.call('HSET', q.reason, key, cjson.encode({
+      reason = 'poison',
+      detail = 'delivered ' .. delivered .. ' times without an ack',
+      time = now,
+    }))
+    count(q, 'dead', 1)
+    return
+  end
+  delivered = redis.call('HINCRBY', q.deliv, key, 1)
+  local token = redis.call('INCR', q.seq)
+  redis.call('ZADD', q.leased, now + lease_ms, key)
+  redis.call('HSET', q.token, key, token)
+  redis.call('HSET', q.owner, key, consumer)
+  out[#out + 1] = g
+  out[#out + 1] = key
+  out[#out + 1] = token
+  out[#out + 1] = delivered
+  out[#out + 1] = payload
+  got = got + 1
+end
+
+-- Pops up to n keys of group g; returns how many were popped (delivered or not).
+local function take(g, n)
+  local popped = redis.call('ZPOPMIN', queues[g].ready, n)
+  for i = 1, #popped, 2 do
+    deliver(g, popped[i])
+  end
+  return #popped / 2
+end
+
+if mode == 'strict' then
+  for g = 0, groups - 1 do
+    while got < want do
+      if take(g, want - got) == 0 then break end
+    end
+  end
+else
+  local empty = {}
+  local active = groups
+  local g = start % groups
+  while got < want and active > 0 do
+    if not empty[g] then
+      if take(g, 1) == 0 then
+        empty[g] = true
+        active = active - 1
+      end
+    end
+    g = (g + 1) % groups
+  end
+end
+
+-- Wake another consumer for whatever is left.
+for g = 0, groups - 1 do
+  if redis.call('ZCARD', queues[g].ready) > 0 then signal(queues[g]) end
+end
+return out

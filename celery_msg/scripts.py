@@ -1,0 +1,72 @@
+"""Loads the Lua scripts (one ``.lua`` file per state transition) once per Redis client.
+
+Each script starts with a generated preamble that hands it the key layout and the return codes
+defined here, so Python and Lua never drift; ``--@include name.lua`` lines pull in shared helpers
+(Redis has no include of its own). Scripts are registered with ``register_script``: redis-py
+calls EVALSHA and falls back to loading the script after a server restart or SCRIPT FLUSH.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from functools import cache
+from importlib import resources
+
+import redis
+from redis.commands.core import Script
+
+from .keys import QUEUE_KEY_PARTS
+
+SCRIPT_NAMES: tuple[str, ...] = (
+    "publish",
+    "reserve",
+    "ack",
+    "extend",
+    "requeue",
+    "dead_letter",
+    "reclaim",
+    "purge",
+)
+
+_INCLUDE = re.compile(r"^--@include (\S+)$", re.MULTILINE)
+
+
+class Code(enum.IntEnum):
+    """Per-message result codes returned by the scripts."""
+
+    LEASE_LOST = 0
+    OK = 1
+
+
+def _read(name: str) -> str:
+    return resources.files("celery_msg").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _preamble() -> str:
+    parts = ", ".join(f"'{part}'" for part in QUEUE_KEY_PARTS)
+    codes = "\n".join(f"local {code.name} = {code.value}" for code in Code)
+    return f"local NK = {len(QUEUE_KEY_PARTS)}\nlocal PARTS = {{{parts}}}\n{codes}\n"
+
+
+@cache
+def source(name: str) -> str:
+    """The full text sent to Redis for script ``name``: preamble, includes expanded."""
+    if name not in SCRIPT_NAMES:
+        raise KeyError(f"no such script: {name}")
+    body = _INCLUDE.sub(lambda m: _read(m.group(1)), _read(f"{name}.lua"))
+    return _preamble() + body
+
+
+class Scripts:
+    """The registered scripts of one Redis client, one attribute per transition."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.publish: Script = client.register_script(source("publish"))
+        self.reserve: Script = client.register_script(source("reserve"))
+        self.ack: Script = client.register_script(source("ack"))
+        self.extend: Script = client.register_script(source("extend"))
+        self.requeue: Script = client.register_script(source("requeue"))
+        self.dead_letter: Script = client.register_script(source("dead_letter"))
+        self.reclaim: Script = client.register_script(source("reclaim"))
+        self.purge: Script = client.register_script(source("purge"))

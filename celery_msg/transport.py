@@ -1,0 +1,595 @@
+"""The kombu adapter: a virtual transport whose every broker operation is a core call.
+
+This is the only module that touches kombu's untyped virtual-transport classes; everything that
+knows Redis is in :mod:`celery_msg.core`. How kombu's contract maps onto the core:
+
+* ``_put`` / ``_put_fanout``  -> :meth:`Broker.publish` / :meth:`Broker.publish_many`
+* delivering (``drain_events``) -> :meth:`Broker.reserve`: the fetch *is* the lease
+* ``QoS.ack`` / ``QoS.reject``  -> ack, requeue (front of queue) or dead-letter, all fenced
+* ``QoS.restore_unacked``       -> requeue, without counting the delivery
+* a background :class:`Renewer` keeps the leases of everything this connection holds alive,
+  flushes buffered acks and keeps this consumer's ephemeral (broadcast) bindings alive.
+
+The transport is synchronous (``implements.asynchronous = False``): Celery then runs its
+``synloop``, which calls :meth:`Transport.drain_events`; that blocks in one BLPOP on the
+wake-up markers of every consumed queue, so an idle worker costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+import uuid
+from queue import Empty
+from typing import Any
+
+import redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps, loads
+
+from .core import REDIS_CONNECTION_ERRORS, Binding, Broker, Delivery, Lease, ReserveRequest
+from .errors import BrokerConnectionError, ConfigurationError, ScriptError
+from .options import TransportOptions
+
+logger = logging.getLogger(__name__)
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _wake_key(prefix: str, consumer: str) -> str:
+    return f"{prefix}wake:{consumer}"
+
+
+def message_id(message: dict[str, Any]) -> str:
+    """The stable ID of a kombu message: the Celery task id when there is one."""
+    headers = message.get("headers") or {}
+    props = message.get("properties") or {}
+    return str(
+        headers.get("id")
+        or props.get("correlation_id")
+        or props.get("delivery_tag")
+        or uuid.uuid4().hex
+    )
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting (kombu's) plus settlement of deliveries in Redis (ours)."""
+
+    restore_at_shutdown = True
+
+    def ack(self, delivery_tag: str) -> None:
+        self.channel._settle(delivery_tag, "ack")
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            self.channel._settle(delivery_tag, "requeue")
+        else:
+            message = self._delivered.get(delivery_tag)
+            reason = getattr(message, "dead_letter_reason", None) or (
+                "rejected",
+                "the consumer rejected the message without requeue",
+            )
+            self.channel._settle(delivery_tag, "dead", reason)
+        self._quick_ack(delivery_tag)
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        """Return every unacked delivery to the front of its queue, in one batched call."""
+        self._flush()
+        tags = [tag for tag in self._delivered if tag not in self._dirty]
+        self._delivered.clear()
+        try:
+            self.channel._restore_tags(tags)
+        except BrokerConnectionError as exc:
+            # Not lost: their leases expire and any live consumer reclaims them.
+            logger.warning(
+                "could not return %d unacked messages (%s); they come back when their "
+                "leases expire",
+                len(tags),
+                exc,
+            )
+        return []
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to do: expired leases are reclaimed by every fetch."""
+
+
+class Channel(virtual.Channel):
+    """One kombu channel; leases and buffered acks are per channel."""
+
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+    min_priority = 0
+    max_priority = 255
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self.transport: Transport = connection
+        self.broker: Broker = connection.broker
+        self.options: TransportOptions = connection.options
+        self.consumer_id = f"{connection.consumer_id}/{self.channel_id}"
+        self._lock = threading.Lock()
+        self._leases: dict[str, Lease] = {}
+        self._acks: list[Lease] = []
+        self._ephemeral: set[str] = set()
+        self._no_ack: set[str] = set()
+        self._bound: dict[str, set[Binding]] = {}
+        self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
+        self._start = 0
+
+    # -- kombu's storage contract ----------------------------------------------------------
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        arguments = kwargs.get("arguments") or {}
+        if kwargs.get("auto_delete") or "x-expires" in arguments:
+            self._ephemeral.add(queue)
+        self.broker.declare(queue)
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return self.broker.exists(queue)
+
+    def _size(self, queue: str) -> int:
+        return self.broker.size(queue)
+
+    def _purge(self, queue: str) -> int:
+        return self.broker.purge(queue)
+
+    def _delete(
+        self, queue: str, exchange: str, routing_key: str, pattern: str, *args: Any, **kwargs: Any
+    ) -> None:
+        self.broker.unbind(exchange, Binding(routing_key or "", pattern or "", queue))
+        self._bound.get(exchange, set()).discard(Binding(routing_key or "", pattern or "", queue))
+        self._tables.pop(exchange, None)
+        self.broker.delete(queue)
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        binding = Binding(routing_key or "", pattern or "", queue)
+        if queue in self._ephemeral:
+            self.broker.bind(exchange, binding, int(self.options.binding_ttl * 1000))
+            with self._lock:
+                self._bound.setdefault(exchange, set()).add(binding)
+        else:
+            self.broker.bind(exchange, binding)
+        self._tables.pop(exchange, None)
+
+    def get_table(self, exchange: str) -> list[tuple[str, str, str]]:
+        cached = self._tables.get(exchange)
+        now = time.monotonic()
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        table = [(b.routing_key, b.pattern, b.queue) for b in self.broker.table(exchange)]
+        if self.options.binding_cache_ttl:
+            self._tables[exchange] = (now + self.options.binding_cache_ttl, table)
+        return table
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        self.broker.publish(queue, message_id(message), dumps(message), self._band(message))
+
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
+    ) -> None:
+        queues = sorted({queue for _, _, queue in self.get_table(exchange)})
+        self.broker.publish_many(queues, message_id(message), dumps(message), self._band(message))
+
+    def _band(self, message: dict[str, Any]) -> int:
+        raw = (message.get("properties") or {}).get("priority")
+        try:
+            priority = self.options.default_priority if raw is None else int(raw)
+        except (TypeError, ValueError):
+            priority = self.options.default_priority
+        priority = max(0, min(255, priority))
+        return 255 - priority if self.options.priority_order == "desc" else priority
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        """``basic_get``: lease one message, synchronously."""
+        for delivery in self.broker.reserve([queue], 1, self.consumer_id):
+            payload = self._accept(delivery)
+            if payload is not None:
+                return payload
+        raise Empty()
+
+    # -- delivering ------------------------------------------------------------------------
+
+    def consumable(self) -> bool:
+        return bool(self._active_queues) and bool(self.qos.can_consume())
+
+    def want(self) -> int:
+        estimate = self.qos.can_consume_max_estimate()
+        if estimate is None:  # no prefetch limit
+            return self.options.fetch_batch
+        return int(min(estimate, self.options.fetch_batch))
+
+    def next_start(self) -> int:
+        """Round-robin start position for fair order across this channel's queues."""
+        self._start = (self._start + 1) % max(1, len(self._active_queues))
+        return self._start
+
+    def take_acks(self) -> list[Lease]:
+        with self._lock:
+            acks, self._acks = self._acks, []
+        return acks
+
+    def deliver(self, deliveries: list[Delivery]) -> int:
+        """Hand reserved messages to kombu's callbacks; returns how many were handed over."""
+        handed = 0
+        for delivery in deliveries:
+            payload = self._accept(delivery)
+            if payload is None:
+                continue
+            if delivery.queue in self._no_ack:
+                # At-most-once consumer (e.g. Celery's remote-control mailbox): settled on
+                # receipt, with the next round trip.
+                self._settle(payload["properties"]["delivery_tag"], "ack")
+            self.connection._deliver(payload, delivery.queue)
+            handed += 1
+        return handed
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        if message is not None and no_ack:
+            self._settle(message.delivery_tag, "ack")
+        return message
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack.add(queue)
+        else:
+            self._no_ack.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def _accept(self, delivery: Delivery) -> dict[str, Any] | None:
+        """Decode one delivery and register its lease; undecodable ones are dead-lettered."""
+        lease = Lease(delivery.queue, delivery.key, delivery.token)
+        try:
+            payload = loads(delivery.payload)
+            props = payload["properties"]
+            if not isinstance(props, dict) or "body" not in payload:
+                raise ValueError("not a kombu message (no body or properties)")
+        except Exception as exc:
+            logger.error(
+                "queue %s message %s: undecodable, dead-lettered: %r",
+                delivery.queue,
+                delivery.key,
+                exc,
+            )
+            self.broker.dead_letter(lease, "undecodable", f"{type(exc).__name__}: {exc}")
+            return None
+        tag = f"{delivery.token}@{delivery.queue}"
+        props["delivery_tag"] = tag
+        info = props.setdefault("delivery_info", {})
+        info["delivery_count"] = delivery.deliveries
+        info["message_key"] = delivery.key
+        payload["redelivered"] = delivery.deliveries > 1
+        with self._lock:
+            self._leases[tag] = lease
+        return payload
+
+    # -- settling --------------------------------------------------------------------------
+
+    def _settle(self, tag: str, action: str, reason: tuple[str, str] | None = None) -> None:
+        with self._lock:
+            lease = self._leases.pop(tag, None)
+            if lease is not None and action == "ack" and self.transport.in_drain_thread():
+                # Flushed with the next fetch (same round trip) or by the renewer.
+                self._acks.append(lease)
+                return
+        if lease is None:
+            logger.warning("delivery %s: %s ignored, its lease was lost", tag, action)
+            return
+        if action == "ack":
+            lost = self.broker.ack([lease])
+            self.transport.wake_if_waiting()
+        elif action == "requeue":
+            lost = self.broker.requeue([lease])
+        else:
+            assert reason is not None
+            lost = [] if self.broker.dead_letter(lease, reason[0], reason[1]) else [lease]
+            if not lost:
+                logger.warning(
+                    "queue %s message %s dead-lettered: %s: %s",
+                    lease.queue,
+                    lease.key,
+                    reason[0],
+                    reason[1],
+                )
+        _log_lost(lost, action)
+
+    def _restore_tags(self, tags: list[str]) -> None:
+        with self._lock:
+            leases = [self._leases.pop(tag) for tag in tags if tag in self._leases]
+        _log_lost(self.broker.requeue(leases, uncount=True), "restore")
+
+    def _restore(self, message: Any) -> None:
+        self._restore_tags([message.delivery_tag])
+
+    def _restore_at_beginning(self, message: Any) -> None:
+        self._restore(message)
+
+    def held(self) -> list[Lease]:
+        """Leases to renew: delivered or not yet handed over, plus buffered acks."""
+        with self._lock:
+            return [*self._leases.values(), *self._acks]
+
+    def ephemeral_bindings(self) -> dict[str, set[Binding]]:
+        with self._lock:
+            return {exchange: set(group) for exchange, group in self._bound.items() if group}
+
+    def forget_lost(self, lost: list[Lease]) -> None:
+        gone = set(lost)
+        with self._lock:
+            for tag in [t for t, lease in self._leases.items() if lease in gone]:
+                del self._leases[tag]
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            # Durable broadcast: stop renewing the binding; it expires after binding_ttl
+            # unless a consumer (this worker, restarted) takes it over again.
+            with self._lock:
+                for group in self._bound.values():
+                    group.difference_update({b for b in group if b.queue == queue})
+        return result
+
+    def close(self) -> None:
+        if not self.closed:
+            acks = self.take_acks()
+            try:
+                _log_lost(self.broker.ack(acks), "ack")
+            except BrokerConnectionError as exc:
+                logger.warning("could not flush %d acks at close: %s", len(acks), exc)
+        super().close()
+        # Whatever was reserved but never handed to kombu goes back too.
+        with self._lock:
+            leftovers = list(self._leases.values())
+            self._leases.clear()
+        if leftovers:
+            with contextlib.suppress(BrokerConnectionError):
+                self.broker.requeue(leftovers, uncount=True)
+
+
+def _log_lost(lost: list[Lease], action: str) -> None:
+    for lease in lost:
+        logger.warning(
+            "queue %s message %s: %s refused, lease lost (token %d): it was presumed dead and "
+            "redelivered, or purged",
+            lease.queue,
+            lease.key,
+            action,
+            lease.token,
+        )
+
+
+class Renewer(threading.Thread):
+    """Renews the leases a connection holds, flushes buffered acks, refreshes bindings.
+
+    Runs every ``lease_timeout / 3`` seconds, one batched call per round, so that a task runs
+    as long as it needs while its worker lives, and stops being renewed when it dies.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(name=f"celery-msg-renewer-{transport.consumer_id}", daemon=True)
+        self.transport = transport
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        interval = self.transport.options.lease_timeout / 3
+        while not self.stopped.wait(interval):
+            try:
+                self.transport.renew()
+            except Exception:
+                logger.exception("lease renewal round failed; retrying in %.1fs", interval)
+
+
+class Transport(virtual.Transport):
+    """kombu transport for ``celery-msg://`` and ``celery-msgs://`` (TLS) URLs."""
+
+    Channel = Channel
+    default_port = 6379  # type: ignore[assignment]
+    driver_type = "redis"
+    driver_name = "redis"
+    polling_interval = None  # type: ignore[assignment]  # we block in Redis, never poll
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+
+    connection_errors = (
+        *virtual.Transport.connection_errors,
+        BrokerConnectionError,
+        *REDIS_CONNECTION_ERRORS,
+        socket.error,
+    )
+    channel_errors = (  # type: ignore[assignment]
+        *virtual.Transport.channel_errors,
+        ScriptError,
+        redis.ResponseError,
+    )
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        self.options = TransportOptions.from_mapping(client.transport_options or {})
+        super().__init__(client, **kwargs)
+        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.redis = redis.Redis(**self._connparams(client))
+        self.broker = Broker(
+            self.redis,
+            prefix=self.options.key_prefix,
+            lease_ms=self.options.lease_ms,
+            reclaim_batch=self.options.reclaim_batch,
+            max_deliveries=self.options.max_deliveries,
+        )
+        self.wake_key = _wake_key(self.options.key_prefix, self.consumer_id)
+        self._drain_thread: int | None = None
+        self._waiting_for_room = False
+        self._renewer: Renewer | None = None
+
+    def _connparams(self, client: Any) -> dict[str, Any]:
+        vhost = client.virtual_host
+        try:
+            db = int(str(vhost or "0").lstrip("/") or 0)
+        except ValueError:
+            raise ConfigurationError(
+                f"broker URL: the path must be a database number, got {vhost!r}"
+            ) from None
+        params: dict[str, Any] = {
+            "host": client.hostname or "127.0.0.1",
+            "port": client.port or self.default_port,
+            "db": db,
+            "username": client.userid or None,
+            "password": client.password or None,
+            "socket_timeout": self.options.socket_timeout,
+            "socket_connect_timeout": self.options.socket_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": self.options.health_check_interval,
+            "client_name": f"celery-msg:{socket.gethostname()}:{os.getpid()}",
+        }
+        if client.transport_cls == "celery-msgs" or client.ssl:
+            params["ssl"] = True
+            ssl_options = dict(client.ssl) if isinstance(client.ssl, dict) else {}
+            reqs = ssl_options.pop("ssl_cert_reqs", ssl.CERT_REQUIRED)
+            if isinstance(reqs, str):
+                try:
+                    reqs = _CERT_REQS[reqs.lower().replace("cert_", "")]
+                except KeyError:
+                    raise ConfigurationError(
+                        f"ssl_cert_reqs must be none, optional or required, got {reqs!r}"
+                    ) from None
+            params["ssl_cert_reqs"] = reqs
+            for name, value in ssl_options.items():
+                if name not in (
+                    "ssl_ca_certs",
+                    "ssl_certfile",
+                    "ssl_keyfile",
+                    "ssl_check_hostname",
+                    "ssl_ca_path",
+                    "ssl_password",
+                ):
+                    raise ConfigurationError(f"unknown TLS option {name!r} in broker_use_ssl")
+                params[name] = value
+        return params
+
+    # -- connection ------------------------------------------------------------------------
+
+    def establish_connection(self) -> Any:
+        try:
+            self.redis.ping()
+        except REDIS_CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(
+                f"cannot reach Redis at {self.redis.connection_pool.connection_kwargs.get('host')}:"
+                f"{self.redis.connection_pool.connection_kwargs.get('port')}: {exc}"
+            ) from exc
+        return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        if self._renewer is not None:
+            self._renewer.stopped.set()
+            self._renewer = None
+        super().close_connection(connection)
+        self.redis.close()
+
+    def in_drain_thread(self) -> bool:
+        return self._drain_thread == threading.get_ident()
+
+    def wake_if_waiting(self) -> None:
+        """Wake the draining thread if it sleeps because prefetch was full (an ack freed room)."""
+        if self._waiting_for_room:
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.lpush(self.wake_key, 1)
+                pipe.expire(self.wake_key, 60)
+                pipe.execute()
+            except REDIS_CONNECTION_ERRORS:
+                pass
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or not self._renewer.is_alive():
+            self._renewer = Renewer(self)
+            self._renewer.start()
+
+    def renew(self) -> None:
+        """One renewal round: flush buffered acks, renew leases, refresh bindings."""
+        channels = list(self.channels)
+        acks = [lease for channel in channels for lease in channel.take_acks()]
+        if acks:
+            _log_lost(self.broker.ack(acks), "ack")
+        held = [lease for channel in channels for lease in channel.held()]
+        lost = self.broker.extend(held)
+        if lost:
+            _log_lost(lost, "renew")
+            for channel in channels:
+                channel.forget_lost(lost)
+        bindings: dict[str, set[Binding]] = {}
+        for channel in channels:
+            for exchange, group in channel.ephemeral_bindings().items():
+                bindings.setdefault(exchange, set()).update(group)
+        if bindings:
+            self.broker.refresh_bindings(bindings, int(self.options.binding_ttl * 1000))
+
+    # -- draining --------------------------------------------------------------------------
+
+    def drain_events(  # type: ignore[override]
+        self, connection: Any, timeout: float | None = None
+    ) -> None:
+        """Deliver at least one message, or raise ``socket.timeout`` after ``timeout``."""
+        self._drain_thread = threading.get_ident()
+        self._ensure_renewer()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._deliver_round():
+                return
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError()
+            wait = self.options.sweep_interval
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            self._wait(max(wait, 0.001))
+
+    def _deliver_round(self) -> bool:
+        """One round trip: flush buffered acks and reserve for every consumable channel.
+
+        Reserving also reclaims expired leases of the queues, so an idle consumer, woken at
+        least every ``sweep_interval``, brings a dead consumer's messages back.
+        """
+        acks = [lease for channel in self.channels for lease in channel.take_acks()]
+        channels = [c for c in self.channels if c.consumable()]
+        requests = [
+            ReserveRequest(
+                list(c._active_queues),
+                c.want(),
+                c.consumer_id,
+                self.options.queue_order,
+                c.next_start(),
+            )
+            for c in channels
+        ]
+        results, lost = self.broker.settle_and_reserve(acks, requests)
+        _log_lost(lost, "ack")
+        return sum(c.deliver(d) for c, d in zip(channels, results, strict=True)) > 0
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until a consumed queue may have something, an ack frees room, or timeout."""
+        queues: list[str] = []
+        full = False
+        for channel in self.channels:
+            if channel._active_queues:
+                if channel.consumable():
+                    queues.extend(channel._active_queues)
+                else:
+                    full = True
+        keys = [self.wake_key] + [self.broker.keys(q).signal for q in dict.fromkeys(queues)]
+        self._waiting_for_room = full
+        try:
+            self.redis.blpop(keys, timeout=timeout)
+        except REDIS_CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"waiting for messages: Redis unreachable: {exc}") from exc
+        finally:
+            self._waiting_for_room = False
