@@ -265,7 +265,7 @@ class Channel(virtual.Channel):
         info = props.setdefault("delivery_info", {})
         info["delivery_count"] = delivery.deliveries
         info["message_key"] = delivery.key
-        payload["redelivered"] = delivery.deliveries > 1
+        payload["redelivered"] = info["redelivered"] = delivery.deliveries > 1
         with self._lock:
             self._leases[tag] = lease
         return payload

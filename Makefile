@@ -1,0 +1,31 @@
+# Every target sets itself up: a fresh clone needs only python3 (>= 3.11) and make.
+# `make demo` and `make test` are the two commands at the top of README.md.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m celery_msg.demo $(ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check celery_msg tests bench
+	$(BIN)/ruff format --check celery_msg tests bench
+	$(BIN)/mypy celery_msg
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,45 @@
+"""A small Python API over a Celery app's broker: look a message up by ID, count queues.
+
+It reuses the app's own broker URL and transport options, so it reads the same keys as the
+workers. The CLI and dashboard of later issues build on these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from celery import Celery
+
+from .core import Broker, MessageInfo
+from .errors import ConfigurationError
+
+
+@contextmanager
+def broker_for(app: Celery) -> Iterator[Broker]:
+    """The :class:`~celery_msg.core.Broker` of ``app``'s celery-msg connection."""
+    with app.connection_for_write() as conn:
+        transport = conn.transport
+        broker = getattr(transport, "broker", None)
+        if not isinstance(broker, Broker):
+            raise ConfigurationError(
+                f"broker_url of app {app.main!r} does not use celery-msg:// "
+                f"(transport is {type(transport).__module__})"
+            )
+        yield broker
+
+
+def lookup(app: Celery, message_id: str) -> list[MessageInfo]:
+    """Every stored instance of ``message_id`` (a Celery task id) in any queue of ``app``.
+
+    Each :class:`~celery_msg.core.MessageInfo` gives state (READY, RESERVED, DEAD), queue,
+    delivery count, lease owner and deadline. Acked messages leave no trace: ``[]``.
+    """
+    with broker_for(app) as broker:
+        return broker.lookup(message_id)
+
+
+def queue_counts(app: Celery) -> dict[str, dict[str, int]]:
+    """READY / RESERVED / DEAD counts of every queue ``app``'s broker knows."""
+    with broker_for(app) as broker:
+        return {queue: broker.counts(queue) for queue in broker.queues()}
