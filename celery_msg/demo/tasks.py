@@ -12,7 +12,7 @@ import socket
 import time
 
 import redis
-from celery import Celery
+from celery import Celery, Task
 
 import celery_msg
 
@@ -47,7 +47,7 @@ def _record(kind: str, task_id: str, **extra: object) -> None:
 
 
 @app.task(bind=True)
-def send_welcome_email(self, user: str) -> str:  # type: ignore[no-untyped-def]
+def send_welcome_email(self: Task, user: str) -> str:
     _record("start", self.request.id)
     time.sleep(0.05)
     _record("done", self.request.id)
@@ -55,7 +55,7 @@ def send_welcome_email(self, user: str) -> str:  # type: ignore[no-untyped-def]
 
 
 @app.task(bind=True, acks_late=True)
-def build_report(self, seconds: float) -> str:  # type: ignore[no-untyped-def]
+def build_report(self: Task, seconds: float) -> str:
     """Runs longer than the lease: the worker keeps renewing it, so it runs once."""
     _record("start", self.request.id, delivery=self.request.delivery_info.get("delivery_count"))
     time.sleep(seconds)
