@@ -388,7 +388,7 @@ class Broker:
         found: list[MessageInfo] = []
         for queue in self.queues() if queues is None else queues:
             for key in self._keys_of(queue, message_id):
-                info = self._info(queue, message_id, key)
+                info = self._info(queue, key)
                 if info is not None:
                     found.append(info)
         return found
@@ -401,15 +401,26 @@ class Broker:
         return found[-1]
 
     def _keys_of(self, queue: str, message_id: str) -> list[str]:
-        body = self.keys(queue).body
+        """Keys of ``message_id`` in ``queue``, oldest first (by publish sequence)."""
+        k = self.keys(queue)
         pattern = _glob_escape(message_id) + "/*"
         with translated_errors(f"look up {message_id!r} in {queue!r}"):
-            keys = [message_id] if self.client.hexists(body, message_id) else []
-            for field, _ in self.client.hscan_iter(body, match=pattern):
-                keys.append(_text(field))
-        return keys
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hexists(k.body, message_id)
+            pipe.hexists(k.dups, message_id)
+            stored, is_dup_key = pipe.execute()
+            # A key that is some other id's duplicate slot is not this id's message.
+            keys = [message_id] if stored and not is_dup_key else []
+            for field, owner_id in self.client.hscan_iter(k.dups, match=pattern):
+                if _text(owner_id) == message_id:
+                    keys.append(_text(field))
+            if len(keys) < 2:
+                return keys
+            born = self.client.hmget(k.born, keys)
+        order = {key: int(b or 0) for key, b in zip(keys, born, strict=True)}
+        return sorted(keys, key=order.__getitem__)
 
-    def _info(self, queue: str, message_id: str, key: str) -> MessageInfo | None:
+    def _info(self, queue: str, key: str) -> MessageInfo | None:
         k = self.keys(queue)
         with translated_errors(f"look up {key!r} in {queue!r}"):
             pipe = self.client.pipeline(transaction=True)
@@ -421,7 +432,8 @@ class Broker:
             pipe.hget(k.prio, key)
             pipe.hget(k.owner, key)
             pipe.hget(k.reason, key)
-            body, ready, leased, dead, deliv, prio, owner, reason = pipe.execute()
+            pipe.hget(k.dups, key)
+            body, ready, leased, dead, deliv, prio, owner, reason, dup_of = pipe.execute()
         if body is None:
             return None
         if leased is not None:
@@ -433,7 +445,7 @@ class Broker:
         else:
             return None
         return MessageInfo(
-            id=message_id,
+            id=key if dup_of is None else _text(dup_of),
             key=key,
             queue=queue,
             state=state,
@@ -450,7 +462,7 @@ class Broker:
         with translated_errors(f"list dead letters of {queue!r}"):
             raw = cast(list[bytes], self.client.zrange(self.keys(queue).dead, 0, limit - 1))
         keys = [_text(k) for k in raw]
-        infos = (self._info(queue, key.split("/", 1)[0], key) for key in keys)
+        infos = (self._info(queue, key) for key in keys)
         return [info for info in infos if info is not None]
 
     # -- bindings --------------------------------------------------------------------------
@@ -492,13 +504,28 @@ class Broker:
         return live
 
     def _expire_binding(self, exchange: str, binding: Binding) -> None:
+        """Remove an expired binding and its queue, unless a consumer renewed it meanwhile."""
+        key = bindings_key(self.prefix, exchange)
+        field = binding.encode()
+        with (
+            translated_errors(f"expire binding of {binding.queue!r}"),
+            self.client.pipeline(transaction=True) as pipe,
+        ):
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                expires = int(pipe.hget(key, field) or 0)
+                if not expires or expires >= self.now_ms():
+                    return
+                pipe.multi()
+                pipe.hdel(key, field)
+                pipe.execute()
+            except redis.WatchError:
+                return  # changed under us: it was renewed (or removed); look again next time
         logger.info(
             "binding of queue %s to exchange %s expired: its consumer is gone; deleting the queue",
             binding.queue,
             exchange,
         )
-        with translated_errors(f"expire binding of {binding.queue!r}"):
-            self.client.hdel(bindings_key(self.prefix, exchange), binding.encode())
         self.delete(binding.queue)
 
 

@@ -18,6 +18,8 @@ signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
 reason     HASH    message key -> why it was dead-lettered (JSON)
 stats      HASH    counters: published, acked, requeued, reclaimed, dead, lease_lost
+born       HASH    message key -> publish sequence number (orders instances of one id)
+dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
 =========  ======  ===================================================================
 
 Global keys (no hash tag; never touched by a script): ``<prefix>queues`` (SET of queue names)
@@ -42,6 +44,8 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "dead",
     "reason",
     "stats",
+    "born",
+    "dups",
 )
 
 

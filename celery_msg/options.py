@@ -88,13 +88,17 @@ class TransportOptions:
             _positive("socket_timeout", self.socket_timeout)
         for name in ("fetch_batch", "reclaim_batch"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.max_deliveries, int) or self.max_deliveries < 0:
+        if self.lease_timeout < 0.001:
+            raise ConfigurationError(
+                f"lease_timeout must be at least 0.001 seconds, got {self.lease_timeout!r}"
+            )
+        if not _is_int(self.max_deliveries) or self.max_deliveries < 0:
             raise ConfigurationError(
                 f"max_deliveries must be an integer >= 0, got {self.max_deliveries!r}"
             )
-        if not isinstance(self.default_priority, int) or not 0 <= self.default_priority <= 255:
+        if not _is_int(self.default_priority) or not 0 <= self.default_priority <= 255:
             raise ConfigurationError(
                 f"default_priority must be an integer in 0..255, got {self.default_priority!r}"
             )
@@ -115,7 +119,7 @@ class TransportOptions:
 
     @property
     def lease_ms(self) -> int:
-        return int(self.lease_timeout * 1000)
+        return to_ms(self.lease_timeout)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> TransportOptions:
@@ -128,17 +132,32 @@ class TransportOptions:
                 f"known: {', '.join(sorted(known))}"
             )
         values = {k: v for k, v in options.items() if k in known}
-        for name in ("lease_timeout", "sweep_interval", "binding_ttl", "binding_cache_ttl"):
-            if (
-                name in values
-                and isinstance(values[name], int)
-                and not isinstance(values[name], bool)
-            ):
+        for name in SECONDS:
+            if name in values and _is_int(values[name]):
                 values[name] = float(values[name])
         return cls(**values)
 
     def replace(self, **changes: Any) -> TransportOptions:
         return dataclasses.replace(self, **changes)
+
+
+#: Options given in seconds: an int given for one of them becomes a float.
+SECONDS = (
+    "lease_timeout",
+    "sweep_interval",
+    "binding_ttl",
+    "binding_cache_ttl",
+    "socket_timeout",
+    "health_check_interval",
+)
+
+
+def to_ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive(name: str, value: object) -> None:

@@ -53,15 +53,18 @@ local function forget(q, key)
   redis.call('HDEL', q.body, key)
   redis.call('HDEL', q.prio, key)
   redis.call('HDEL', q.deliv, key)
+  redis.call('HDEL', q.born, key)
+  redis.call('HDEL', q.dups, key)
 end
 
 -- Move up to limit expired leases back to the front of the queue. Returns how many moved.
 -- Atomic with respect to every other script, so each expired lease is reclaimed exactly once.
+-- Walks backwards so that, once all are at the front, the earliest expired is served first.
 local function reclaim_expired(q, now, limit)
   local expired = redis.call('ZRANGEBYSCORE', q.leased, '-inf', now, 'LIMIT', 0, limit)
-  for _, key in ipairs(expired) do
-    release(q, key)
-    enqueue_front(q, key)
+  for i = #expired, 1, -1 do
+    release(q, expired[i])
+    enqueue_front(q, expired[i])
   end
   if #expired > 0 then
     count(q, 'reclaimed', #expired)

@@ -7,6 +7,7 @@
 local q = queue_keys(0)
 local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
 local codes = {}
+local lost = 0
 for i = 3, #ARGV, 2 do
   local key = ARGV[i]
   if holds(q, key, ARGV[i + 1]) then
@@ -14,6 +15,8 @@ for i = 3, #ARGV, 2 do
     codes[#codes + 1] = OK
   else
     codes[#codes + 1] = LEASE_LOST
+    lost = lost + 1
   end
 end
+if lost > 0 then count(q, 'lease_lost', lost) end
 return codes

@@ -8,21 +8,25 @@
 local q = queue_keys(0)
 local uncount = ARGV[1] == '1'
 local codes = {}
-local moved = 0
+local held = {}
 for i = 2, #ARGV, 2 do
-  local key = ARGV[i]
-  if holds(q, key, ARGV[i + 1]) then
-    release(q, key)
-    if uncount then redis.call('HINCRBY', q.deliv, key, -1) end
-    enqueue_front(q, key)
+  if holds(q, ARGV[i], ARGV[i + 1]) then
     codes[#codes + 1] = OK
-    moved = moved + 1
+    held[#held + 1] = ARGV[i]
   else
     codes[#codes + 1] = LEASE_LOST
   end
 end
-if moved > 0 then
-  count(q, 'requeued', moved)
+-- Backwards, so that the batch keeps its order at the front of the queue.
+for j = #held, 1, -1 do
+  local key = held[j]
+  release(q, key)
+  if uncount then redis.call('HINCRBY', q.deliv, key, -1) end
+  enqueue_front(q, key)
+end
+if #held > 0 then
+  count(q, 'requeued', #held)
   signal(q)
 end
+if #codes > #held then count(q, 'lease_lost', #codes - #held) end
 return codes

@@ -33,8 +33,7 @@ local function deliver(g, key)
   local payload = redis.call('HGET', q.body, key)
   if not payload then
     -- An id without a body (e.g. deleted by hand): nothing to deliver, drop the leftovers.
-    redis.call('HDEL', q.prio, key)
-    redis.call('HDEL', q.deliv, key)
+    forget(q, key)
     return
   end
   local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0

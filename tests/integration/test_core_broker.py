@@ -1,0 +1,514 @@
+"""Broker-level behaviour on a real server: look-ups, combined rounds, bindings, counts, errors.
+
+The scripts themselves are tested key by key in tests/lua; here the subject is what
+:class:`celery_msg.core.Broker` adds on top: grouping, pipelining, decoding and translation.
+The broker's clock is pinned (``clock.t``, in seconds) so deadlines are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from celery_msg.core import (
+    Binding,
+    Broker,
+    Lease,
+    MessageInfo,
+    ReserveRequest,
+    State,
+)
+from celery_msg.errors import BrokerConnectionError, MessageNotFound, ScriptError
+from celery_msg.keys import QueueKeys, bindings_key
+
+if TYPE_CHECKING:
+    from conftest import Server  # tests/conftest.py
+
+T0 = 1_000.0  # seconds; the broker's clock starts here
+LEASE_MS = 30_000
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+def broker(redis_client: redis.Redis, prefix: str, clock: Clock) -> Broker:
+    return Broker(redis_client, prefix=prefix, lease_ms=LEASE_MS, clock=clock)
+
+
+def _lease(broker: Broker, queue: str, consumer: str = "c1", count: int = 1) -> list[Lease]:
+    return [Lease(d.queue, d.key, d.token) for d in broker.reserve([queue], count, consumer)]
+
+
+# -- look-up by id ----------------------------------------------------------------------------
+
+
+def test_lookup_finds_a_ready_message_with_its_band_and_payload(broker: Broker):
+    broker.declare("q")
+    broker.publish("q", "id1", b"payload", 3)
+
+    assert broker.lookup("id1") == [
+        MessageInfo(
+            id="id1",
+            key="id1",
+            queue="q",
+            state=State.READY,
+            deliveries=0,
+            priority_band=3,
+            owner=None,
+            lease_deadline=None,
+            dead_reason=None,
+            payload=b"payload",
+        )
+    ]
+
+
+def test_lookup_reports_a_reserved_message_with_its_owner_and_lease_deadline(broker: Broker):
+    broker.declare("q")
+    broker.publish("q", "id1", b"p", 0)
+    broker.reserve(["q"], 1, "worker-7")
+
+    [info] = broker.lookup("id1")
+
+    assert (info.state, info.deliveries, info.owner) == (State.RESERVED, 1, "worker-7")
+    assert info.lease_deadline == T0 + LEASE_MS / 1000
+
+
+def test_lookup_finds_every_stored_instance_of_a_duplicate_id(broker: Broker):
+    broker.declare("q")
+    assert broker.publish("q", "t", b"first", 0) == "t"
+    broker.reserve(["q"], 1, "w1")
+    assert broker.publish("q", "t", b"retry", 0) == "t/4"
+
+    found = broker.lookup("t")
+
+    assert sorted((i.key, i.id, i.state, i.payload) for i in found) == [
+        ("t", "t", State.RESERVED, b"first"),
+        ("t/4", "t", State.READY, b"retry"),
+    ]
+
+
+def test_get_returns_the_newest_instance_of_a_duplicate_id(broker: Broker):
+    broker.declare("q")
+    keys = [broker.publish("q", "t", f"v{i}".encode(), 0) for i in range(3)]
+
+    assert keys == ["t", "t/3", "t/6"]
+    assert [i.key for i in broker.lookup("t")] == keys
+    assert broker.get("t").key == "t/6"
+    assert broker.get("t").payload == b"v2"
+
+
+def test_get_returns_the_newest_instance_after_the_plain_id_was_reused(broker: Broker):
+    # A Celery retry: "t" is running and republishes itself (stored as t/4), "t" is acked, then
+    # t/4 runs and retries again: the id "t" is free, so the newest instance is stored as "t".
+    broker.declare("q")
+    broker.publish("q", "t", b"v0", 0)
+    [first] = _lease(broker, "q")
+    assert broker.publish("q", "t", b"v1", 0) == "t/4"
+    assert broker.ack([first]) == []
+    _lease(broker, "q")  # t/4 runs
+    assert broker.publish("q", "t", b"v2", 0) == "t"
+
+    assert broker.get("t").payload == b"v2"
+    assert broker.get("t").key == "t"
+    # Oldest first by publish order, not by key: t/4 was born before the reused "t".
+    assert [(i.key, i.id, i.state) for i in broker.lookup("t")] == [
+        ("t/4", "t", State.RESERVED),
+        ("t", "t", State.READY),
+    ]
+
+
+def test_get_returns_the_newest_instance_of_a_duplicate_id_in_a_large_queue(broker: Broker):
+    # Past hash-max-listpack-entries (512 by default) the body hash is a real hash table, and
+    # HSCAN returns its fields in bucket order, not in insertion order.
+    broker.declare("q")
+    for i in range(600):
+        broker.publish("q", f"filler-{i}", b"x", 0)
+    keys = [broker.publish("q", "t", f"v{i}".encode(), 0) for i in range(40)]
+
+    assert sorted(i.key for i in broker.lookup("t")) == sorted(keys)
+    assert [i.key for i in broker.lookup("t")] == keys
+    assert broker.get("t").key == keys[-1]
+
+
+def test_lookup_treats_glob_characters_in_an_id_literally(broker: Broker):
+    broker.declare("q")
+    broker.publish("q", "t?", b"literal", 0)
+    broker.publish("q", "tx", b"a", 0)
+    broker.publish("q", "tx", b"b", 0)  # stored as tx/<n>, which "t?/*" would match
+
+    assert [i.key for i in broker.lookup("t?")] == ["t?"]
+    assert [i.key for i in broker.lookup("t*")] == []
+    assert broker.lookup("t[x]") == []
+
+
+def test_lookup_does_not_return_another_message_whose_id_contains_a_slash(broker: Broker):
+    broker.declare("q")
+    broker.publish("q", "parent", b"p", 0)
+    broker.publish("q", "parent/child", b"c", 0)
+
+    assert [i.key for i in broker.lookup("parent")] == ["parent"]
+    assert [(i.key, i.id) for i in broker.lookup("parent/child")] == [
+        ("parent/child", "parent/child")
+    ]
+
+
+def test_lookup_tells_a_duplicate_from_a_message_whose_id_looks_like_one(broker: Broker):
+    # "a/5" is a task id of its own, and exactly the key the next duplicate of "a" would get.
+    broker.declare("q")
+    assert broker.publish("q", "a", b"a1", 0) == "a"
+    assert broker.publish("q", "a/5", b"other", 0) == "a/5"
+    assert broker.publish("q", "a", b"a2", 0) == "a/6"
+
+    assert [(i.key, i.id, i.payload) for i in broker.lookup("a")] == [
+        ("a", "a", b"a1"),
+        ("a/6", "a", b"a2"),
+    ]
+    assert [(i.key, i.id, i.payload) for i in broker.lookup("a/5")] == [("a/5", "a/5", b"other")]
+    assert broker.get("a").payload == b"a2"
+
+
+def test_looking_up_an_id_equal_to_another_ids_duplicate_key_finds_only_its_own(broker: Broker):
+    broker.declare("q")
+    broker.publish("q", "t", b"t1", 0)
+    assert broker.publish("q", "t", b"t2", 0) == "t/3"
+
+    assert broker.lookup("t/3") == []
+
+    own = broker.publish("q", "t/3", b"mine", 0)
+    assert own != "t/3"
+    assert [(i.key, i.id, i.payload) for i in broker.lookup("t/3")] == [(own, "t/3", b"mine")]
+    assert [i.payload for i in broker.lookup("t")] == [b"t1", b"t2"]
+
+
+def test_get_raises_message_not_found_once_the_message_is_acked(broker: Broker):
+    broker.declare("q")
+    broker.publish("q", "id1", b"p", 0)
+    assert broker.ack(_lease(broker, "q")) == []
+
+    assert broker.lookup("id1") == []
+    with pytest.raises(MessageNotFound, match="id1"):
+        broker.get("id1")
+
+
+def test_lookup_searches_every_declared_queue_unless_told_which(broker: Broker):
+    broker.declare("q1")
+    broker.declare("q2")
+    assert broker.publish_many(["q1", "q2", "undeclared"], "b1", b"bcast", 1) == ["b1"] * 3
+
+    assert [i.queue for i in broker.lookup("b1")] == ["q1", "q2"]
+    assert [i.queue for i in broker.lookup("b1", queues=["undeclared"])] == ["undeclared"]
+
+
+# -- settle_and_reserve -------------------------------------------------------------------------
+
+
+def test_settle_and_reserve_acks_and_serves_every_request_in_order(broker: Broker):
+    for message_id in ("a", "b", "c", "d"):
+        broker.publish("q", message_id, message_id.encode(), 0)
+    broker.publish("q2", "x", b"x", 0)
+    la, lb = _lease(broker, "q", count=2)
+    stale = Lease("q", lb.key, lb.token + 1000)
+
+    served, lost = broker.settle_and_reserve(
+        [la, stale],
+        [
+            ReserveRequest(["q"], 0, "c1"),
+            ReserveRequest(["q2", "q"], 5, "c2", order="strict"),
+            ReserveRequest([], 3, "c3"),
+        ],
+    )
+
+    assert lost == [stale]
+    assert served[0] == [] and served[2] == []
+    assert [(d.queue, d.key, d.deliveries, d.payload) for d in served[1]] == [
+        ("q2", "x", 1, b"x"),
+        ("q", "c", 1, b"c"),
+        ("q", "d", 1, b"d"),
+    ]
+    assert broker.lookup("a", ["q"]) == []
+    assert broker.get("b", ["q"]).state == State.RESERVED
+    assert broker.counts("q") == {"ready": 0, "reserved": 3, "dead": 0}
+
+
+def test_settle_and_reserve_reports_lost_acks_of_several_queues(broker: Broker):
+    broker.publish("q1", "a", b"a", 0)
+    broker.publish("q2", "b", b"b", 0)
+    [l1] = _lease(broker, "q1")
+    [l2] = _lease(broker, "q2")
+    lost2 = Lease("q2", l2.key, l2.token - 1)
+
+    served, lost = broker.settle_and_reserve([l1, lost2], [])
+
+    assert (served, lost) == ([], [lost2])
+    assert broker.counts("q1")["reserved"] == 0
+    assert broker.counts("q2")["reserved"] == 1
+
+
+def test_settle_and_reserve_with_nothing_to_do_sends_no_command():
+    unreachable = Broker(redis.Redis(host="127.0.0.1", port=1))
+
+    assert unreachable.settle_and_reserve([], [ReserveRequest(["q"], 0, "c")]) == ([[]], [])
+
+
+# -- bindings -------------------------------------------------------------------------------
+
+
+def test_an_expired_binding_is_dropped_and_its_ephemeral_queue_deleted(
+    broker: Broker, clock: Clock, redis_client: redis.Redis, prefix: str
+):
+    permanent = Binding("", "", "workers")
+    ephemeral = Binding("", "", "w1.pidbox")
+    for queue in ("workers", "w1.pidbox"):
+        broker.declare(queue)
+        broker.publish(queue, "m1", b"x", 0)
+        broker.publish(queue, "m2", b"y", 0)
+    _lease(broker, "w1.pidbox")
+    broker.bind("ex", permanent)
+    broker.bind("ex", ephemeral, ttl_ms=5_000)
+
+    clock.t = T0 + 5.0  # expires at exactly now: still live
+    assert sorted(broker.table("ex"), key=str) == sorted([permanent, ephemeral], key=str)
+
+    clock.t = T0 + 5.001
+    assert broker.table("ex") == [permanent]
+
+    assert redis_client.hkeys(bindings_key(prefix, "ex")) == [permanent.encode().encode()]
+    assert broker.queues() == ["workers"]
+    assert redis_client.exists(*QueueKeys("w1.pidbox", prefix).all) == 0
+    assert broker.counts("workers") == {"ready": 2, "reserved": 0, "dead": 0}
+
+
+def test_refreshed_bindings_outlive_their_first_deadline(broker: Broker, clock: Clock):
+    binding = Binding("rk", "", "w1.pidbox")
+    broker.bind("ex", binding, ttl_ms=5_000)
+
+    clock.t = T0 + 4
+    broker.refresh_bindings({"ex": [binding]}, ttl_ms=5_000)
+    clock.t = T0 + 8
+
+    assert broker.table("ex") == [binding]
+
+
+def test_a_permanent_binding_never_expires_and_unbind_removes_it(broker: Broker, clock: Clock):
+    binding = Binding("rk", "*.x", "q")
+    broker.bind("ex", binding)
+
+    clock.t = T0 + 10**9
+    assert broker.table("ex") == [binding]
+    broker.unbind("ex", binding)
+    assert broker.table("ex") == []
+
+
+# -- counts, stats, purge, dead letters ------------------------------------------------------
+
+
+def test_counts_and_stats_follow_every_transition(broker: Broker):
+    for message_id in ("a", "b", "c", "d"):
+        broker.publish("q", message_id, b"x", 0)
+    la, lb, lc = _lease(broker, "q", count=3)
+
+    assert broker.ack([la]) == []
+    assert broker.dead_letter(lb, "rejected", "no") is True
+    assert broker.counts("q") == {"ready": 1, "reserved": 1, "dead": 1}
+    assert broker.requeue([lc]) == []
+    assert broker.ack([lc]) == [lc]
+
+    assert broker.counts("q") == {"ready": 2, "reserved": 0, "dead": 1}
+    assert broker.size("q") == 2
+    assert broker.stats("q") == {
+        "published": 4,
+        "acked": 1,
+        "dead": 1,
+        "requeued": 1,
+        "lease_lost": 1,
+    }
+
+
+def test_lost_extends_and_requeues_are_counted_as_lease_lost(broker: Broker):
+    broker.publish("q", "a", b"A", 0)
+    broker.publish("q", "b", b"B", 0)
+    la, lb = _lease(broker, "q", count=2)
+    stale_a, stale_b = Lease("q", "a", la.token + 100), Lease("q", "b", lb.token + 100)
+
+    assert broker.extend([la, stale_b]) == [stale_b]
+    assert broker.requeue([stale_a, lb]) == [stale_a]
+
+    assert broker.stats("q") == {"published": 2, "requeued": 1, "lease_lost": 2}
+
+
+def test_acking_and_purging_leave_no_born_or_dups_entries(
+    broker: Broker, redis_client: redis.Redis, prefix: str
+):
+    keys = QueueKeys("q", prefix)
+    broker.publish("q", "t", b"v0", 0)
+    [first] = _lease(broker, "q")
+    assert broker.publish("q", "t", b"v1", 0) == "t/4"
+    [retry] = _lease(broker, "q")
+    broker.publish("q", "t", b"v2", 0)  # t/<n> again, ready
+    assert redis_client.hlen(keys.born) == 3
+    assert redis_client.hlen(keys.dups) == 2
+
+    assert broker.ack([first, retry]) == []
+    assert broker.purge("q") == 1
+
+    assert redis_client.exists(keys.body, keys.born, keys.dups) == 0
+    assert broker.lookup("t", ["q"]) == []
+
+
+def test_an_unknown_queue_has_zero_counts_and_no_stats(broker: Broker):
+    assert broker.counts("nothing") == {"ready": 0, "reserved": 0, "dead": 0}
+    assert broker.stats("nothing") == {}
+    assert broker.exists("nothing") is False
+
+
+def test_purge_removes_every_ready_message_in_bounded_steps(broker: Broker):
+    for i in range(7):
+        broker.publish("q", f"m{i}", b"x", 0)
+    _lease(broker, "q")
+
+    assert broker.purge("q", batch=2) == 6
+    assert broker.counts("q") == {"ready": 0, "reserved": 1, "dead": 0}
+    assert broker.purge("q", batch=2) == 0
+
+
+def test_delete_removes_the_queue_with_its_leased_and_dead_messages(
+    broker: Broker, redis_client: redis.Redis, prefix: str
+):
+    broker.declare("q")
+    for i in range(3):
+        broker.publish("q", f"m{i}", b"x", 0)
+    _, second = _lease(broker, "q", count=2)
+    broker.dead_letter(second, "rejected")
+
+    broker.delete("q")
+
+    assert redis_client.exists(*QueueKeys("q", prefix).all) == 0
+    assert broker.queues() == []
+
+
+def test_dead_letters_lists_the_oldest_first_with_ids_and_reasons(broker: Broker, clock: Clock):
+    broker.publish("q", "a", b"A", 0)
+    broker.publish("q", "t", b"T1", 0)
+    broker.publish("q", "t", b"T2", 0)
+    leases = {lease.key: lease for lease in _lease(broker, "q", count=3)}
+    assert sorted(leases) == ["a", "t", "t/5"]
+
+    for when, key in [(T0 + 3, "a"), (T0 + 1, "t/5"), (T0 + 2, "t")]:
+        clock.t = when
+        assert broker.dead_letter(leases[key], "rejected", f"{key} failed", attempt=2) is True
+
+    dead = broker.dead_letters("q")
+
+    assert [(i.key, i.id, i.state, i.payload) for i in dead] == [
+        ("t/5", "t", State.DEAD, b"T2"),
+        ("t", "t", State.DEAD, b"T1"),
+        ("a", "a", State.DEAD, b"A"),
+    ]
+    assert dead[0].dead_reason == {
+        "reason": "rejected",
+        "detail": "t/5 failed",
+        "time": int((T0 + 1) * 1000),
+        "attempt": 2,
+    }
+    assert [i.key for i in broker.dead_letters("q", limit=2)] == ["t/5", "t"]
+    assert [i.key for i in broker.lookup("t", ["q"])] == ["t", "t/5"]
+
+
+def test_dead_letters_give_the_own_id_of_a_message_whose_id_contains_a_slash(broker: Broker):
+    broker.publish("q", "parent/child", b"c", 0)
+    [lease] = _lease(broker, "q")
+    assert broker.dead_letter(lease, "rejected") is True
+
+    assert [(i.key, i.id) for i in broker.dead_letters("q")] == [("parent/child", "parent/child")]
+
+
+def test_dead_letter_returns_false_when_the_lease_was_lost(broker: Broker):
+    broker.publish("q", "a", b"A", 0)
+    [lease] = _lease(broker, "q")
+
+    assert broker.dead_letter(Lease("q", "a", lease.token + 1), "rejected") is False
+    assert broker.counts("q") == {"ready": 0, "reserved": 1, "dead": 0}
+
+
+def test_extend_and_reclaim_use_the_broker_clock(broker: Broker, clock: Clock):
+    broker.publish("q", "a", b"A", 0)
+    [lease] = _lease(broker, "q")
+
+    clock.t = T0 + 20
+    assert broker.extend([lease]) == []
+    assert broker.get("a", ["q"]).lease_deadline == T0 + 20 + LEASE_MS / 1000
+
+    clock.t = T0 + 20 + LEASE_MS / 1000 - 0.001
+    assert broker.reclaim("q") == 0
+    clock.t = T0 + 20 + LEASE_MS / 1000
+    assert broker.reclaim("q") == 1
+    assert broker.extend([lease]) == [lease]
+
+
+def test_wait_returns_at_once_after_a_publish_and_times_out_on_an_idle_queue(broker: Broker):
+    broker.publish("busy", "a", b"A", 0)
+
+    assert broker.wait(["idle", "busy"], timeout=5) is True
+    assert broker.wait(["idle", "busy"], timeout=0.05) is False
+
+
+# -- translated errors --------------------------------------------------------------------------
+
+
+def test_a_stopped_server_gives_broker_connection_error_with_the_redis_error_as_cause(
+    fresh_server: Server,
+):
+    client = fresh_server.process.client(
+        socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    broker = Broker(client, prefix="t:")
+    broker.publish("q", "a", b"A", 0)
+    lease = Lease("q", "a", 2)
+    fresh_server.process.stop()
+
+    calls: list[Callable[[], object]] = [
+        lambda: broker.publish("q", "b", b"B", 0),
+        lambda: broker.reserve(["q"], 1, "c1"),
+        lambda: broker.ack([lease]),
+        lambda: broker.settle_and_reserve([lease], [ReserveRequest(["q"], 1, "c1")]),
+        lambda: broker.counts("q"),
+        lambda: broker.lookup("a"),
+        lambda: broker.table("ex"),
+    ]
+    try:
+        for call in calls:
+            with pytest.raises(BrokerConnectionError) as excinfo:
+                call()
+            assert isinstance(excinfo.value.__cause__, redis.ConnectionError)
+            assert isinstance(excinfo.value, ConnectionError)
+            assert "Redis unreachable" in str(excinfo.value)
+    finally:
+        client.close()
+
+
+def test_a_failing_script_gives_script_error_with_the_redis_error_as_cause(
+    broker: Broker, redis_client: redis.Redis, prefix: str
+):
+    redis_client.set(QueueKeys("q", prefix).ready, "not a zset")
+
+    with pytest.raises(ScriptError, match="publish to 'q'") as excinfo:
+        broker.publish("q", "a", b"A", 0)
+
+    assert isinstance(excinfo.value.__cause__, redis.ResponseError)
+    assert "WRONGTYPE" in str(excinfo.value)

@@ -1,0 +1,248 @@
+"""Helpers for the direct tests of the Lua scripts: set keys up by hand, read the whole state back.
+
+Every test works on queues under its own ``prefix`` and calls the scripts with a fixed ``NOW``,
+so the expected key state can be written out in full. :meth:`Lab.state` returns every existing
+key of a queue (by its part name, see ``QUEUE_KEY_PARTS``) decoded to plain Python values:
+
+- ZSET   -> list of ``(member, score)`` in ZRANGE order, scores as ints
+- HASH   -> ``{field: value}``
+- STRING -> ``value``
+- LIST   -> ``[element, ...]``
+
+Keys that do not exist are left out, so ``lab.state() == {...}`` pins down the whole queue.
+
+Test modules cannot import from a conftest reliably (tests/ has no packages), so everything they
+need is reached through the ``lab`` fixture: ``lab.now``, ``lab.lease``, ``lab.back(band, n)``,
+``lab.front(band, m)`` and one method per script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import redis
+
+from celery_msg.keys import QUEUE_KEY_PARTS, QueueKeys
+from celery_msg.scripts import Scripts
+
+#: The fixed clock of these tests (ms).
+NOW = 1_000_000
+#: The lease used unless a test says otherwise (ms).
+LEASE = 30_000
+#: Ready-score layout (see _queue.lua): band * BAND + MID + n (back), band * BAND + MID - m (front).
+BAND = 2**44
+MID = 2**43
+
+
+def back(band: int, n: int) -> int:
+    """The ready score of the n-th sequence number appended to the back of ``band``."""
+    return band * BAND + MID + n
+
+
+def front(band: int, m: int) -> int:
+    """The ready score of the m-th message put at the front of ``band``."""
+    return band * BAND + MID - m
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _score(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def deliveries(flat: Sequence[Any]) -> list[tuple[int, str, int, int, str]]:
+    """reserve's flat reply as ``(group, key, token, delivery count, payload)`` tuples."""
+    return [
+        (int(flat[i]), _text(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]), _text(flat[i + 4]))
+        for i in range(0, len(flat), 5)
+    ]
+
+
+class Lab:
+    """One queue's keys, its scripts, and hand-made setup of its states."""
+
+    now = NOW
+    lease = LEASE
+    back = staticmethod(back)
+    front = staticmethod(front)
+
+    def __init__(self, client: redis.Redis, scripts: Scripts, keys: QueueKeys) -> None:
+        self.client = client
+        self.scripts = scripts
+        self.keys = keys
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Every existing key of the queue, decoded (see the module docstring)."""
+        names = self.keys.all
+        pipe = self.client.pipeline(transaction=False)
+        for key in names:
+            pipe.type(key)
+        types = [_text(t) for t in pipe.execute()]
+        pipe = self.client.pipeline(transaction=False)
+        present: list[tuple[str, str]] = []
+        for part, key, kind in zip(QUEUE_KEY_PARTS, names, types, strict=True):
+            if kind == "none":
+                continue
+            present.append((part, kind))
+            if kind == "zset":
+                pipe.zrange(key, 0, -1, withscores=True)
+            elif kind == "hash":
+                pipe.hgetall(key)
+            elif kind == "string":
+                pipe.get(key)
+            elif kind == "list":
+                pipe.lrange(key, 0, -1)
+            else:  # pragma: no cover - the schema has no other types
+                raise AssertionError(f"unexpected type {kind} for {key}")
+        out: dict[str, Any] = {}
+        for (part, kind), raw in zip(present, pipe.execute(), strict=True):
+            if kind == "zset":
+                out[part] = [(_text(m), _score(s)) for m, s in raw]
+            elif kind == "hash":
+                out[part] = {_text(f): _text(v) for f, v in raw.items()}
+            elif kind == "list":
+                out[part] = [_text(e) for e in raw]
+            else:
+                out[part] = _text(raw)
+        return out
+
+    def ready_order(self) -> list[str]:
+        return [_text(m) for m in self.client.zrange(self.keys.ready, 0, -1)]
+
+    # -- hand-made setup (plain Redis commands, no scripts) -------------------------------
+
+    def add_ready(
+        self, key: str, body: str, *, band: int = 0, score: int, deliv: int | None = None
+    ) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(self.keys.ready, {key: score})
+        pipe.hset(self.keys.body, key, body)
+        pipe.hset(self.keys.prio, key, band)
+        if deliv is not None:
+            pipe.hset(self.keys.deliv, key, deliv)
+        pipe.execute()
+
+    def add_leased(
+        self,
+        key: str,
+        body: str,
+        *,
+        token: int,
+        deadline: int,
+        owner: str = "c1",
+        band: int = 0,
+        deliv: int = 1,
+    ) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(self.keys.leased, {key: deadline})
+        pipe.hset(self.keys.body, key, body)
+        pipe.hset(self.keys.prio, key, band)
+        pipe.hset(self.keys.deliv, key, deliv)
+        pipe.hset(self.keys.token, key, token)
+        pipe.hset(self.keys.owner, key, owner)
+        pipe.execute()
+
+    def add_dead(
+        self, key: str, body: str, *, at: int, reason: str, band: int = 0, deliv: int = 1
+    ) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(self.keys.dead, {key: at})
+        pipe.hset(self.keys.reason, key, reason)
+        pipe.hset(self.keys.body, key, body)
+        pipe.hset(self.keys.prio, key, band)
+        pipe.hset(self.keys.deliv, key, deliv)
+        pipe.execute()
+
+    def set_counter(self, part: str, value: int) -> None:
+        self.client.set(getattr(self.keys, part), value)
+
+    def redelivered(self, message_id: str = "m") -> tuple[str, int, int]:
+        """Publish, lease to ``zombie`` at now, let the lease expire, redeliver to ``c2``.
+
+        Returns ``(key, zombie's token, c2's token)``; c2's lease ends at now + 2 * lease.
+        """
+        key = self.publish(message_id, "payload", 0)
+        [(_, _, old, _, _)] = self.reserve(count=1, consumer="zombie")
+        [(_, again, new, deliv, _)] = self.reserve(
+            now=self.now + self.lease, count=1, consumer="c2"
+        )
+        assert (again, deliv) == (key, 2)
+        return key, old, new
+
+    # -- script calls (typed wrappers, ARGV in the order of each script's header) ------------
+
+    def publish(self, message_id: str, payload: str | bytes, band: int = 0) -> str:
+        return str(
+            _text(self.scripts.publish(keys=self.keys.all, args=[message_id, payload, band]))
+        )
+
+    def reserve(
+        self,
+        *,
+        now: int = NOW,
+        lease: int = LEASE,
+        count: int = 1,
+        consumer: str = "c1",
+        mode: str = "fair",
+        start: int = 0,
+        reclaim_limit: int = 100,
+        max_deliveries: int = 0,
+        others: Sequence[Lab] = (),
+    ) -> list[tuple[int, str, int, int, str]]:
+        """Reserve from this queue (group 0), then ``others`` (groups 1, 2, ...)."""
+        keys = list(self.keys.all)
+        for lab in others:
+            keys.extend(lab.keys.all)
+        args = [now, lease, count, consumer, mode, start, reclaim_limit, max_deliveries]
+        return deliveries(self.scripts.reserve(keys=keys, args=args))
+
+    def ack(self, *pairs: tuple[str, int]) -> list[int]:
+        return [int(c) for c in self.scripts.ack(keys=self.keys.all, args=_flat(pairs))]
+
+    def extend(self, *pairs: tuple[str, int], now: int = NOW, lease: int = LEASE) -> list[int]:
+        args = [now, lease, *_flat(pairs)]
+        return [int(c) for c in self.scripts.extend(keys=self.keys.all, args=args)]
+
+    def requeue(self, *pairs: tuple[str, int], uncount: bool = False) -> list[int]:
+        args = [1 if uncount else 0, *_flat(pairs)]
+        return [int(c) for c in self.scripts.requeue(keys=self.keys.all, args=args)]
+
+    def dead_letter(self, key: str, token: int, reason: str, *, now: int = NOW) -> int:
+        return int(self.scripts.dead_letter(keys=self.keys.all, args=[now, key, token, reason]))
+
+    def reclaim(self, *, now: int = NOW, limit: int = 100) -> int:
+        return int(self.scripts.reclaim(keys=self.keys.all, args=[now, limit]))
+
+    def purge(self, limit: int) -> int:
+        return int(self.scripts.purge(keys=self.keys.all, args=[limit]))
+
+
+def _flat(pairs: Sequence[tuple[str, int]]) -> list[Any]:
+    return [item for pair in pairs for item in pair]
+
+
+@pytest.fixture
+def scripts(redis_client: redis.Redis) -> Scripts:
+    return Scripts(redis_client)
+
+
+@pytest.fixture
+def make_lab(redis_client: redis.Redis, scripts: Scripts, prefix: str) -> Callable[[str], Lab]:
+    """Build a :class:`Lab` for queue ``name`` under this test's prefix."""
+
+    def make(name: str) -> Lab:
+        return Lab(redis_client, scripts, QueueKeys(name, prefix))
+
+    return make
+
+
+@pytest.fixture
+def lab(make_lab: Callable[[str], Lab]) -> Lab:
+    """The queue ``q`` of this test."""
+    return make_lab("q")

@@ -1,0 +1,131 @@
+"""ack.lua: RESERVED -> ACKED (every trace removed), fenced by the lease's token."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from celery_msg.scripts import Code
+
+if TYPE_CHECKING:
+    from conftest import Lab  # tests/lua/conftest.py
+
+OK, LOST = Code.OK, Code.LEASE_LOST
+
+
+def test_an_ack_with_the_current_token_removes_every_trace_of_the_message(lab: Lab):
+    lab.add_leased("m", "M", token=7, deadline=lab.now + 100, owner="w1", band=3, deliv=2)
+    lab.add_ready("other", "O", score=lab.back(0, 1))
+
+    assert lab.ack(("m", 7)) == [OK]
+
+    assert lab.state() == {
+        "ready": [("other", lab.back(0, 1))],
+        "body": {"other": "O"},
+        "prio": {"other": "0"},
+        "stats": {"acked": "1"},
+    }
+
+
+def test_an_ack_with_a_wrong_token_changes_nothing_but_the_lease_lost_count(lab: Lab):
+    lab.add_leased("m", "M", token=7, deadline=lab.now + 100, owner="w1", deliv=1)
+    before = lab.state()
+
+    assert lab.ack(("m", 6)) == [LOST]
+
+    assert lab.state() == {**before, "stats": {"lease_lost": "1"}}
+
+
+def test_a_batch_ack_returns_one_code_per_pair_in_order(lab: Lab):
+    for n, key in enumerate(["a", "b", "c"], start=1):
+        lab.add_leased(key, key.upper(), token=n, deadline=lab.now + 100)
+
+    codes = lab.ack(("a", 1), ("b", 99), ("c", 3), ("missing", 4))
+
+    assert codes == [OK, LOST, OK, LOST]
+    assert lab.state() == {
+        "leased": [("b", lab.now + 100)],
+        "body": {"b": "B"},
+        "prio": {"b": "0"},
+        "deliv": {"b": "1"},
+        "token": {"b": "2"},
+        "owner": {"b": "c1"},
+        "stats": {"acked": "2", "lease_lost": "2"},
+    }
+
+
+def test_a_zombie_consumer_cannot_ack_a_redelivered_message(lab: Lab):
+    key, zombie_token, new_token = lab.redelivered()
+    before = lab.state()
+    assert before["owner"] == {key: "c2"}
+
+    assert lab.ack((key, zombie_token)) == [LOST]
+
+    assert lab.state() == {**before, "stats": {**before["stats"], "lease_lost": "1"}}
+    assert lab.ack((key, new_token)) == [OK]
+    assert "body" not in lab.state()
+
+
+def test_a_message_cannot_be_acked_twice(lab: Lab):
+    lab.add_leased("m", "M", token=1, deadline=lab.now + 100)
+
+    assert lab.ack(("m", 1), ("m", 1)) == [OK, LOST]
+    assert lab.ack(("m", 1)) == [LOST]
+    assert lab.state() == {"stats": {"acked": "1", "lease_lost": "2"}}
+
+
+def test_an_ack_of_a_requeued_message_is_refused_and_leaves_it_ready(lab: Lab):
+    lab.add_leased("m", "M", token=4, deadline=lab.now + 100)
+    assert lab.requeue(("m", 4)) == [OK]
+    before = lab.state()
+
+    assert lab.ack(("m", 4)) == [LOST]
+
+    assert lab.state() == {**before, "stats": {**before["stats"], "lease_lost": "1"}}
+
+
+def test_an_ack_of_a_dead_lettered_message_is_refused_and_keeps_it_dead(lab: Lab):
+    lab.add_dead("d", "D", at=lab.now - 5, reason='{"reason": "rejected"}')
+    before = lab.state()
+
+    assert lab.ack(("d", 1)) == [LOST]
+
+    assert lab.state() == {**before, "stats": {"lease_lost": "1"}}
+
+
+def test_an_empty_ack_batch_writes_nothing(lab: Lab):
+    lab.add_leased("m", "M", token=1, deadline=lab.now + 100)
+    before = lab.state()
+
+    assert lab.ack() == []
+    assert lab.state() == before
+
+
+def test_an_ack_removes_the_born_and_dups_entries_of_the_message(lab: Lab):
+    assert lab.publish("t", "first", 0) == "t"
+    [(_, _, first, _, _)] = lab.reserve(count=1)
+    assert lab.publish("t", "retry", 0) == "t/4"
+    [(_, _, retry, _, _)] = lab.reserve(count=1)
+    before = lab.state()
+    assert before["born"] == {"t": "1", "t/4": "5"}
+    assert before["dups"] == {"t/4": "t"}
+
+    assert lab.ack(("t/4", retry)) == [OK]
+
+    assert lab.state() == {
+        "leased": [("t", lab.now + lab.lease)],
+        "body": {"t": "first"},
+        "prio": {"t": "0"},
+        "deliv": {"t": "1"},
+        "token": {"t": str(first)},
+        "owner": {"t": "c1"},
+        "seq": "7",
+        "signal": ["1"],
+        "stats": {"published": "2", "acked": "1"},
+        "born": {"t": "1"},
+    }
+    assert lab.ack(("t", first)) == [OK]
+    assert lab.state() == {
+        "seq": "7",
+        "signal": ["1"],
+        "stats": {"published": "2", "acked": "2"},
+    }

@@ -1,0 +1,71 @@
+"""purge.lua: READY -> gone, bounded per call; leased and dead messages are left alone."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from conftest import Lab  # tests/lua/conftest.py
+
+
+def test_purge_removes_only_ready_messages(lab: Lab):
+    lab.add_ready("a", "A", band=0, score=lab.back(0, 1), deliv=1)
+    lab.add_ready("b", "B", band=1, score=lab.back(1, 2))
+    lab.add_leased("l", "L", token=3, deadline=lab.now + 100, owner="w1", deliv=1)
+    lab.add_dead("d", "D", at=lab.now - 1, reason='{"reason": "rejected"}', deliv=4)
+    lab.set_counter("seq", 3)
+
+    assert lab.purge(100) == 2
+
+    assert lab.state() == {
+        "leased": [("l", lab.now + 100)],
+        "dead": [("d", lab.now - 1)],
+        "reason": {"d": '{"reason": "rejected"}'},
+        "body": {"l": "L", "d": "D"},
+        "prio": {"l": "0", "d": "0"},
+        "deliv": {"l": "1", "d": "4"},
+        "token": {"l": "3"},
+        "owner": {"l": "w1"},
+        "seq": "3",
+    }
+
+
+def test_purge_removes_at_most_its_limit_in_serve_order(lab: Lab):
+    for i in range(5):
+        lab.add_ready(f"m{i}", "x", band=i % 2, score=lab.back(i % 2, i + 1))
+
+    assert lab.purge(2) == 2
+    assert lab.ready_order() == ["m4", "m1", "m3"]
+    assert set(lab.state()["body"]) == {"m1", "m3", "m4"}
+    assert lab.purge(2) == 2
+    assert lab.purge(2) == 1
+    assert lab.purge(2) == 0
+    assert lab.state() == {}
+
+
+def test_a_purge_of_an_empty_queue_returns_0_and_writes_nothing(lab: Lab):
+    assert lab.purge(10) == 0
+    assert lab.state() == {}
+
+
+def test_purge_removes_the_born_and_dups_entries_of_the_ready_messages_only(lab: Lab):
+    assert lab.publish("t", "first", 0) == "t"
+    [(_, _, token, _, _)] = lab.reserve(count=1)
+    assert lab.publish("t", "retry", 0) == "t/4"
+    assert lab.publish("u", "other", 0) == "u"
+    assert lab.state()["dups"] == {"t/4": "t"}
+
+    assert lab.purge(100) == 2
+
+    assert lab.state() == {
+        "leased": [("t", lab.now + lab.lease)],
+        "body": {"t": "first"},
+        "prio": {"t": "0"},
+        "deliv": {"t": "1"},
+        "token": {"t": str(token)},
+        "owner": {"t": "c1"},
+        "seq": "8",
+        "signal": ["1"],
+        "stats": {"published": "3"},
+        "born": {"t": "1"},
+    }

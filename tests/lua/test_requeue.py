@@ -1,0 +1,157 @@
+"""requeue.lua: RESERVED -> READY at the front of the message's band, fenced by token."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from celery_msg.scripts import Code
+
+if TYPE_CHECKING:
+    from conftest import Lab  # tests/lua/conftest.py
+
+OK, LOST = Code.OK, Code.LEASE_LOST
+
+
+def test_requeue_puts_the_message_at_the_front_of_its_band(lab: Lab):
+    lab.add_ready("x2", "X", band=2, score=lab.back(2, 1))
+    lab.add_ready("y0", "Y", band=0, score=lab.back(0, 2))
+    lab.add_leased("m", "M", token=5, deadline=lab.now + 100, owner="w1", band=2, deliv=1)
+
+    assert lab.requeue(("m", 5)) == [OK]
+
+    assert lab.state() == {
+        "ready": [("y0", lab.back(0, 2)), ("m", lab.front(2, 1)), ("x2", lab.back(2, 1))],
+        "body": {"x2": "X", "y0": "Y", "m": "M"},
+        "prio": {"x2": "2", "y0": "0", "m": "2"},
+        "deliv": {"m": "1"},
+        "front": "1",
+        "signal": ["1"],
+        "stats": {"requeued": "1"},
+    }
+
+
+def test_a_requeued_message_is_the_next_one_served_in_its_band(lab: Lab):
+    for i in range(3):
+        lab.publish(f"m{i}", "x", 1)
+    [(_, key, token, _, _)] = lab.reserve(count=1)
+    assert key == "m0"
+
+    assert lab.requeue((key, token)) == [OK]
+
+    assert [k for _, k, _, _, _ in lab.reserve(count=3)] == ["m0", "m1", "m2"]
+
+
+def test_requeue_with_uncount_takes_back_the_delivery_count(lab: Lab):
+    lab.add_leased("m", "M", token=5, deadline=lab.now + 100, deliv=3)
+
+    assert lab.requeue(("m", 5), uncount=True) == [OK]
+
+    assert lab.state()["deliv"] == {"m": "2"}
+
+
+def test_requeue_without_uncount_keeps_the_delivery_count(lab: Lab):
+    lab.add_leased("m", "M", token=5, deadline=lab.now + 100, deliv=3)
+
+    assert lab.requeue(("m", 5), uncount=False) == [OK]
+
+    assert lab.state()["deliv"] == {"m": "3"}
+
+
+def test_a_requeue_with_a_wrong_token_changes_nothing_but_the_lease_lost_count(lab: Lab):
+    lab.add_leased("m", "M", token=5, deadline=lab.now + 100, deliv=2)
+    before = lab.state()
+
+    assert lab.requeue(("m", 6), uncount=True) == [LOST]
+
+    assert lab.state() == {**before, "stats": {"lease_lost": "1"}}
+
+
+def test_a_batch_requeue_returns_one_code_per_pair_and_keeps_its_order_at_the_front(lab: Lab):
+    lab.add_ready("r", "R", score=lab.back(0, 1))
+    lab.add_leased("a", "A", token=1, deadline=lab.now + 100, deliv=1)
+    lab.add_leased("b", "B", token=2, deadline=lab.now + 100, deliv=1)
+    lab.add_leased("c", "C", token=3, deadline=lab.now + 100, deliv=1)
+
+    codes = lab.requeue(("a", 1), ("b", 7), ("c", 3), uncount=True)
+
+    assert codes == [OK, LOST, OK]
+    state = lab.state()
+    # The held pairs go to the front walked backwards (c, then a), so they keep the batch order.
+    assert state["ready"] == [("a", lab.front(0, 2)), ("c", lab.front(0, 1)), ("r", lab.back(0, 1))]
+    assert state["leased"] == [("b", lab.now + 100)]
+    assert state["token"] == {"b": "2"}
+    assert state["deliv"] == {"a": "0", "b": "1", "c": "0"}
+    assert state["stats"] == {"requeued": "2", "lease_lost": "1"}
+
+
+def test_a_batch_requeue_is_served_again_in_the_order_of_the_batch(lab: Lab):
+    for message_id in ("a", "b", "c", "d"):
+        lab.publish(message_id, message_id.upper(), 0)
+    served = lab.reserve(count=3)
+    assert [key for _, key, _, _, _ in served] == ["a", "b", "c"]
+
+    assert lab.requeue(*[(key, token) for _, key, token, _, _ in served]) == [OK, OK, OK]
+
+    assert lab.state() == {
+        "ready": [
+            ("a", lab.front(0, 3)),
+            ("b", lab.front(0, 2)),
+            ("c", lab.front(0, 1)),
+            ("d", lab.back(0, 8)),
+        ],
+        "body": {"a": "A", "b": "B", "c": "C", "d": "D"},
+        "prio": {"a": "0", "b": "0", "c": "0", "d": "0"},
+        "deliv": {"a": "1", "b": "1", "c": "1"},
+        "seq": "11",
+        "front": "3",
+        "signal": ["1"],
+        "stats": {"published": "4", "requeued": "3"},
+        "born": {"a": "1", "b": "3", "c": "5", "d": "7"},
+    }
+    assert [key for _, key, _, _, _ in lab.reserve(count=4)] == ["a", "b", "c", "d"]
+
+
+def test_a_batch_requeue_in_any_order_is_served_in_that_order(lab: Lab):
+    for n, key in enumerate(["a", "b", "c"], start=1):
+        lab.add_leased(key, key.upper(), token=n, deadline=lab.now + 100)
+
+    assert lab.requeue(("c", 3), ("a", 1), ("b", 2)) == [OK, OK, OK]
+
+    assert lab.ready_order() == ["c", "a", "b"]
+
+
+def test_a_batch_requeue_keeps_its_order_within_each_band(lab: Lab):
+    lab.add_ready("r1", "R", band=1, score=lab.back(1, 1))
+    for n, (key, band) in enumerate([("a", 1), ("b", 0), ("c", 1), ("d", 0)], start=1):
+        lab.add_leased(key, key.upper(), token=n, band=band, deadline=lab.now + 100)
+
+    assert lab.requeue(("a", 1), ("b", 2), ("c", 3), ("d", 4)) == [OK] * 4
+
+    # The front counter is shared by every band: walked backwards, d gets 1, c 2, b 3, a 4.
+    assert lab.state()["ready"] == [
+        ("b", lab.front(0, 3)),
+        ("d", lab.front(0, 1)),
+        ("a", lab.front(1, 4)),
+        ("c", lab.front(1, 2)),
+        ("r1", lab.back(1, 1)),
+    ]
+
+
+def test_a_zombie_consumer_cannot_requeue_a_redelivered_message(lab: Lab):
+    key, zombie_token, new_token = lab.redelivered()
+    before = lab.state()
+
+    assert lab.requeue((key, zombie_token), uncount=True) == [LOST]
+
+    assert lab.state() == {**before, "stats": {**before["stats"], "lease_lost": "1"}}
+    assert lab.requeue((key, new_token)) == [OK]
+    assert lab.ready_order() == [key]
+
+
+def test_a_message_without_a_priority_entry_is_requeued_to_band_0(lab: Lab):
+    lab.add_leased("m", "M", token=1, deadline=lab.now + 100, band=9)
+    lab.client.hdel(lab.keys.prio, "m")
+
+    assert lab.requeue(("m", 1)) == [OK]
+
+    assert lab.state()["ready"] == [("m", lab.front(0, 1))]

@@ -1,0 +1,495 @@
+"""reserve.lua: READY -> RESERVED in one call (the fetch is the lease), across queues."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+if TYPE_CHECKING:
+    from conftest import Lab  # tests/lua/conftest.py
+
+
+def test_a_reserve_leases_the_message_in_the_same_call(lab: Lab):
+    lab.add_ready("m1", "B1", band=2, score=lab.back(2, 1))
+    lab.set_counter("seq", 1)
+
+    served = lab.reserve(count=1, consumer="worker-1", lease=30_000)
+
+    assert served == [(0, "m1", 2, 1, "B1")]
+    assert lab.state() == {
+        "leased": [("m1", lab.now + 30_000)],
+        "body": {"m1": "B1"},
+        "prio": {"m1": "2"},
+        "deliv": {"m1": "1"},
+        "token": {"m1": "2"},
+        "owner": {"m1": "worker-1"},
+        "seq": "2",
+    }
+
+
+def test_a_reserve_of_an_empty_queue_returns_nothing_and_writes_nothing(lab: Lab):
+    assert lab.reserve(count=10) == []
+    assert lab.state() == {}
+
+
+def test_a_live_lease_is_not_served_again(lab: Lab):
+    lab.add_leased("m", "B", token=3, deadline=lab.now + 1, owner="w1")
+    before = lab.state()
+
+    assert lab.reserve(count=5) == []
+    assert lab.state() == before
+
+
+def test_each_delivery_gets_a_new_increasing_fencing_token(lab: Lab):
+    for i in range(4):
+        lab.publish(f"m{i}", "x", 0)
+
+    tokens = [token for _, _, token, _, _ in lab.reserve(count=4)]
+
+    # Four publishes took two sequence numbers each (birth, score): the tokens follow on.
+    assert tokens == [9, 10, 11, 12]
+
+
+def test_the_count_limit_is_respected_and_the_rest_stays_ready_and_signalled(lab: Lab):
+    for i in range(5):
+        lab.add_ready(f"m{i}", f"B{i}", score=lab.back(0, i + 1))
+    lab.set_counter("seq", 5)
+
+    served = lab.reserve(count=3)
+
+    assert served == [(0, "m0", 6, 1, "B0"), (0, "m1", 7, 1, "B1"), (0, "m2", 8, 1, "B2")]
+    assert lab.state() == {
+        "ready": [("m3", lab.back(0, 4)), ("m4", lab.back(0, 5))],
+        "leased": [(f"m{i}", lab.now + lab.lease) for i in range(3)],
+        "body": {f"m{i}": f"B{i}" for i in range(5)},
+        "prio": {f"m{i}": "0" for i in range(5)},
+        "deliv": {f"m{i}": "1" for i in range(3)},
+        "token": {"m0": "6", "m1": "7", "m2": "8"},
+        "owner": {f"m{i}": "c1" for i in range(3)},
+        "seq": "8",
+        "signal": ["1"],
+    }
+
+
+def test_a_reserve_that_empties_the_queue_does_not_signal(lab: Lab):
+    lab.add_ready("a", "A", score=lab.back(0, 1))
+    lab.add_ready("b", "B", score=lab.back(0, 2))
+
+    lab.reserve(count=1)
+    assert lab.client.lrange(lab.keys.signal, 0, -1) == [b"1"]
+    lab.client.delete(lab.keys.signal)  # a consumer's BLPOP took the marker
+
+    lab.reserve(count=1)
+    assert lab.client.exists(lab.keys.signal) == 0
+
+
+# -- several queues ---------------------------------------------------------------------------
+
+
+def _three_queues(make_lab: Callable[[str], Lab]) -> list[Lab]:
+    labs = [make_lab(name) for name in ("q0", "q1", "q2")]
+    for lab, ids in zip(labs, (["a0", "a1", "a2"], ["b0", "b1"], ["c0", "c1", "c2"]), strict=True):
+        for n, message_id in enumerate(ids, start=1):
+            lab.add_ready(message_id, message_id.upper(), score=lab.back(0, n))
+    return labs
+
+
+def _served(served: list[tuple[int, str, int, int, str]]) -> list[tuple[int, str]]:
+    return [(group, key) for group, key, _, _, _ in served]
+
+
+def test_strict_order_drains_earlier_queues_first(make_lab: Callable[[str], Lab]):
+    q0, q1, q2 = _three_queues(make_lab)
+
+    served = q0.reserve(count=5, mode="strict", others=[q1, q2])
+
+    assert _served(served) == [(0, "a0"), (0, "a1"), (0, "a2"), (1, "b0"), (1, "b1")]
+    assert q0.ready_order() == [] and q1.ready_order() == []
+    assert q2.ready_order() == ["c0", "c1", "c2"]
+    assert q2.state()["signal"] == ["1"]
+    assert "signal" not in q0.state()
+
+
+def test_strict_order_skips_an_empty_first_queue(make_lab: Callable[[str], Lab]):
+    empty = make_lab("empty")
+    _, q1, q2 = _three_queues(make_lab)
+
+    served = empty.reserve(count=4, mode="strict", others=[q1, q2])
+
+    assert _served(served) == [(1, "b0"), (1, "b1"), (2, "c0"), (2, "c1")]
+    assert empty.state() == {}
+
+
+def test_fair_order_takes_one_message_from_each_queue_in_turn(make_lab: Callable[[str], Lab]):
+    q0, q1, q2 = _three_queues(make_lab)
+
+    served = q0.reserve(count=5, mode="fair", start=0, others=[q1, q2])
+
+    assert _served(served) == [(0, "a0"), (1, "b0"), (2, "c0"), (0, "a1"), (1, "b1")]
+
+
+def test_fair_order_begins_at_the_start_group_and_skips_queues_that_run_dry(
+    make_lab: Callable[[str], Lab],
+):
+    q0, q1, q2 = _three_queues(make_lab)
+
+    served = q0.reserve(count=8, mode="fair", start=1, others=[q1, q2])
+
+    assert _served(served) == [
+        (1, "b0"),
+        (2, "c0"),
+        (0, "a0"),
+        (1, "b1"),
+        (2, "c1"),
+        (0, "a1"),
+        (2, "c2"),
+        (0, "a2"),
+    ]
+    assert [lab.state().get("ready") for lab in (q0, q1, q2)] == [None, None, None]
+
+
+def test_fair_order_wraps_a_start_beyond_the_number_of_queues(make_lab: Callable[[str], Lab]):
+    q0, q1, q2 = _three_queues(make_lab)
+
+    served = q0.reserve(count=3, mode="fair", start=5, others=[q1, q2])
+
+    assert _served(served) == [(2, "c0"), (0, "a0"), (1, "b0")]
+
+
+# -- priority -----------------------------------------------------------------------------
+
+
+def test_bands_are_served_lowest_first_over_the_whole_0_to_255_range(lab: Lab):
+    bands = list(range(256))
+    random.Random(7).shuffle(bands)
+    for n, band in enumerate(bands, start=1):
+        lab.add_ready(f"b{band}", str(band), band=band, score=lab.back(band, n))
+
+    served = lab.reserve(count=300)
+
+    assert [key for _, key, _, _, _ in served] == [f"b{band}" for band in range(256)]
+    assert "ready" not in lab.state()
+
+
+def test_a_lower_band_published_later_is_still_served_first(lab: Lab):
+    lab.publish("late-high", "x", 255)
+    lab.publish("early-low", "x", 254)
+    lab.publish("urgent", "x", 0)
+
+    assert [key for _, key, _, _, _ in lab.reserve(count=3)] == ["urgent", "early-low", "late-high"]
+
+
+# -- reclaim on fetch ---------------------------------------------------------------------------
+
+
+def test_expired_leases_are_reclaimed_first_and_served_from_the_front_of_their_band(lab: Lab):
+    lab.add_ready("new", "N", score=lab.back(0, 1))
+    lab.add_leased("old", "O", token=5, deadline=lab.now - 1, owner="dead-worker", deliv=1)
+    lab.set_counter("seq", 5)
+
+    served = lab.reserve(count=1, consumer="c2")
+
+    assert served == [(0, "old", 6, 2, "O")]
+    assert lab.state() == {
+        "ready": [("new", lab.back(0, 1))],
+        "leased": [("old", lab.now + lab.lease)],
+        "body": {"new": "N", "old": "O"},
+        "prio": {"new": "0", "old": "0"},
+        "deliv": {"old": "2"},
+        "token": {"old": "6"},
+        "owner": {"old": "c2"},
+        "seq": "6",
+        "front": "1",
+        "signal": ["1"],
+        "stats": {"reclaimed": "1"},
+    }
+
+
+def test_a_lease_expiring_exactly_now_counts_as_expired(lab: Lab):
+    lab.add_leased("due", "D", token=1, deadline=lab.now, owner="w1", deliv=1)
+    lab.add_leased("live", "L", token=2, deadline=lab.now + 1, owner="w1", deliv=1)
+
+    assert lab.reserve(count=0) == []
+
+    assert lab.state() == {
+        "ready": [("due", lab.front(0, 1))],
+        "leased": [("live", lab.now + 1)],
+        "body": {"due": "D", "live": "L"},
+        "prio": {"due": "0", "live": "0"},
+        "deliv": {"due": "1", "live": "1"},
+        "token": {"live": "2"},
+        "owner": {"live": "w1"},
+        "front": "1",
+        "signal": ["1"],
+        "stats": {"reclaimed": "1"},
+    }
+
+
+def test_a_reclaimed_message_goes_to_the_front_of_its_own_band_only(lab: Lab):
+    lab.add_ready("x3", "x", band=3, score=lab.back(3, 1))
+    lab.add_ready("y1", "y", band=1, score=lab.back(1, 2))
+    lab.add_leased("hi", "h", token=3, deadline=lab.now - 100, band=3)
+
+    lab.reserve(count=0)
+
+    assert lab.state()["ready"] == [
+        ("y1", lab.back(1, 2)),
+        ("hi", lab.front(3, 1)),
+        ("x3", lab.back(3, 1)),
+    ]
+
+
+def test_reserve_reclaims_at_most_the_reclaim_limit_per_queue(lab: Lab):
+    for i, deadline in enumerate([lab.now - 30, lab.now - 20, lab.now - 10]):
+        lab.add_leased(f"e{i}", "x", token=i + 1, deadline=deadline)
+
+    lab.reserve(count=0, reclaim_limit=2)
+
+    state = lab.state()
+    assert state["ready"] == [("e0", lab.front(0, 2)), ("e1", lab.front(0, 1))]
+    assert state["leased"] == [("e2", lab.now - 10)]
+    assert state["stats"] == {"reclaimed": "2"}
+
+
+def test_reserve_serves_the_earliest_expired_lease_first(lab: Lab):
+    lab.add_ready("new", "N", score=lab.back(0, 1))
+    for n, (key, deadline) in enumerate(
+        [("late", lab.now - 10), ("early", lab.now - 30), ("mid", lab.now - 20)], start=2
+    ):
+        lab.add_leased(key, key.upper(), token=n, deadline=deadline, owner="dead-worker")
+    lab.set_counter("seq", 4)
+
+    served = lab.reserve(count=2, consumer="c2")
+
+    assert served == [(0, "early", 5, 2, "EARLY"), (0, "mid", 6, 2, "MID")]
+    assert lab.state() == {
+        "ready": [("late", lab.front(0, 1)), ("new", lab.back(0, 1))],
+        "leased": [("early", lab.now + lab.lease), ("mid", lab.now + lab.lease)],
+        "body": {"new": "N", "late": "LATE", "early": "EARLY", "mid": "MID"},
+        "prio": {"new": "0", "late": "0", "early": "0", "mid": "0"},
+        "deliv": {"late": "1", "early": "2", "mid": "2"},
+        "token": {"early": "5", "mid": "6"},
+        "owner": {"early": "c2", "mid": "c2"},
+        "seq": "6",
+        "front": "3",
+        "signal": ["1"],
+        "stats": {"reclaimed": "3"},
+    }
+
+
+def test_reserve_serves_expired_leases_with_equal_deadlines_in_lexical_order(lab: Lab):
+    for n, key in enumerate(["b", "a"], start=1):
+        lab.add_leased(key, key.upper(), token=n, deadline=lab.now - 1)
+
+    assert [key for _, key, _, _, _ in lab.reserve(count=2)] == ["a", "b"]
+
+
+def test_reserve_reclaims_expired_leases_in_every_queue_it_was_given(
+    make_lab: Callable[[str], Lab],
+):
+    q0, q1 = make_lab("q0"), make_lab("q1")
+    q0.add_ready("a", "A", score=q0.back(0, 1))
+    q1.add_leased("z", "Z", token=9, deadline=q1.now - 5, owner="gone")
+
+    served = q0.reserve(count=1, mode="strict", others=[q1])
+
+    assert _served(served) == [(0, "a")]
+    assert q1.state() == {
+        "ready": [("z", q1.front(0, 1))],
+        "body": {"z": "Z"},
+        "prio": {"z": "0"},
+        "deliv": {"z": "1"},
+        "front": "1",
+        "signal": ["1"],
+        "stats": {"reclaimed": "1"},
+    }
+
+
+# -- poison and leftovers ---------------------------------------------------------------------
+
+
+def test_a_message_delivered_max_deliveries_times_is_dead_lettered_as_poison(lab: Lab):
+    lab.add_ready("p", "P", band=4, score=lab.back(4, 1), deliv=3)
+    lab.add_ready("ok", "K", band=4, score=lab.back(4, 2), deliv=2)
+    lab.set_counter("seq", 2)
+
+    served = lab.reserve(count=1, max_deliveries=3)
+
+    assert served == [(0, "ok", 3, 3, "K")]
+    state = lab.state()
+    reason = json.loads(state.pop("reason")["p"])
+    assert reason == {
+        "reason": "poison",
+        "detail": "delivered 3 times without an ack",
+        "time": lab.now,
+    }
+    assert state == {
+        "leased": [("ok", lab.now + lab.lease)],
+        "dead": [("p", lab.now)],
+        "body": {"p": "P", "ok": "K"},
+        "prio": {"p": "4", "ok": "4"},
+        "deliv": {"p": "3", "ok": "3"},
+        "token": {"ok": "3"},
+        "owner": {"ok": "c1"},
+        "seq": "3",
+        "stats": {"dead": "1"},
+    }
+
+
+def test_max_deliveries_zero_means_unlimited(lab: Lab):
+    lab.add_ready("m", "M", score=lab.back(0, 1), deliv=10_000)
+
+    assert [(key, deliv) for _, key, _, deliv, _ in lab.reserve(count=1)] == [("m", 10_001)]
+    assert "dead" not in lab.state()
+
+
+def test_an_expired_lease_of_a_poison_message_is_dead_lettered_on_the_next_fetch(lab: Lab):
+    lab.add_leased("p", "P", token=1, deadline=lab.now - 1, deliv=2)
+
+    assert lab.reserve(count=1, max_deliveries=2) == []
+
+    state = lab.state()
+    assert state["dead"] == [("p", lab.now)]
+    assert json.loads(state["reason"]["p"])["reason"] == "poison"
+    assert "ready" not in state and "leased" not in state and "token" not in state
+
+
+def test_an_id_in_ready_without_a_body_is_dropped_with_all_its_leftovers(lab: Lab):
+    lab.add_ready("ghost", "x", score=lab.back(0, 1), deliv=1)
+    lab.client.hdel(lab.keys.body, "ghost")
+    lab.client.hset(lab.keys.born, "ghost", 1)
+    lab.client.hset(lab.keys.dups, "ghost", "g")
+    lab.add_ready("real", "R", score=lab.back(0, 2))
+    lab.set_counter("seq", 2)
+
+    served = lab.reserve(count=1)
+
+    assert served == [(0, "real", 3, 1, "R")]
+    assert lab.state() == {
+        "leased": [("real", lab.now + lab.lease)],
+        "body": {"real": "R"},
+        "prio": {"real": "0"},
+        "deliv": {"real": "1"},
+        "token": {"real": "3"},
+        "owner": {"real": "c1"},
+        "seq": "3",
+    }
+
+
+# -- property: random operation sequences keep the invariants and the serve order --------------
+
+
+@dataclass
+class Model:
+    """What the queue must look like: per band a deque of keys, and the live leases."""
+
+    bands: dict[int, list[str]] = field(default_factory=dict)
+    band_of: dict[str, int] = field(default_factory=dict)
+    leases: dict[str, int] = field(default_factory=dict)  # key -> current token
+    stale: list[tuple[str, int]] = field(default_factory=list)  # settled (key, token) pairs
+    published: int = 0
+    id_of: dict[str, str] = field(default_factory=dict)  # stored key -> message id
+    births: list[str] = field(default_factory=list)  # stored keys, oldest publish first
+
+    def next_expected(self, count: int) -> list[str]:
+        order = [key for band in sorted(self.bands) for key in self.bands[band]]
+        return order[:count]
+
+    def take(self, key: str) -> None:
+        self.bands[self.band_of[key]].remove(key)
+
+    def to_front(self, key: str) -> None:
+        self.bands.setdefault(self.band_of[key], []).insert(0, key)
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.integers(0, 3), st.integers(0, 3)),
+        st.tuples(st.just("reserve"), st.integers(1, 4), st.just(0)),
+        st.tuples(st.just("ack"), st.integers(0, 50), st.booleans()),
+        st.tuples(st.just("requeue"), st.integers(0, 50), st.booleans()),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def _check_invariants(lab: Lab, model: Model) -> None:
+    state: dict[str, Any] = lab.state()
+    ready = [key for key, _ in state.get("ready", [])]
+    leased = [key for key, _ in state.get("leased", [])]
+    dead = [key for key, _ in state.get("dead", [])]
+    stored = ready + leased + dead
+    assert len(stored) == len(set(stored)), f"a key is in two states: {state}"
+    assert set(state.get("body", {})) == set(stored)
+    assert set(state.get("prio", {})) == set(stored)
+    assert set(state.get("token", {})) == set(leased)
+    assert set(state.get("owner", {})) == set(leased)
+    assert {k: int(v) for k, v in state.get("token", {}).items()} == model.leases
+    assert ready == model.next_expected(len(ready)) and len(ready) == sum(
+        map(len, model.bands.values())
+    )
+    assert int(state.get("stats", {}).get("published", 0)) == model.published
+    born = {k: int(v) for k, v in state.get("born", {}).items()}
+    assert set(born) == set(stored)
+    assert sorted(born, key=born.__getitem__) == model.births
+    assert state.get("dups", {}) == {k: i for k, i in model.id_of.items() if k != i}
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=operations)
+def test_random_operation_sequences_keep_every_invariant_and_the_serve_order(
+    make_lab: Callable[[str], Lab], ops: list[tuple[str, int, Any]]
+):
+    lab = make_lab(f"prop-{uuid.uuid4().hex[:8]}")
+    model = Model()
+    for op, a, b in ops:
+        if op == "publish":
+            message_id = f"m{a}"  # few ids, so duplicates (id/<n>) happen often
+            key = lab.publish(message_id, f"{message_id}:{b}", b)
+            assert key not in model.band_of
+            assert key == message_id or key.startswith(message_id + "/")
+            model.band_of[key] = b
+            model.id_of[key] = message_id
+            model.births.append(key)
+            model.bands.setdefault(b, []).append(key)
+            model.published += 1
+        elif op == "reserve":
+            expected = model.next_expected(a)
+            served = lab.reserve(count=a)
+            assert [key for _, key, _, _, _ in served] == expected
+            for _, key, token, _, _ in served:
+                model.take(key)
+                model.leases[key] = token
+        elif model.leases or model.stale:
+            zombie = (b or not model.leases) and bool(model.stale)
+            if zombie:
+                key, token = model.stale[a % len(model.stale)]
+            else:
+                key = sorted(model.leases)[a % len(model.leases)]
+                token = model.leases[key]
+            codes = lab.ack((key, token)) if op == "ack" else lab.requeue((key, token))
+            if zombie:
+                assert codes == [0]  # a settled token never holds a lease again
+            else:
+                assert codes == [1]
+                del model.leases[key]
+                model.stale.append((key, token))
+                if op == "ack":
+                    del model.band_of[key]
+                    del model.id_of[key]
+                    model.births.remove(key)
+                else:
+                    model.to_front(key)
+        _check_invariants(lab, model)

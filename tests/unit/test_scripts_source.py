@@ -1,0 +1,130 @@
+"""The Lua sources: generated preamble, expanded includes, documented headers, Cluster-safe keys."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from importlib.resources.abc import Traversable
+
+import pytest
+import redis
+
+from celery_msg.keys import QUEUE_KEY_PARTS
+from celery_msg.scripts import SCRIPT_NAMES, Code, Scripts, source
+
+
+def _lua_dir() -> Traversable:
+    return resources.files("celery_msg").joinpath("lua")
+
+
+def _raw(name: str) -> str:
+    return _lua_dir().joinpath(name).read_text(encoding="utf-8")
+
+
+def _code_lines(text: str) -> str:
+    """The text without Lua comments, so that prose never triggers a grep."""
+    return "\n".join(line.split("--", 1)[0] for line in text.splitlines())
+
+
+def _header(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("--") or line.startswith("--@include"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def test_every_script_file_is_a_known_script_and_every_known_script_has_a_file():
+    files = {entry.name for entry in _lua_dir().iterdir() if entry.name.endswith(".lua")}
+    scripts = {f"{name}.lua" for name in SCRIPT_NAMES}
+
+    assert scripts <= files
+    assert {name for name in files - scripts if not name.startswith("_")} == set()
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_every_script_declares_the_return_codes_of_the_code_enum(name: str):
+    declared = dict(re.findall(r"^local ([A-Z_]+) = (-?\d+)$", source(name), re.MULTILINE))
+
+    for code in Code:
+        assert declared.get(code.name) == str(code.value), f"{name}: {code.name}"
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_every_script_gets_the_key_layout_from_python(name: str):
+    text = source(name)
+
+    assert f"local NK = {len(QUEUE_KEY_PARTS)}\n" in text
+    parts = re.search(r"^local PARTS = \{(.*)\}$", text, re.MULTILINE)
+    assert parts is not None
+    assert re.findall(r"'([a-z_]+)'", parts.group(1)) == list(QUEUE_KEY_PARTS)
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_includes_are_expanded_in_the_source_sent_to_redis(name: str):
+    text = source(name)
+
+    assert "--@include" not in text
+    assert "--@include _queue.lua" in _raw(f"{name}.lua")
+    assert text.count("local function queue_keys(group)") == 1
+    assert _raw("_queue.lua") in text
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_every_script_file_opens_with_a_header_naming_keys_argv_and_returns(name: str):
+    raw = _raw(f"{name}.lua")
+    header = _header(raw)
+
+    assert raw.startswith(f"-- {name}:"), "the header starts with the script's name"
+    assert "KEYS" in header
+    assert "ARGV" in header
+    assert "Returns" in header
+
+
+def test_the_shared_helper_file_opens_with_a_header_comment():
+    assert _header(_raw("_queue.lua")).startswith("-- Shared helpers")
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_no_script_indexes_keys_with_an_argv_value(name: str):
+    code = _code_lines(source(name))
+
+    assert not re.search(r"KEYS\s*\[[^\]]*ARGV", code)
+    # KEYS is only indexed by the shared helper, from the group offset and the part position.
+    indexes = re.findall(r"KEYS\s*\[([^\]]*)\]", code)
+    assert indexes == ["offset + i"]
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_no_script_scans_or_lists_the_keyspace(name: str):
+    code = _code_lines(source(name))
+
+    calls = re.findall(r"redis\.p?call\(\s*'([A-Za-z]+)'", code)
+    assert calls, "the grep must find the script's commands"
+    assert not {c.upper() for c in calls} & {"KEYS", "SCAN", "HSCAN", "SSCAN", "ZSCAN"}
+    # Command names are always literals, never computed.
+    assert not re.search(r"redis\.p?call\(\s*[^'\s]", code)
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_no_script_reads_the_server_clock(name: str):
+    code = _code_lines(source(name))
+
+    assert not re.search(r"redis\.p?call\(\s*'TIME'", code, re.IGNORECASE)
+    assert "os.time" not in code and "os.clock" not in code
+
+
+def test_an_unknown_script_name_is_refused():
+    with pytest.raises(KeyError, match="reserv"):
+        source("reserv")
+
+
+def test_scripts_registers_one_script_per_name_with_its_generated_source():
+    client = redis.Redis(host="127.0.0.1", port=1)  # registering scripts sends nothing
+
+    scripts = Scripts(client)
+
+    for name in SCRIPT_NAMES:
+        assert getattr(scripts, name).script == source(name)
+    assert len({getattr(scripts, name).sha for name in SCRIPT_NAMES}) == len(SCRIPT_NAMES)
