@@ -477,6 +477,15 @@ class Broker:
         with translated_errors(f"unbind {binding.queue!r} from {exchange!r}"):
             self.client.hdel(bindings_key(self.prefix, exchange), binding.encode())
 
+    def unbind_queue(self, queue: str) -> None:
+        """Remove every binding to ``queue`` from every exchange (rare: scans binding keys)."""
+        pattern = _glob_escape(bindings_key(self.prefix, "")) + "*"
+        with translated_errors(f"unbind {queue!r}"):
+            for key in self.client.scan_iter(match=pattern):
+                fields = [f for f in self.client.hkeys(key) if Binding.decode(f).queue == queue]
+                if fields:
+                    self.client.hdel(key, *fields)
+
     def refresh_bindings(self, bindings: Mapping[str, Iterable[Binding]], ttl_ms: int) -> None:
         """Renew expiring bindings (exchange -> bindings) of live consumers, in one round trip."""
         expires = self.now_ms() + ttl_ms

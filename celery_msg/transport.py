@@ -31,6 +31,8 @@ from typing import Any
 import redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .core import REDIS_CONNECTION_ERRORS, Binding, Broker, Delivery, Lease, ReserveRequest
 from .errors import BrokerConnectionError, ConfigurationError, ScriptError
@@ -51,6 +53,7 @@ def message_id(message: dict[str, Any]) -> str:
     props = message.get("properties") or {}
     return str(
         headers.get("id")
+        or props.get("message_id")
         or props.get("correlation_id")
         or props.get("delivery_tag")
         or uuid.uuid4().hex
@@ -114,6 +117,8 @@ class Channel(virtual.Channel):
         self.broker: Broker = connection.broker
         self.options: TransportOptions = connection.options
         self.consumer_id = f"{connection.consumer_id}/{self.channel_id}"
+        # kombu fills in `priority or default_priority` when publishing.
+        self.default_priority = self.options.default_priority
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._acks: list[Lease] = []
@@ -139,6 +144,17 @@ class Channel(virtual.Channel):
 
     def _purge(self, queue: str) -> int:
         return self.broker.purge(queue)
+
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
+        """Delete ``queue`` in Redis even when this connection never bound it."""
+        if if_empty and self._size(queue):
+            return
+        super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
+        self.broker.unbind_queue(queue)
+        self.broker.delete(queue)
+        self._tables.clear()
 
     def _delete(
         self, queue: str, exchange: str, routing_key: str, pattern: str, *args: Any, **kwargs: Any
@@ -187,12 +203,14 @@ class Channel(virtual.Channel):
         return 255 - priority if self.options.priority_order == "desc" else priority
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        """``basic_get``: lease one message, synchronously."""
-        for delivery in self.broker.reserve([queue], 1, self.consumer_id):
-            payload = self._accept(delivery)
+        """``basic_get``: lease one message, synchronously (skipping undecodable ones)."""
+        while True:
+            deliveries = self.broker.reserve([queue], 1, self.consumer_id)
+            if not deliveries:
+                raise Empty()
+            payload = self._accept(deliveries[0])
             if payload is not None:
                 return payload
-        raise Empty()
 
     # -- delivering ------------------------------------------------------------------------
 
@@ -369,8 +387,9 @@ def _log_lost(lost: list[Lease], action: str) -> None:
 class Renewer(threading.Thread):
     """Renews the leases a connection holds, flushes buffered acks, refreshes bindings.
 
-    Runs every ``lease_timeout / 3`` seconds, one batched call per round, so that a task runs
-    as long as it needs while its worker lives, and stops being renewed when it dies.
+    Runs every third of ``min(lease_timeout, binding_ttl)``, one batched call per round, so
+    that a task runs as long as it needs while its worker lives, and stops being renewed when
+    it dies.
     """
 
     def __init__(self, transport: Transport) -> None:
@@ -379,12 +398,21 @@ class Renewer(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        interval = self.transport.options.lease_timeout / 3
+        options = self.transport.options
+        interval = min(options.lease_timeout, options.binding_ttl) / 3
         while not self.stopped.wait(interval):
             try:
                 self.transport.renew()
+            except BrokerConnectionError as exc:
+                logger.warning("lease renewal round failed, retrying in %.1fs: %s", interval, exc)
             except Exception:
                 logger.exception("lease renewal round failed; retrying in %.1fs", interval)
+
+    def stop(self) -> None:
+        """Stop, and wait for a round in progress (its acks) to finish."""
+        self.stopped.set()
+        if self is not threading.current_thread():
+            self.join(timeout=self.transport.options.socket_timeout or None)
 
 
 class Transport(virtual.Transport):
@@ -418,7 +446,10 @@ class Transport(virtual.Transport):
         self.options = TransportOptions.from_mapping(client.transport_options or {})
         super().__init__(client, **kwargs)
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.redis = redis.Redis(**self._connparams(client))
+        # No retries inside redis-py: a script whose reply was lost must not silently run twice
+        # (a second publish, a second fetch), and outages must surface at once so that kombu and
+        # Celery reconnect with their own backoff.
+        self.redis = redis.Redis(**self._connparams(client), retry=Retry(NoBackoff(), 0))
         self.broker = Broker(
             self.redis,
             prefix=self.options.key_prefix,
@@ -436,9 +467,11 @@ class Transport(virtual.Transport):
         try:
             db = int(str(vhost or "0").lstrip("/") or 0)
         except ValueError:
+            db = -1
+        if db < 0:
             raise ConfigurationError(
-                f"broker URL: the path must be a database number, got {vhost!r}"
-            ) from None
+                f"broker URL: the path must be a database number >= 0, got {vhost!r}"
+            )
         params: dict[str, Any] = {
             "host": client.hostname or "127.0.0.1",
             "port": client.port or self.default_port,
@@ -479,8 +512,18 @@ class Transport(virtual.Transport):
     # -- connection ------------------------------------------------------------------------
 
     def establish_connection(self) -> Any:
+        params = self.redis.connection_pool.connection_kwargs
         try:
             self.redis.ping()
+        except redis.AuthenticationError as exc:
+            raise ConfigurationError(
+                f"Redis refused the credentials of the broker URL "
+                f"(user {params.get('username') or 'default'!r}): {exc}"
+            ) from exc
+        except redis.ResponseError as exc:
+            raise ConfigurationError(
+                f"Redis refused the broker URL's database {params.get('db')!r}: {exc}"
+            ) from exc
         except REDIS_CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(
                 f"cannot reach Redis at {self.redis.connection_pool.connection_kwargs.get('host')}:"
@@ -490,7 +533,7 @@ class Transport(virtual.Transport):
 
     def close_connection(self, connection: Any) -> None:
         if self._renewer is not None:
-            self._renewer.stopped.set()
+            self._renewer.stop()
             self._renewer = None
         super().close_connection(connection)
         self.redis.close()
