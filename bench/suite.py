@@ -1,0 +1,163 @@
+"""The benchmark groups ``--only`` selects; each runs both transports, run after run.
+
+Within a run the transports alternate (ours, kombu, ours, kombu, ...), so that load from other
+processes on a busy machine falls on both; which one goes first changes from run to run. Every
+group returns ``{metric: {transport: summary}}``; a summary holds the median, the runs and the
+unit.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from . import celery_e2e, idle, latency, raw, recovery
+from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, summarize
+
+Results = dict[str, dict[str, Any]]
+
+#: (metric, pool, concurrency) of the end-to-end runs.
+E2E_POOLS = (("e2e_solo", "solo", None), ("e2e_prefork", "prefork", 2))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_raw(bench: Bench) -> Results:
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in range(1, bench.settings.runs + 1):
+        for queue_count in (1, 4):
+            for transport in _order(run):
+                out = raw.run(bench, transport, queue_count)
+                for name, value in out.items():
+                    phase, _, cpu = name.partition("_")
+                    values[f"raw_{phase}_{queue_count}q{'_' + cpu if cpu else ''}"][
+                        transport
+                    ].append(value)
+                log(
+                    f"raw run {run} {LABELS[transport]:>11} {queue_count}q: "
+                    f"publish {out['publish']:,.0f}/s consume+ack {out['consume']:,.0f}/s; "
+                    f"CPU us/msg publish {out['publish_client_cpu_us']:.0f} client + "
+                    f"{out['publish_server_cpu_us']:.0f} server, consume "
+                    f"{out['consume_client_cpu_us']:.0f} + {out['consume_server_cpu_us']:.0f}"
+                )
+    return {
+        metric: {
+            transport: summarize(runs, "us/msg" if metric.endswith("_us") else "msgs/s")
+            for transport, runs in by_transport.items()
+        }
+        for metric, by_transport in values.items()
+    }
+
+
+def run_e2e(bench: Bench) -> Results:
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in range(1, bench.settings.runs + 1):
+        for metric, pool, concurrency in E2E_POOLS:
+            for transport in _order(run):
+                out = celery_e2e.run(bench, transport, pool, concurrency)
+                values[metric][transport].append(out["tasks_per_s"])
+                values["celery_publish"][transport].append(out["publish"])
+                log(
+                    f"e2e run {run} {LABELS[transport]:>11} -P {pool}: publish "
+                    f"{out['publish']:,.0f}/s, worker {out['tasks_per_s']:,.0f} tasks/s "
+                    f"(startup {out['startup_s']:.1f} s)"
+                )
+    return _summaries(values, "tasks/s")
+
+
+def run_idle(bench: Bench) -> Results:
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in range(1, bench.settings.runs + 1):
+        for transport in _order(run):
+            out = idle.run(bench, transport)
+            values["idle_worker"][transport].append(out["worker_pct"])
+            values["idle_server"][transport].append(out["server_pct"])
+            log(
+                f"idle run {run} {LABELS[transport]:>11}: worker {out['worker_pct']:.2f} % "
+                f"server {out['server_pct']:.2f} % of one core"
+            )
+    return _summaries(values, "% of one core")
+
+
+def run_latency(bench: Bench) -> Results:
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in range(1, bench.settings.runs + 1):
+        for transport in _order(run):
+            out = latency.run(bench, transport)
+            values["latency_p50"][transport].append(out["p50_ms"])
+            values["latency_p99"][transport].append(out["p99_ms"])
+            log(
+                f"latency run {run} {LABELS[transport]:>11}: p50 {out['p50_ms']:.1f} ms "
+                f"p99 {out['p99_ms']:.1f} ms max {out['max_ms']:.1f} ms"
+            )
+    return _summaries(values, "ms")
+
+
+def run_recovery(bench: Bench) -> Results:
+    s = bench.settings
+    results: Results = {"recovery": {}, "recovery_vt": {}}
+    results["recovery"][OURS] = _recover(bench, OURS, s.runs, s.recovery_cap, {})
+    results["recovery"][KOMBU] = _recover(
+        bench, KOMBU, s.runs, s.recovery_cap, {}, note="visibility_timeout 3600 s"
+    )
+    if s.quick:
+        log("recovery: kombu with visibility_timeout=30 skipped in --quick")
+        del results["recovery_vt"]
+    else:
+        results["recovery_vt"][KOMBU] = _recover(
+            bench,
+            KOMBU,
+            1,
+            s.kombu_vt_cap,
+            {"visibility_timeout": s.kombu_vt},
+            note=f"visibility_timeout {s.kombu_vt:.0f} s",
+        )
+    return results
+
+
+def _recover(
+    bench: Bench, transport: str, runs: int, cap: float, options: dict[str, Any], note: str = ""
+) -> dict[str, Any]:
+    """Runs of one recovery setting; stops after the first run that hit the cap."""
+    times: list[float | None] = []
+    details: list[dict[str, Any]] = []
+    for run in range(1, runs + 1):
+        out = recovery.run(bench, transport, cap, options)
+        times.append(out["recovery_s"])
+        details.append(out)
+        shown = "nothing" if out["recovery_s"] is None else f"{out['recovery_s']:.1f} s"
+        log(f"recovery run {run} {LABELS[transport]:>11} {options or ''}: {shown}, cap {cap:.0f} s")
+        if out["recovery_s"] is None:
+            break
+    capped = any(t is None for t in times)
+    summary = summarize(
+        [t for t in times if t is not None] or [0.0], "s", options=options, details=details
+    )
+    if capped:
+        summary.update(median=None, cap_s=cap, note=note, runs=times)
+    return summary
+
+
+def _order(run: int) -> tuple[str, ...]:
+    """Which transport goes first alternates from run to run (warm-up and drift even out)."""
+    return TRANSPORTS if run % 2 else TRANSPORTS[::-1]
+
+
+def _summaries(values: dict[str, dict[str, list[float]]], unit: str) -> Results:
+    return {
+        metric: {transport: summarize(runs, unit) for transport, runs in by_transport.items()}
+        for metric, by_transport in values.items()
+    }
+
+
+GROUPS: dict[str, Callable[[Bench], Results]] = {
+    "raw": run_raw,
+    "e2e": run_e2e,
+    "idle": run_idle,
+    "latency": run_latency,
+    "recovery": run_recovery,
+}

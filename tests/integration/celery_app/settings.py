@@ -1,0 +1,65 @@
+"""What the test app reads from its environment; the tests write it with :meth:`environ`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "CELERY_MSG_TEST_"
+
+#: Queue every unrouted task goes to (Celery's default name).
+DEFAULT_QUEUE = "celery"
+#: Queue that ``task_routes`` sends the ``routed`` task to.
+SECOND_QUEUE = "second"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One test's app configuration; every field travels as ``CELERY_MSG_TEST_<NAME>``."""
+
+    #: ``redis://127.0.0.1:PORT`` of the test server (no database number).
+    redis_url: str
+    #: Key prefix of the broker, the result backend and the task event list.
+    prefix: str
+    lease_timeout: float = 10.0
+    sweep_interval: float = 0.5
+    binding_ttl: float = 60.0
+    prefetch_multiplier: int = 1
+    #: celery-msg's max_deliveries (0 = unlimited).
+    max_deliveries: int = 0
+
+    @property
+    def broker_url(self) -> str:
+        return f"celery-msg://{urlsplit(self.redis_url).netloc}/0"
+
+    @property
+    def backend_url(self) -> str:
+        return f"{self.redis_url}/1"
+
+    @property
+    def events_url(self) -> str:
+        return f"{self.redis_url}/0"
+
+    @property
+    def events_key(self) -> str:
+        """Redis list (database 0) where tasks and control commands record what they did."""
+        return f"{self.prefix}events"
+
+    def environ(self) -> dict[str, str]:
+        return {f"{ENV_PREFIX}{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = f"{ENV_PREFIX}{f.name.upper()}"
+            if name in environ:
+                kind = {"float": float, "int": int}.get(str(f.type), str)
+                values[f.name] = kind(environ[name])
+        if "redis_url" not in values or "prefix" not in values:
+            raise RuntimeError(
+                f"the test app needs {ENV_PREFIX}REDIS_URL and {ENV_PREFIX}PREFIX in its "
+                "environment"
+            )
+        return cls(**values)  # type: ignore[arg-type]

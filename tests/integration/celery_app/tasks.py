@@ -1,0 +1,143 @@
+"""The test app's tasks and :func:`create_app`, which builds the app from an env mapping.
+
+Tasks that matter for delivery guarantees record ``start`` / ``finish`` events (task id, pid,
+worker node, time) in a Redis list, so tests count executions instead of trusting results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from celery.worker.control import control_command
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+import celery_msg
+
+from .settings import DEFAULT_QUEUE, SECOND_QUEUE, Settings
+
+_clients: dict[tuple[int, str], redis.Redis] = {}
+
+
+def _events_client(settings: Settings) -> redis.Redis:
+    # One client per process (prefork children must not share their parent's sockets); it
+    # retries for ~10 s so that a task survives a Redis restart around it.
+    key = (os.getpid(), settings.events_url)
+    client = _clients.get(key)
+    if client is None:
+        client = _clients[key] = redis.Redis.from_url(
+            settings.events_url,
+            socket_timeout=5,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 40),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+    return client
+
+
+def record(settings: Settings, event: str, **fields: Any) -> None:
+    """Append one event to the settings' event list."""
+    entry = {"event": event, "pid": os.getpid(), "time": time.time(), **fields}
+    _events_client(settings).rpush(settings.events_key, json.dumps(entry))
+
+
+def create_app(environ: Mapping[str, str]) -> Celery:
+    """The test app for the settings in ``environ`` (see :class:`Settings`)."""
+    settings = Settings.from_environ(environ)
+    app = Celery(
+        "celery_app",
+        broker=settings.broker_url,
+        backend=settings.backend_url,
+        set_as_current=False,
+    )
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_queue=DEFAULT_QUEUE,
+        task_routes={"routed": {"queue": SECOND_QUEUE}},
+        worker_prefetch_multiplier=settings.prefetch_multiplier,
+        result_backend_transport_options={"global_keyprefix": settings.prefix},
+        result_expires=600,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    celery_msg.configure(
+        app,
+        key_prefix=settings.prefix,
+        lease_timeout=settings.lease_timeout,
+        sweep_interval=settings.sweep_interval,
+        binding_ttl=settings.binding_ttl,
+        max_deliveries=settings.max_deliveries,
+        socket_timeout=5.0,
+    )
+    _register_tasks(app, settings)
+    return app
+
+
+def _describe(task: Task) -> dict[str, Any]:
+    info = task.request.delivery_info or {}
+    return {
+        "hostname": task.request.hostname,
+        "routing_key": info.get("routing_key"),
+        "priority": info.get("priority"),
+        "pid": os.getpid(),
+    }
+
+
+def _register_tasks(app: Celery, settings: Settings) -> None:
+    @app.task(name="add", shared=False)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="tsum", shared=False)
+    def tsum(numbers: list[int]) -> int:
+        return sum(numbers)
+
+    @app.task(name="fail", shared=False)
+    def fail(text: str) -> None:
+        raise ValueError(text)
+
+    @app.task(name="describe", shared=False, bind=True)
+    def describe(self: Task) -> dict[str, Any]:
+        return _describe(self)
+
+    @app.task(name="routed", shared=False, bind=True)
+    def routed(self: Task) -> dict[str, Any]:
+        return _describe(self)
+
+    @app.task(name="sleep_then_record", shared=False, bind=True, acks_late=True)
+    def sleep_then_record(self: Task, seconds: float, label: str = "") -> str:
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", **where)
+        time.sleep(seconds)
+        record(settings, "finish", **where)
+        return label
+
+    @app.task(name="record_now", shared=False, bind=True)
+    def record_now(self: Task, label: str = "") -> str:
+        """Records a start and a finish at once; not acks_late (acked when it starts)."""
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", **where)
+        record(settings, "finish", **where)
+        return label
+
+    @app.task(name="die", shared=False, bind=True, acks_late=True)
+    def die(self: Task) -> None:
+        """Kills the process running it (with the solo pool: the whole worker)."""
+        record(settings, "start", task=self.request.id, worker=self.request.hostname)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@control_command(args=[("token", str)], signature="<token>")
+def record_broadcast(state: Any, token: str) -> dict[str, str]:
+    """A custom remote-control command: records that this node received ``token``."""
+    settings = Settings.from_environ(os.environ)
+    record(settings, "control", token=token, worker=state.consumer.hostname)
+    return {"ok": token}

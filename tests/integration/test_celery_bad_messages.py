@@ -1,0 +1,59 @@
+"""Messages a worker cannot run end in the queue's dead-letter store, with a reason, and the
+worker carries on: Celery itself would ack (and so lose) most of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from celery_app.settings import DEFAULT_QUEUE
+from celery_helpers import Stack, stack_factory, wait_until
+
+from celery_msg.core import MessageInfo, State
+
+if TYPE_CHECKING:
+    from conftest import Server
+
+
+@pytest.fixture
+def stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[Stack]:
+    with stack_factory(server.url, prefix, tmp_path) as make:
+        yield make()
+
+
+def test_bad_messages_are_dead_lettered_with_their_reason_and_the_worker_keeps_running(
+    stack: Stack,
+):
+    worker = stack.worker()
+    app = stack.app
+    unknown = app.send_task("no.such.task", args=[1])
+    pickled = stack.task("add").apply_async(args=[1, 2], serializer="pickle")
+    with app.connection_for_write() as connection:
+        # A plain kombu message: a dict body and no Celery task headers.
+        connection.Producer().publish(
+            {"hello": "world"}, exchange="", routing_key=DEFAULT_QUEUE, serializer="json"
+        )
+    stack.broker.publish(DEFAULT_QUEUE, "garbage-1", b"not json", 255)
+
+    def four_dead() -> list[MessageInfo] | None:
+        dead = stack.broker.dead_letters(DEFAULT_QUEUE)
+        return dead if len(dead) == 4 else None
+
+    dead = wait_until(four_dead, 15, "four dead letters")
+    reasons = {info.id: info.dead_reason["reason"] for info in dead if info.dead_reason}
+    headerless = [key for key in reasons if key not in (unknown.id, pickled.id, "garbage-1")]
+    assert reasons == {
+        unknown.id: "unknown-task",
+        pickled.id: "content-type-not-accepted",
+        headerless[0]: "no-task-headers",
+        "garbage-1": "undecodable",
+    }
+    assert {info.state for info in dead} == {State.DEAD}
+    assert {info.deliveries for info in dead} == {1}
+    assert next(i for i in dead if i.id == "garbage-1").payload == b"not json"
+
+    assert worker.running
+    assert stack.task("add").delay(20, 22).get(timeout=10) == 42
+    stack.settled(DEFAULT_QUEUE, dead=4)

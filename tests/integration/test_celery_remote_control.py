@@ -1,0 +1,75 @@
+"""Celery's remote control over celery-msg: ping, shutdown, and broadcasts that wait for a
+worker restarted under the same node name."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from celery_helpers import Stack, stack_factory
+
+if TYPE_CHECKING:
+    from conftest import Server
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture
+def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
+    with stack_factory(server.url, prefix, tmp_path) as make:
+        yield make
+
+
+def pidbox_queue(nodename: str) -> str:
+    """The queue of a worker's remote-control mailbox (kombu's ``<node>.<namespace>.pidbox``)."""
+    return f"{nodename}.celery.pidbox"
+
+
+def test_inspect_ping_is_answered_by_the_running_worker(make_stack: StackFactory):
+    stack = make_stack()
+    worker = stack.worker()
+    replies = stack.app.control.inspect(destination=[worker.nodename], timeout=5).ping()
+    assert replies == {worker.nodename: {"ok": "pong"}}
+
+
+def test_control_shutdown_stops_the_worker_process(make_stack: StackFactory):
+    stack = make_stack()
+    worker = stack.worker()
+    stack.app.control.shutdown(destination=[worker.nodename])
+    assert worker.wait_exit(15) == 0
+    assert "shutdown" in worker.log().lower()
+
+
+@pytest.mark.parametrize("stop", ["warm shutdown", "SIGKILL"])
+def test_a_broadcast_sent_while_a_worker_is_down_reaches_it_when_restarted_with_the_same_name(
+    make_stack: StackFactory, stop: str
+):
+    stack = make_stack(binding_ttl=30.0)
+    name = f"durable-{uuid.uuid4().hex[:6]}"
+    first = stack.worker(name)
+    if stop == "SIGKILL":
+        first.kill()
+    else:
+        first.terminate()
+        assert first.wait_exit(15) == 0
+    stopped_at = time.monotonic()
+
+    token = uuid.uuid4().hex
+    # `timeout` is also the command's expiry: the restarted worker must get it within 60 s.
+    stack.app.control.broadcast("record_broadcast", arguments={"token": token}, timeout=60)
+    assert stack.broker.counts(pidbox_queue(first.nodename))["ready"] == 1
+    assert stack.events("control") == []
+
+    second = stack.worker(name)
+    assert second.nodename == first.nodename
+    events = stack.wait_for_events("control", 1, timeout=10)
+    assert [(e.token, e.worker, e.pid) for e in events] == [(token, second.nodename, second.pid)]
+    assert time.monotonic() - stopped_at < stack.settings.binding_ttl
+    # Delivered once: a ping round trip later, still one record and nothing left in the mailbox.
+    assert stack.app.control.inspect(destination=[second.nodename], timeout=5).ping()
+    assert len(stack.events("control")) == 1
+    stack.settled(pidbox_queue(second.nodename))
