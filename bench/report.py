@@ -63,6 +63,13 @@ ROWS = (
     Row("latency_p99", "publish -> task start, p99", _ms),
     Row("recovery", "SIGKILL -> task runs again (defaults)", _s),
     Row("recovery_vt", "SIGKILL -> task runs again (kombu visibility_timeout=30)", _s),
+    Row(
+        "long_task_runs",
+        "task running 3x the timeout (5 s), 2 workers: times started",
+        lambda v: f"{v:.0f}",
+        "1",
+        lambda ours, kombu, ratio: ours == 1,
+    ),
 )
 
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from . import celery_e2e, idle, latency, raw, recovery
+from . import celery_e2e, idle, latency, long_task, raw, recovery
 from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, summarize
 
 Results = dict[str, dict[str, Any]]
@@ -119,6 +119,17 @@ def run_recovery(bench: Bench) -> Results:
     return results
 
 
+def run_long_task(bench: Bench) -> Results:
+    """How often a task running 3x the broker's timeout starts (one run each: it is slow)."""
+    timeout = 5.0
+    results: Results = {"long_task_runs": {}}
+    for transport in TRANSPORTS:
+        out = long_task.run(bench, transport, timeout)
+        log(f"long task {LABELS[transport]:>11}: started {out['runs']} time(s)")
+        results["long_task_runs"][transport] = summarize([float(out["runs"])], "runs", **out)
+    return results
+
+
 def _recover(
     bench: Bench, transport: str, runs: int, cap: float, options: dict[str, Any], note: str = ""
 ) -> dict[str, Any]:
@@ -160,4 +171,5 @@ GROUPS: dict[str, Callable[[Bench], Results]] = {
     "idle": run_idle,
     "latency": run_latency,
     "recovery": run_recovery,
+    "long": run_long_task,
 }

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from enum import StrEnum
 from typing import Any, Literal, TypeVar, cast
 
 import redis
+from redis.commands.core import Script
 
 from .errors import BrokerConnectionError, MessageNotFound, ScriptError
 from .keys import QueueKeys, bindings_key, queues_key
@@ -40,6 +43,9 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _BINDING_SEP = "\x06\x16"
+
+#: Width of one priority band in a ready score (see celery_msg/lua/_queue.lua).
+BAND = 2**44
 
 
 class State(StrEnum):
@@ -132,6 +138,75 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class DedicatedConnection:
+    """One Redis connection kept out of the pool for a hot path (publishing).
+
+    redis-py checks a connection out of its pool and back in for every command, which costs
+    more Python than the command itself on a small machine; a publisher sends one command at
+    a time, so it keeps one connection. One thread uses it at a time: a caller that finds it
+    busy gets ``None`` and uses the pool. After a fork the child takes a connection of its own.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._pid = os.getpid()
+
+    def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if not self._lock.acquire(blocking=False):
+            return _BUSY
+        try:
+            if self._pid != os.getpid():
+                self._conn, self._pid = None, os.getpid()  # the parent's socket is not ours
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = self.client.connection_pool.get_connection()
+            try:
+                if _stale(conn):
+                    # Closed by the server while idle (restart, idle timeout, a proxy): nothing
+                    # was sent yet, so reconnecting is safe, as redis-py's pool does.
+                    conn.disconnect()
+                return self._call(conn, script, keys, args)
+            except redis.ResponseError:
+                raise  # an error reply: the connection itself is fine
+            except BaseException:
+                self._conn = None
+                conn.disconnect()
+                self.client.connection_pool.release(conn)
+                raise
+        finally:
+            self._lock.release()
+
+    def _call(self, conn: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return conn.read_response()
+        except redis.exceptions.NoScriptError:
+            # Redis restarted or SCRIPT FLUSH: load it again, on this connection.
+            conn.send_command("SCRIPT", "LOAD", script.script)
+            script.sha = _text(conn.read_response())
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return conn.read_response()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self.client.connection_pool.release(self._conn)
+                self._conn = None
+
+
+_BUSY = object()
+
+
+def _stale(conn: Any) -> bool:
+    """True when an idle connection has something to read: EOF or unexpected data."""
+    try:
+        return bool(conn.can_read())
+    except (redis.ConnectionError, OSError):
+        return True
+
+
 class Broker:
     """Queues of leased, ID-tracked messages on one Redis (or one Cluster slot per queue).
 
@@ -157,6 +232,11 @@ class Broker:
         self.clock = clock
         self.scripts = Scripts(client)
         self._keys: dict[str, QueueKeys] = {}
+        self._publisher = DedicatedConnection(client)
+
+    def close(self) -> None:
+        """Give back the connection kept for publishing (the pool stays the caller's)."""
+        self._publisher.close()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -230,8 +310,12 @@ class Broker:
 
     def publish(self, queue: str, message_id: str, payload: bytes | str, band: int) -> str:
         """Append a message to its priority band; returns its key in this queue."""
+        keys = self.keys(queue).all
+        args = (message_id, payload, band)
         with translated_errors(f"publish to {queue!r}"):
-            key = self.scripts.publish(keys=self.keys(queue).all, args=[message_id, payload, band])
+            key = self._publisher.evalsha(self.scripts.publish, keys, args)
+            if key is _BUSY:
+                key = self.scripts.publish(keys=keys, args=args)
         return _text(key)
 
     def publish_many(
@@ -416,9 +500,9 @@ class Broker:
                     keys.append(_text(field))
             if len(keys) < 2:
                 return keys
-            born = self.client.hmget(k.born, keys)
-        order = {key: int(b or 0) for key, b in zip(keys, born, strict=True)}
-        return sorted(keys, key=order.__getitem__)
+            scores = self.client.hmget(k.order, keys)
+        seq = {key: int(float(s or 0)) % BAND for key, s in zip(keys, scores, strict=True)}
+        return sorted(keys, key=seq.__getitem__)
 
     def _info(self, queue: str, key: str) -> MessageInfo | None:
         k = self.keys(queue)
@@ -429,11 +513,11 @@ class Broker:
             pipe.zscore(k.leased, key)
             pipe.zscore(k.dead, key)
             pipe.hget(k.deliv, key)
-            pipe.hget(k.prio, key)
+            pipe.hget(k.order, key)
             pipe.hget(k.owner, key)
             pipe.hget(k.reason, key)
             pipe.hget(k.dups, key)
-            body, ready, leased, dead, deliv, prio, owner, reason, dup_of = pipe.execute()
+            body, ready, leased, dead, deliv, order, owner, reason, dup_of = pipe.execute()
         if body is None:
             return None
         if leased is not None:
@@ -450,7 +534,7 @@ class Broker:
             queue=queue,
             state=state,
             deliveries=int(deliv or 0),
-            priority_band=None if prio is None else int(prio),
+            priority_band=None if order is None else int(float(order)) // BAND,
             owner=None if owner is None else _text(owner),
             lease_deadline=None if leased is None else float(leased) / 1000.0,
             dead_reason=None if reason is None else json.loads(reason),

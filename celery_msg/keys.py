@@ -8,7 +8,8 @@ order in which scripts receive them in ``KEYS`` (see ``QUEUE_KEY_PARTS``):
 ready      ZSET    message key -> score (priority band * 2^44 + sequence)
 leased     ZSET    message key -> lease deadline (ms)
 body       HASH    message key -> payload (the kombu message as JSON)
-prio       HASH    message key -> priority band (0..255, 0 is served first)
+order      HASH    message key -> the score it was published with: its priority band
+                   (score // 2^44, 0 is served first) and publish sequence in one number
 deliv      HASH    message key -> delivery count
 token      HASH    message key -> fencing token of the current lease
 owner      HASH    message key -> consumer holding the current lease
@@ -18,7 +19,6 @@ signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
 reason     HASH    message key -> why it was dead-lettered (JSON)
 stats      HASH    counters: published, acked, requeued, reclaimed, dead, lease_lost
-born       HASH    message key -> publish sequence number (orders instances of one id)
 dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
 =========  ======  ===================================================================
 
@@ -29,12 +29,13 @@ and ``<prefix>bindings:<exchange>`` (HASH binding -> expiry ms, 0 = permanent).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 QUEUE_KEY_PARTS: tuple[str, ...] = (
     "ready",
     "leased",
     "body",
-    "prio",
+    "order",
     "deliv",
     "token",
     "owner",
@@ -44,7 +45,6 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "dead",
     "reason",
     "stats",
-    "born",
     "dups",
 )
 
@@ -56,14 +56,15 @@ class QueueKeys:
     queue: str
     prefix: str
 
-    @property
+    @cached_property
     def base(self) -> str:
         return f"{self.prefix}{{{self.queue}}}:"
 
-    @property
-    def all(self) -> list[str]:
+    @cached_property
+    def all(self) -> tuple[str, ...]:
+        """Every key of the queue, in script ``KEYS`` order (built once: a hot path)."""
         base = self.base
-        return [base + part for part in QUEUE_KEY_PARTS]
+        return tuple(base + part for part in QUEUE_KEY_PARTS)
 
     def __getattr__(self, part: str) -> str:
         if part in QUEUE_KEY_PARTS:

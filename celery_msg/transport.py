@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import socket
-import ssl
 import threading
 import time
 import uuid
@@ -35,13 +34,14 @@ from kombu.utils.json import dumps, loads
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .connection import BrokerAddress, redis_params
 from .core import REDIS_CONNECTION_ERRORS, Binding, Broker, Delivery, Lease, ReserveRequest
 from .errors import BrokerConnectionError, ConfigurationError, ScriptError
+from .holdings import Holdings
 from .options import TransportOptions
+from .renewer import Renewer
 
 logger = logging.getLogger(__name__)
-
-_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
 def _wake_key(prefix: str, consumer: str) -> str:
@@ -120,9 +120,8 @@ class Channel(virtual.Channel):
         self.consumer_id = f"{connection.consumer_id}/{self.channel_id}"
         # kombu fills in `priority or default_priority` when publishing.
         self.default_priority = self.options.default_priority
-        self._lock = threading.Lock()
-        self._leases: dict[str, Lease] = {}
-        self._acks: list[Lease] = []
+        self.holdings = Holdings()
+        self._bind_lock = threading.Lock()
         self._ephemeral: set[str] = set()
         self._no_ack: set[str] = set()
         self._ready: deque[tuple[str, str, dict[str, Any]]] = deque()
@@ -170,7 +169,7 @@ class Channel(virtual.Channel):
         binding = Binding(routing_key or "", pattern or "", queue)
         if queue in self._ephemeral:
             self.broker.bind(exchange, binding, int(self.options.binding_ttl * 1000))
-            with self._lock:
+            with self._bind_lock:
                 self._bound.setdefault(exchange, set()).add(binding)
         else:
             self.broker.bind(exchange, binding)
@@ -234,11 +233,6 @@ class Channel(virtual.Channel):
         self._start = (self._start + 1) % max(1, len(self._active_queues))
         return self._start
 
-    def take_acks(self) -> list[Lease]:
-        with self._lock:
-            acks, self._acks = self._acks, []
-        return acks
-
     def accept_all(self, deliveries: list[Delivery]) -> int:
         """Register the leases of a whole reserved batch at once, so the renewer covers every
         message from the moment it is reserved (a solo worker runs the first task inside the
@@ -256,9 +250,7 @@ class Channel(virtual.Channel):
         sees a shutdown request between two tasks and the rest go back at close."""
         while self._ready:
             tag, queue, payload = self._ready.popleft()
-            with self._lock:
-                held = tag in self._leases
-            if not held:
+            if not self.holdings.holds(tag):
                 logger.warning(
                     "queue %s delivery %s dropped before handing over: lease lost", queue, tag
                 )
@@ -307,19 +299,20 @@ class Channel(virtual.Channel):
         info["delivery_count"] = delivery.deliveries
         info["message_key"] = delivery.key
         payload["redelivered"] = info["redelivered"] = delivery.deliveries > 1
-        with self._lock:
-            self._leases[tag] = lease
+        self.holdings.add(tag, lease)
         return payload
 
     # -- settling --------------------------------------------------------------------------
 
     def _settle(self, tag: str, action: str, reason: tuple[str, str] | None = None) -> None:
-        with self._lock:
-            lease = self._leases.pop(tag, None)
-            if lease is not None and action == "ack" and self.transport.in_drain_thread():
-                # Flushed with the next fetch (same round trip) or by the renewer.
-                self._acks.append(lease)
+        # An ack from the consuming thread is flushed with its next fetch (same round trip) or
+        # by the renewer; acks from pool threads are written at once.
+        if action == "ack" and self.transport.in_drain_thread():
+            if self.holdings.buffer_ack(tag):
                 return
+            lease = None
+        else:
+            lease = self.holdings.settle(tag)
         if lease is None:
             logger.warning("delivery %s: %s ignored, its lease was lost", tag, action)
             return
@@ -342,8 +335,7 @@ class Channel(virtual.Channel):
         _log_lost(lost, action)
 
     def _restore_tags(self, tags: list[str]) -> None:
-        with self._lock:
-            leases = [self._leases.pop(tag) for tag in tags if tag in self._leases]
+        leases = self.holdings.settle_many(tags)
         _log_lost(self.broker.requeue(leases, uncount=True), "restore")
 
     def _restore(self, message: Any) -> None:
@@ -352,20 +344,9 @@ class Channel(virtual.Channel):
     def _restore_at_beginning(self, message: Any) -> None:
         self._restore(message)
 
-    def held(self) -> list[Lease]:
-        """Leases to renew: delivered or not yet handed over, plus buffered acks."""
-        with self._lock:
-            return [*self._leases.values(), *self._acks]
-
     def ephemeral_bindings(self) -> dict[str, set[Binding]]:
-        with self._lock:
+        with self._bind_lock:
             return {exchange: set(group) for exchange, group in self._bound.items() if group}
-
-    def forget_lost(self, lost: list[Lease]) -> None:
-        gone = set(lost)
-        with self._lock:
-            for tag in [t for t, lease in self._leases.items() if lease in gone]:
-                del self._leases[tag]
 
     def basic_cancel(self, consumer_tag: str) -> Any:
         queue = self._tag_to_queue.get(consumer_tag)
@@ -373,14 +354,14 @@ class Channel(virtual.Channel):
         if queue is not None and queue not in self._active_queues:
             # Durable broadcast: stop renewing the binding; it expires after binding_ttl
             # unless a consumer (this worker, restarted) takes it over again.
-            with self._lock:
+            with self._bind_lock:
                 for group in self._bound.values():
                     group.difference_update({b for b in group if b.queue == queue})
         return result
 
     def close(self) -> None:
         if not self.closed:
-            acks = self.take_acks()
+            acks = self.holdings.take_acks()
             try:
                 _log_lost(self.broker.ack(acks), "ack")
             except BrokerConnectionError as exc:
@@ -388,9 +369,7 @@ class Channel(virtual.Channel):
         super().close()
         # Whatever was reserved but never handed to kombu goes back too.
         self._ready.clear()
-        with self._lock:
-            leftovers = list(self._leases.values())
-            self._leases.clear()
+        leftovers = self.holdings.take_all()
         if leftovers:
             with contextlib.suppress(BrokerConnectionError):
                 self.broker.requeue(leftovers, uncount=True)
@@ -406,37 +385,6 @@ def _log_lost(lost: list[Lease], action: str) -> None:
             action,
             lease.token,
         )
-
-
-class Renewer(threading.Thread):
-    """Renews the leases a connection holds, flushes buffered acks, refreshes bindings.
-
-    Runs every third of ``min(lease_timeout, binding_ttl)``, one batched call per round, so
-    that a task runs as long as it needs while its worker lives, and stops being renewed when
-    it dies.
-    """
-
-    def __init__(self, transport: Transport) -> None:
-        super().__init__(name=f"celery-msg-renewer-{transport.consumer_id}", daemon=True)
-        self.transport = transport
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        options = self.transport.options
-        interval = min(options.lease_timeout, options.binding_ttl) / 3
-        while not self.stopped.wait(interval):
-            try:
-                self.transport.renew()
-            except BrokerConnectionError as exc:
-                logger.warning("lease renewal round failed, retrying in %.1fs: %s", interval, exc)
-            except Exception:
-                logger.exception("lease renewal round failed; retrying in %.1fs", interval)
-
-    def stop(self) -> None:
-        """Stop, and wait for a round in progress (its acks) to finish."""
-        self.stopped.set()
-        if self is not threading.current_thread():
-            self.join(timeout=self.transport.options.socket_timeout or None)
 
 
 class Transport(virtual.Transport):
@@ -473,7 +421,8 @@ class Transport(virtual.Transport):
         # No retries inside redis-py: a script whose reply was lost must not silently run twice
         # (a second publish, a second fetch), and outages must surface at once so that kombu and
         # Celery reconnect with their own backoff.
-        self.redis = redis.Redis(**self._connparams(client), retry=Retry(NoBackoff(), 0))
+        params = redis_params(BrokerAddress.from_kombu(client), self.options)
+        self.redis = redis.Redis(**params, retry=Retry(NoBackoff(), 0))
         self.broker = Broker(
             self.redis,
             prefix=self.options.key_prefix,
@@ -487,53 +436,6 @@ class Transport(virtual.Transport):
         self._renewer: Renewer | None = None
         self._turn = 0
         self._holding = False
-
-    def _connparams(self, client: Any) -> dict[str, Any]:
-        vhost = client.virtual_host
-        try:
-            db = int(str(vhost or "0").lstrip("/") or 0)
-        except ValueError:
-            db = -1
-        if db < 0:
-            raise ConfigurationError(
-                f"broker URL: the path must be a database number >= 0, got {vhost!r}"
-            )
-        params: dict[str, Any] = {
-            "host": client.hostname or "127.0.0.1",
-            "port": client.port or self.default_port,
-            "db": db,
-            "username": client.userid or None,
-            "password": client.password or None,
-            "socket_timeout": self.options.socket_timeout,
-            "socket_connect_timeout": self.options.socket_timeout,
-            "socket_keepalive": True,
-            "health_check_interval": self.options.health_check_interval,
-            "client_name": f"celery-msg:{socket.gethostname()}:{os.getpid()}",
-        }
-        if client.transport_cls == "celery-msgs" or client.ssl:
-            params["ssl"] = True
-            ssl_options = dict(client.ssl) if isinstance(client.ssl, dict) else {}
-            reqs = ssl_options.pop("ssl_cert_reqs", ssl.CERT_REQUIRED)
-            if isinstance(reqs, str):
-                try:
-                    reqs = _CERT_REQS[reqs.lower().replace("cert_", "")]
-                except KeyError:
-                    raise ConfigurationError(
-                        f"ssl_cert_reqs must be none, optional or required, got {reqs!r}"
-                    ) from None
-            params["ssl_cert_reqs"] = reqs
-            for name, value in ssl_options.items():
-                if name not in (
-                    "ssl_ca_certs",
-                    "ssl_certfile",
-                    "ssl_keyfile",
-                    "ssl_check_hostname",
-                    "ssl_ca_path",
-                    "ssl_password",
-                ):
-                    raise ConfigurationError(f"unknown TLS option {name!r} in broker_use_ssl")
-                params[name] = value
-        return params
 
     # -- connection ------------------------------------------------------------------------
 
@@ -562,6 +464,7 @@ class Transport(virtual.Transport):
             self._renewer.stop()
             self._renewer = None
         super().close_connection(connection)
+        self.broker.close()
         self.redis.close()
 
     def hold_deliveries(self) -> None:
@@ -573,7 +476,7 @@ class Transport(virtual.Transport):
         self._holding = True
 
     def _flush_acks(self) -> None:
-        acks = [lease for channel in self.channels for lease in channel.take_acks()]
+        acks = [lease for channel in self.channels for lease in channel.holdings.take_acks()]
         if acks:
             _log_lost(self.broker.ack(acks), "ack")
 
@@ -593,19 +496,19 @@ class Transport(virtual.Transport):
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or not self._renewer.is_alive():
-            self._renewer = Renewer(self)
+            self._renewer = Renewer(self, self.consumer_id)
             self._renewer.start()
 
     def renew(self) -> None:
         """One renewal round: flush buffered acks, renew leases, refresh bindings."""
         channels = list(self.channels)
         self._flush_acks()
-        held = [lease for channel in channels for lease in channel.held()]
+        held = [lease for channel in channels for lease in channel.holdings.renewable()]
         lost = self.broker.extend(held)
         if lost:
             _log_lost(lost, "renew")
             for channel in channels:
-                channel.forget_lost(lost)
+                channel.holdings.forget(lost)
         bindings: dict[str, set[Binding]] = {}
         for channel in channels:
             for exchange, group in channel.ephemeral_bindings().items():
@@ -644,7 +547,7 @@ class Transport(virtual.Transport):
         Reserving also reclaims expired leases of the queues, so an idle consumer, woken at
         least every ``sweep_interval``, brings a dead consumer's messages back.
         """
-        acks = [lease for channel in self.channels for lease in channel.take_acks()]
+        acks = [lease for channel in self.channels for lease in channel.holdings.take_acks()]
         channels = [c for c in self.channels if c.consumable()]
         requests = [
             ReserveRequest(

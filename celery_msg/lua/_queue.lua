@@ -22,17 +22,13 @@ local function count(q, field, n)
   redis.call('HINCRBY', q.stats, field, n)
 end
 
+-- The marker list holds at most one element: pushed only when empty.
 local function signal(q)
-  redis.call('LPUSH', q.signal, '1')
-  redis.call('LTRIM', q.signal, 0, 0)
-end
-
-local function enqueue_back(q, key, band)
-  redis.call('ZADD', q.ready, band * BAND + MID + redis.call('INCR', q.seq), key)
+  if redis.call('LLEN', q.signal) == 0 then redis.call('LPUSH', q.signal, '1') end
 end
 
 local function enqueue_front(q, key)
-  local band = tonumber(redis.call('HGET', q.prio, key)) or 0
+  local band = math.floor((tonumber(redis.call('HGET', q.order, key)) or 0) / BAND)
   redis.call('ZADD', q.ready, band * BAND + MID - redis.call('INCR', q.front), key)
 end
 
@@ -51,9 +47,8 @@ end
 local function forget(q, key)
   release(q, key)
   redis.call('HDEL', q.body, key)
-  redis.call('HDEL', q.prio, key)
+  redis.call('HDEL', q.order, key)
   redis.call('HDEL', q.deliv, key)
-  redis.call('HDEL', q.born, key)
   redis.call('HDEL', q.dups, key)
 end
 

@@ -93,13 +93,13 @@ def test_lookup_finds_every_stored_instance_of_a_duplicate_id(broker: Broker):
     broker.declare("q")
     assert broker.publish("q", "t", b"first", 0) == "t"
     broker.reserve(["q"], 1, "w1")
-    assert broker.publish("q", "t", b"retry", 0) == "t/4"
+    assert broker.publish("q", "t", b"retry", 0) == "t/3"
 
     found = broker.lookup("t")
 
     assert sorted((i.key, i.id, i.state, i.payload) for i in found) == [
         ("t", "t", State.RESERVED, b"first"),
-        ("t/4", "t", State.READY, b"retry"),
+        ("t/3", "t", State.READY, b"retry"),
     ]
 
 
@@ -107,30 +107,70 @@ def test_get_returns_the_newest_instance_of_a_duplicate_id(broker: Broker):
     broker.declare("q")
     keys = [broker.publish("q", "t", f"v{i}".encode(), 0) for i in range(3)]
 
-    assert keys == ["t", "t/3", "t/6"]
+    assert keys == ["t", "t/2", "t/4"]
     assert [i.key for i in broker.lookup("t")] == keys
-    assert broker.get("t").key == "t/6"
+    assert broker.get("t").key == "t/4"
     assert broker.get("t").payload == b"v2"
 
 
 def test_get_returns_the_newest_instance_after_the_plain_id_was_reused(broker: Broker):
-    # A Celery retry: "t" is running and republishes itself (stored as t/4), "t" is acked, then
-    # t/4 runs and retries again: the id "t" is free, so the newest instance is stored as "t".
+    # A Celery retry: "t" is running and republishes itself (stored as t/3), "t" is acked, then
+    # t/3 runs and retries again: the id "t" is free, so the newest instance is stored as "t".
     broker.declare("q")
     broker.publish("q", "t", b"v0", 0)
     [first] = _lease(broker, "q")
-    assert broker.publish("q", "t", b"v1", 0) == "t/4"
+    assert broker.publish("q", "t", b"v1", 0) == "t/3"
     assert broker.ack([first]) == []
-    _lease(broker, "q")  # t/4 runs
+    _lease(broker, "q")  # t/3 runs
     assert broker.publish("q", "t", b"v2", 0) == "t"
 
     assert broker.get("t").payload == b"v2"
     assert broker.get("t").key == "t"
-    # Oldest first by publish order, not by key: t/4 was born before the reused "t".
+    # Oldest first by publish order, not by key: t/3 was published before the reused "t".
     assert [(i.key, i.id, i.state) for i in broker.lookup("t")] == [
-        ("t/4", "t", State.RESERVED),
+        ("t/3", "t", State.RESERVED),
         ("t", "t", State.READY),
     ]
+
+
+def test_lookup_orders_instances_by_publish_order_whatever_their_bands(broker: Broker):
+    # Served band 0 first (t/2, t/4, t), but looked up in publish order, each with its band.
+    broker.declare("q")
+    assert [broker.publish("q", "t", f"v{band}".encode(), band) for band in (9, 0, 4)] == [
+        "t",
+        "t/2",
+        "t/4",
+    ]
+
+    assert [(i.key, i.priority_band, i.payload) for i in broker.lookup("t")] == [
+        ("t", 9, b"v9"),
+        ("t/2", 0, b"v0"),
+        ("t/4", 4, b"v4"),
+    ]
+    assert broker.get("t").key == "t/4"
+    assert [d.key for d in broker.reserve(["q"], 3, "c1")] == ["t/2", "t/4", "t"]
+
+
+def test_lookup_reports_the_published_band_after_a_requeue_and_a_reclaim(
+    broker: Broker, clock: Clock
+):
+    broker.declare("q")
+    broker.publish("q", "a", b"A", 200)
+    broker.publish("q", "b", b"B", 200)
+    [lease] = _lease(broker, "q")
+    assert broker.requeue([lease]) == []
+
+    info = broker.get("a")
+    assert (info.state, info.priority_band, info.deliveries) == (State.READY, 200, 1)
+
+    [lease] = _lease(broker, "q")
+    assert lease.key == "a"
+    clock.t = T0 + LEASE_MS / 1000
+    assert broker.reclaim("q") == 1
+
+    info = broker.get("a")
+    assert (info.state, info.priority_band, info.deliveries) == (State.READY, 200, 2)
+    assert [d.key for d in broker.reserve(["q"], 2, "c2")] == ["a", "b"]
 
 
 def test_get_returns_the_newest_instance_of_a_duplicate_id_in_a_large_queue(broker: Broker):
@@ -169,30 +209,30 @@ def test_lookup_does_not_return_another_message_whose_id_contains_a_slash(broker
 
 
 def test_lookup_tells_a_duplicate_from_a_message_whose_id_looks_like_one(broker: Broker):
-    # "a/5" is a task id of its own, and exactly the key the next duplicate of "a" would get.
+    # "a/3" is a task id of its own, and exactly the key the next duplicate of "a" would get.
     broker.declare("q")
     assert broker.publish("q", "a", b"a1", 0) == "a"
-    assert broker.publish("q", "a/5", b"other", 0) == "a/5"
-    assert broker.publish("q", "a", b"a2", 0) == "a/6"
+    assert broker.publish("q", "a/3", b"other", 0) == "a/3"
+    assert broker.publish("q", "a", b"a2", 0) == "a/4"
 
     assert [(i.key, i.id, i.payload) for i in broker.lookup("a")] == [
         ("a", "a", b"a1"),
-        ("a/6", "a", b"a2"),
+        ("a/4", "a", b"a2"),
     ]
-    assert [(i.key, i.id, i.payload) for i in broker.lookup("a/5")] == [("a/5", "a/5", b"other")]
+    assert [(i.key, i.id, i.payload) for i in broker.lookup("a/3")] == [("a/3", "a/3", b"other")]
     assert broker.get("a").payload == b"a2"
 
 
 def test_looking_up_an_id_equal_to_another_ids_duplicate_key_finds_only_its_own(broker: Broker):
     broker.declare("q")
     broker.publish("q", "t", b"t1", 0)
-    assert broker.publish("q", "t", b"t2", 0) == "t/3"
+    assert broker.publish("q", "t", b"t2", 0) == "t/2"
 
-    assert broker.lookup("t/3") == []
+    assert broker.lookup("t/2") == []
 
-    own = broker.publish("q", "t/3", b"mine", 0)
-    assert own != "t/3"
-    assert [(i.key, i.id, i.payload) for i in broker.lookup("t/3")] == [(own, "t/3", b"mine")]
+    own = broker.publish("q", "t/2", b"mine", 0)
+    assert own == "t/2/4"  # t/2 is taken (n = 4, the sequence number taken first)
+    assert [(i.key, i.id, i.payload) for i in broker.lookup("t/2")] == [(own, "t/2", b"mine")]
     assert [i.payload for i in broker.lookup("t")] == [b"t1", b"t2"]
 
 
@@ -352,22 +392,22 @@ def test_lost_extends_and_requeues_are_counted_as_lease_lost(broker: Broker):
     assert broker.stats("q") == {"published": 2, "requeued": 1, "lease_lost": 2}
 
 
-def test_acking_and_purging_leave_no_born_or_dups_entries(
+def test_acking_and_purging_leave_no_order_or_dups_entries(
     broker: Broker, redis_client: redis.Redis, prefix: str
 ):
     keys = QueueKeys("q", prefix)
     broker.publish("q", "t", b"v0", 0)
     [first] = _lease(broker, "q")
-    assert broker.publish("q", "t", b"v1", 0) == "t/4"
+    assert broker.publish("q", "t", b"v1", 0) == "t/3"
     [retry] = _lease(broker, "q")
-    broker.publish("q", "t", b"v2", 0)  # t/<n> again, ready
-    assert redis_client.hlen(keys.born) == 3
+    assert broker.publish("q", "t", b"v2", 0) == "t/6"  # a duplicate again, ready
+    assert redis_client.hlen(keys.order) == 3
     assert redis_client.hlen(keys.dups) == 2
 
     assert broker.ack([first, retry]) == []
     assert broker.purge("q") == 1
 
-    assert redis_client.exists(keys.body, keys.born, keys.dups) == 0
+    assert redis_client.exists(keys.body, keys.order, keys.dups) == 0
     assert broker.lookup("t", ["q"]) == []
 
 
@@ -407,27 +447,27 @@ def test_dead_letters_lists_the_oldest_first_with_ids_and_reasons(broker: Broker
     broker.publish("q", "t", b"T1", 0)
     broker.publish("q", "t", b"T2", 0)
     leases = {lease.key: lease for lease in _lease(broker, "q", count=3)}
-    assert sorted(leases) == ["a", "t", "t/5"]
+    assert sorted(leases) == ["a", "t", "t/3"]
 
-    for when, key in [(T0 + 3, "a"), (T0 + 1, "t/5"), (T0 + 2, "t")]:
+    for when, key in [(T0 + 3, "a"), (T0 + 1, "t/3"), (T0 + 2, "t")]:
         clock.t = when
         assert broker.dead_letter(leases[key], "rejected", f"{key} failed", attempt=2) is True
 
     dead = broker.dead_letters("q")
 
     assert [(i.key, i.id, i.state, i.payload) for i in dead] == [
-        ("t/5", "t", State.DEAD, b"T2"),
+        ("t/3", "t", State.DEAD, b"T2"),
         ("t", "t", State.DEAD, b"T1"),
         ("a", "a", State.DEAD, b"A"),
     ]
     assert dead[0].dead_reason == {
         "reason": "rejected",
-        "detail": "t/5 failed",
+        "detail": "t/3 failed",
         "time": int((T0 + 1) * 1000),
         "attempt": 2,
     }
-    assert [i.key for i in broker.dead_letters("q", limit=2)] == ["t/5", "t"]
-    assert [i.key for i in broker.lookup("t", ["q"])] == ["t", "t/5"]
+    assert [i.key for i in broker.dead_letters("q", limit=2)] == ["t/3", "t"]
+    assert [i.key for i in broker.lookup("t", ["q"])] == ["t", "t/3"]
 
 
 def test_dead_letters_give_the_own_id_of_a_message_whose_id_contains_a_slash(broker: Broker):

@@ -13,7 +13,12 @@ Keys that do not exist are left out, so ``lab.state() == {...}`` pins down the w
 
 Test modules cannot import from a conftest reliably (tests/ has no packages), so everything they
 need is reached through the ``lab`` fixture: ``lab.now``, ``lab.lease``, ``lab.back(band, n)``,
-``lab.front(band, m)`` and one method per script.
+``lab.front(band, m)``, ``lab.order(band, n)`` and one method per script.
+
+``order`` maps every stored key to the ready score it was published with (``back(band, n)``,
+n its publish sequence number); requeue and reclaim read its band from there, and it never
+changes while the message is stored. The hand-made setups write it too: ``add_ready`` the
+given score, ``add_leased``/``add_dead`` ``back(band, seq)`` (``seq`` 0 unless a test cares).
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ def front(band: int, m: int) -> int:
     return band * BAND + MID - m
 
 
+def order(band: int, n: int) -> str:
+    """The ``order`` entry (as stored) of the n-th sequence number published into ``band``."""
+    return str(back(band, n))
+
+
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -69,6 +79,7 @@ class Lab:
     lease = LEASE
     back = staticmethod(back)
     front = staticmethod(front)
+    order = staticmethod(order)
 
     def __init__(self, client: redis.Redis, scripts: Scripts, keys: QueueKeys) -> None:
         self.client = client
@@ -120,10 +131,12 @@ class Lab:
     def add_ready(
         self, key: str, body: str, *, band: int = 0, score: int, deliv: int | None = None
     ) -> None:
+        """A READY message as publish leaves it: ``order`` holds its ready score."""
+        assert score // BAND == band, "the score must lie in the message's band"
         pipe = self.client.pipeline(transaction=True)
         pipe.zadd(self.keys.ready, {key: score})
         pipe.hset(self.keys.body, key, body)
-        pipe.hset(self.keys.prio, key, band)
+        pipe.hset(self.keys.order, key, score)
         if deliv is not None:
             pipe.hset(self.keys.deliv, key, deliv)
         pipe.execute()
@@ -137,25 +150,36 @@ class Lab:
         deadline: int,
         owner: str = "c1",
         band: int = 0,
+        seq: int = 0,
         deliv: int = 1,
     ) -> None:
+        """A RESERVED message, published as sequence number ``seq`` of ``band``."""
         pipe = self.client.pipeline(transaction=True)
         pipe.zadd(self.keys.leased, {key: deadline})
         pipe.hset(self.keys.body, key, body)
-        pipe.hset(self.keys.prio, key, band)
+        pipe.hset(self.keys.order, key, back(band, seq))
         pipe.hset(self.keys.deliv, key, deliv)
         pipe.hset(self.keys.token, key, token)
         pipe.hset(self.keys.owner, key, owner)
         pipe.execute()
 
     def add_dead(
-        self, key: str, body: str, *, at: int, reason: str, band: int = 0, deliv: int = 1
+        self,
+        key: str,
+        body: str,
+        *,
+        at: int,
+        reason: str,
+        band: int = 0,
+        seq: int = 0,
+        deliv: int = 1,
     ) -> None:
+        """A DEAD message, published as sequence number ``seq`` of ``band``."""
         pipe = self.client.pipeline(transaction=True)
         pipe.zadd(self.keys.dead, {key: at})
         pipe.hset(self.keys.reason, key, reason)
         pipe.hset(self.keys.body, key, body)
-        pipe.hset(self.keys.prio, key, band)
+        pipe.hset(self.keys.order, key, back(band, seq))
         pipe.hset(self.keys.deliv, key, deliv)
         pipe.execute()
 

@@ -21,7 +21,7 @@ def test_an_ack_with_the_current_token_removes_every_trace_of_the_message(lab: L
     assert lab.state() == {
         "ready": [("other", lab.back(0, 1))],
         "body": {"other": "O"},
-        "prio": {"other": "0"},
+        "order": {"other": lab.order(0, 1)},
         "stats": {"acked": "1"},
     }
 
@@ -45,7 +45,7 @@ def test_a_batch_ack_returns_one_code_per_pair_in_order(lab: Lab):
     assert lab.state() == {
         "leased": [("b", lab.now + 100)],
         "body": {"b": "B"},
-        "prio": {"b": "0"},
+        "order": {"b": lab.order(0, 0)},
         "deliv": {"b": "1"},
         "token": {"b": "2"},
         "owner": {"b": "c1"},
@@ -100,32 +100,33 @@ def test_an_empty_ack_batch_writes_nothing(lab: Lab):
     assert lab.state() == before
 
 
-def test_an_ack_removes_the_born_and_dups_entries_of_the_message(lab: Lab):
+def test_an_ack_removes_the_order_and_dups_entries_of_the_message(lab: Lab):
     assert lab.publish("t", "first", 0) == "t"
     [(_, _, first, _, _)] = lab.reserve(count=1)
-    assert lab.publish("t", "retry", 0) == "t/4"
+    assert lab.publish("t", "retry", 0) == "t/3"
     [(_, _, retry, _, _)] = lab.reserve(count=1)
     before = lab.state()
-    assert before["born"] == {"t": "1", "t/4": "5"}
-    assert before["dups"] == {"t/4": "t"}
+    # t: seq 1, token 2; t/3: n 3, score 4, token 5.
+    assert (first, retry) == (2, 5)
+    assert before["order"] == {"t": lab.order(0, 1), "t/3": lab.order(0, 4)}
+    assert before["dups"] == {"t/3": "t"}
 
-    assert lab.ack(("t/4", retry)) == [OK]
+    assert lab.ack(("t/3", retry)) == [OK]
 
     assert lab.state() == {
         "leased": [("t", lab.now + lab.lease)],
         "body": {"t": "first"},
-        "prio": {"t": "0"},
+        "order": {"t": lab.order(0, 1)},
         "deliv": {"t": "1"},
         "token": {"t": str(first)},
         "owner": {"t": "c1"},
-        "seq": "7",
+        "seq": "5",
         "signal": ["1"],
         "stats": {"published": "2", "acked": "1"},
-        "born": {"t": "1"},
     }
     assert lab.ack(("t", first)) == [OK]
     assert lab.state() == {
-        "seq": "7",
+        "seq": "5",
         "signal": ["1"],
         "stats": {"published": "2", "acked": "2"},
     }

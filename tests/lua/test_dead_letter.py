@@ -23,7 +23,7 @@ def test_dead_letter_moves_the_message_to_the_dead_store_with_its_reason(lab: La
         "dead": [("m", lab.now)],
         "reason": {"m": REASON},
         "body": {"m": "M"},
-        "prio": {"m": "1"},
+        "order": {"m": lab.order(1, 0)},
         "deliv": {"m": "2"},
         "stats": {"dead": "1"},
     }
@@ -82,16 +82,17 @@ def test_a_dead_lettered_message_is_never_served_or_reclaimed_again(lab: Lab):
     assert lab.state() == before
 
 
-def test_a_dead_lettered_duplicate_keeps_its_born_and_dups_entries(lab: Lab):
-    # Its body stays, so a look-up by id must still find it and tell which id it belongs to.
+def test_a_dead_lettered_duplicate_keeps_its_order_and_dups_entries(lab: Lab):
+    # Its body stays, so a look-up by id must still find it, tell which id it belongs to, and
+    # place it among the other instances (by the sequence number in `order`).
     assert lab.publish("t", "first", 0) == "t"
-    assert lab.publish("t", "retry", 0) == "t/3"
+    assert lab.publish("t", "retry", 2) == "t/2"
     served = lab.reserve(count=2)
     tokens = {key: token for _, key, token, _, _ in served}
 
-    assert lab.dead_letter("t/3", tokens["t/3"], REASON) == OK
+    assert lab.dead_letter("t/2", tokens["t/2"], REASON) == OK
 
     state = lab.state()
-    assert state["dead"] == [("t/3", lab.now)]
-    assert state["born"] == {"t": "1", "t/3": "4"}
-    assert state["dups"] == {"t/3": "t"}
+    assert state["dead"] == [("t/2", lab.now)]
+    assert state["order"] == {"t": lab.order(0, 1), "t/2": lab.order(2, 3)}
+    assert state["dups"] == {"t/2": "t"}

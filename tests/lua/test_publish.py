@@ -16,15 +16,14 @@ def test_publish_stores_the_message_at_the_back_of_its_band_and_signals(lab: Lab
     key = lab.publish("m1", "body-1", 0)
 
     assert key == "m1"
-    # One sequence number for its birth (1), the next one for its place in the band (2).
+    # One sequence number (1): its place in the band, also kept in `order` with the band.
     assert lab.state() == {
-        "ready": [("m1", lab.back(0, 2))],
+        "ready": [("m1", lab.back(0, 1))],
         "body": {"m1": "body-1"},
-        "prio": {"m1": "0"},
-        "seq": "2",
+        "order": {"m1": lab.order(0, 1)},
+        "seq": "1",
         "signal": ["1"],
         "stats": {"published": "1"},
-        "born": {"m1": "1"},
     }
 
 
@@ -33,16 +32,23 @@ def test_the_ready_score_is_band_times_2_pow_44_plus_2_pow_43_plus_the_sequence(
     lab.publish("b", "B", 7)
     lab.publish("c", "C", 255)
 
-    scores = dict(lab.state()["ready"])
-    # Each publish takes two sequence numbers: its birth (1, 3, 5), then its score (2, 4, 6).
+    state = lab.state()
+    scores = dict(state["ready"])
+    # Each publish takes one sequence number (1, 2, 3), used in its score.
     assert scores == {
-        "a": 2**43 + 2,
-        "b": 7 * 2**44 + 2**43 + 4,
-        "c": 255 * 2**44 + 2**43 + 6,
+        "a": 2**43 + 1,
+        "b": 7 * 2**44 + 2**43 + 2,
+        "c": 255 * 2**44 + 2**43 + 3,
+    }
+    # `order` keeps exactly that score, written out as an integer (no exponent, no rounding).
+    assert state["order"] == {
+        "a": str(2**43 + 1),
+        "b": str(7 * 2**44 + 2**43 + 2),
+        "c": str(255 * 2**44 + 2**43 + 3),
     }
     # The highest score is still an exact double: no two sequence numbers may collide.
     assert float(scores["c"]) == scores["c"] < 2**53
-    assert lab.client.zscore(lab.keys.ready, "c") == float(255 * 2**44 + 2**43 + 6)
+    assert lab.client.zscore(lab.keys.ready, "c") == float(255 * 2**44 + 2**43 + 3)
 
 
 def test_messages_of_one_band_are_served_in_publish_order(lab: Lab):
@@ -63,113 +69,117 @@ def test_a_higher_band_is_served_after_every_lower_band(lab: Lab):
 
 
 def test_a_duplicate_id_is_stored_under_id_slash_n(lab: Lab):
-    # t: born 1, score 2. t again: n = 3 (the sequence number taken first), born 4, score 5.
+    # t: seq 1. t again: n = 2 (the sequence number taken first, t was taken), score 3.
+    # t a third time: n = 4, score 5.
     assert lab.publish("t", "first", 0) == "t"
-    assert lab.publish("t", "second", 0) == "t/3"
-    assert lab.publish("t", "third", 1) == "t/6"
+    assert lab.publish("t", "second", 0) == "t/2"
+    assert lab.publish("t", "third", 1) == "t/4"
 
     assert lab.state() == {
-        "ready": [("t", lab.back(0, 2)), ("t/3", lab.back(0, 5)), ("t/6", lab.back(1, 8))],
-        "body": {"t": "first", "t/3": "second", "t/6": "third"},
-        "prio": {"t": "0", "t/3": "0", "t/6": "1"},
-        "seq": "8",
+        "ready": [("t", lab.back(0, 1)), ("t/2", lab.back(0, 3)), ("t/4", lab.back(1, 5))],
+        "body": {"t": "first", "t/2": "second", "t/4": "third"},
+        "order": {"t": lab.order(0, 1), "t/2": lab.order(0, 3), "t/4": lab.order(1, 5)},
+        "seq": "5",
         "signal": ["1"],
         "stats": {"published": "3"},
-        "born": {"t": "1", "t/3": "4", "t/6": "7"},
-        "dups": {"t/3": "t", "t/6": "t"},
+        "dups": {"t/2": "t", "t/4": "t"},
     }
 
 
 def test_a_duplicate_of_a_leased_message_is_stored_beside_it_and_leaves_the_lease_alone(lab: Lab):
-    lab.add_leased("t", "old", token=4, deadline=lab.now + 500, owner="w1", deliv=1)
+    lab.add_leased("t", "old", token=4, deadline=lab.now + 500, owner="w1", seq=3, deliv=1)
     lab.set_counter("seq", 4)
 
     assert lab.publish("t", "retry", 0) == "t/5"
 
     assert lab.state() == {
-        "ready": [("t/5", lab.back(0, 7))],
+        "ready": [("t/5", lab.back(0, 6))],
         "leased": [("t", lab.now + 500)],
         "body": {"t": "old", "t/5": "retry"},
-        "prio": {"t": "0", "t/5": "0"},
+        "order": {"t": lab.order(0, 3), "t/5": lab.order(0, 6)},
         "deliv": {"t": "1"},
         "token": {"t": "4"},
         "owner": {"t": "w1"},
-        "seq": "7",
+        "seq": "6",
         "signal": ["1"],
         "stats": {"published": "1"},
-        "born": {"t/5": "6"},
         "dups": {"t/5": "t"},
     }
 
 
 def test_a_duplicate_id_never_overwrites_another_stored_message(lab: Lab):
     # Task ids are free-form strings, so a stored id may already look like "<id>/<n>": here
-    # exactly the key the next duplicate of "a" would get (n = 5, the next sequence number).
+    # exactly the key the next duplicate of "a" would get (n = 3, the next sequence number).
     assert lab.publish("a", "first a", 0) == "a"
-    assert lab.publish("a/5", "someone else's message", 0) == "a/5"
+    assert lab.publish("a/3", "someone else's message", 0) == "a/3"
 
     key = lab.publish("a", "second a", 0)
 
-    # a/5 is taken, so the loop takes the next sequence number (6) and tries a/6, which is free.
-    assert key == "a/6"
+    # a is taken (n = 3), a/3 too, so the loop takes the next sequence number (4) and tries
+    # a/4, which is free; the one after (5) is its score.
+    assert key == "a/4"
     assert lab.state() == {
-        "ready": [("a", lab.back(0, 2)), ("a/5", lab.back(0, 4)), ("a/6", lab.back(0, 8))],
-        "body": {"a": "first a", "a/5": "someone else's message", "a/6": "second a"},
-        "prio": {"a": "0", "a/5": "0", "a/6": "0"},
-        "seq": "8",
+        "ready": [("a", lab.back(0, 1)), ("a/3", lab.back(0, 2)), ("a/4", lab.back(0, 5))],
+        "body": {"a": "first a", "a/3": "someone else's message", "a/4": "second a"},
+        "order": {"a": lab.order(0, 1), "a/3": lab.order(0, 2), "a/4": lab.order(0, 5)},
+        "seq": "5",
         "signal": ["1"],
         "stats": {"published": "3"},
-        "born": {"a": "1", "a/5": "3", "a/6": "7"},
-        "dups": {"a/6": "a"},
+        "dups": {"a/4": "a"},
     }
 
 
 def test_the_duplicate_key_loop_skips_every_taken_id_slash_n(lab: Lab):
     assert lab.publish("a", "first a", 0) == "a"
     # Stored by hand, without the scripts: the next three keys a duplicate would try (the loop
-    # takes a new sequence number for each: a/3, a/4, a/5, then a/6 is free).
-    for n in (3, 4, 5):
+    # takes a new sequence number for each: a/2, a/3, a/4, then a/5 is free; 6 is its score).
+    for n in (2, 3, 4):
         lab.add_ready(f"a/{n}", f"other {n}", score=lab.back(0, 100 + n))
 
-    assert lab.publish("a", "second a", 0) == "a/6"
+    assert lab.publish("a", "second a", 0) == "a/5"
 
     assert lab.state() == {
         "ready": [
-            ("a", lab.back(0, 2)),
-            ("a/6", lab.back(0, 8)),
+            ("a", lab.back(0, 1)),
+            ("a/5", lab.back(0, 6)),
+            ("a/2", lab.back(0, 102)),
             ("a/3", lab.back(0, 103)),
             ("a/4", lab.back(0, 104)),
-            ("a/5", lab.back(0, 105)),
         ],
         "body": {
             "a": "first a",
+            "a/2": "other 2",
             "a/3": "other 3",
             "a/4": "other 4",
-            "a/5": "other 5",
-            "a/6": "second a",
+            "a/5": "second a",
         },
-        "prio": {"a": "0", "a/3": "0", "a/4": "0", "a/5": "0", "a/6": "0"},
-        "seq": "8",
+        "order": {
+            "a": lab.order(0, 1),
+            "a/2": lab.order(0, 102),
+            "a/3": lab.order(0, 103),
+            "a/4": lab.order(0, 104),
+            "a/5": lab.order(0, 6),
+        },
+        "seq": "6",
         "signal": ["1"],
         "stats": {"published": "2"},
-        "born": {"a": "1", "a/6": "7"},
-        "dups": {"a/6": "a"},
+        "dups": {"a/5": "a"},
     }
 
 
 def test_an_id_that_is_free_again_is_stored_under_itself_without_a_dups_entry(lab: Lab):
     lab.publish("t", "first", 0)
     [(_, key, token, _, _)] = lab.reserve(count=1)
-    assert lab.publish("t", "retry", 0) == "t/4"
+    assert lab.publish("t", "retry", 0) == "t/3"
     assert lab.ack((key, token)) == [OK]
 
     assert lab.publish("t", "again", 0) == "t"
 
     state = lab.state()
-    # t: born 1, score 2; token 3; t/4: born 5, score 6; t again: born 7, score 8.
-    assert state["born"] == {"t/4": "5", "t": "7"}
-    assert state["dups"] == {"t/4": "t"}
-    assert state["ready"] == [("t/4", lab.back(0, 6)), ("t", lab.back(0, 8))]
+    # t: seq 1; token 2; t/3: n 3, score 4; t again: seq 5.
+    assert state["order"] == {"t/3": lab.order(0, 4), "t": lab.order(0, 5)}
+    assert state["dups"] == {"t/3": "t"}
+    assert state["ready"] == [("t/3", lab.back(0, 4)), ("t", lab.back(0, 5))]
 
 
 def test_the_wake_up_signal_holds_exactly_one_element_after_many_publishes(lab: Lab):
@@ -186,8 +196,10 @@ def test_every_publish_is_counted_in_stats_published(lab: Lab):
 
     assert lab.client.hgetall(lab.keys.stats) == {b"published": b"8"}
     assert lab.client.zcard(lab.keys.ready) == 8
-    assert lab.client.hlen(lab.keys.born) == 8
-    assert lab.client.hgetall(lab.keys.dups) == {b"m0/15": b"m0"}
+    assert lab.client.hlen(lab.keys.order) == 8
+    # m0..m6 took 1..7; the duplicate of m0 takes 8 (its key) and 9 (its score).
+    assert lab.client.hgetall(lab.keys.dups) == {b"m0/8": b"m0"}
+    assert lab.client.hget(lab.keys.order, "m0/8") == str(lab.back(0, 9)).encode()
 
 
 def test_the_payload_is_stored_byte_for_byte(lab: Lab):

@@ -22,7 +22,7 @@ def test_purge_removes_only_ready_messages(lab: Lab):
         "dead": [("d", lab.now - 1)],
         "reason": {"d": '{"reason": "rejected"}'},
         "body": {"l": "L", "d": "D"},
-        "prio": {"l": "0", "d": "0"},
+        "order": {"l": lab.order(0, 0), "d": lab.order(0, 0)},
         "deliv": {"l": "1", "d": "4"},
         "token": {"l": "3"},
         "owner": {"l": "w1"},
@@ -48,24 +48,28 @@ def test_a_purge_of_an_empty_queue_returns_0_and_writes_nothing(lab: Lab):
     assert lab.state() == {}
 
 
-def test_purge_removes_the_born_and_dups_entries_of_the_ready_messages_only(lab: Lab):
+def test_purge_removes_the_order_and_dups_entries_of_the_ready_messages_only(lab: Lab):
     assert lab.publish("t", "first", 0) == "t"
     [(_, _, token, _, _)] = lab.reserve(count=1)
-    assert lab.publish("t", "retry", 0) == "t/4"
+    assert lab.publish("t", "retry", 0) == "t/3"
     assert lab.publish("u", "other", 0) == "u"
-    assert lab.state()["dups"] == {"t/4": "t"}
+    assert lab.state()["dups"] == {"t/3": "t"}
+    assert lab.state()["order"] == {
+        "t": lab.order(0, 1),
+        "t/3": lab.order(0, 4),
+        "u": lab.order(0, 5),
+    }
 
     assert lab.purge(100) == 2
 
     assert lab.state() == {
         "leased": [("t", lab.now + lab.lease)],
         "body": {"t": "first"},
-        "prio": {"t": "0"},
+        "order": {"t": lab.order(0, 1)},
         "deliv": {"t": "1"},
         "token": {"t": str(token)},
         "owner": {"t": "c1"},
-        "seq": "8",
+        "seq": "5",
         "signal": ["1"],
         "stats": {"published": "3"},
-        "born": {"t": "1"},
     }

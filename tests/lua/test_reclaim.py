@@ -19,7 +19,7 @@ def test_reclaim_moves_an_expired_lease_to_the_front_of_its_band(lab: Lab):
     assert lab.state() == {
         "ready": [("m", lab.front(5, 1)), ("r", lab.back(5, 1))],
         "body": {"r": "R", "m": "M"},
-        "prio": {"r": "5", "m": "5"},
+        "order": {"r": lab.order(5, 1), "m": lab.order(5, 0)},
         "deliv": {"m": "2"},
         "front": "1",
         "signal": ["1"],
@@ -87,7 +87,12 @@ def test_reclaim_puts_the_earliest_expired_lease_first_in_line(lab: Lab):
             ("r", lab.back(0, 1)),
         ],
         "body": {"r": "R", "late": "LATE", "early": "EARLY", "mid": "MID"},
-        "prio": {"r": "0", "late": "0", "early": "0", "mid": "0"},
+        "order": {
+            "r": lab.order(0, 1),
+            "late": lab.order(0, 0),
+            "early": lab.order(0, 0),
+            "mid": lab.order(0, 0),
+        },
         "deliv": {"late": "1", "early": "1", "mid": "1"},
         "front": "3",
         "signal": ["1"],
@@ -130,3 +135,26 @@ def test_a_reclaimed_lease_cannot_be_settled_with_its_old_token(lab: Lab):
     assert lab.ack(("m", 3)) == [Code.LEASE_LOST]
     assert lab.dead_letter("m", 3, "{}") == Code.LEASE_LOST
     assert lab.state() == {**before, "stats": {"reclaimed": "1", "lease_lost": "4"}}
+
+
+def test_a_reclaim_takes_the_band_from_order_once_the_ready_entry_is_gone(lab: Lab):
+    assert lab.publish("a", "A", 3) == "a"
+    assert lab.publish("m", "M", 2) == "m"
+    assert lab.publish("b", "B", 2) == "b"
+    assert lab.reserve(count=1, lease=100, consumer="gone") == [(0, "m", 4, 1, "M")]
+    # Reserved: its ready entry (the score) is gone; only `order` still knows its band.
+    assert lab.state()["ready"] == [("b", lab.back(2, 3)), ("a", lab.back(3, 1))]
+
+    assert lab.reclaim(now=lab.now + 100) == 1
+
+    assert lab.state() == {
+        "ready": [("m", lab.front(2, 1)), ("b", lab.back(2, 3)), ("a", lab.back(3, 1))],
+        "body": {"a": "A", "m": "M", "b": "B"},
+        "order": {"a": lab.order(3, 1), "m": lab.order(2, 2), "b": lab.order(2, 3)},
+        "deliv": {"m": "1"},
+        "seq": "4",
+        "front": "1",
+        "signal": ["1"],
+        "stats": {"published": "3", "reclaimed": "1"},
+    }
+    assert [key for _, key, _, _, _ in lab.reserve(count=3)] == ["m", "b", "a"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pytest
+
 from celery_msg.scripts import Code
 
 if TYPE_CHECKING:
@@ -22,7 +24,7 @@ def test_requeue_puts_the_message_at_the_front_of_its_band(lab: Lab):
     assert lab.state() == {
         "ready": [("y0", lab.back(0, 2)), ("m", lab.front(2, 1)), ("x2", lab.back(2, 1))],
         "body": {"x2": "X", "y0": "Y", "m": "M"},
-        "prio": {"x2": "2", "y0": "0", "m": "2"},
+        "order": {"x2": lab.order(2, 1), "y0": lab.order(0, 2), "m": lab.order(2, 0)},
         "deliv": {"m": "1"},
         "front": "1",
         "signal": ["1"],
@@ -97,16 +99,21 @@ def test_a_batch_requeue_is_served_again_in_the_order_of_the_batch(lab: Lab):
             ("a", lab.front(0, 3)),
             ("b", lab.front(0, 2)),
             ("c", lab.front(0, 1)),
-            ("d", lab.back(0, 8)),
+            ("d", lab.back(0, 4)),
         ],
         "body": {"a": "A", "b": "B", "c": "C", "d": "D"},
-        "prio": {"a": "0", "b": "0", "c": "0", "d": "0"},
+        # The requeued messages keep the score they were published with: band and order.
+        "order": {
+            "a": lab.order(0, 1),
+            "b": lab.order(0, 2),
+            "c": lab.order(0, 3),
+            "d": lab.order(0, 4),
+        },
         "deliv": {"a": "1", "b": "1", "c": "1"},
-        "seq": "11",
+        "seq": "7",
         "front": "3",
         "signal": ["1"],
         "stats": {"published": "4", "requeued": "3"},
-        "born": {"a": "1", "b": "3", "c": "5", "d": "7"},
     }
     assert [key for _, key, _, _, _ in lab.reserve(count=4)] == ["a", "b", "c", "d"]
 
@@ -148,10 +155,58 @@ def test_a_zombie_consumer_cannot_requeue_a_redelivered_message(lab: Lab):
     assert lab.ready_order() == [key]
 
 
-def test_a_message_without_a_priority_entry_is_requeued_to_band_0(lab: Lab):
+def test_a_message_without_an_order_entry_is_requeued_to_band_0(lab: Lab):
     lab.add_leased("m", "M", token=1, deadline=lab.now + 100, band=9)
-    lab.client.hdel(lab.keys.prio, "m")
+    lab.client.hdel(lab.keys.order, "m")
 
     assert lab.requeue(("m", 1)) == [OK]
 
     assert lab.state()["ready"] == [("m", lab.front(0, 1))]
+
+
+def test_a_requeue_takes_the_band_from_order_once_the_ready_entry_is_gone(lab: Lab):
+    assert lab.publish("m", "M", 5) == "m"
+    assert lab.publish("n", "N", 5) == "n"
+    assert lab.publish("z", "Z", 6) == "z"
+    assert lab.reserve(count=1) == [(0, "m", 4, 1, "M")]
+    # Reserved: its ready entry (the score) is gone; only `order` still knows its band.
+    assert lab.state()["ready"] == [("n", lab.back(5, 2)), ("z", lab.back(6, 3))]
+
+    assert lab.requeue(("m", 4)) == [OK]
+
+    assert lab.state() == {
+        "ready": [("m", lab.front(5, 1)), ("n", lab.back(5, 2)), ("z", lab.back(6, 3))],
+        "body": {"m": "M", "n": "N", "z": "Z"},
+        "order": {"m": lab.order(5, 1), "n": lab.order(5, 2), "z": lab.order(6, 3)},
+        "deliv": {"m": "1"},
+        "seq": "4",
+        "front": "1",
+        "signal": ["1"],
+        "stats": {"published": "3", "requeued": "1"},
+    }
+    assert [key for _, key, _, _, _ in lab.reserve(count=3)] == ["m", "n", "z"]
+
+
+@pytest.mark.parametrize(
+    ("band", "seq"),
+    [(0, 1), (1, 1), (7, 12_345), (254, 2**43 - 1), (255, 2**43 - 1)],
+    ids=["band0", "band1", "band7", "band254-last-seq", "band255-last-seq"],
+)
+def test_requeue_and_reclaim_read_the_published_band_from_order_over_the_whole_range(
+    lab: Lab, band: int, seq: int
+):
+    # The band is order // 2^44: exact even for the last sequence number of a band, whose
+    # score is one below the next band's first (255 and 2^43 - 1: 2^52 - 1).
+    lab.set_counter("seq", seq - 1)
+    assert lab.publish("m", "M", band) == "m"
+    assert lab.state()["order"] == {"m": lab.order(band, seq)}
+    [(_, _, token, _, _)] = lab.reserve(count=1)
+
+    assert lab.requeue(("m", token)) == [OK]
+    assert lab.state()["ready"] == [("m", lab.front(band, 1))]
+
+    assert [key for _, key, _, _, _ in lab.reserve(count=1)] == ["m"]
+    assert lab.reclaim(now=lab.now + lab.lease) == 1
+    state = lab.state()
+    assert state["ready"] == [("m", lab.front(band, 2))]
+    assert state["order"] == {"m": lab.order(band, seq)}

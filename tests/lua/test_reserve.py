@@ -12,8 +12,15 @@ from typing import TYPE_CHECKING, Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from celery_msg.scripts import Code
+
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
+
+#: Ready-score layout (see _queue.lua and tests/lua/conftest.py).
+BAND = 2**44
+MID = 2**43
+OK = Code.OK
 
 
 def test_a_reserve_leases_the_message_in_the_same_call(lab: Lab):
@@ -26,7 +33,7 @@ def test_a_reserve_leases_the_message_in_the_same_call(lab: Lab):
     assert lab.state() == {
         "leased": [("m1", lab.now + 30_000)],
         "body": {"m1": "B1"},
-        "prio": {"m1": "2"},
+        "order": {"m1": lab.order(2, 1)},
         "deliv": {"m1": "1"},
         "token": {"m1": "2"},
         "owner": {"m1": "worker-1"},
@@ -53,8 +60,8 @@ def test_each_delivery_gets_a_new_increasing_fencing_token(lab: Lab):
 
     tokens = [token for _, _, token, _, _ in lab.reserve(count=4)]
 
-    # Four publishes took two sequence numbers each (birth, score): the tokens follow on.
-    assert tokens == [9, 10, 11, 12]
+    # Four publishes took one sequence number each (1..4): the tokens follow on.
+    assert tokens == [5, 6, 7, 8]
 
 
 def test_the_count_limit_is_respected_and_the_rest_stays_ready_and_signalled(lab: Lab):
@@ -69,7 +76,7 @@ def test_the_count_limit_is_respected_and_the_rest_stays_ready_and_signalled(lab
         "ready": [("m3", lab.back(0, 4)), ("m4", lab.back(0, 5))],
         "leased": [(f"m{i}", lab.now + lab.lease) for i in range(3)],
         "body": {f"m{i}": f"B{i}" for i in range(5)},
-        "prio": {f"m{i}": "0" for i in range(5)},
+        "order": {f"m{i}": lab.order(0, i + 1) for i in range(5)},
         "deliv": {f"m{i}": "1" for i in range(3)},
         "token": {"m0": "6", "m1": "7", "m2": "8"},
         "owner": {f"m{i}": "c1" for i in range(3)},
@@ -88,6 +95,57 @@ def test_a_reserve_that_empties_the_queue_does_not_signal(lab: Lab):
 
     lab.reserve(count=1)
     assert lab.client.exists(lab.keys.signal) == 0
+
+
+def test_the_wake_up_list_never_holds_more_than_one_element(lab: Lab):
+    """publish, reserve, requeue and reclaim each leave exactly one marker, never a second.
+
+    Each is run once with the marker still there (no consumer woke up yet) and once after a
+    consumer's BLPOP took it.
+    """
+
+    def markers() -> list[bytes]:
+        return lab.client.lrange(lab.keys.signal, 0, -1)
+
+    def blpop() -> None:
+        assert lab.client.lpop(lab.keys.signal) == b"1"
+        assert markers() == []
+
+    for i in range(6):
+        lab.publish(f"m{i}", "x", i % 2)
+        assert markers() == [b"1"]
+    blpop()
+    lab.publish("m0", "duplicate", 0)
+    assert markers() == [b"1"]
+
+    # Serve order: m0, m2, m4, m0/7 (band 0), then m1, m3, m5 (band 1).
+    first = lab.reserve(count=2)  # m0 and m2, with 30 s leases
+    assert markers() == [b"1"]
+    blpop()
+    second = lab.reserve(count=2, lease=100)  # m4 and m0/7, with 100 ms leases
+    assert markers() == [b"1"]
+    assert [key for _, key, _, _, _ in first + second] == ["m0", "m2", "m4", "m0/7"]
+
+    assert lab.requeue(*[(key, token) for _, key, token, _, _ in first[:1]]) == [OK]
+    assert markers() == [b"1"]
+    blpop()
+    assert lab.requeue(*[(key, token) for _, key, token, _, _ in first[1:]]) == [OK]
+    assert markers() == [b"1"]
+
+    lab.add_leased("e", "E", token=100, deadline=lab.now + 50)
+    assert lab.reclaim(now=lab.now + 50) == 1  # e
+    assert markers() == [b"1"]
+    blpop()
+    assert lab.reclaim(now=lab.now + 100) == 2  # m4 and m0/7
+    assert markers() == [b"1"]
+
+    # A reserve that reclaims first (f) and leaves messages ready: still one marker.
+    lab.add_leased("f", "F", token=101, deadline=lab.now + 200)
+    blpop()
+    assert lab.reserve(count=1, now=lab.now + 200) != []
+    assert markers() == [b"1"]
+    assert lab.client.hget(lab.keys.stats, "reclaimed") == b"4"
+    assert lab.client.zcard(lab.keys.ready) == 8
 
 
 # -- several queues ---------------------------------------------------------------------------
@@ -201,7 +259,7 @@ def test_expired_leases_are_reclaimed_first_and_served_from_the_front_of_their_b
         "ready": [("new", lab.back(0, 1))],
         "leased": [("old", lab.now + lab.lease)],
         "body": {"new": "N", "old": "O"},
-        "prio": {"new": "0", "old": "0"},
+        "order": {"new": lab.order(0, 1), "old": lab.order(0, 0)},
         "deliv": {"old": "2"},
         "token": {"old": "6"},
         "owner": {"old": "c2"},
@@ -222,7 +280,7 @@ def test_a_lease_expiring_exactly_now_counts_as_expired(lab: Lab):
         "ready": [("due", lab.front(0, 1))],
         "leased": [("live", lab.now + 1)],
         "body": {"due": "D", "live": "L"},
-        "prio": {"due": "0", "live": "0"},
+        "order": {"due": lab.order(0, 0), "live": lab.order(0, 0)},
         "deliv": {"due": "1", "live": "1"},
         "token": {"live": "2"},
         "owner": {"live": "w1"},
@@ -273,7 +331,12 @@ def test_reserve_serves_the_earliest_expired_lease_first(lab: Lab):
         "ready": [("late", lab.front(0, 1)), ("new", lab.back(0, 1))],
         "leased": [("early", lab.now + lab.lease), ("mid", lab.now + lab.lease)],
         "body": {"new": "N", "late": "LATE", "early": "EARLY", "mid": "MID"},
-        "prio": {"new": "0", "late": "0", "early": "0", "mid": "0"},
+        "order": {
+            "new": lab.order(0, 1),
+            "late": lab.order(0, 0),
+            "early": lab.order(0, 0),
+            "mid": lab.order(0, 0),
+        },
         "deliv": {"late": "1", "early": "2", "mid": "2"},
         "token": {"early": "5", "mid": "6"},
         "owner": {"early": "c2", "mid": "c2"},
@@ -304,7 +367,7 @@ def test_reserve_reclaims_expired_leases_in_every_queue_it_was_given(
     assert q1.state() == {
         "ready": [("z", q1.front(0, 1))],
         "body": {"z": "Z"},
-        "prio": {"z": "0"},
+        "order": {"z": q1.order(0, 0)},
         "deliv": {"z": "1"},
         "front": "1",
         "signal": ["1"],
@@ -334,7 +397,7 @@ def test_a_message_delivered_max_deliveries_times_is_dead_lettered_as_poison(lab
         "leased": [("ok", lab.now + lab.lease)],
         "dead": [("p", lab.now)],
         "body": {"p": "P", "ok": "K"},
-        "prio": {"p": "4", "ok": "4"},
+        "order": {"p": lab.order(4, 1), "ok": lab.order(4, 2)},
         "deliv": {"p": "3", "ok": "3"},
         "token": {"ok": "3"},
         "owner": {"ok": "c1"},
@@ -364,10 +427,10 @@ def test_an_expired_lease_of_a_poison_message_is_dead_lettered_on_the_next_fetch
 def test_an_id_in_ready_without_a_body_is_dropped_with_all_its_leftovers(lab: Lab):
     lab.add_ready("ghost", "x", score=lab.back(0, 1), deliv=1)
     lab.client.hdel(lab.keys.body, "ghost")
-    lab.client.hset(lab.keys.born, "ghost", 1)
     lab.client.hset(lab.keys.dups, "ghost", "g")
     lab.add_ready("real", "R", score=lab.back(0, 2))
     lab.set_counter("seq", 2)
+    assert lab.state()["order"] == {"ghost": lab.order(0, 1), "real": lab.order(0, 2)}
 
     served = lab.reserve(count=1)
 
@@ -375,7 +438,7 @@ def test_an_id_in_ready_without_a_body_is_dropped_with_all_its_leftovers(lab: La
     assert lab.state() == {
         "leased": [("real", lab.now + lab.lease)],
         "body": {"real": "R"},
-        "prio": {"real": "0"},
+        "order": {"real": lab.order(0, 2)},
         "deliv": {"real": "1"},
         "token": {"real": "3"},
         "owner": {"real": "c1"},
@@ -397,6 +460,9 @@ class Model:
     published: int = 0
     id_of: dict[str, str] = field(default_factory=dict)  # stored key -> message id
     births: list[str] = field(default_factory=list)  # stored keys, oldest publish first
+    seq: int = 0  # the queue's sequence counter: one per publish (two for a duplicate), token
+    score_of: dict[str, int] = field(default_factory=dict)  # stored key -> published score
+    moved: set[str] = field(default_factory=set)  # stored keys requeued since their publish
 
     def next_expected(self, count: int) -> list[str]:
         order = [key for band in sorted(self.bands) for key in self.bands[band]]
@@ -429,7 +495,6 @@ def _check_invariants(lab: Lab, model: Model) -> None:
     stored = ready + leased + dead
     assert len(stored) == len(set(stored)), f"a key is in two states: {state}"
     assert set(state.get("body", {})) == set(stored)
-    assert set(state.get("prio", {})) == set(stored)
     assert set(state.get("token", {})) == set(leased)
     assert set(state.get("owner", {})) == set(leased)
     assert {k: int(v) for k, v in state.get("token", {}).items()} == model.leases
@@ -437,10 +502,28 @@ def _check_invariants(lab: Lab, model: Model) -> None:
         map(len, model.bands.values())
     )
     assert int(state.get("stats", {}).get("published", 0)) == model.published
-    born = {k: int(v) for k, v in state.get("born", {}).items()}
-    assert set(born) == set(stored)
-    assert sorted(born, key=born.__getitem__) == model.births
+    assert int(state.get("seq", 0)) == model.seq
+    # `order` covers exactly the stored keys, with the score each was published with: its
+    # sequence part orders them by publish (no two alike), its band part is the band published.
+    order = {k: int(v) for k, v in state.get("order", {}).items()}
+    assert set(order) == set(stored)
+    assert order == model.score_of
+    seq_part = {k: v % BAND for k, v in order.items()}
+    assert len(set(seq_part.values())) == len(seq_part)
+    assert sorted(order, key=seq_part.__getitem__) == model.births
+    assert all(v > MID for v in seq_part.values()), "published at the back of a band"
+    assert {k: v // BAND for k, v in order.items()} == {k: model.band_of[k] for k in stored}
+    # A ready key is in its published band: at its published score, or at the band's front
+    # once requeued.
+    for key, score in state.get("ready", []):
+        assert score // BAND == order[key] // BAND
+        if key in model.moved:
+            assert score < order[key] // BAND * BAND + MID
+        else:
+            assert score == order[key]
     assert state.get("dups", {}) == {k: i for k, i in model.id_of.items() if k != i}
+    # The wake-up list holds at most one element: nobody pops it here, so one after a publish.
+    assert state.get("signal") == (["1"] if model.published else None)
 
 
 @settings(
@@ -459,7 +542,15 @@ def test_random_operation_sequences_keep_every_invariant_and_the_serve_order(
             message_id = f"m{a}"  # few ids, so duplicates (id/<n>) happen often
             key = lab.publish(message_id, f"{message_id}:{b}", b)
             assert key not in model.band_of
-            assert key == message_id or key.startswith(message_id + "/")
+            if message_id in model.band_of:
+                # id/<n> with n the sequence number taken first (never a key before), and the
+                # next one for its score.
+                assert key == f"{message_id}/{model.seq + 1}"
+                model.seq += 2
+            else:
+                assert key == message_id
+                model.seq += 1
+            model.score_of[key] = b * BAND + MID + model.seq
             model.band_of[key] = b
             model.id_of[key] = message_id
             model.births.append(key)
@@ -470,6 +561,8 @@ def test_random_operation_sequences_keep_every_invariant_and_the_serve_order(
             served = lab.reserve(count=a)
             assert [key for _, key, _, _, _ in served] == expected
             for _, key, token, _, _ in served:
+                model.seq += 1
+                assert token == model.seq
                 model.take(key)
                 model.leases[key] = token
         elif model.leases or model.stale:
@@ -489,7 +582,10 @@ def test_random_operation_sequences_keep_every_invariant_and_the_serve_order(
                 if op == "ack":
                     del model.band_of[key]
                     del model.id_of[key]
+                    del model.score_of[key]
+                    model.moved.discard(key)
                     model.births.remove(key)
                 else:
                     model.to_front(key)
+                    model.moved.add(key)
         _check_invariants(lab, model)

@@ -24,17 +24,29 @@ def _hash_tag(key: str) -> str:
 def test_the_keys_come_in_script_keys_order_one_per_part():
     keys = QueueKeys("celery", "app:")
 
-    assert keys.all == [f"app:{{celery}}:{part}" for part in QUEUE_KEY_PARTS]
-    assert len(set(keys.all)) == len(QUEUE_KEY_PARTS) == 15
+    assert keys.all == tuple(f"app:{{celery}}:{part}" for part in QUEUE_KEY_PARTS)
+    assert len(set(keys.all)) == len(QUEUE_KEY_PARTS) == 14
+
+
+def test_the_key_tuple_is_built_once_per_queue_keys():
+    keys = QueueKeys("celery", "app:")
+
+    assert isinstance(keys.all, tuple)
+    assert keys.all is keys.all
+    assert keys.base is keys.base
+    # The cache is no field: equality and hash still come from queue and prefix alone.
+    assert keys == QueueKeys("celery", "app:")
+    assert hash(keys) == hash(QueueKeys("celery", "app:"))
 
 
 def test_the_parts_are_in_the_order_the_scripts_expect_them():
     # The scripts read KEYS by this order (the preamble's PARTS); new parts go at the end.
+    # `order` (the published score: band and sequence) took the place of `prio`; `born` is gone.
     assert QUEUE_KEY_PARTS == (
         "ready",
         "leased",
         "body",
-        "prio",
+        "order",
         "deliv",
         "token",
         "owner",
@@ -44,7 +56,6 @@ def test_the_parts_are_in_the_order_the_scripts_expect_them():
         "dead",
         "reason",
         "stats",
-        "born",
         "dups",
     )
 
@@ -68,16 +79,22 @@ def test_every_key_of_a_queue_maps_to_one_cluster_slot(queue: str):
 def test_a_part_is_also_reachable_as_an_attribute():
     keys = QueueKeys("q", "p:")
 
-    assert [getattr(keys, part) for part in QUEUE_KEY_PARTS] == keys.all
+    assert tuple(getattr(keys, part) for part in QUEUE_KEY_PARTS) == keys.all
     assert keys.ready == "p:{q}:ready"
     assert keys.stats == "p:{q}:stats"
-    assert keys.born == "p:{q}:born"
+    assert keys.order == "p:{q}:order"
     assert keys.dups == "p:{q}:dups"
 
 
 def test_an_unknown_part_raises_attribute_error():
     with pytest.raises(AttributeError, match="redy"):
         _ = QueueKeys("q", "p:").redy
+
+
+@pytest.mark.parametrize("gone", ["prio", "born"])
+def test_the_parts_replaced_by_order_are_no_longer_keys(gone: str):
+    with pytest.raises(AttributeError, match=gone):
+        _ = getattr(QueueKeys("q", "p:"), gone)
 
 
 def test_queues_with_different_names_or_prefixes_share_no_key():

@@ -97,6 +97,17 @@ def test_no_script_indexes_keys_with_an_argv_value(name: str):
 
 
 @pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_every_queue_key_a_script_names_is_a_part_of_the_layout(name: str):
+    # A part that is not in QUEUE_KEY_PARTS (say a stale q.prio) is nil in Lua: the script
+    # would fail only when it reaches that line, so every name is checked here.
+    code = _code_lines(source(name))
+
+    used = set(re.findall(r"\b(?:q|queues\[g\])\.([A-Za-z_]+)", code))
+    assert used, "the grep must find the script's keys"
+    assert used <= set(QUEUE_KEY_PARTS)
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
 def test_no_script_scans_or_lists_the_keyspace(name: str):
     code = _code_lines(source(name))
 
