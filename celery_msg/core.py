@@ -197,6 +197,7 @@ class DedicatedConnection:
 
 
 _BUSY = object()
+_KEYS_CACHE_SIZE = 4096
 
 
 def _stale(conn: Any) -> bool:
@@ -244,9 +245,13 @@ class Broker:
         return int(self.clock() * 1000)
 
     def keys(self, queue: str) -> QueueKeys:
+        """The keys of ``queue``, built once (a hot path); the cache is bounded because
+        short-lived reply queues (``celery inspect``) each have a name of their own."""
         try:
             return self._keys[queue]
         except KeyError:
+            if len(self._keys) >= _KEYS_CACHE_SIZE:
+                self._keys.clear()
             keys = self._keys[queue] = QueueKeys(queue, self.prefix)
             return keys
 
