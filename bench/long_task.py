@@ -44,4 +44,4 @@ def run(bench: Bench, transport: str, timeout: float) -> dict[str, Any]:
         app.close()
         first.close()
         second.close()
-    return {"runs": runs, "timeout_s": timeout, "task_s": task_seconds}
+    return {"starts": runs, "timeout_s": timeout, "task_s": task_seconds}

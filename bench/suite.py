@@ -125,8 +125,8 @@ def run_long_task(bench: Bench) -> Results:
     results: Results = {"long_task_runs": {}}
     for transport in TRANSPORTS:
         out = long_task.run(bench, transport, timeout)
-        log(f"long task {LABELS[transport]:>11}: started {out['runs']} time(s)")
-        results["long_task_runs"][transport] = summarize([float(out["runs"])], "runs", **out)
+        log(f"long task {LABELS[transport]:>11}: started {out['starts']} time(s)")
+        results["long_task_runs"][transport] = summarize([float(out["starts"])], "starts", **out)
     return results
 
 
