@@ -247,6 +247,7 @@ def _summary(console: Console, run: Run, broker: Broker, lease: float, bad_id: s
         info.id == bad_id and (info.dead_reason or {}).get("reason") == "unknown-task"
         for info in dead
     )
+    console.print()
     table = Table(title="summary")
     table.add_column("check")
     table.add_column("result", justify="right")
