@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
 import redis
 from redis.commands.core import Script
@@ -31,8 +31,6 @@ from .keys import QueueKeys, bindings_key, queues_key
 from .scripts import Code, Scripts
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: redis-py errors that mean "the connection, not the command, failed".
 REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (

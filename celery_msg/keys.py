@@ -22,8 +22,10 @@ stats      HASH    counters: published, acked, requeued, reclaimed, dead, lease_
 dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
 =========  ======  ===================================================================
 
-Global keys (no hash tag; never touched by a script): ``<prefix>queues`` (SET of queue names)
-and ``<prefix>bindings:<exchange>`` (HASH binding -> expiry ms, 0 = permanent).
+Global keys (no hash tag; never touched by a script): ``<prefix>queues`` (SET of queue names),
+``<prefix>bindings:<exchange>`` (HASH binding -> expiry ms, 0 = permanent) and
+``<prefix>wake:<consumer>`` (LIST: wakes one consumer blocked while its prefetch was full;
+expires after a minute).
 """
 
 from __future__ import annotations
@@ -78,3 +80,7 @@ def queues_key(prefix: str) -> str:
 
 def bindings_key(prefix: str, exchange: str) -> str:
     return f"{prefix}bindings:{exchange}"
+
+
+def wake_key(prefix: str, consumer: str) -> str:
+    return f"{prefix}wake:{consumer}"

@@ -38,14 +38,11 @@ from .connection import BrokerAddress, redis_params
 from .core import REDIS_CONNECTION_ERRORS, Binding, Broker, Delivery, Lease, ReserveRequest
 from .errors import BrokerConnectionError, ConfigurationError, ScriptError
 from .holdings import Holdings
+from .keys import wake_key
 from .options import TransportOptions
 from .renewer import Renewer
 
 logger = logging.getLogger(__name__)
-
-
-def _wake_key(prefix: str, consumer: str) -> str:
-    return f"{prefix}wake:{consumer}"
 
 
 def message_id(message: dict[str, Any]) -> str:
@@ -430,7 +427,7 @@ class Transport(virtual.Transport):
             reclaim_batch=self.options.reclaim_batch,
             max_deliveries=self.options.max_deliveries,
         )
-        self.wake_key = _wake_key(self.options.key_prefix, self.consumer_id)
+        self.wake_key = wake_key(self.options.key_prefix, self.consumer_id)
         self._drain_thread: int | None = None
         self._waiting_for_room = False
         self._renewer: Renewer | None = None
