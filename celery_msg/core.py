@@ -402,7 +402,7 @@ class Broker:
 
     def ack(self, leases: Iterable[Lease]) -> list[Lease]:
         """Settle deliveries as done; returns the leases that were lost (nothing changed)."""
-        return self._settle(leases, "ack", [])
+        return self._settle(leases, self.scripts.ack, "ack", [])
 
     def requeue(self, leases: Iterable[Lease], *, uncount: bool = False) -> list[Lease]:
         """Put deliveries back at the front of their band; returns the lost leases.
@@ -410,18 +410,20 @@ class Broker:
         ``uncount`` takes the delivery back from the delivery count: for messages that were
         prefetched but never started, so that they do not look like poison.
         """
-        return self._settle(leases, "requeue", [1 if uncount else 0])
+        return self._settle(leases, self.scripts.requeue, "requeue", [1 if uncount else 0])
 
     def extend(self, leases: Iterable[Lease]) -> list[Lease]:
         """Renew leases for another ``lease_ms``; returns the ones that were lost."""
-        return self._settle(leases, "extend", [self.now_ms(), self.lease_ms])
+        return self._settle(leases, self.scripts.extend, "extend", [self.now_ms(), self.lease_ms])
 
-    def _settle(self, leases: Iterable[Lease], script: str, head: list[Any]) -> list[Lease]:
+    def _settle(
+        self, leases: Iterable[Lease], run: Script, what: str, head: list[Any]
+    ) -> list[Lease]:
+        """Run a per-message script over leases, one call per queue, pipelined if several."""
         by_queue = _group(leases)
         if not by_queue:
             return []
-        run = getattr(self.scripts, script)
-        with translated_errors(f"{script} {sum(map(len, by_queue.values()))} messages"):
+        with translated_errors(f"{what} {sum(map(len, by_queue.values()))} messages"):
             if len(by_queue) == 1:
                 ((queue, group),) = by_queue.items()
                 results = [run(keys=self.keys(queue).all, args=head + _pairs(group))]

@@ -121,6 +121,10 @@ class TransportOptions:
     def lease_ms(self) -> int:
         return to_ms(self.lease_timeout)
 
+    @property
+    def binding_ttl_ms(self) -> int:
+        return to_ms(self.binding_ttl)
+
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> TransportOptions:
         """Build from kombu's ``transport_options``, rejecting unknown names."""

@@ -64,19 +64,19 @@ class QoS(virtual.QoS):
     restore_at_shutdown = True
 
     def ack(self, delivery_tag: str) -> None:
-        self.channel._settle(delivery_tag, "ack")
+        self.channel.settle_ack(delivery_tag)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
-            self.channel._settle(delivery_tag, "requeue")
+            self.channel.settle_requeue(delivery_tag)
         else:
             message = self._delivered.get(delivery_tag)
-            reason = getattr(message, "dead_letter_reason", None) or (
+            reason, detail = getattr(message, "dead_letter_reason", None) or (
                 "rejected",
                 "the consumer rejected the message without requeue",
             )
-            self.channel._settle(delivery_tag, "dead", reason)
+            self.channel.settle_dead(delivery_tag, reason, detail)
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -157,15 +157,17 @@ class Channel(virtual.Channel):
     def _delete(
         self, queue: str, exchange: str, routing_key: str, pattern: str, *args: Any, **kwargs: Any
     ) -> None:
-        self.broker.unbind(exchange, Binding(routing_key or "", pattern or "", queue))
-        self._bound.get(exchange, set()).discard(Binding(routing_key or "", pattern or "", queue))
-        self._tables.pop(exchange, None)
-        self.broker.delete(queue)
+        """kombu's per-binding hook of ``queue_delete``: only this channel's own bookkeeping;
+        ``queue_delete`` removes the queue and all its bindings in Redis once."""
+        with self._bind_lock:
+            self._bound.get(exchange, set()).discard(
+                Binding(routing_key or "", pattern or "", queue)
+            )
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         binding = Binding(routing_key or "", pattern or "", queue)
         if queue in self._ephemeral:
-            self.broker.bind(exchange, binding, int(self.options.binding_ttl * 1000))
+            self.broker.bind(exchange, binding, self.options.binding_ttl_ms)
             with self._bind_lock:
                 self._bound.setdefault(exchange, set()).add(binding)
         else:
@@ -255,7 +257,7 @@ class Channel(virtual.Channel):
             if queue in self._no_ack:
                 # At-most-once consumer (e.g. Celery's remote-control mailbox): settled on
                 # receipt, with the next round trip.
-                self._settle(tag, "ack")
+                self.settle_ack(tag)
             self.connection._deliver(payload, queue)
             return True
         return False
@@ -263,7 +265,7 @@ class Channel(virtual.Channel):
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
         if message is not None and no_ack:
-            self._settle(message.delivery_tag, "ack")
+            self.settle_ack(message.delivery_tag)
         return message
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
@@ -301,35 +303,41 @@ class Channel(virtual.Channel):
 
     # -- settling --------------------------------------------------------------------------
 
-    def _settle(self, tag: str, action: str, reason: tuple[str, str] | None = None) -> None:
-        # An ack from the consuming thread is flushed with its next fetch (same round trip) or
-        # by the renewer; acks from pool threads are written at once.
-        if action == "ack" and self.transport.in_drain_thread():
-            if self.holdings.buffer_ack(tag):
-                return
-            lease = None
-        else:
-            lease = self.holdings.settle(tag)
-        if lease is None:
-            logger.warning("delivery %s: %s ignored, its lease was lost", tag, action)
+    def settle_ack(self, tag: str) -> None:
+        """Ack a delivery. From the consuming thread the ack rides on its next fetch (same
+        round trip) or the renewer's next round; from pool threads it is written at once."""
+        if self.transport.in_drain_thread():
+            if not self.holdings.buffer_ack(tag):
+                _log_ignored(tag, "ack")
             return
-        if action == "ack":
-            lost = self.broker.ack([lease])
+        lease = self._release(tag, "ack")
+        if lease is not None:
+            _log_lost(self.broker.ack([lease]), "ack")
             self.transport.wake_if_waiting()
-        elif action == "requeue":
-            lost = self.broker.requeue([lease])
+
+    def settle_requeue(self, tag: str) -> None:
+        """Reject with requeue: back to the front of its band, the delivery counted."""
+        lease = self._release(tag, "requeue")
+        if lease is not None:
+            _log_lost(self.broker.requeue([lease]), "requeue")
+
+    def settle_dead(self, tag: str, reason: str, detail: str) -> None:
+        """Reject without requeue: into the queue's dead-letter store, with a reason."""
+        lease = self._release(tag, "dead-letter")
+        if lease is None:
+            return
+        if self.broker.dead_letter(lease, reason, detail):
+            logger.warning(
+                "queue %s message %s dead-lettered: %s: %s", lease.queue, lease.key, reason, detail
+            )
         else:
-            assert reason is not None
-            lost = [] if self.broker.dead_letter(lease, reason[0], reason[1]) else [lease]
-            if not lost:
-                logger.warning(
-                    "queue %s message %s dead-lettered: %s: %s",
-                    lease.queue,
-                    lease.key,
-                    reason[0],
-                    reason[1],
-                )
-        _log_lost(lost, action)
+            _log_lost([lease], "dead-letter")
+
+    def _release(self, tag: str, action: str) -> Lease | None:
+        lease = self.holdings.settle(tag)
+        if lease is None:
+            _log_ignored(tag, action)
+        return lease
 
     def _restore_tags(self, tags: list[str]) -> None:
         leases = self.holdings.settle_many(tags)
@@ -370,6 +378,10 @@ class Channel(virtual.Channel):
         if leftovers:
             with contextlib.suppress(BrokerConnectionError):
                 self.broker.requeue(leftovers, uncount=True)
+
+
+def _log_ignored(tag: str, action: str) -> None:
+    logger.warning("delivery %s: %s ignored, its lease was lost", tag, action)
 
 
 def _log_lost(lost: list[Lease], action: str) -> None:
@@ -451,8 +463,7 @@ class Transport(virtual.Transport):
             ) from exc
         except REDIS_CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(
-                f"cannot reach Redis at {self.redis.connection_pool.connection_kwargs.get('host')}:"
-                f"{self.redis.connection_pool.connection_kwargs.get('port')}: {exc}"
+                f"cannot reach Redis at {params.get('host')}:{params.get('port')}: {exc}"
             ) from exc
         return super().establish_connection()
 
@@ -472,8 +483,11 @@ class Transport(virtual.Transport):
         """
         self._holding = True
 
+    def _take_acks(self) -> list[Lease]:
+        return [lease for channel in self.channels for lease in channel.holdings.take_acks()]
+
     def _flush_acks(self) -> None:
-        acks = [lease for channel in self.channels for lease in channel.holdings.take_acks()]
+        acks = self._take_acks()
         if acks:
             _log_lost(self.broker.ack(acks), "ack")
 
@@ -511,7 +525,7 @@ class Transport(virtual.Transport):
             for exchange, group in channel.ephemeral_bindings().items():
                 bindings.setdefault(exchange, set()).update(group)
         if bindings:
-            self.broker.refresh_bindings(bindings, int(self.options.binding_ttl * 1000))
+            self.broker.refresh_bindings(bindings, self.options.binding_ttl_ms)
 
     # -- draining --------------------------------------------------------------------------
 
@@ -544,7 +558,7 @@ class Transport(virtual.Transport):
         Reserving also reclaims expired leases of the queues, so an idle consumer, woken at
         least every ``sweep_interval``, brings a dead consumer's messages back.
         """
-        acks = [lease for channel in self.channels for lease in channel.holdings.take_acks()]
+        acks = self._take_acks()
         channels = [c for c in self.channels if c.consumable()]
         requests = [
             ReserveRequest(
