@@ -39,6 +39,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--server", choices=("redis", "valkey"), default="redis")
     parser.add_argument("--raw-n", type=int, help="messages per raw run (default 20000)")
     parser.add_argument("--e2e-n", type=int, help="tasks per end-to-end run (default 10000)")
+    parser.add_argument("--eta-n", type=int, help="countdown tasks per eta memory run (100000)")
     parser.add_argument("--output", help="result file name in bench/results (default: latest)")
     args = parser.parse_args(argv)
     groups = args.only.split(",") if args.only else list(GROUPS)
@@ -60,6 +61,8 @@ def settings(args: argparse.Namespace) -> Settings:
         changes["raw_n"] = args.raw_n
     if args.e2e_n is not None:
         changes["e2e_n"] = args.e2e_n
+    if args.eta_n is not None:
+        changes["eta_n"] = args.eta_n
     return replace(s, **changes)
 
 
@@ -121,6 +124,12 @@ NOTES = [
     "kombu redis redelivers only from a periodic restore sweep (every unacked_restore_interval "
     "x unacked_restore_throttle = 10 x 10 s by default, plus once at worker start-up) and only "
     "messages older than visibility_timeout.",
+    "eta: -P solo worker. Memory: RSS growth of the worker's process group (psutil) after "
+    "eta_n tasks with countdown=3600 were published and received (kombu: its queue list empty, "
+    "all in unacked; celery-msg: all counted as scheduled) and RSS stopped growing; server = "
+    "growth of used_memory; 'ran' counts any of them that ran (must be 0). Lateness: tasks with "
+    "ETAs 5-10 s ahead, 4 per due time; lateness = task start - eta (same clock); early starts "
+    "and tasks run twice or never are totals over all runs.",
     "long task: an acks_late task sleeping 15 s on a -P solo worker, with lease_timeout (ours) "
     "or visibility_timeout (kombu) of 5 s; a second worker starts after 6 s. kombu restores the "
     "still-running message at that worker's start-up, so it runs twice; ours is renewed.",

@@ -49,6 +49,12 @@ class Settings:
     #: Longest wait for kombu with visibility_timeout=30 (its sweep runs every ~100 s).
     kombu_vt_cap: float = 130.0
     kombu_vt: float = 30.0
+    #: Tasks published with a countdown while a worker runs (memory), and that countdown (s).
+    eta_n: int = 100_000
+    eta_countdown: float = 3600.0
+    #: Tasks with ETAs spread over ``eta_spread`` s (starting 5 s ahead) for lateness.
+    eta_tasks: int = 200
+    eta_spread: float = 5.0
     quick: bool = False
 
     def quicken(self) -> Settings:
@@ -60,6 +66,7 @@ class Settings:
             idle_seconds=3.0,
             latency_count=20,
             recovery_cap=15.0,
+            eta_n=5_000,
             quick=True,
         )
 

@@ -27,6 +27,8 @@ class Row:
     target: str = ""
     #: Given (ours, kombu, ratio), whether the target is met; None when there is no target.
     check: Callable[[float, float | None, float | None], bool] | None = None
+    #: Which value of the summary is shown: the median of the runs, or their total.
+    key: str = "median"
 
 
 def _rate(v: float) -> str:
@@ -43,6 +45,18 @@ def _ms(v: float) -> str:
 
 def _s(v: float) -> str:
     return f"{v:.1f} s"
+
+
+def _mb(v: float) -> str:
+    return f"{v:,.1f} MB"
+
+
+def _count(v: float) -> str:
+    return f"{v:.0f}"
+
+
+def _none(ours: float, kombu: float | None, ratio: float | None) -> bool:
+    return ours == 0
 
 
 def _ratio_at_least(x: float) -> Callable[[float, float | None, float | None], bool]:
@@ -70,6 +84,19 @@ ROWS = (
         "1",
         lambda ours, kombu, ratio: ours == 1,
     ),
+    Row("eta_rss", "worker RSS growth, N countdown (1 h) tasks received", _mb),
+    Row("eta_server", "server memory growth, same N tasks", _mb),
+    Row("eta_ran", "countdown (1 h) tasks that ran early, all runs", _count, "0", _none, "total"),
+    Row("eta_late_p50", "eta -> task start (lateness), p50", _ms),
+    Row(
+        "eta_late_p99",
+        "eta -> task start (lateness), p99",
+        _ms,
+        "< 1 s",
+        lambda ours, kombu, ratio: ours < 1000,
+    ),
+    Row("eta_early", "ETA tasks started before their eta, all runs", _count, "0", _none, "total"),
+    Row("eta_not_once", "ETA tasks not run exactly once, all runs", _count, "0", _none, "total"),
 )
 
 
@@ -77,7 +104,7 @@ def _cell(entry: dict[str, Any] | None, row: Row) -> tuple[str, float | None]:
     """The text of one cell and its value (None when missing or beyond a cap)."""
     if entry is None:
         return "-", None
-    value = entry.get("median")
+    value = entry.get(row.key)
     if value is None:
         note = entry.get("note", "")
         return f"> {entry['cap_s']:.0f} s" + (f" ({note})" if note else ""), None
@@ -189,7 +216,9 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             f"- medians of {s['runs']} run(s); raw N={s['raw_n']:,} x {s['size']} B, "
             f"prefetch {s['prefetch']}; e2e N={s['e2e_n']:,} no-op tasks; "
             f"idle {s['idle_seconds']:.0f} s; latency {s['latency_count']} tasks "
-            f"{s['latency_spacing'] * 1000:.0f} ms apart",
+            f"{s['latency_spacing'] * 1000:.0f} ms apart; eta N={s.get('eta_n', 0):,} tasks "
+            f"with countdown {s.get('eta_countdown', 0):.0f} s, lateness "
+            f"{s.get('eta_tasks', 0)} tasks over {s.get('eta_spread', 0):.0f} s",
             "",
             table(results),
             "",

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from . import celery_e2e, idle, latency, long_task, raw, recovery
+from . import celery_e2e, eta, idle, latency, long_task, raw, recovery
 from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, summarize
 
 Results = dict[str, dict[str, Any]]
@@ -130,6 +130,50 @@ def run_long_task(bench: Bench) -> Results:
     return results
 
 
+def run_eta(bench: Bench) -> Results:
+    """Countdown tasks held by the worker (memory) and ETA punctuality (lateness)."""
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    details: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in range(1, bench.settings.runs + 1):
+        for transport in _order(run):
+            out = eta.memory(bench, transport)
+            details[transport].append(out)
+            values["eta_rss"][transport].append(out["rss_mb"])
+            values["eta_server"][transport].append(out["server_mb"])
+            values["eta_ran"][transport].append(out["ran"])
+            log(
+                f"eta memory run {run} {LABELS[transport]:>11}: {out['n']:,} tasks, worker RSS "
+                f"+{out['rss_mb']:.1f} MB ({out['rss_before_mb']:.0f} -> "
+                f"{out['rss_after_mb']:.0f} MB), server +{out['server_mb']:.1f} MB, ran "
+                f"{out['ran']}; publish {out['publish_per_s']:,.0f}/s, all received "
+                f"{out['receive_after_publish_s']:.1f} s after publishing"
+            )
+        for transport in _order(run):
+            out = eta.lateness(bench, transport)
+            details[transport].append(out)
+            values["eta_late_p50"][transport].append(out["p50_ms"])
+            values["eta_late_p99"][transport].append(out["p99_ms"])
+            values["eta_early"][transport].append(out["early"])
+            values["eta_not_once"][transport].append(out["not_once"])
+            log(
+                f"eta lateness run {run} {LABELS[transport]:>11}: p50 {out['p50_ms']:.1f} ms "
+                f"p99 {out['p99_ms']:.1f} ms (min {out['min_ms']:.1f}, max "
+                f"{out['max_ms']:.1f}); early {out['early']}, missing {out['missing']}, "
+                f"duplicates {out['duplicates']}"
+            )
+    units = {"eta_rss": "MB", "eta_server": "MB", "eta_late_p50": "ms", "eta_late_p99": "ms"}
+    results: Results = {
+        metric: {
+            transport: summarize(runs, units.get(metric, "tasks"), total=sum(runs))
+            for transport, runs in by_transport.items()
+        }
+        for metric, by_transport in values.items()
+    }
+    for transport, runs in details.items():
+        results["eta_rss"][transport]["details"] = runs
+    return results
+
+
 def _recover(
     bench: Bench, transport: str, runs: int, cap: float, options: dict[str, Any], note: str = ""
 ) -> dict[str, Any]:
@@ -172,4 +216,5 @@ GROUPS: dict[str, Callable[[Bench], Results]] = {
     "latency": run_latency,
     "recovery": run_recovery,
     "long": run_long_task,
+    "eta": run_eta,
 }

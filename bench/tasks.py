@@ -56,6 +56,11 @@ def sleeper(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def delayed(index: int) -> None:
+    """ETA/countdown: record every start (index and time), so that early or repeated runs show."""
+    _store().rpush(f"{_prefix()}:runs", f"{index} {time.time()!r}")
+
+
 def make_app(broker_url: str, transport_options: dict[str, Any] | None = None) -> Celery:
     app = Celery("bench", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -69,6 +74,7 @@ def make_app(broker_url: str, transport_options: dict[str, Any] | None = None) -
     app.task(name="bench.noop")(noop)
     app.task(name="bench.probe")(probe)
     app.task(name="bench.sleeper", acks_late=True)(sleeper)
+    app.task(name="bench.delayed")(delayed)
     return app
 
 

@@ -16,8 +16,10 @@ from .errors import (
     ConfigurationError,
     LeaseLost,
     MessageNotFound,
+    PoisonMessage,
     ScriptError,
 )
+from .policy import DeadLetter, Exponential, Fixed, Policies, Policy, Retry
 
 __version__ = "0.1.0"
 
@@ -28,8 +30,15 @@ __all__ = [
     "BrokerConnectionError",
     "CeleryMsgError",
     "ConfigurationError",
+    "DeadLetter",
+    "Exponential",
+    "Fixed",
     "LeaseLost",
     "MessageNotFound",
+    "PoisonMessage",
+    "Policies",
+    "Policy",
+    "Retry",
     "ScriptError",
     "__version__",
     "configure",

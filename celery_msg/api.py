@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from celery import Celery
 
 from .core import Broker, MessageInfo
+from .deadletters import DeadFilter, DeadLetters, DeadMessage
 from .errors import ConfigurationError
 
 
@@ -43,3 +44,24 @@ def queue_counts(app: Celery) -> dict[str, dict[str, int]]:
     """READY / RESERVED / DEAD counts of every queue ``app``'s broker knows."""
     with broker_for(app) as broker:
         return {queue: broker.counts(queue) for queue in broker.queues()}
+
+
+def dead_letters(
+    app: Celery, where: DeadFilter | None = None, limit: int = 1000
+) -> list[DeadMessage]:
+    """Up to ``limit`` dead messages of ``app``'s queues matching ``where``, oldest first per
+    queue; each carries its reason, exception, traceback, failure times and the whole message."""
+    with broker_for(app) as broker:
+        found: list[DeadMessage] = []
+        for message in DeadLetters(broker).iter(where):
+            found.append(message)
+            if len(found) >= limit:
+                break
+        return found
+
+
+def replay(app: Celery, messages: list[DeadMessage]) -> int:
+    """Put dead messages back at the end of their queues, each at most once; returns how many
+    were replayed (ones replayed or purged meanwhile are skipped)."""
+    with broker_for(app) as broker:
+        return DeadLetters(broker).replay(messages)

@@ -9,6 +9,9 @@ task headers and unknown tasks. It also validates the transport options at start
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, signals
@@ -16,18 +19,31 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import safe_repr
 
+from .core import Broker
+from .errors import PoisonMessage
+from .headers import expires_ms
 from .options import TransportOptions
+from .policy import Policies, Resolved, policies_from
+from .worker import Strategies, ack_modes, install
 
 CONSUMER = "celery_msg.app:Consumer"
 
+logger = logging.getLogger(__name__)
 
-def configure(app: Celery, **transport_options: Any) -> Celery:
-    """Make ``app`` dead-letter bad input and check its celery-msg options now, not later.
 
-    ``transport_options`` are merged into ``broker_transport_options``. Raises
-    :class:`celery_msg.ConfigurationError` naming the first invalid option.
+def configure(app: Celery, *, policies: Policies | None = None, **transport_options: Any) -> Celery:
+    """Make ``app`` dead-letter bad input, apply its policies, and check its celery-msg options
+    now, not later.
+
+    ``policies`` (else the app's ``msg_policies`` setting, ``CELERY_MSG_POLICIES`` in Django)
+    and ``transport_options`` go into ``broker_transport_options``. Call it after the app's
+    configuration is loaded. Raises :class:`celery_msg.ConfigurationError` naming the first
+    invalid option or policy field.
     """
     options = {**(app.conf.broker_transport_options or {}), **transport_options}
+    options["policies"] = policies_from(
+        policies if policies is not None else app.conf.get("msg_policies")
+    )
     if _uses_celery_msg(app):
         TransportOptions.from_mapping(options)
     app.conf.broker_transport_options = options
@@ -46,13 +62,37 @@ def _mark(message: Any, reason: str, detail: str) -> None:
     message.dead_letter_reason = (reason, detail)
 
 
+def _broker_of(message: Any) -> Broker | None:
+    broker = getattr(getattr(getattr(message, "channel", None), "transport", None), "broker", None)
+    return broker if isinstance(broker, Broker) else None
+
+
+def app_policies(app: Celery) -> Policies:
+    """The policies :func:`configure` put into ``app``'s transport options."""
+    return policies_from((app.conf.broker_transport_options or {}).get("policies"))
+
+
 class Consumer(CeleryConsumer):
     """Celery's worker consumer, but nothing it cannot run is acked away, and nothing more is
     started once a warm shutdown begins (prefetched messages go back to their queue)."""
 
+    Strategies = Strategies
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.policies = app_policies(self.app)
+        # Before the pool forks: its processes inherit the prepared tasks.
+        install(self.app, self.policies)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=True)
+
+    def update_strategies(self) -> None:
+        install(self.app, self.policies)
+        super().update_strategies()
+        self.strategies.build_variants(
+            self.app.tasks.values(),
+            ack_modes(self.policies),
+            lambda task, view: type(task).start_strategy(view, self.app, self),
+        )
 
     def _on_shutting_down(self, **kwargs: Any) -> None:
         connection = self.connection
@@ -80,6 +120,8 @@ class Consumer(CeleryConsumer):
         handler = super().create_task_handler(*args, **kwargs)
         accept = prepare_accept_content(self.app.conf.accept_content)
 
+        strategies = self.strategies
+
         def on_task_received(message: Any) -> Any:
             content_type = message.content_type
             if accept and content_type not in accept:
@@ -89,14 +131,82 @@ class Consumer(CeleryConsumer):
                     f"content type {content_type!r} is not in accept_content",
                 )
                 return self._log_and_reject(message, "content type not accepted")
-            return handler(message)
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            queue = (message.delivery_info or {}).get("queue")
+            policy = self.policies.resolve(headers.get("task"), queue)
+            if self._expired(message, headers, queue, policy) or self._poison(message, policy):
+                return None
+            if policy.ack == "early":
+                # At most once: the ack must be in Redis before the task starts, not ride on
+                # the next fetch (a solo worker runs the task before fetching again).
+                message.ack_now = True
+            strategies.mode = policy.ack
+            try:
+                return handler(message)
+            finally:
+                strategies.mode = None
 
         return on_task_received
 
-    def _log_and_reject(self, message: Any, what: str) -> None:
-        import logging
+    def _expired(
+        self, message: Any, headers: dict[str, Any], queue: str | None, policy: Resolved
+    ) -> bool:
+        """Count a message whose ``expires`` has passed; dead-letter it if its policy says so
+        (True). Otherwise Celery's own check revokes it (it is not run) and acks it."""
+        expires = expires_ms(headers)
+        if expires is None or expires > time.time() * 1000:
+            return False
+        broker = _broker_of(message)
+        if broker is not None and queue is not None:
+            broker.count(queue, "expired")
+        dead_letter = policy.dead_letter
+        if not (dead_letter.enabled and dead_letter.expired):
+            return False
+        task_id = headers.get("id")
+        _mark(message, "expired", f"expired at {headers.get('expires')}, before it could run")
+        logger.warning("task %s[%s] expired; dead-lettered", headers.get("task"), task_id)
+        message.reject(requeue=False)
+        if task_id:
+            self._store_state(task_id, lambda backend: backend.mark_as_revoked(task_id, "expired"))
+        return True
 
-        logging.getLogger(__name__).error(
+    def _poison(self, message: Any, policy: Resolved) -> bool:
+        """Dead-letter (or drop) a message delivered more than ``max_deliveries`` times."""
+        limit = policy.max_deliveries
+        deliveries = int((message.delivery_info or {}).get("delivery_count") or 0)
+        if not limit or deliveries <= limit:
+            return False
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        detail = f"delivered {deliveries - 1} times without an ack"
+        if policy.dead_letter.enabled:
+            _mark(message, "poison", detail)
+        else:
+            message.drop_on_reject = True
+        logger.error(
+            "task %s[%s] is poison (%s); %s",
+            headers.get("task"),
+            headers.get("id"),
+            detail,
+            "dead-lettered" if policy.dead_letter.enabled else "dropped",
+        )
+        message.reject(requeue=False)
+        task_id = headers.get("id")
+        if task_id:
+            error = PoisonMessage(f"{detail}: it kept killing its worker")
+            self._store_state(task_id, lambda backend: backend.mark_as_failure(task_id, error))
+        return True
+
+    def _store_state(self, task_id: str, store: Callable[[Any], Any]) -> None:
+        """Tell the result backend (if any), so that callers waiting on the result return."""
+        try:
+            backend = self.app.backend
+            if type(backend).__name__ != "DisabledBackend":
+                store(backend)
+        except Exception:
+            logger.exception("task %s: could not store its state in the result backend", task_id)
+
+    def _log_and_reject(self, message: Any, what: str) -> None:
+        logger.error(
             "%s; dead-lettered: content_type=%s headers=%s",
             what,
             safe_repr(message.content_type),

@@ -6,8 +6,9 @@ be pipelined, and translates redis-py errors into :mod:`celery_msg.errors`.
 
 A message is stored once per queue under a *key*: its ID, or ``ID/<n>`` when that ID is already
 stored in the queue (a Celery retry republishes the same task id while the first delivery is
-still leased). Its life: READY -> RESERVED (leased, with a fencing token) -> ACKED (gone) |
-READY again (requeued, or its lease expired) | DEAD (dead-letter store, with a reason).
+still leased). Its life: [SCHEDULED (waiting for its due time) ->] READY -> RESERVED (leased,
+with a fencing token) -> ACKED (gone) | READY again (requeued, or its lease expired) | DEAD
+(dead-letter store, with a reason).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import redis
 from redis.commands.core import Script
 
 from .errors import BrokerConnectionError, MessageNotFound, ScriptError
-from .keys import QueueKeys, bindings_key, queues_key
+from .keys import QueueKeys, bindings_key, exchanges_key, queues_key
 from .scripts import Code, Scripts
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ BAND = 2**44
 class State(StrEnum):
     """Where a message is in its life."""
 
+    SCHEDULED = "SCHEDULED"
     READY = "READY"
     RESERVED = "RESERVED"
     DEAD = "DEAD"
@@ -63,6 +65,17 @@ class Delivery:
     token: int
     deliveries: int
     payload: bytes
+
+
+class Round(NamedTuple):
+    """The outcome of one :meth:`Broker.settle_and_reserve` round trip."""
+
+    #: The deliveries of each request, in request order.
+    deliveries: list[list[Delivery]]
+    #: Acks refused because their lease was lost.
+    lost: list[Lease]
+    #: Earliest due time (ms) of a scheduled message in the requested queues, or None.
+    next_due_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +110,8 @@ class MessageInfo:
     priority_band: int | None
     owner: str | None
     lease_deadline: float | None
+    #: When a SCHEDULED message becomes due (seconds since the epoch).
+    due: float | None
     dead_reason: dict[str, Any] | None
     payload: bytes | None
 
@@ -274,15 +289,21 @@ class Broker:
             return int(self.client.zcard(self.keys(queue).ready))
 
     def counts(self, queue: str) -> dict[str, int]:
-        """READY, RESERVED and DEAD counts of ``queue`` in one round trip."""
+        """READY, RESERVED, SCHEDULED and DEAD counts of ``queue`` in one round trip."""
         keys = self.keys(queue)
         with translated_errors(f"counts of {queue!r}"):
             pipe = self.client.pipeline(transaction=False)
             pipe.zcard(keys.ready)
             pipe.zcard(keys.leased)
+            pipe.zcard(keys.sched)
             pipe.zcard(keys.dead)
-            ready, reserved, dead = pipe.execute()
-        return {"ready": int(ready), "reserved": int(reserved), "dead": int(dead)}
+            ready, reserved, scheduled, dead = pipe.execute()
+        return {
+            "ready": int(ready),
+            "reserved": int(reserved),
+            "scheduled": int(scheduled),
+            "dead": int(dead),
+        }
 
     def stats(self, queue: str) -> dict[str, int]:
         """Lifetime counters of ``queue``: published, acked, requeued, reclaimed, dead, ..."""
@@ -290,8 +311,14 @@ class Broker:
             raw = self.client.hgetall(self.keys(queue).stats)
         return {_text(k): int(v) for k, v in raw.items()}
 
+    def count(self, queue: str, counter: str, n: int = 1) -> None:
+        """Add ``n`` to one of ``queue``'s lifetime counters (see :meth:`stats`)."""
+        with translated_errors(f"count {counter} in {queue!r}"):
+            self.client.hincrby(self.keys(queue).stats, counter, n)
+
     def purge(self, queue: str, batch: int = 1000) -> int:
-        """Remove every READY message of ``queue`` (in bounded steps); returns how many."""
+        """Remove every READY and SCHEDULED message of ``queue`` (in bounded steps); returns
+        how many."""
         keys = self.keys(queue).all
         total = 0
         with translated_errors(f"purge {queue!r}"):
@@ -311,29 +338,53 @@ class Broker:
 
     # -- message life ----------------------------------------------------------------------
 
-    def publish(self, queue: str, message_id: str, payload: bytes | str, band: int) -> str:
-        """Append a message to its priority band; returns its key in this queue."""
+    def publish(
+        self,
+        queue: str,
+        message_id: str,
+        payload: bytes | str,
+        band: int,
+        *,
+        due_ms: int = 0,
+        unique: bool = False,
+    ) -> str:
+        """Append a message to its priority band, or schedule it when ``due_ms`` (epoch ms) is
+        in the future; returns its key in this queue.
+
+        ``unique``: if ``message_id`` is still pending in this queue (ready, reserved or
+        scheduled), store nothing and return it (an idempotent ``.delay()``)."""
         keys = self.keys(queue).all
-        args = (message_id, payload, band)
+        args = (message_id, payload, band, _due(due_ms, self.now_ms()), 1 if unique else 0)
         with translated_errors(f"publish to {queue!r}"):
-            key = self._publisher.evalsha(self.scripts.publish, keys, args)
-            if key is _BUSY:
-                key = self.scripts.publish(keys=keys, args=args)
-        return _text(key)
+            reply = self._publisher.evalsha(self.scripts.publish, keys, args)
+            if reply is _BUSY:
+                reply = self.scripts.publish(keys=keys, args=args)
+        return _text(reply[0])
 
     def publish_many(
-        self, queues: Sequence[str], message_id: str, payload: bytes | str, band: int
+        self,
+        queues: Sequence[str],
+        message_id: str,
+        payload: bytes | str,
+        band: int,
+        *,
+        due_ms: int = 0,
     ) -> list[str]:
         """Publish one message into several queues (a broadcast) in one round trip."""
         if not queues:
             return []
+        args = [message_id, payload, band, _due(due_ms, self.now_ms()), 0]
         with translated_errors(f"publish to {len(queues)} queues"):
             pipe = self.client.pipeline(transaction=False)
             for queue in queues:
-                self.scripts.publish(
-                    keys=self.keys(queue).all, args=[message_id, payload, band], client=pipe
-                )
-            return [_text(k) for k in pipe.execute()]
+                self.scripts.publish(keys=self.keys(queue).all, args=args, client=pipe)
+            return [_text(r[0]) for r in pipe.execute()]
+
+    def promote(self, queue: str, limit: int | None = None) -> int:
+        """Move due scheduled messages of ``queue`` to its back; returns how many."""
+        batch = self.reclaim_batch if limit is None else limit
+        with translated_errors(f"promote in {queue!r}"):
+            return int(self.scripts.promote(keys=self.keys(queue).all, args=[self.now_ms(), batch]))
 
     def reserve(
         self,
@@ -346,7 +397,8 @@ class Broker:
     ) -> list[Delivery]:
         """Lease up to ``count`` messages from ``queues`` in one script call.
 
-        Expired leases of those queues are reclaimed first. With ``order="strict"`` earlier
+        Expired leases of those queues are reclaimed and due scheduled messages promoted
+        first. With ``order="strict"`` earlier
         queues are drained first; with ``"fair"`` one message is taken from each queue in turn,
         beginning with ``queues[start]``.
         """
@@ -359,15 +411,12 @@ class Broker:
 
     def settle_and_reserve(
         self, acks: Sequence[Lease], requests: Sequence[ReserveRequest]
-    ) -> tuple[list[list[Delivery]], list[Lease]]:
-        """Ack ``acks`` and serve every request in a single round trip (a consumer's hot path).
-
-        Returns the deliveries of each request, in order, and the acks whose lease was lost.
-        """
+    ) -> Round:
+        """Ack ``acks`` and serve every request in a single round trip (a consumer's hot path)."""
         by_queue = _group(acks)
         wanted = [r for r in requests if r.count > 0 and r.queues]
         if not by_queue and not wanted:
-            return [[] for _ in requests], []
+            return Round([[] for _ in requests], [], None)
         with translated_errors("ack and reserve"):
             pipe = self.client.pipeline(transaction=False)
             for queue, group in by_queue.items():
@@ -379,8 +428,18 @@ class Broker:
             results = pipe.execute()
         lost = _lost(by_queue.values(), results[: len(by_queue)])
         served = iter(results[len(by_queue) :])
-        out = [_deliveries(r, next(served)) if r.count > 0 and r.queues else [] for r in requests]
-        return out, lost
+        out: list[list[Delivery]] = []
+        soonest: int | None = None
+        for request in requests:
+            if request.count > 0 and request.queues:
+                flat = next(served)
+                out.append(_deliveries(request, flat))
+                due = int(flat[-1])
+                if due and (soonest is None or due < soonest):
+                    soonest = due
+            else:
+                out.append([])
+        return Round(out, lost, soonest)
 
     def _reserve_keys(self, request: ReserveRequest) -> list[str]:
         keys: list[str] = []
@@ -441,7 +500,7 @@ class Broker:
         a human sentence; ``extra`` adds JSON-serialisable fields.
         """
         now = self.now_ms()
-        record = {"reason": reason, "detail": detail, "time": now, **extra}
+        record = failure_record(reason, detail, now, **extra)
         with translated_errors(f"dead-letter {lease.key!r} in {lease.queue!r}"):
             code = self.scripts.dead_letter(
                 keys=self.keys(lease.queue).all,
@@ -477,7 +536,7 @@ class Broker:
         found: list[MessageInfo] = []
         for queue in self.queues() if queues is None else queues:
             for key in self._keys_of(queue, message_id):
-                info = self._info(queue, key)
+                info = self.info(queue, key)
                 if info is not None:
                     found.append(info)
         return found
@@ -509,7 +568,8 @@ class Broker:
         seq = {key: int(float(s or 0)) % BAND for key, s in zip(keys, scores, strict=True)}
         return sorted(keys, key=seq.__getitem__)
 
-    def _info(self, queue: str, key: str) -> MessageInfo | None:
+    def info(self, queue: str, key: str) -> MessageInfo | None:
+        """The message stored under ``key`` in ``queue`` (one round trip), or None."""
         k = self.keys(queue)
         with translated_errors(f"look up {key!r} in {queue!r}"):
             pipe = self.client.pipeline(transaction=True)
@@ -517,12 +577,13 @@ class Broker:
             pipe.zscore(k.ready, key)
             pipe.zscore(k.leased, key)
             pipe.zscore(k.dead, key)
+            pipe.zscore(k.sched, key)
             pipe.hget(k.deliv, key)
             pipe.hget(k.order, key)
             pipe.hget(k.owner, key)
             pipe.hget(k.reason, key)
             pipe.hget(k.dups, key)
-            body, ready, leased, dead, deliv, order, owner, reason, dup_of = pipe.execute()
+            body, ready, leased, dead, due, deliv, order, owner, reason, dup_of = pipe.execute()
         if body is None:
             return None
         if leased is not None:
@@ -531,6 +592,8 @@ class Broker:
             state = State.DEAD
         elif ready is not None:
             state = State.READY
+        elif due is not None:
+            state = State.SCHEDULED
         else:
             return None
         return MessageInfo(
@@ -542,6 +605,7 @@ class Broker:
             priority_band=None if order is None else int(float(order)) // BAND,
             owner=None if owner is None else _text(owner),
             lease_deadline=None if leased is None else float(leased) / 1000.0,
+            due=None if due is None else float(due) / 1000.0,
             dead_reason=None if reason is None else json.loads(reason),
             payload=body,
         )
@@ -551,10 +615,21 @@ class Broker:
         with translated_errors(f"list dead letters of {queue!r}"):
             raw = cast(list[bytes], self.client.zrange(self.keys(queue).dead, 0, limit - 1))
         keys = [_text(k) for k in raw]
-        infos = (self._info(queue, key) for key in keys)
+        infos = (self.info(queue, key) for key in keys)
         return [info for info in infos if info is not None]
 
     # -- bindings --------------------------------------------------------------------------
+
+    def declare_exchange(self, exchange: str, kind: str) -> None:
+        """Record ``exchange``'s type (direct, topic, fanout) for every process."""
+        with translated_errors(f"declare exchange {exchange!r}"):
+            self.client.hset(exchanges_key(self.prefix), exchange, kind)
+
+    def exchange_type(self, exchange: str) -> str | None:
+        """The type ``exchange`` was declared with by any process, or None."""
+        with translated_errors(f"read exchange {exchange!r}"):
+            kind = self.client.hget(exchanges_key(self.prefix), exchange)
+        return None if kind is None else _text(kind)
 
     def bind(self, exchange: str, binding: Binding, ttl_ms: int | None = None) -> None:
         """Add a route; with ``ttl_ms`` it expires unless :meth:`refresh_bindings` renews it."""
@@ -627,6 +702,19 @@ class Broker:
         self.delete(binding.queue)
 
 
+def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[str, Any]:
+    """The JSON record kept with a dead message: why, and when it first and last failed.
+
+    ``first_failure`` comes from ``extra`` when the message failed before (its retries);
+    otherwise this failure is the first.
+    """
+    record: dict[str, Any] = {"reason": reason, "detail": detail, "time": now_ms}
+    record.update(extra)
+    record.setdefault("first_failure", now_ms)
+    record["last_failure"] = now_ms
+    return record
+
+
 def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
     queues = request.queues
     return [
@@ -637,8 +725,13 @@ def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
             deliveries=int(flat[i + 3]),
             payload=flat[i + 4],
         )
-        for i in range(0, len(flat), 5)
+        for i in range(0, len(flat) - 1, 5)  # the last entry is the next due time
     ]
+
+
+def _due(due_ms: int, now_ms: int) -> int:
+    """The due time to store: 0 (now) unless it is still in the future."""
+    return due_ms if due_ms > now_ms else 0
 
 
 def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:

@@ -39,3 +39,8 @@ class MessageNotFound(CeleryMsgError, LookupError):
 
 class ScriptError(CeleryMsgError):
     """A server-side script failed; the message keeps the Redis error text."""
+
+
+class PoisonMessage(CeleryMsgError):
+    """Stored as a task's result when its message was delivered more than ``max_deliveries``
+    times without an ack (it kept killing its worker) and went to the dead-letter store."""

@@ -18,12 +18,17 @@ front      STRING  counter: front-of-queue sequence numbers (requeue, reclaim)
 signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
 reason     HASH    message key -> why it was dead-lettered (JSON)
-stats      HASH    counters: published, acked, requeued, reclaimed, dead, lease_lost
+stats      HASH    counters: published, acked, requeued, reclaimed, promoted, dead,
+                   lease_lost, duplicates, expired
 dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
+sched      ZSET    message key -> due time (ms): ETA / countdown / retry messages not yet due
+alias      HASH    message id -> its newest ``id/<n>`` key (for unique publishes)
 =========  ======  ===================================================================
 
 Global keys (no hash tag; never touched by a script): ``<prefix>queues`` (SET of queue names),
-``<prefix>bindings:<exchange>`` (HASH binding -> expiry ms, 0 = permanent) and
+``<prefix>exchanges`` (HASH exchange -> type, so that a publisher that never declared an
+exchange still routes by its type), ``<prefix>bindings:<exchange>`` (HASH binding -> expiry ms,
+0 = permanent) and
 ``<prefix>wake:<consumer>`` (LIST: wakes one consumer blocked while its prefetch was full;
 expires after a minute).
 """
@@ -48,6 +53,8 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "reason",
     "stats",
     "dups",
+    "sched",
+    "alias",
 )
 
 
@@ -76,6 +83,10 @@ class QueueKeys:
 
 def queues_key(prefix: str) -> str:
     return f"{prefix}queues"
+
+
+def exchanges_key(prefix: str) -> str:
+    return f"{prefix}exchanges"
 
 
 def bindings_key(prefix: str, exchange: str) -> str:

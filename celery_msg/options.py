@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import ConfigurationError
+from .policy import Policies
 
 QueueOrder = Literal["fair", "strict"]
 PriorityOrder = Literal["desc", "asc"]
@@ -77,6 +78,9 @@ class TransportOptions:
     socket_timeout: float | None = 30.0
     #: Seconds between client-side health checks of pooled connections.
     health_check_interval: float = 25.0
+    #: Ack, retry and dead-letter policies (:class:`celery_msg.Policies`); set by
+    #: :func:`celery_msg.configure` from the app's ``msg_policies`` setting.
+    policies: Policies = field(default_factory=Policies)
 
     def __post_init__(self) -> None:
         _positive("lease_timeout", self.lease_timeout)
@@ -113,6 +117,10 @@ class TransportOptions:
         if not isinstance(self.key_prefix, str) or not self.key_prefix:
             raise ConfigurationError(
                 f"key_prefix must be a non-empty string, got {self.key_prefix!r}"
+            )
+        if not isinstance(self.policies, Policies):
+            raise ConfigurationError(
+                f"policies must be a celery_msg.Policies, got {type(self.policies).__name__}"
             )
         if "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigurationError("key_prefix must not contain '{' or '}' (Cluster hash tags)")

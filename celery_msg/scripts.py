@@ -27,6 +27,11 @@ SCRIPT_NAMES: tuple[str, ...] = (
     "dead_letter",
     "reclaim",
     "purge",
+    "promote",
+    "bury",
+    "replay",
+    "discard",
+    "trim_dead",
 )
 
 _INCLUDE = re.compile(r"^--@include (\S+)$", re.MULTILINE)
@@ -37,6 +42,7 @@ class Code(enum.IntEnum):
 
     LEASE_LOST = 0
     OK = 1
+    NOT_FOUND = 2
 
 
 def _read(name: str) -> str:
@@ -70,3 +76,8 @@ class Scripts:
         self.dead_letter: Script = client.register_script(source("dead_letter"))
         self.reclaim: Script = client.register_script(source("reclaim"))
         self.purge: Script = client.register_script(source("purge"))
+        self.promote: Script = client.register_script(source("promote"))
+        self.bury: Script = client.register_script(source("bury"))
+        self.replay: Script = client.register_script(source("replay"))
+        self.discard: Script = client.register_script(source("discard"))
+        self.trim_dead: Script = client.register_script(source("trim_dead"))

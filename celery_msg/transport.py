@@ -36,10 +36,12 @@ from redis.retry import Retry
 
 from .connection import BrokerAddress, redis_params
 from .core import REDIS_CONNECTION_ERRORS, Binding, Broker, Delivery, Lease, ReserveRequest
+from .deadletters import DeadLetters
 from .errors import BrokerConnectionError, ConfigurationError, ScriptError
+from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms
 from .holdings import Holdings
 from .keys import wake_key
-from .options import TransportOptions
+from .options import TransportOptions, to_ms
 from .renewer import Renewer
 
 logger = logging.getLogger(__name__)
@@ -64,19 +66,24 @@ class QoS(virtual.QoS):
     restore_at_shutdown = True
 
     def ack(self, delivery_tag: str) -> None:
-        self.channel.settle_ack(delivery_tag)
+        message = self._delivered.get(delivery_tag)
+        self.channel.settle_ack(delivery_tag, now=getattr(message, "ack_now", False))
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        message = self._delivered.get(delivery_tag)
         if requeue:
             self.channel.settle_requeue(delivery_tag)
+        elif getattr(message, "drop_on_reject", False):
+            # Its policy keeps no dead letters: the worker recorded the failure; drop it.
+            self.channel.settle_ack(delivery_tag)
         else:
-            message = self._delivered.get(delivery_tag)
-            reason, detail = getattr(message, "dead_letter_reason", None) or (
+            record = getattr(message, "dead_letter_reason", None) or (
                 "rejected",
                 "the consumer rejected the message without requeue",
             )
-            self.channel.settle_dead(delivery_tag, reason, detail)
+            reason, detail, *extra = record
+            self.channel.settle_dead(delivery_tag, reason, detail, **(extra[0] if extra else {}))
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -124,6 +131,7 @@ class Channel(virtual.Channel):
         self._ready: deque[tuple[str, str, dict[str, Any]]] = deque()
         self._bound: dict[str, set[Binding]] = {}
         self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
+        self._types: dict[str, tuple[float, str]] = {}
         self._start = 0
 
     # -- kombu's storage contract ----------------------------------------------------------
@@ -174,6 +182,28 @@ class Channel(virtual.Channel):
             self.broker.bind(exchange, binding)
         self._tables.pop(exchange, None)
 
+    def exchange_declare(  # type: ignore[override]
+        self, exchange: str | None = None, type: str = "direct", **kwargs: Any
+    ) -> None:
+        super().exchange_declare(exchange, type, **kwargs)
+        if exchange and not kwargs.get("passive"):
+            self.broker.declare_exchange(exchange, type or "direct")
+
+    def typeof(self, exchange: str, default: str = "direct") -> Any:
+        """The exchange's type, also when this process never declared it: Celery does not
+        declare a broadcast queue's exchange before publishing to it, and routing a fanout
+        message as direct would drop it silently."""
+        if exchange not in self.state.exchanges and exchange:
+            cached = self._types.get(exchange)
+            now = time.monotonic()
+            if cached is None or now >= cached[0]:
+                kind = self.broker.exchange_type(exchange) or default
+                cached = self._types[exchange] = (now + self.options.binding_cache_ttl, kind)
+            kind = cached[1]
+            if kind in self.exchange_types:
+                return self.exchange_types[kind]
+        return super().typeof(exchange, default)
+
     def get_table(self, exchange: str) -> list[tuple[str, str, str]]:
         cached = self._tables.get(exchange)
         now = time.monotonic()
@@ -185,13 +215,42 @@ class Channel(virtual.Channel):
         return table
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self.broker.publish(queue, message_id(message), dumps(message), self._band(message))
+        unique = self._unique(queue, message)  # before dumps: it may stamp a header
+        self.broker.publish(
+            queue,
+            message_id(message),
+            dumps(message),
+            self._band(message),
+            due_ms=due_ms(message),
+            unique=unique,
+        )
+
+    def _unique(self, queue: str, message: dict[str, Any]) -> bool:
+        """Whether this publish is idempotent (its queue's or task's policy, or the message's
+        ``celery_msg_unique`` header). A retry never is: it must replace the failed delivery.
+        A retry is stamped with the time of the task's first failure instead, for the
+        dead-letter record should its retries run out."""
+        headers = message.get("headers")
+        if not headers:
+            return False
+        if headers.get("retries"):
+            headers.setdefault(FIRST_FAILURE_HEADER, self.broker.now_ms())
+            return False
+        if headers.get(UNIQUE_HEADER):
+            return True
+        return self.options.policies.resolve(headers.get("task"), queue).unique
 
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
     ) -> None:
         queues = sorted({queue for _, _, queue in self.get_table(exchange)})
-        self.broker.publish_many(queues, message_id(message), dumps(message), self._band(message))
+        self.broker.publish_many(
+            queues,
+            message_id(message),
+            dumps(message),
+            self._band(message),
+            due_ms=due_ms(message),
+        )
 
     def _band(self, message: dict[str, Any]) -> int:
         raw = (message.get("properties") or {}).get("priority")
@@ -296,6 +355,7 @@ class Channel(virtual.Channel):
         props["delivery_tag"] = tag
         info = props.setdefault("delivery_info", {})
         info["delivery_count"] = delivery.deliveries
+        info["queue"] = delivery.queue
         info["message_key"] = delivery.key
         payload["redelivered"] = info["redelivered"] = delivery.deliveries > 1
         self.holdings.add(tag, lease)
@@ -303,10 +363,11 @@ class Channel(virtual.Channel):
 
     # -- settling --------------------------------------------------------------------------
 
-    def settle_ack(self, tag: str) -> None:
+    def settle_ack(self, tag: str, now: bool = False) -> None:
         """Ack a delivery. From the consuming thread the ack rides on its next fetch (same
-        round trip) or the renewer's next round; from pool threads it is written at once."""
-        if self.transport.in_drain_thread():
+        round trip) or the renewer's next round; from pool threads, or with ``now`` (an
+        at-most-once ack that must be written before the task starts), it is written at once."""
+        if not now and self.transport.in_drain_thread():
             if not self.holdings.buffer_ack(tag):
                 _log_ignored(tag, "ack")
             return
@@ -321,12 +382,12 @@ class Channel(virtual.Channel):
         if lease is not None:
             _log_lost(self.broker.requeue([lease]), "requeue")
 
-    def settle_dead(self, tag: str, reason: str, detail: str) -> None:
+    def settle_dead(self, tag: str, reason: str, detail: str, **extra: Any) -> None:
         """Reject without requeue: into the queue's dead-letter store, with a reason."""
         lease = self._release(tag, "dead-letter")
         if lease is None:
             return
-        if self.broker.dead_letter(lease, reason, detail):
+        if self.broker.dead_letter(lease, reason, detail, **extra):
             logger.warning(
                 "queue %s message %s dead-lettered: %s: %s", lease.queue, lease.key, reason, detail
             )
@@ -396,6 +457,11 @@ def _log_lost(lost: list[Lease], action: str) -> None:
         )
 
 
+#: How long before a due time a consumer stops blocking in Redis and sleeps in the client:
+#: Redis ends a blocking command's timeout up to 1/hz (100 ms by default) late.
+DUE_SLACK = 0.1
+
+
 class Transport(virtual.Transport):
     """kombu transport for ``celery-msg://`` and ``celery-msgs://`` (TLS) URLs."""
 
@@ -439,12 +505,14 @@ class Transport(virtual.Transport):
             reclaim_batch=self.options.reclaim_batch,
             max_deliveries=self.options.max_deliveries,
         )
+        self.dead_letters = DeadLetters(self.broker)
         self.wake_key = wake_key(self.options.key_prefix, self.consumer_id)
         self._drain_thread: int | None = None
         self._waiting_for_room = False
         self._renewer: Renewer | None = None
         self._turn = 0
         self._holding = False
+        self._next_due_ms: int | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -526,6 +594,15 @@ class Transport(virtual.Transport):
                 bindings.setdefault(exchange, set()).update(group)
         if bindings:
             self.broker.refresh_bindings(bindings, self.options.binding_ttl_ms)
+        queues = {queue for channel in channels for queue in channel._active_queues}
+        if queues:
+            self.dead_letters.trim({queue: self._retention(queue) for queue in queues})
+
+    def _retention(self, queue: str) -> tuple[int, int]:
+        """(most entries, most age in ms) of ``queue``'s dead-letter store; 0 = unbounded."""
+        policy = self.options.policies.resolve(None, queue).dead_letter
+        max_age = 0 if policy.max_age is None else to_ms(policy.max_age)
+        return policy.max_length or 0, max_age
 
     # -- draining --------------------------------------------------------------------------
 
@@ -550,6 +627,14 @@ class Transport(virtual.Transport):
             wait = self.options.sweep_interval
             if deadline is not None:
                 wait = min(wait, deadline - now)
+            due_in = self._due_in()
+            if due_in is not None and due_in <= wait:
+                if due_in <= DUE_SLACK:
+                    # Too close for a blocking timeout: Redis checks those about every 100 ms
+                    # (hz 10), so BLPOP would wake up to that late. Sleep here instead.
+                    time.sleep(due_in)
+                    continue
+                wait = due_in - DUE_SLACK
             self._wait(max(wait, 0.001))
 
     def _deliver_round(self) -> bool:
@@ -570,9 +655,20 @@ class Transport(virtual.Transport):
             )
             for c in channels
         ]
-        results, lost = self.broker.settle_and_reserve(acks, requests)
-        _log_lost(lost, "ack")
-        return sum(c.accept_all(d) for c, d in zip(channels, results, strict=True)) > 0
+        round_ = self.broker.settle_and_reserve(acks, requests)
+        _log_lost(round_.lost, "ack")
+        # Only a round that asked for messages learns when the next one is due; a full consumer
+        # must not wake early for messages it could not take anyway.
+        self._next_due_ms = round_.next_due_ms if requests else None
+        accepted = zip(channels, round_.deliveries, strict=True)
+        return sum(c.accept_all(d) for c, d in accepted) > 0
+
+    def _due_in(self) -> float | None:
+        """Seconds until the next scheduled message of the consumed queues falls due (the next
+        round then promotes and delivers it), or None when nothing is scheduled."""
+        if self._next_due_ms is None:
+            return None
+        return max(0.0, self._next_due_ms / 1000.0 - time.time())
 
     def _deliver_one(self) -> bool:
         """Hand over one already reserved message, taking channels in turn."""

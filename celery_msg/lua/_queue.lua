@@ -32,6 +32,37 @@ local function enqueue_front(q, key)
   redis.call('ZADD', q.ready, band * BAND + MID - redis.call('INCR', q.front), key)
 end
 
+-- Append key to the back of its band with a fresh sequence number (a scheduled message that
+-- became due: FIFO by due time within its band). `order` follows, so look-ups stay in order.
+local function enqueue_back(q, key)
+  local band = math.floor((tonumber(redis.call('HGET', q.order, key)) or 0) / BAND)
+  local score = band * BAND + MID + redis.call('INCR', q.seq)
+  redis.call('HSET', q.order, key, score)
+  redis.call('ZADD', q.ready, score, key)
+end
+
+-- Store payload under a free key for id: the id itself, or id/<n> when that id is already
+-- stored in q (mapped back to id in `dups`; `alias` maps id to its newest such key). Returns
+-- the key and the sequence number it used.
+local function store_new(q, id, payload)
+  local key = id
+  local seq = redis.call('INCR', q.seq)
+  while redis.call('HSETNX', q.body, key, payload) == 0 do
+    key = id .. '/' .. seq
+    seq = redis.call('INCR', q.seq)
+  end
+  if key ~= id then
+    redis.call('HSET', q.dups, key, id)
+    redis.call('HSET', q.alias, id, key)
+  end
+  return key, seq
+end
+
+-- Whether key is stored and not dead: ready, scheduled or reserved.
+local function pending(q, key)
+  return redis.call('HEXISTS', q.body, key) == 1 and not redis.call('ZSCORE', q.dead, key)
+end
+
 local function holds(q, key, token)
   return redis.call('HGET', q.token, key) == token
 end
@@ -49,7 +80,12 @@ local function forget(q, key)
   redis.call('HDEL', q.body, key)
   redis.call('HDEL', q.order, key)
   redis.call('HDEL', q.deliv, key)
-  redis.call('HDEL', q.dups, key)
+  local owner = redis.call('HGET', q.dups, key)
+  if owner then
+    redis.call('HDEL', q.dups, key)
+    if redis.call('HGET', q.alias, owner) == key then redis.call('HDEL', q.alias, owner) end
+  end
+  redis.call('ZREM', q.sched, key)
 end
 
 -- Move up to limit expired leases back to the front of the queue. Returns how many moved.
@@ -66,4 +102,27 @@ local function reclaim_expired(q, now, limit)
     signal(q)
   end
   return #expired
+end
+
+-- Move up to limit scheduled messages that are due (due time <= now) to the back of their band,
+-- earliest due first. Atomic like reclaim_expired: each is moved exactly once, and a process
+-- that dies around this call leaves every message either scheduled or ready, never neither.
+local function promote_due(q, now, limit)
+  local due = redis.call('ZRANGEBYSCORE', q.sched, '-inf', now, 'LIMIT', 0, limit)
+  for _, key in ipairs(due) do
+    redis.call('ZREM', q.sched, key)
+    enqueue_back(q, key)
+  end
+  if #due > 0 then
+    count(q, 'promoted', #due)
+    signal(q)
+  end
+  return #due
+end
+
+-- The earliest due time of q's scheduled messages (ms), or nil when none waits.
+local function next_due(q)
+  local first = redis.call('ZRANGE', q.sched, 0, 0, 'WITHSCORES')
+  if #first == 0 then return nil end
+  return tonumber(first[2])
 end

@@ -1,24 +1,36 @@
--- publish: store a message and append it to its priority band (READY).
+-- publish: store a message and append it to its priority band (READY), or, with a due time in
+-- the future, keep it in the queue's schedule (SCHEDULED) until a consumer promotes it.
 -- KEYS: the NK keys of one queue (celery_msg/keys.py).
--- ARGV[1] message id, ARGV[2] payload, ARGV[3] priority band (0 is served first).
--- Returns the message key: the id itself, or a free id/<n> when that id is already stored in
--- this queue (a Celery retry republishes the same task id while the old delivery is still
--- leased); such keys are mapped back to their id in `dups`. The score goes to `order` too:
--- it keeps the band (for a requeue) and the publish order (for look-ups). The hot path of
--- every publisher: six commands.
+-- ARGV[1] message id, ARGV[2] payload, ARGV[3] priority band (0 is served first),
+-- ARGV[4] due time (ms; 0 = now), ARGV[5] '1' for a unique publish.
+-- Returns {message key, 1} for a new message: the id itself, or a free id/<n> when that id is
+-- already stored in this queue (a Celery retry republishes the same task id while the old
+-- delivery is still leased); such keys are mapped back to their id in `dups`.
+-- A unique publish of an id that is still pending here (ready, reserved or scheduled, not dead:
+-- under the id itself or its newest id/<n> key) stores nothing and returns {id, 0}.
+-- The score goes to `order` too: it keeps the band (for a requeue) and the publish order (for
+-- look-ups). The hot path of every publisher: six commands.
 --@include _queue.lua
 local q = queue_keys(0)
 local id = ARGV[1]
-local key = id
-local seq = redis.call('INCR', q.seq)
-while redis.call('HSETNX', q.body, key, ARGV[2]) == 0 do
-  key = id .. '/' .. seq
-  seq = redis.call('INCR', q.seq)
+local due = tonumber(ARGV[4]) or 0
+if ARGV[5] == '1' then
+  local newest = redis.call('HGET', q.alias, id)
+  if pending(q, id) or (newest and pending(q, newest)) then
+    count(q, 'duplicates', 1)
+    return {id, 0}
+  end
 end
-if key ~= id then redis.call('HSET', q.dups, key, id) end
+local key, seq = store_new(q, id, ARGV[2])
 local score = tonumber(ARGV[3]) * BAND + MID + seq
 redis.call('HSET', q.order, key, score)
-redis.call('ZADD', q.ready, score, key)
 count(q, 'published', 1)
-signal(q)
-return key
+if due > 0 then
+  redis.call('ZADD', q.sched, due, key)
+  -- Wake a consumer only if this is now the earliest due time: it must shorten its sleep.
+  if next_due(q) == due then signal(q) end
+else
+  redis.call('ZADD', q.ready, score, key)
+  signal(q)
+end
+return {key, 1}

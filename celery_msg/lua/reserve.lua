@@ -1,12 +1,15 @@
 -- reserve: READY -> RESERVED for up to ARGV[3] messages across one or more queues. The fetch *is*
 -- the lease: there is no moment where a message is neither in its queue nor leased.
--- First reclaims expired leases of every queue (back to the front of their band).
+-- First reclaims expired leases of every queue (back to the front of their band), then moves
+-- due scheduled messages to the back of theirs.
 -- KEYS: NK keys per queue, queue after queue (group g = KEYS[g*NK+1 .. g*NK+NK]).
 -- ARGV[1] now (ms), ARGV[2] lease (ms), ARGV[3] most messages to reserve, ARGV[4] consumer id,
 -- ARGV[5] 'strict' (queue order) or 'fair' (round-robin), ARGV[6] group to start at (fair),
--- ARGV[7] most expired leases to reclaim per queue, ARGV[8] max deliveries (0 = unlimited).
+-- ARGV[7] most expired leases to reclaim (and due messages to promote) per queue,
+-- ARGV[8] max deliveries (0 = unlimited).
 -- Returns a flat array, five entries per reserved message:
---   group (0-based), message key, fencing token, delivery count, payload.
+--   group (0-based), message key, fencing token, delivery count, payload;
+-- then one last entry: the earliest due time (ms) still scheduled in these queues, or 0.
 -- A message delivered max-deliveries times already is dead-lettered as 'poison' instead.
 --@include _queue.lua
 local now = tonumber(ARGV[1])
@@ -23,6 +26,7 @@ local queues = {}
 for g = 0, groups - 1 do
   queues[g] = queue_keys(g)
   reclaim_expired(queues[g], now, reclaim_limit)
+  promote_due(queues[g], now, reclaim_limit)
 end
 
 local out = {}
@@ -43,6 +47,8 @@ local function deliver(g, key)
       reason = 'poison',
       detail = 'delivered ' .. delivered .. ' times without an ack',
       time = now,
+      first_failure = now,
+      last_failure = now,
     }))
     count(q, 'dead', 1)
     return
@@ -90,8 +96,12 @@ else
   end
 end
 
--- Wake another consumer for whatever is left.
+-- Wake another consumer for whatever is left; tell the caller when the next message is due.
+local soonest = 0
 for g = 0, groups - 1 do
   if redis.call('ZCARD', queues[g].ready) > 0 then signal(queues[g]) end
+  local due = next_due(queues[g])
+  if due and (soonest == 0 or due < soonest) then soonest = due end
 end
+out[#out + 1] = soonest
 return out

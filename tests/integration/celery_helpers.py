@@ -73,8 +73,13 @@ class Worker:
         pool: Literal["solo", "prefork", "threads"] = "solo",
         concurrency: int = 1,
         extra_args: Sequence[str] = (),
+        app: str = "celery_app.worker",
+        cwd: Path = REPO_ROOT,
     ) -> None:
+        """``app`` and ``cwd``: ``celery -A <app>`` run from ``cwd`` (an example project's
+        directory, as its README says); the test app by default."""
         self.environ = environ
+        self.cwd = cwd
         self.log_path = log_path
         self.nodename = f"{name}@{HOSTNAME}"
         self.argv = [
@@ -82,7 +87,7 @@ class Worker:
             "-m",
             "celery",
             "-A",
-            "celery_app.worker",
+            app,
             "worker",
             "-P",
             pool,
@@ -117,6 +122,11 @@ class Worker:
 
     def start(self, timeout: float = READY_TIMEOUT) -> Self:
         """Start and wait for the worker's "<nodename> ready." log line."""
+        self.spawn().wait_for_log(f"{self.nodename} ready.", timeout)
+        return self
+
+    def spawn(self) -> Self:
+        """Start without waiting (several workers can then start side by side)."""
         pythonpath = [str(REPO_ROOT), str(INTEGRATION_DIR)]
         if os.environ.get("PYTHONPATH"):
             pythonpath.append(os.environ["PYTHONPATH"])
@@ -131,14 +141,13 @@ class Worker:
             log.flush()
             self._proc = subprocess.Popen(
                 self.argv,
-                cwd=REPO_ROOT,
+                cwd=self.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.wait_for_log(f"{self.nodename} ready.", timeout)
         return self
 
     def wait_for_log(self, text: str, timeout: float) -> None:
@@ -286,7 +295,7 @@ class Stack:
         Acks are settled with the worker's next round trip, a moment after the result is
         stored, so a test that just got a result waits for the counts instead of reading them.
         """
-        want = {"ready": 0, "reserved": 0, "dead": 0, **expected}
+        want = {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0, **expected}
         last: dict[str, int] = {}
 
         def probe() -> dict[str, int] | None:

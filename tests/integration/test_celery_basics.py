@@ -14,6 +14,7 @@ from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
 from celery_helpers import Stack, stack_factory
 
 from celery_msg.core import State
+from celery_msg.deadletters import DeadLetters
 
 if TYPE_CHECKING:
     from conftest import Server
@@ -38,13 +39,27 @@ def test_add_delay_returns_the_sum_through_a_real_worker(stack: Stack):
     stack.settled(DEFAULT_QUEUE)
 
 
-def test_a_failing_task_reports_its_error_and_is_acked_not_dead_lettered(stack: Stack):
+def test_a_failing_task_reports_its_error_and_lands_in_the_dead_letter_store(stack: Stack):
+    # No policy declared: the built-in one keeps failed tasks as dead letters (ack mode as the
+    # task says: Celery's default acks on receipt, so a copy is stored).
     stack.worker()
     result = stack.task("fail").delay("boom")
     with pytest.raises(ValueError, match=r"^boom$"):
         result.get(timeout=10)
     assert result.state == "FAILURE"
-    stack.settled(DEFAULT_QUEUE)
+    stack.settled(DEFAULT_QUEUE, dead=1)
+    [dead] = DeadLetters(stack.broker).iter()
+    assert (dead.id, dead.queue, dead.reason, dead.detail) == (
+        result.id,
+        DEFAULT_QUEUE,
+        "failed",
+        "ValueError: boom",
+    )
+    assert dead.exc_type == "builtins.ValueError" and dead.exc_message == "boom"
+    assert dead.task == "fail"
+    assert "raise ValueError" in (dead.traceback or "")
+    assert dead.headers["id"] == result.id and dead.deliveries == 1
+    assert dead.first_failure == dead.last_failure > 0
 
 
 def test_apply_async_with_queue_and_priority_reaches_the_worker_of_that_queue(stack: Stack):
@@ -76,7 +91,12 @@ def test_task_routes_send_a_task_to_the_second_queue_and_only_its_consumer_runs_
     # An unrouted task goes to the default queue, which this worker does not consume.
     stack.task("add").delay(1, 1)
     stack.settled(SECOND_QUEUE)
-    assert stack.broker.counts(DEFAULT_QUEUE) == {"ready": 1, "reserved": 0, "dead": 0}
+    assert stack.broker.counts(DEFAULT_QUEUE) == {
+        "ready": 1,
+        "reserved": 0,
+        "scheduled": 0,
+        "dead": 0,
+    }
 
 
 def test_group_and_chord_collect_their_results_through_the_redis_backend(stack: Stack):

@@ -44,7 +44,12 @@ def test_tasks_of_a_sigkilled_worker_all_complete_on_a_new_worker_within_the_lea
     ids = {r.id for r in results}
     doomed = stack.worker(pool="prefork", concurrency=2)
     stack.wait_for_events("start", 2, timeout=15)
-    assert stack.broker.counts(DEFAULT_QUEUE) == {"ready": 0, "reserved": 4, "dead": 0}
+    assert stack.broker.counts(DEFAULT_QUEUE) == {
+        "ready": 0,
+        "reserved": 4,
+        "scheduled": 0,
+        "dead": 0,
+    }
 
     doomed.kill()
     killed_at = time.time()
@@ -120,7 +125,12 @@ def test_messages_prefetched_behind_a_long_task_on_a_solo_worker_are_not_redeliv
     short = [sleeper.delay(0.1, f"short{i}") for i in range(3)]
     holder = stack.worker()
     stack.wait_for_events("start", 1, timeout=10)
-    assert stack.broker.counts(DEFAULT_QUEUE) == {"ready": 0, "reserved": 4, "dead": 0}
+    assert stack.broker.counts(DEFAULT_QUEUE) == {
+        "ready": 0,
+        "reserved": 4,
+        "scheduled": 0,
+        "dead": 0,
+    }
     other = stack.worker()  # would take any lease that expires
 
     assert long_task.get(timeout=20) == "long"
@@ -142,14 +152,24 @@ def test_warm_shutdown_returns_prefetched_unstarted_messages_to_ready_at_once(
     short = [sleeper.delay(0.1, f"short{i}") for i in range(3)]
     worker = stack.worker()  # solo: runs "long", holds the three others prefetched
     stack.wait_for_events("start", 1, timeout=10)
-    assert stack.broker.counts(DEFAULT_QUEUE) == {"ready": 0, "reserved": 4, "dead": 0}
+    assert stack.broker.counts(DEFAULT_QUEUE) == {
+        "ready": 0,
+        "reserved": 4,
+        "scheduled": 0,
+        "dead": 0,
+    }
 
     worker.terminate()
     assert worker.wait_exit(15) == 0
     # The running task was allowed to finish; the prefetched ones are READY now, long before
     # their 30 s lease would have expired, and not counted as delivered.
     assert [(e.event, e.label) for e in stack.events()] == [("start", "long"), ("finish", "long")]
-    assert stack.broker.counts(DEFAULT_QUEUE) == {"ready": 3, "reserved": 0, "dead": 0}
+    assert stack.broker.counts(DEFAULT_QUEUE) == {
+        "ready": 3,
+        "reserved": 0,
+        "scheduled": 0,
+        "dead": 0,
+    }
     for result in short:
         (info,) = stack.broker.lookup(result.id)
         assert (info.state, info.deliveries) == (State.READY, 0)

@@ -21,6 +21,7 @@ from celery_msg.core import (
     Lease,
     MessageInfo,
     ReserveRequest,
+    Round,
     State,
 )
 from celery_msg.errors import BrokerConnectionError, MessageNotFound, ScriptError
@@ -72,6 +73,7 @@ def test_lookup_finds_a_ready_message_with_its_band_and_payload(broker: Broker):
             priority_band=3,
             owner=None,
             lease_deadline=None,
+            due=None,
             dead_reason=None,
             payload=b"payload",
         )
@@ -265,7 +267,7 @@ def test_settle_and_reserve_acks_and_serves_every_request_in_order(broker: Broke
     la, lb = _lease(broker, "q", count=2)
     stale = Lease("q", lb.key, lb.token + 1000)
 
-    served, lost = broker.settle_and_reserve(
+    served, lost, next_due = broker.settle_and_reserve(
         [la, stale],
         [
             ReserveRequest(["q"], 0, "c1"),
@@ -275,6 +277,7 @@ def test_settle_and_reserve_acks_and_serves_every_request_in_order(broker: Broke
     )
 
     assert lost == [stale]
+    assert next_due is None  # nothing is scheduled
     assert served[0] == [] and served[2] == []
     assert [(d.queue, d.key, d.deliveries, d.payload) for d in served[1]] == [
         ("q2", "x", 1, b"x"),
@@ -283,7 +286,7 @@ def test_settle_and_reserve_acks_and_serves_every_request_in_order(broker: Broke
     ]
     assert broker.lookup("a", ["q"]) == []
     assert broker.get("b", ["q"]).state == State.RESERVED
-    assert broker.counts("q") == {"ready": 0, "reserved": 3, "dead": 0}
+    assert broker.counts("q") == {"ready": 0, "reserved": 3, "scheduled": 0, "dead": 0}
 
 
 def test_settle_and_reserve_reports_lost_acks_of_several_queues(broker: Broker):
@@ -293,7 +296,7 @@ def test_settle_and_reserve_reports_lost_acks_of_several_queues(broker: Broker):
     [l2] = _lease(broker, "q2")
     lost2 = Lease("q2", l2.key, l2.token - 1)
 
-    served, lost = broker.settle_and_reserve([l1, lost2], [])
+    served, lost, _ = broker.settle_and_reserve([l1, lost2], [])
 
     assert (served, lost) == ([], [lost2])
     assert broker.counts("q1")["reserved"] == 0
@@ -303,7 +306,9 @@ def test_settle_and_reserve_reports_lost_acks_of_several_queues(broker: Broker):
 def test_settle_and_reserve_with_nothing_to_do_sends_no_command():
     unreachable = Broker(redis.Redis(host="127.0.0.1", port=1))
 
-    assert unreachable.settle_and_reserve([], [ReserveRequest(["q"], 0, "c")]) == ([[]], [])
+    assert unreachable.settle_and_reserve([], [ReserveRequest(["q"], 0, "c")]) == Round(
+        [[]], [], None
+    )
 
 
 # -- bindings -------------------------------------------------------------------------------
@@ -331,7 +336,7 @@ def test_an_expired_binding_is_dropped_and_its_ephemeral_queue_deleted(
     assert redis_client.hkeys(bindings_key(prefix, "ex")) == [permanent.encode().encode()]
     assert broker.queues() == ["workers"]
     assert redis_client.exists(*QueueKeys("w1.pidbox", prefix).all) == 0
-    assert broker.counts("workers") == {"ready": 2, "reserved": 0, "dead": 0}
+    assert broker.counts("workers") == {"ready": 2, "reserved": 0, "scheduled": 0, "dead": 0}
 
 
 def test_refreshed_bindings_outlive_their_first_deadline(broker: Broker, clock: Clock):
@@ -365,11 +370,11 @@ def test_counts_and_stats_follow_every_transition(broker: Broker):
 
     assert broker.ack([la]) == []
     assert broker.dead_letter(lb, "rejected", "no") is True
-    assert broker.counts("q") == {"ready": 1, "reserved": 1, "dead": 1}
+    assert broker.counts("q") == {"ready": 1, "reserved": 1, "scheduled": 0, "dead": 1}
     assert broker.requeue([lc]) == []
     assert broker.ack([lc]) == [lc]
 
-    assert broker.counts("q") == {"ready": 2, "reserved": 0, "dead": 1}
+    assert broker.counts("q") == {"ready": 2, "reserved": 0, "scheduled": 0, "dead": 1}
     assert broker.size("q") == 2
     assert broker.stats("q") == {
         "published": 4,
@@ -412,7 +417,7 @@ def test_acking_and_purging_leave_no_order_or_dups_entries(
 
 
 def test_an_unknown_queue_has_zero_counts_and_no_stats(broker: Broker):
-    assert broker.counts("nothing") == {"ready": 0, "reserved": 0, "dead": 0}
+    assert broker.counts("nothing") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
     assert broker.stats("nothing") == {}
     assert broker.exists("nothing") is False
 
@@ -423,7 +428,7 @@ def test_purge_removes_every_ready_message_in_bounded_steps(broker: Broker):
     _lease(broker, "q")
 
     assert broker.purge("q", batch=2) == 6
-    assert broker.counts("q") == {"ready": 0, "reserved": 1, "dead": 0}
+    assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 0, "dead": 0}
     assert broker.purge("q", batch=2) == 0
 
 
@@ -465,6 +470,9 @@ def test_dead_letters_lists_the_oldest_first_with_ids_and_reasons(broker: Broker
         "detail": "t/3 failed",
         "time": int((T0 + 1) * 1000),
         "attempt": 2,
+        # Its first failure: nothing earlier was recorded, so this one.
+        "first_failure": int((T0 + 1) * 1000),
+        "last_failure": int((T0 + 1) * 1000),
     }
     assert [i.key for i in broker.dead_letters("q", limit=2)] == ["t/3", "t"]
     assert [i.key for i in broker.lookup("t", ["q"])] == ["t", "t/3"]
@@ -483,7 +491,7 @@ def test_dead_letter_returns_false_when_the_lease_was_lost(broker: Broker):
     [lease] = _lease(broker, "q")
 
     assert broker.dead_letter(Lease("q", "a", lease.token + 1), "rejected") is False
-    assert broker.counts("q") == {"ready": 0, "reserved": 1, "dead": 0}
+    assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 0, "dead": 0}
 
 
 def test_extend_and_reclaim_use_the_broker_clock(broker: Broker, clock: Clock):
@@ -552,3 +560,196 @@ def test_a_failing_script_gives_script_error_with_the_redis_error_as_cause(
 
     assert isinstance(excinfo.value.__cause__, redis.ResponseError)
     assert "WRONGTYPE" in str(excinfo.value)
+
+
+# -- scheduling ---------------------------------------------------------------------------------
+
+DUE = T0 + 5.0  # seconds; a due time five seconds after the broker's clock starts
+DUE_MS = int(DUE * 1000)
+
+
+def test_a_message_published_with_a_future_due_time_is_scheduled_with_its_due_time(
+    broker: Broker,
+):
+    broker.declare("q")
+    assert broker.publish("q", "id1", b"later", 4, due_ms=DUE_MS) == "id1"
+
+    assert broker.lookup("id1") == [
+        MessageInfo(
+            id="id1",
+            key="id1",
+            queue="q",
+            state=State.SCHEDULED,
+            deliveries=0,
+            priority_band=4,
+            owner=None,
+            lease_deadline=None,
+            due=DUE,
+            dead_reason=None,
+            payload=b"later",
+        )
+    ]
+    assert broker.counts("q") == {"ready": 0, "reserved": 0, "scheduled": 1, "dead": 0}
+    assert broker.size("q") == 0
+    assert broker.stats("q") == {"published": 1}
+
+
+def test_a_due_time_now_or_in_the_past_is_stored_as_ready(broker: Broker, clock: Clock):
+    broker.publish("q", "now", b"x", 0, due_ms=int(T0 * 1000))
+    broker.publish("q", "past", b"x", 0, due_ms=int(T0 * 1000) - 60_000)
+    broker.publish("q", "soon", b"x", 0, due_ms=int(T0 * 1000) + 1)
+
+    assert [(i.state, i.due) for i in broker.lookup("now", ["q"])] == [(State.READY, None)]
+    assert [(i.state, i.due) for i in broker.lookup("past", ["q"])] == [(State.READY, None)]
+    assert [(i.state, i.due) for i in broker.lookup("soon", ["q"])] == [
+        (State.SCHEDULED, T0 + 0.001)
+    ]
+
+
+def test_a_scheduled_message_is_not_reserved_before_its_due_time(broker: Broker, clock: Clock):
+    broker.publish("q", "a", b"A", 0, due_ms=DUE_MS)
+
+    clock.t = DUE - 0.001
+    assert broker.reserve(["q"], 10, "c1") == []
+    assert broker.get("a", ["q"]).state == State.SCHEDULED
+
+    clock.t = DUE
+    [delivery] = broker.reserve(["q"], 10, "c1")
+    assert (delivery.key, delivery.deliveries, delivery.payload) == ("a", 1, b"A")
+    info = broker.get("a", ["q"])
+    assert (info.state, info.due, info.lease_deadline) == (
+        State.RESERVED,
+        None,
+        DUE + LEASE_MS / 1000,
+    )
+    assert broker.stats("q") == {"published": 1, "promoted": 1}
+
+
+def test_promote_moves_due_messages_to_ready_once_and_respects_its_limit(
+    broker: Broker, clock: Clock
+):
+    for i in range(4):
+        broker.publish("q", f"m{i}", b"x", 0, due_ms=DUE_MS + i * 1000)
+
+    assert broker.promote("q") == 0
+    clock.t = DUE + 2
+    assert broker.promote("q", limit=2) == 2
+    assert broker.promote("q") == 1
+    assert broker.promote("q") == 0
+    assert broker.counts("q") == {"ready": 3, "reserved": 0, "scheduled": 1, "dead": 0}
+    assert [d.key for d in broker.reserve(["q"], 10, "c1")] == ["m0", "m1", "m2"]
+    assert broker.get("m3", ["q"]).due == DUE + 3
+    assert broker.stats("q")["promoted"] == 3
+
+
+def test_settle_and_reserve_reports_the_earliest_due_time_of_the_requested_queues(
+    broker: Broker, clock: Clock
+):
+    broker.publish("q1", "a", b"A", 0, due_ms=DUE_MS + 3000)
+    broker.publish("q2", "b", b"B", 0, due_ms=DUE_MS)
+    broker.publish("q3", "c", b"C", 0, due_ms=DUE_MS - 2000)  # not requested below
+    broker.publish("q1", "r", b"R", 0)
+
+    served, lost, next_due = broker.settle_and_reserve(
+        [], [ReserveRequest(["q1"], 5, "c1"), ReserveRequest(["q2"], 5, "c2")]
+    )
+    assert [[d.key for d in ds] for ds in served] == [["r"], []]
+    assert (lost, next_due) == ([], DUE_MS)
+
+    clock.t = DUE
+    served, _, next_due = broker.settle_and_reserve(
+        [], [ReserveRequest(["q1"], 5, "c1"), ReserveRequest(["q2"], 5, "c2")]
+    )
+    assert [[d.key for d in ds] for ds in served] == [[], ["b"]]
+    assert next_due == DUE_MS + 3000
+
+    clock.t = DUE + 3
+    round_ = broker.settle_and_reserve([], [ReserveRequest(["q1", "q2"], 5, "c1")])
+    assert [d.key for d in round_.deliveries[0]] == ["a"]
+    assert (round_.lost, round_.next_due_ms) == ([], None)  # q3 was not asked about
+    assert broker.counts("q3")["scheduled"] == 1
+
+
+def test_a_unique_publish_of_a_pending_id_stores_nothing(broker: Broker, clock: Clock):
+    assert broker.publish("q", "u", b"first", 0, unique=True) == "u"
+    assert broker.publish("q", "u", b"second", 0, unique=True) == "u"
+    [lease] = _lease(broker, "q")
+    assert broker.publish("q", "u", b"third", 0, unique=True) == "u"
+    broker.publish("q", "s", b"S", 0, due_ms=DUE_MS)
+    assert broker.publish("q", "s", b"S2", 0, due_ms=DUE_MS + 1, unique=True) == "s"
+
+    assert [(i.key, i.state, i.payload) for i in broker.lookup("u", ["q"])] == [
+        ("u", State.RESERVED, b"first")
+    ]
+    assert [(i.state, i.due, i.payload) for i in broker.lookup("s", ["q"])] == [
+        (State.SCHEDULED, DUE, b"S")
+    ]
+    assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 1, "dead": 0}
+    assert broker.stats("q") == {"published": 2, "duplicates": 3}
+
+    # Once acked, the id is free: a unique publish stores it again.
+    assert broker.ack([lease]) == []
+    assert broker.publish("q", "u", b"fourth", 0, unique=True) == "u"
+    assert broker.get("u", ["q"]).payload == b"fourth"
+
+
+def test_a_plain_publish_of_a_pending_id_still_stores_a_duplicate(broker: Broker):
+    broker.publish("q", "u", b"first", 0, due_ms=DUE_MS)
+
+    assert broker.publish("q", "u", b"second", 0) == "u/2"
+    assert [(i.key, i.state) for i in broker.lookup("u", ["q"])] == [
+        ("u", State.SCHEDULED),
+        ("u/2", State.READY),
+    ]
+
+
+def test_a_unique_publish_of_a_dead_id_stores_a_new_message(broker: Broker):
+    broker.publish("q", "u", b"first", 0)
+    [lease] = _lease(broker, "q")
+    assert broker.dead_letter(lease, "rejected", "no") is True
+
+    key = broker.publish("q", "u", b"again", 0, unique=True)
+
+    assert key != "u"
+    assert sorted((i.key, i.state) for i in broker.lookup("u", ["q"])) == [
+        ("u", State.DEAD),
+        (key, State.READY),
+    ]
+
+
+def test_publish_many_schedules_the_message_in_every_queue(broker: Broker, clock: Clock):
+    assert broker.publish_many(["a", "b"], "m", b"M", 0, due_ms=DUE_MS) == ["m", "m"]
+
+    assert [(i.queue, i.state, i.due) for i in broker.lookup("m", ["a", "b"])] == [
+        ("a", State.SCHEDULED, DUE),
+        ("b", State.SCHEDULED, DUE),
+    ]
+    clock.t = DUE
+    assert [d.queue for d in broker.reserve(["a", "b"], 5, "c1")] == ["a", "b"]
+
+
+def test_purge_removes_scheduled_messages_too(broker: Broker):
+    broker.publish("q", "r", b"R", 0)
+    for i in range(3):
+        broker.publish("q", f"s{i}", b"S", 0, due_ms=DUE_MS + i)
+    broker.publish("q", "held", b"H", 0)
+    # "r" is served first; "held" stays ready until purged.
+    _lease(broker, "q")
+
+    assert broker.purge("q", batch=2) == 4
+    assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 0, "dead": 0}
+    assert broker.lookup("s0", ["q"]) == []
+
+
+def test_counts_follow_a_scheduled_message_through_its_life(broker: Broker, clock: Clock):
+    broker.publish("q", "a", b"A", 0, due_ms=DUE_MS)
+    assert broker.counts("q") == {"ready": 0, "reserved": 0, "scheduled": 1, "dead": 0}
+
+    clock.t = DUE
+    assert broker.promote("q") == 1
+    assert broker.counts("q") == {"ready": 1, "reserved": 0, "scheduled": 0, "dead": 0}
+    [lease] = _lease(broker, "q")
+    assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 0, "dead": 0}
+    assert broker.ack([lease]) == []
+    assert broker.counts("q") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
+    assert broker.stats("q") == {"published": 1, "promoted": 1, "acked": 1}

@@ -48,7 +48,7 @@ def test_an_undecodable_message_is_dead_lettered_and_the_consumer_gets_the_next_
     assert dead.payload == BAD_PAYLOADS[kind]
     assert dead.dead_reason is not None and dead.dead_reason["reason"] == "undecodable"
     assert dead.dead_reason["detail"]
-    assert look.counts("work") == {"ready": 0, "reserved": 0, "dead": 1}
+    assert look.counts("work") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 1}
 
 
 def test_basic_get_skips_an_undecodable_message_after_dead_lettering_it(

@@ -58,7 +58,12 @@ def test_a_subscriber_that_reconnects_within_binding_ttl_gets_what_was_broadcast
             assert ids_of(sub_a.receive(1)) == ["n1"]
         # a is gone: what is broadcast now waits in its queue.
         publish(publisher, ["n2", "n3"], exchange=EXCHANGE, routing_key="")
-        assert broker(server, prefix).counts("news.a") == {"ready": 2, "reserved": 0, "dead": 0}
+        assert broker(server, prefix).counts("news.a") == {
+            "ready": 2,
+            "reserved": 0,
+            "scheduled": 0,
+            "dead": 0,
+        }
         with connect(server, prefix, **options) as again:
             assert ids_of(Receiver(again, [_ephemeral("news.a")]).receive(2)) == ["n2", "n3"]
         assert ids_of(sub_b.receive(3)) == ["n1", "n2", "n3"]
@@ -102,7 +107,7 @@ def test_a_durable_queue_bound_to_a_fanout_exchange_never_expires(server: Server
 
     look = broker(server, prefix)
     assert _bound_queues(server, prefix) == ["news.archive"]
-    assert look.counts("news.archive") == {"ready": 1, "reserved": 0, "dead": 0}
+    assert look.counts("news.archive") == {"ready": 1, "reserved": 0, "scheduled": 0, "dead": 0}
     assert look.client.hvals(bindings_key(prefix, EXCHANGE.name)) == [b"0"]
 
 
@@ -140,3 +145,19 @@ def test_a_publisher_reads_the_binding_table_at_most_once_per_binding_cache_ttl(
     look = broker(server, prefix)
     assert look.size("news.a") == 2
     assert look.size("news.b") == 0
+
+
+def test_a_publisher_that_never_declared_the_exchange_still_broadcasts(server: Server, prefix: str):
+    # Celery publishes to a Broadcast queue's exchange without declaring it; the type the
+    # consumer declared is read from Redis, so the message is not routed as direct (and lost).
+    with (
+        connect(server, prefix) as consumer,
+        connect(server, prefix, binding_cache_ttl=0) as publisher,
+    ):
+        sub = Receiver(consumer, [_ephemeral("news.a")])
+        producer = publisher.Producer(auto_declare=False)
+        assert EXCHANGE.name not in publisher.default_channel.state.exchanges
+        producer.publish(
+            {"id": "n1"}, exchange=EXCHANGE.name, routing_key="anything", headers={"id": "n1"}
+        )
+        assert ids_of(sub.receive(1)) == ["n1"]

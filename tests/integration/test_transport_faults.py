@@ -47,7 +47,12 @@ def _ids(count: int, start: int = 0) -> list[str]:
 
 
 def _empty(server: Server, prefix: str, queue: str) -> bool:
-    return broker(server, prefix).counts(queue) == {"ready": 0, "reserved": 0, "dead": 0}
+    return broker(server, prefix).counts(queue) == {
+        "ready": 0,
+        "reserved": 0,
+        "scheduled": 0,
+        "dead": 0,
+    }
 
 
 def test_killing_every_client_while_a_consumer_waits_loses_nothing_and_it_keeps_receiving(
@@ -120,7 +125,7 @@ def test_a_consumer_whose_redis_is_gone_gets_a_connection_error_and_resumes_afte
         assert ids_of(receiver.receive(5)) == _ids(5)
         for message in receiver.messages[:2]:
             ack_now(message)
-        assert look.counts("work") == {"ready": 5, "reserved": 3, "dead": 0}
+        assert look.counts("work") == {"ready": 5, "reserved": 3, "scheduled": 0, "dead": 0}
 
         aof_server.process.kill()
         down_at = time.monotonic()
@@ -131,9 +136,9 @@ def test_a_consumer_whose_redis_is_gone_gets_a_connection_error_and_resumes_afte
         aof_server.process.restart()
 
         # Its three unacked messages are still leased to it; closing returns them, uncounted.
-        assert look.counts("work") == {"ready": 5, "reserved": 3, "dead": 0}
+        assert look.counts("work") == {"ready": 5, "reserved": 3, "scheduled": 0, "dead": 0}
         conn.close()
-        assert look.counts("work") == {"ready": 8, "reserved": 0, "dead": 0}
+        assert look.counts("work") == {"ready": 8, "reserved": 0, "scheduled": 0, "dead": 0}
 
     with connect(aof_server, prefix) as again:
         got = Receiver(again, [direct_queue("work")], prefetch_count=8).receive(8)

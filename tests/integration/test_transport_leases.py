@@ -194,7 +194,7 @@ def test_a_frozen_consumer_loses_its_lease_and_its_ack_after_thawing_changes_not
         fresh.ack()
         wait_until(lambda: look.lookup("job", ["work"]) == [], what="the heir's ack")
     assert look.stats("work")["acked"] == 1
-    assert look.counts("work") == {"ready": 0, "reserved": 0, "dead": 0}
+    assert look.counts("work") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
 
 
 def test_closing_a_connection_waits_for_the_acks_its_renewer_is_flushing(
@@ -231,7 +231,7 @@ def test_closing_a_connection_returns_its_unacked_messages_to_the_front_at_once_
             message.ack()
 
     # At once: with a 10 s lease, waiting for expiry would leave 7 RESERVED here.
-    assert look.counts("work") == {"ready": 17, "reserved": 0, "dead": 0}
+    assert look.counts("work") == {"ready": 17, "reserved": 0, "scheduled": 0, "dead": 0}
     for message_id in ids[3:10]:
         info = _only(look, message_id, "work")
         assert (info.state, info.deliveries, info.owner) == (State.READY, 0, None)

@@ -43,7 +43,12 @@ def test_fair_order_interleaves_queues_so_a_long_queue_does_not_starve_the_other
     assert [m for m in got if m[0] == "b"] == _ids("b", 5)
     assert [m for m in got if m[0] == "c"] == _ids("c", 5)
     assert [m for m in got if m[0] == "a"] == _ids("a", 8)
-    assert broker(server, prefix).counts("a") == {"ready": 992, "reserved": 0, "dead": 0}
+    assert broker(server, prefix).counts("a") == {
+        "ready": 992,
+        "reserved": 0,
+        "scheduled": 0,
+        "dead": 0,
+    }
 
 
 def test_strict_order_drains_the_first_queue_before_the_second_before_the_third(
@@ -73,12 +78,12 @@ def test_a_consumer_never_holds_more_unacked_messages_than_its_prefetch_count(
         publish(conn, _ids("q", 10), routing_key="q")
         receiver = Receiver(conn, [direct_queue("q")], prefetch_count=3, ack=False)
         assert ids_of(receiver.receive(3)) == _ids("q", 3)
-        assert look.counts("q") == {"ready": 7, "reserved": 3, "dead": 0}
+        assert look.counts("q") == {"ready": 7, "reserved": 3, "scheduled": 0, "dead": 0}
         receiver.nothing_for(0.5)
 
         receiver.messages[0].ack()
         assert ids_of(receiver.receive(1)) == ["q0003"]
-        assert look.counts("q") == {"ready": 6, "reserved": 3, "dead": 0}
+        assert look.counts("q") == {"ready": 6, "reserved": 3, "scheduled": 0, "dead": 0}
 
 
 # -- exchanges ------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def test_a_routing_key_nothing_is_bound_to_delivers_nowhere_and_creates_no_queue
 
     look = broker(server, prefix)
     assert look.queues() == ["images"]
-    assert look.counts("images") == {"ready": 0, "reserved": 0, "dead": 0}
+    assert look.counts("images") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
     assert look.lookup("lost") == []
     assert keys_after == keys_before
 

@@ -117,7 +117,7 @@ def test_an_acl_user_restricted_to_the_key_prefix_can_do_everything(
         _every_operation(conn)
     with acl_server.process.client() as admin:
         broker = Broker(admin, prefix=prefix)
-        assert broker.counts("work") == {"ready": 0, "reserved": 0, "dead": 1}
+        assert broker.counts("work") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 1}
         assert broker.queues() == ["news.archive", "news.live", "work"]
 
 

@@ -68,7 +68,7 @@ def deliveries(flat: Sequence[Any]) -> list[tuple[int, str, int, int, str]]:
     """reserve's flat reply as ``(group, key, token, delivery count, payload)`` tuples."""
     return [
         (int(flat[i]), _text(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]), _text(flat[i + 4]))
-        for i in range(0, len(flat), 5)
+        for i in range(0, len(flat) - 1, 5)  # the last entry is the next due time
     ]
 
 
@@ -201,10 +201,47 @@ class Lab:
 
     # -- script calls (typed wrappers, ARGV in the order of each script's header) ------------
 
-    def publish(self, message_id: str, payload: str | bytes, band: int = 0) -> str:
-        return str(
-            _text(self.scripts.publish(keys=self.keys.all, args=[message_id, payload, band]))
-        )
+    def publish(
+        self,
+        message_id: str,
+        payload: str | bytes,
+        band: int = 0,
+        *,
+        due: int = 0,
+        unique: bool = False,
+    ) -> str:
+        return self.publish_reply(message_id, payload, band, due=due, unique=unique)[0]
+
+    def publish_reply(
+        self,
+        message_id: str,
+        payload: str | bytes,
+        band: int = 0,
+        *,
+        due: int = 0,
+        unique: bool = False,
+    ) -> tuple[str, int]:
+        """publish.lua's whole reply: (message key, 1 if stored else 0)."""
+        args = [message_id, payload, band, due, 1 if unique else 0]
+        key, created = self.scripts.publish(keys=self.keys.all, args=args)
+        return str(_text(key)), int(created)
+
+    def next_due(self, **kwargs: Any) -> int:
+        """The last entry of reserve's reply: the earliest due time still scheduled, or 0."""
+        keys = list(self.keys.all)
+        args = [kwargs.get("now", NOW), LEASE, kwargs.get("count", 0), "c1", "fair", 0, 100, 0]
+        return int(self.scripts.reserve(keys=keys, args=args)[-1])
+
+    def promote(self, *, now: int = NOW, limit: int = 100) -> int:
+        return int(self.scripts.promote(keys=self.keys.all, args=[now, limit]))
+
+    def add_scheduled(self, key: str, body: str, *, due: int, band: int = 0, seq: int = 0) -> None:
+        """A SCHEDULED message, published as sequence number ``seq`` of ``band``."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(self.keys.sched, {key: due})
+        pipe.hset(self.keys.body, key, body)
+        pipe.hset(self.keys.order, key, back(band, seq))
+        pipe.execute()
 
     def reserve(
         self,

@@ -100,7 +100,7 @@ def test_an_empty_ack_batch_writes_nothing(lab: Lab):
     assert lab.state() == before
 
 
-def test_an_ack_removes_the_order_and_dups_entries_of_the_message(lab: Lab):
+def test_an_ack_removes_the_order_dups_and_alias_entries_of_the_message(lab: Lab):
     assert lab.publish("t", "first", 0) == "t"
     [(_, _, first, _, _)] = lab.reserve(count=1)
     assert lab.publish("t", "retry", 0) == "t/3"
@@ -110,6 +110,7 @@ def test_an_ack_removes_the_order_and_dups_entries_of_the_message(lab: Lab):
     assert (first, retry) == (2, 5)
     assert before["order"] == {"t": lab.order(0, 1), "t/3": lab.order(0, 4)}
     assert before["dups"] == {"t/3": "t"}
+    assert before["alias"] == {"t": "t/3"}
 
     assert lab.ack(("t/3", retry)) == [OK]
 
@@ -130,3 +131,18 @@ def test_an_ack_removes_the_order_and_dups_entries_of_the_message(lab: Lab):
         "signal": ["1"],
         "stats": {"published": "2", "acked": "2"},
     }
+
+
+def test_acking_an_older_duplicate_keeps_the_alias_of_the_newest(lab: Lab):
+    lab.publish("t", "first", 0)
+    [(_, _, first, _, _)] = lab.reserve(count=1)
+    older = lab.publish("t", "retry-1", 0)
+    [(_, _, older_token, _, _)] = lab.reserve(count=1)
+    newer = lab.publish("t", "retry-2", 0)
+    assert lab.state()["alias"] == {"t": newer} and older != newer
+
+    assert lab.ack((older, older_token), ("t", first)) == [OK, OK]
+
+    state = lab.state()
+    assert state["alias"] == {"t": newer}
+    assert state["dups"] == {newer: "t"}

@@ -83,6 +83,7 @@ def test_a_duplicate_id_is_stored_under_id_slash_n(lab: Lab):
         "signal": ["1"],
         "stats": {"published": "3"},
         "dups": {"t/2": "t", "t/4": "t"},
+        "alias": {"t": "t/4"},
     }
 
 
@@ -104,6 +105,7 @@ def test_a_duplicate_of_a_leased_message_is_stored_beside_it_and_leaves_the_leas
         "signal": ["1"],
         "stats": {"published": "1"},
         "dups": {"t/5": "t"},
+        "alias": {"t": "t/5"},
     }
 
 
@@ -126,6 +128,7 @@ def test_a_duplicate_id_never_overwrites_another_stored_message(lab: Lab):
         "signal": ["1"],
         "stats": {"published": "3"},
         "dups": {"a/4": "a"},
+        "alias": {"a": "a/4"},
     }
 
 
@@ -164,6 +167,7 @@ def test_the_duplicate_key_loop_skips_every_taken_id_slash_n(lab: Lab):
         "signal": ["1"],
         "stats": {"published": "2"},
         "dups": {"a/5": "a"},
+        "alias": {"a": "a/5"},
     }
 
 

@@ -392,6 +392,8 @@ def test_a_message_delivered_max_deliveries_times_is_dead_lettered_as_poison(lab
         "reason": "poison",
         "detail": "delivered 3 times without an ack",
         "time": lab.now,
+        "first_failure": lab.now,
+        "last_failure": lab.now,
     }
     assert state == {
         "leased": [("ok", lab.now + lab.lease)],

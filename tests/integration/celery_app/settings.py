@@ -28,6 +28,11 @@ class Settings:
     prefetch_multiplier: int = 1
     #: celery-msg's max_deliveries (0 = unlimited).
     max_deliveries: int = 0
+    #: Name of a policy profile in :data:`celery_app.policies.PROFILES` ("" = no policies).
+    policies: str = ""
+    #: Celery's worker_lost_wait: how long a prefork pool waits for the result of a job whose
+    #: child died before failing it with WorkerLostError.
+    worker_lost_wait: float = 10.0
 
     @property
     def broker_url(self) -> str:

@@ -21,6 +21,8 @@ from redis.retry import Retry
 
 import celery_msg
 
+from .errors import Fatal, Transient
+from .policies import PROFILES
 from .settings import DEFAULT_QUEUE, SECOND_QUEUE, Settings
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
@@ -47,6 +49,13 @@ def record(settings: Settings, event: str, **fields: Any) -> None:
     _events_client(settings).rpush(settings.events_key, json.dumps(entry))
 
 
+def runs_so_far(settings: Settings, task_id: str) -> int:
+    """How many ``start`` events task ``task_id`` has recorded (its earlier executions)."""
+    raw = _events_client(settings).lrange(settings.events_key, 0, -1)
+    events = (json.loads(item) for item in raw)
+    return sum(1 for e in events if e.get("event") == "start" and e.get("task") == task_id)
+
+
 def create_app(environ: Mapping[str, str]) -> Celery:
     """The test app for the settings in ``environ`` (see :class:`Settings`)."""
     settings = Settings.from_environ(environ)
@@ -67,6 +76,7 @@ def create_app(environ: Mapping[str, str]) -> Celery:
         result_expires=600,
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_lost_wait=settings.worker_lost_wait,
     )
     celery_msg.configure(
         app,
@@ -76,6 +86,7 @@ def create_app(environ: Mapping[str, str]) -> Celery:
         binding_ttl=settings.binding_ttl,
         max_deliveries=settings.max_deliveries,
         socket_timeout=5.0,
+        policies=PROFILES[settings.policies] if settings.policies else None,
     )
     _register_tasks(app, settings)
     return app
@@ -133,6 +144,72 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
         """Kills the process running it (with the solo pool: the whole worker)."""
         record(settings, "start", task=self.request.id, worker=self.request.hostname)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    # Tasks for policies: no ack attributes of their own, so the policy's ack mode decides.
+
+    @app.task(name="attempt", shared=False, bind=True)
+    def attempt(self: Task, fail_times: int, label: str = "") -> int:
+        """Fails (Transient) on its first ``fail_times`` runs, then returns its run number."""
+        run = runs_so_far(settings, self.request.id) + 1
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", token=str(run), **where)
+        if run <= fail_times:
+            record(settings, "fail", token=str(run), **where)
+            raise Transient(f"run {run} of {label}")
+        record(settings, "finish", token=str(run), **where)
+        return run
+
+    @app.task(name="always_fail", shared=False, bind=True)
+    def always_fail(self: Task, label: str = "") -> None:
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", **where)
+        record(settings, "fail", **where)
+        raise Transient(f"always {label}")
+
+    @app.task(name="fatal", shared=False, bind=True)
+    def fatal(self: Task, label: str = "") -> None:
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", **where)
+        record(settings, "fail", **where)
+        raise Fatal(f"fatal {label}")
+
+    @app.task(
+        name="autoretry",
+        shared=False,
+        bind=True,
+        autoretry_for=(Transient,),
+        retry_kwargs={"max_retries": 2, "countdown": 0.2},
+    )
+    def autoretry(self: Task, label: str = "") -> None:
+        """Celery's own retries: 3 runs in all, whatever the retry policy says."""
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", **where)
+        record(settings, "fail", **where)
+        raise Transient(f"autoretry {label}")
+
+    @app.task(name="kill_once", shared=False, bind=True)
+    def kill_once(self: Task, label: str = "") -> int:
+        """Its first run SIGKILLs the process running it; a later run succeeds."""
+        run = runs_so_far(settings, self.request.id) + 1
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", token=str(run), **where)
+        if run == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        record(settings, "finish", token=str(run), **where)
+        return run
+
+    @app.task(name="kill_always", shared=False, bind=True)
+    def kill_always(self: Task) -> None:
+        record(settings, "start", task=self.request.id, worker=self.request.hostname)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @app.task(name="record_eta", shared=False, bind=True)
+    def record_eta(self: Task, label: str = "") -> str:
+        """Records a start and a finish, with the task's ``eta`` (ISO 8601) as the token."""
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", token=str(self.request.eta or ""), **where)
+        record(settings, "finish", **where)
+        return label
 
 
 @control_command(args=[("token", str)], signature="<token>")

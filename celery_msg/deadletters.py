@@ -1,0 +1,283 @@
+"""The dead-letter store of every queue: read it, filter it, replay it, purge it, bound it.
+
+A dead message keeps its body (the whole kombu message: headers included) under its key in the
+queue, and a JSON record of why it died (``reason``: ``failed``, ``poison``, ``expired``,
+``undecodable``, ``rejected`` ...; for a failed task the exception type, message and traceback;
+``first_failure`` / ``last_failure`` in epoch ms). Replay and purge are scripts that act on a key
+only while it is still dead, so two operators working at once never enqueue a message twice.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .core import Broker, MessageInfo, State, failure_record, translated_errors
+from .errors import MessageNotFound
+from .scripts import Code
+
+
+@dataclass(frozen=True)
+class DeadMessage:
+    """One message in a dead-letter store, with its record unpacked."""
+
+    id: str
+    key: str
+    queue: str
+    task: str | None
+    reason: str
+    detail: str
+    exc_type: str | None
+    exc_message: str | None
+    traceback: str | None
+    deliveries: int
+    retries: int
+    first_failure: float
+    last_failure: float
+    headers: dict[str, Any]
+    payload: bytes
+
+    @classmethod
+    def from_info(cls, info: MessageInfo) -> DeadMessage:
+        record = info.dead_reason or {}
+        message = decode_message(info.payload or b"")
+        headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
+        last = float(record.get("last_failure") or record.get("time") or 0) / 1000.0
+        first = float(record.get("first_failure") or 0) / 1000.0 or last
+        return cls(
+            id=info.id,
+            key=info.key,
+            queue=info.queue,
+            task=record.get("task") or (headers or {}).get("task"),
+            reason=str(record.get("reason", "unknown")),
+            detail=str(record.get("detail", "")),
+            exc_type=record.get("exc_type"),
+            exc_message=record.get("exc_message"),
+            traceback=record.get("traceback"),
+            deliveries=info.deliveries,
+            retries=int((headers or {}).get("retries") or 0),
+            first_failure=first,
+            last_failure=last,
+            headers=dict(headers or {}),
+            payload=info.payload or b"",
+        )
+
+    def as_dict(self, *, with_body: bool = False) -> dict[str, Any]:
+        """A JSON-ready view (``--json`` output of the CLI)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "key": self.key,
+            "queue": self.queue,
+            "task": self.task,
+            "reason": self.reason,
+            "detail": self.detail,
+            "exc_type": self.exc_type,
+            "exc_message": self.exc_message,
+            "deliveries": self.deliveries,
+            "retries": self.retries,
+            "first_failure": self.first_failure,
+            "last_failure": self.last_failure,
+        }
+        if with_body:
+            out["traceback"] = self.traceback
+            out["headers"] = self.headers
+            out["message"] = decode_message(self.payload) or self.payload.decode("utf-8", "replace")
+        return out
+
+
+@dataclass(frozen=True)
+class DeadFilter:
+    """Which dead messages an operation applies to; every criterion given must match.
+
+    ``task`` is a glob (``"reports.*"``); ``exc_type`` matches the exception's class name or
+    its full dotted name; ages are seconds since the last failure.
+    """
+
+    queue: str | None = None
+    task: str | None = None
+    exc_type: str | None = None
+    reason: str | None = None
+    older_than: float | None = None
+    newer_than: float | None = None
+
+    def matches(self, message: DeadMessage, now: float) -> bool:
+        if self.task is not None and not fnmatch.fnmatchcase(message.task or "", self.task):
+            return False
+        if self.exc_type is not None:
+            name = message.exc_type or ""
+            if self.exc_type not in (name, name.rpartition(".")[2]):
+                return False
+        if self.reason is not None and message.reason != self.reason:
+            return False
+        age = now - message.last_failure
+        if self.older_than is not None and age < self.older_than:
+            return False
+        return not (self.newer_than is not None and age > self.newer_than)
+
+
+class DeadLetters:
+    """The dead-letter stores of every queue a :class:`Broker` knows."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def bury(
+        self,
+        queue: str,
+        message_id: str,
+        payload: bytes | str,
+        *,
+        band: int,
+        deliveries: int,
+        reason: str,
+        detail: str,
+        **extra: Any,
+    ) -> str:
+        """Store a copy of a message that is no longer leased (acked already) as dead."""
+        broker = self.broker
+        now = broker.now_ms()
+        record = json.dumps(failure_record(reason, detail, now, **extra), default=str)
+        with translated_errors(f"dead-letter a copy of {message_id!r} in {queue!r}"):
+            key = broker.scripts.bury(
+                keys=broker.keys(queue).all,
+                args=[now, message_id, payload, band, deliveries, record],
+            )
+        return key.decode() if isinstance(key, bytes) else str(key)
+
+    def count(self, queue: str) -> int:
+        with translated_errors(f"count dead letters of {queue!r}"):
+            return int(self.broker.client.zcard(self.broker.keys(queue).dead))
+
+    def iter(self, where: DeadFilter | None = None, batch: int = 500) -> Iterator[DeadMessage]:
+        """Dead messages matching ``where``, oldest first within each queue."""
+        where = where or DeadFilter()
+        now = self.broker.clock()
+        queues = [where.queue] if where.queue is not None else self.broker.queues()
+        for queue in queues:
+            for message in self._scan(queue, batch):
+                if where.matches(message, now):
+                    yield message
+
+    def _scan(self, queue: str, batch: int) -> Iterator[DeadMessage]:
+        dead_key = self.broker.keys(queue).dead
+        last: float | None = None
+        while True:
+            # Page by score (the time of death), so that replays and purges between two pages
+            # do not make us skip anything.
+            low = "-inf" if last is None else f"({last}"
+            with translated_errors(f"list dead letters of {queue!r}"):
+                page = cast(
+                    list[tuple[bytes, float]],
+                    self.broker.client.zrangebyscore(
+                        dead_key, low, "+inf", start=0, num=batch, withscores=True
+                    ),
+                )
+            if not page:
+                return
+            for key, _ in page:
+                info = self.broker.info(queue, key.decode())
+                if info is not None and info.state is State.DEAD:
+                    yield DeadMessage.from_info(info)
+            if len(page) < batch:
+                return
+            last = page[-1][1]
+            # Several messages may share the last score: fetch the rest of that score at once.
+            with translated_errors(f"list dead letters of {queue!r}"):
+                same = cast(list[bytes], self.broker.client.zrangebyscore(dead_key, last, last))
+            seen = {key for key, _ in page}
+            for key in same:
+                if key not in seen:
+                    info = self.broker.info(queue, key.decode())
+                    if info is not None and info.state is State.DEAD:
+                        yield DeadMessage.from_info(info)
+
+    def get(self, message_id: str, queue: str | None = None) -> DeadMessage:
+        """The newest dead instance of ``message_id`` (a task id, or a key ``id/<n>``)."""
+        queues = None if queue is None else [queue]
+        dead = [i for i in self.broker.lookup(message_id, queues) if i.state is State.DEAD]
+        if not dead:
+            for q in queues or self.broker.queues():
+                info = self.broker.info(q, message_id)
+                if info is not None and info.state is State.DEAD:
+                    dead.append(info)
+        if not dead:
+            raise MessageNotFound(f"no dead message with id {message_id!r}")
+        return DeadMessage.from_info(dead[-1])
+
+    def replay(
+        self,
+        messages: Iterable[DeadMessage],
+        progress: Callable[[int], None] | None = None,
+        batch: int = 200,
+    ) -> int:
+        """Re-enqueue dead messages at the back of their queue; returns how many were replayed
+        (a message replayed or purged meanwhile by someone else is skipped)."""
+        return self._apply("replay", messages, progress, batch)
+
+    def purge(
+        self,
+        messages: Iterable[DeadMessage],
+        progress: Callable[[int], None] | None = None,
+        batch: int = 200,
+    ) -> int:
+        """Delete dead messages for good; returns how many were removed."""
+        return self._apply("discard", messages, progress, batch)
+
+    def _apply(
+        self,
+        what: str,
+        messages: Iterable[DeadMessage],
+        progress: Callable[[int], None] | None,
+        batch: int,
+    ) -> int:
+        script = self.broker.scripts.replay if what == "replay" else self.broker.scripts.discard
+        done = 0
+        pending: dict[str, list[str]] = {}
+
+        def flush(queue: str) -> None:
+            nonlocal done
+            keys = pending.pop(queue, [])
+            if not keys:
+                return
+            with translated_errors(f"{what} {len(keys)} dead letters of {queue!r}"):
+                codes = script(keys=self.broker.keys(queue).all, args=keys)
+            done += sum(1 for code in codes if int(code) == Code.OK)
+            if progress is not None:
+                progress(len(keys))
+
+        for message in messages:
+            group = pending.setdefault(message.queue, [])
+            group.append(message.key)
+            if len(group) >= batch:
+                flush(message.queue)
+        for queue in list(pending):
+            flush(queue)
+        return done
+
+    def trim(self, retention: Mapping[str, tuple[int, int]], limit: int = 1000) -> int:
+        """Enforce retention per queue: ``{queue: (max entries, max age ms)}``, 0 = no bound.
+        One round trip for every queue; returns how many dead messages were dropped."""
+        if not retention:
+            return 0
+        now = self.broker.now_ms()
+        with translated_errors("trim dead-letter stores"):
+            pipe = self.broker.client.pipeline(transaction=False)
+            for queue, (max_len, max_age_ms) in retention.items():
+                self.broker.scripts.trim_dead(
+                    keys=self.broker.keys(queue).all,
+                    args=[now, max_len, max_age_ms, limit],
+                    client=pipe,
+                )
+            return sum(int(n) for n in pipe.execute())
+
+
+def decode_message(payload: bytes) -> dict[str, Any]:
+    """A stored kombu message as a dict; {} when it is not JSON (an undecodable message)."""
+    try:
+        value = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,27 @@
+-- replay: DEAD -> READY (back of its band, delivery count reset) for the given message keys.
+-- Atomic and at most once: a key is re-enqueued only if it is still in the dead-letter store,
+-- so two operators replaying the same messages at once enqueue each of them once.
+-- KEYS: the NK keys of one queue.
+-- ARGV: message key, message key, ...
+-- Returns one code per key: OK (replayed), or NOT_FOUND (not dead any more: replayed, purged).
+--@include _queue.lua
+local q = queue_keys(0)
+local codes = {}
+local replayed = 0
+for i = 1, #ARGV do
+  local key = ARGV[i]
+  if redis.call('ZREM', q.dead, key) == 1 then
+    redis.call('HDEL', q.reason, key)
+    redis.call('HDEL', q.deliv, key)
+    enqueue_back(q, key)
+    codes[i] = OK
+    replayed = replayed + 1
+  else
+    codes[i] = NOT_FOUND
+  end
+end
+if replayed > 0 then
+  count(q, 'replayed', replayed)
+  signal(q)
+end
+return codes
