@@ -20,8 +20,8 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check celery_msg tests bench
-	$(BIN)/ruff format --check celery_msg tests bench
+	$(BIN)/ruff check celery_msg tests bench example_project
+	$(BIN)/ruff format --check celery_msg tests bench example_project
 	$(BIN)/mypy celery_msg
 
 bench: $(VENV)/.installed
