@@ -4,7 +4,9 @@ Selecting the transport needs only ``broker_url = "celery-msg://..."`` (importin
 :mod:`celery_msg` registers the scheme). :func:`configure` adds what Celery itself gets wrong
 for a reliable broker: its worker *acks* a message it cannot decode (the message is gone); ours
 dead-letters it, with a reason, and so it does for disallowed content types, messages without
-task headers and unknown tasks. It also validates the transport options at start-up.
+task headers and unknown tasks. Its consumer also applies the app's policies per message
+(expired and poison messages, the ack mode; see :mod:`celery_msg.worker` for the rest), and it
+validates the transport options and policies at start-up.
 """
 
 from __future__ import annotations

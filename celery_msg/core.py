@@ -29,7 +29,7 @@ from redis.commands.core import Script
 
 from .errors import BrokerConnectionError, MessageNotFound, ScriptError
 from .keys import QueueKeys, bindings_key, exchanges_key, queues_key
-from .scripts import Code, Scripts
+from .scripts import BAND, Code, Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,6 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _BINDING_SEP = "\x06\x16"
-
-#: Width of one priority band in a ready score (see celery_msg/lua/_queue.lua).
-BAND = 2**44
 
 
 class State(StrEnum):
@@ -167,6 +164,11 @@ class DedicatedConnection:
         self._pid = os.getpid()
 
     def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self.execute(script, pack_evalsha(script, keys, args))
+
+    def execute(self, script: Script, packed: bytes) -> Any:
+        """Send one already packed ``EVALSHA`` of ``script`` and read its reply; ``_BUSY``
+        when another thread holds the connection."""
         if not self._lock.acquire(blocking=False):
             return _BUSY
         try:
@@ -180,7 +182,7 @@ class DedicatedConnection:
                     # Closed by the server while idle (restart, idle timeout, a proxy): nothing
                     # was sent yet, so reconnecting is safe, as redis-py's pool does.
                     conn.disconnect()
-                return self._call(conn, script, keys, args)
+                return self._call(conn, script, packed)
             except redis.ResponseError:
                 raise  # an error reply: the connection itself is fine
             except BaseException:
@@ -191,15 +193,17 @@ class DedicatedConnection:
         finally:
             self._lock.release()
 
-    def _call(self, conn: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _call(self, conn: Any, script: Script, packed: bytes) -> Any:
         try:
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            conn.send_packed_command((packed,))
             return conn.read_response()
         except redis.exceptions.NoScriptError:
-            # Redis restarted or SCRIPT FLUSH: load it again, on this connection.
+            # Redis restarted or SCRIPT FLUSH: load it again, on this connection. The same text
+            # has the same SHA1, so the packed command stays valid.
             conn.send_command("SCRIPT", "LOAD", script.script)
-            script.sha = _text(conn.read_response())
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            if _text(conn.read_response()) != script.sha:
+                raise
+            conn.send_packed_command((packed,))
             return conn.read_response()
 
     def close(self) -> None:
@@ -211,6 +215,27 @@ class DedicatedConnection:
 
 _BUSY = object()
 _KEYS_CACHE_SIZE = 4096
+
+
+def _bulk(value: bytes | str | int) -> bytes:
+    """One RESP bulk string, encoded as redis-py encodes arguments (str as UTF-8, int as text)."""
+    if isinstance(value, str):
+        value = value.encode()
+    elif isinstance(value, int):
+        value = b"%d" % value
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def pack_head(script: Script, keys: Sequence[str], argc: int) -> bytes:
+    """The fixed part of ``EVALSHA sha numkeys keys...`` that ``argc`` arguments will follow."""
+    head = [b"*%d\r\n" % (3 + len(keys) + argc), _bulk("EVALSHA"), _bulk(script.sha)]
+    head.append(_bulk(len(keys)))
+    head.extend(_bulk(key) for key in keys)
+    return b"".join(head)
+
+
+def pack_evalsha(script: Script, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    return pack_head(script, keys, len(args)) + b"".join(_bulk(arg) for arg in args)
 
 
 def _stale(conn: Any) -> bool:
@@ -246,6 +271,7 @@ class Broker:
         self.clock = clock
         self.scripts = Scripts(client)
         self._keys: dict[str, QueueKeys] = {}
+        self._publish_heads: dict[str, bytes] = {}
         self._publisher = DedicatedConnection(client)
 
     def close(self) -> None:
@@ -353,13 +379,34 @@ class Broker:
 
         ``unique``: if ``message_id`` is still pending in this queue (ready, reserved or
         scheduled), store nothing and return it (an idempotent ``.delay()``)."""
-        keys = self.keys(queue).all
+        # Every publisher's hot path: the command's fixed part (script and keys) is packed once
+        # per queue, the rest here, and errors are translated inline (as translated_errors).
+        try:
+            head = self._publish_heads[queue]
+        except KeyError:
+            head = self._publish_head(queue)
         args = (message_id, payload, band, _due(due_ms, self.now_ms()), 1 if unique else 0)
-        with translated_errors(f"publish to {queue!r}"):
-            reply = self._publisher.evalsha(self.scripts.publish, keys, args)
+        try:
+            reply = self._publisher.execute(
+                self.scripts.publish, head + b"".join(_bulk(arg) for arg in args)
+            )
             if reply is _BUSY:
-                reply = self.scripts.publish(keys=keys, args=args)
+                reply = self.scripts.publish(keys=self.keys(queue).publish, args=args)
+        except redis.exceptions.NoScriptError:
+            raise
+        except redis.ResponseError as exc:
+            raise ScriptError(f"publish to {queue!r}: {exc}") from exc
+        except REDIS_CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"publish to {queue!r}: Redis unreachable: {exc}") from exc
         return _text(reply[0])
+
+    def _publish_head(self, queue: str) -> bytes:
+        if len(self._publish_heads) >= _KEYS_CACHE_SIZE:
+            self._publish_heads.clear()
+        head = self._publish_heads[queue] = pack_head(
+            self.scripts.publish, self.keys(queue).publish, 5
+        )
+        return head
 
     def publish_many(
         self,
@@ -377,7 +424,7 @@ class Broker:
         with translated_errors(f"publish to {len(queues)} queues"):
             pipe = self.client.pipeline(transaction=False)
             for queue in queues:
-                self.scripts.publish(keys=self.keys(queue).all, args=args, client=pipe)
+                self.scripts.publish(keys=self.keys(queue).publish, args=args, client=pipe)
             return [_text(r[0]) for r in pipe.execute()]
 
     def promote(self, queue: str, limit: int | None = None) -> int:

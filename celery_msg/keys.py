@@ -58,6 +58,22 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
 )
 
 
+#: The parts publish.lua touches, in its ``KEYS`` order: every publisher's hot path sends only
+#: these (fewer arguments to pack, send, parse and turn into Lua strings).
+PUBLISH_KEY_PARTS: tuple[str, ...] = (
+    "body",
+    "order",
+    "ready",
+    "sched",
+    "seq",
+    "dups",
+    "alias",
+    "dead",
+    "stats",
+    "signal",
+)
+
+
 @dataclass(frozen=True)
 class QueueKeys:
     """The keys of one queue, in script ``KEYS`` order."""
@@ -74,6 +90,12 @@ class QueueKeys:
         """Every key of the queue, in script ``KEYS`` order (built once: a hot path)."""
         base = self.base
         return tuple(base + part for part in QUEUE_KEY_PARTS)
+
+    @cached_property
+    def publish(self) -> tuple[str, ...]:
+        """The keys publish.lua takes, in its ``KEYS`` order (``PUBLISH_KEY_PARTS``)."""
+        base = self.base
+        return tuple(base + part for part in PUBLISH_KEY_PARTS)
 
     def __getattr__(self, part: str) -> str:
         if part in QUEUE_KEY_PARTS:

@@ -16,7 +16,7 @@ from importlib import resources
 import redis
 from redis.commands.core import Script
 
-from .keys import QUEUE_KEY_PARTS
+from .keys import PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
 
 SCRIPT_NAMES: tuple[str, ...] = (
     "publish",
@@ -34,6 +34,11 @@ SCRIPT_NAMES: tuple[str, ...] = (
     "trim_dead",
 )
 
+#: Ready-score layout (see celery_msg/lua/_queue.lua): a priority band is BAND wide, and MID
+#: separates the front of a band (requeued, reclaimed) from its back (published).
+BAND = 2**44
+MID = 2**43
+
 _INCLUDE = re.compile(r"^--@include (\S+)$", re.MULTILINE)
 
 
@@ -49,10 +54,19 @@ def _read(name: str) -> str:
     return resources.files("celery_msg").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+def _lua_list(names: tuple[str, ...]) -> str:
+    return "{" + ", ".join(f"'{name}'" for name in names) + "}"
+
+
 def _preamble() -> str:
-    parts = ", ".join(f"'{part}'" for part in QUEUE_KEY_PARTS)
     codes = "\n".join(f"local {code.name} = {code.value}" for code in Code)
-    return f"local NK = {len(QUEUE_KEY_PARTS)}\nlocal PARTS = {{{parts}}}\n{codes}\n"
+    return (
+        f"local NK = {len(QUEUE_KEY_PARTS)}\n"
+        f"local PARTS = {_lua_list(QUEUE_KEY_PARTS)}\n"
+        f"local PUBLISH_PARTS = {_lua_list(PUBLISH_KEY_PARTS)}\n"
+        f"{codes}\n"
+        f"local BAND = {BAND}\nlocal MID = {MID}\n"
+    )
 
 
 @cache

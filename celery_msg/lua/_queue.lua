@@ -1,21 +1,25 @@
 -- Shared helpers, included at load time (see celery_msg/scripts.py); never run on its own.
 -- The generated preamble before this file defines NK (keys per queue), PARTS (their names, in
--- KEYS order) and the return codes (OK, LEASE_LOST), taken from Python so the two never drift.
+-- KEYS order), PUBLISH_PARTS (the subset publish.lua takes), the return codes (OK, LEASE_LOST,
+-- NOT_FOUND) and the score constants (BAND, MID), taken from Python so the two never drift.
 --
 -- Ready scores: band * 2^44 + 2^43 + n for the back of a band (n grows), band * 2^44 + 2^43 - m
 -- for its front (m grows), so ZPOPMIN serves band 0 first, FIFO within a band, and a requeued
 -- message goes before everything else of its band. All values stay below 2^53 (exact doubles).
 
-local BAND = 17592186044416
-local MID = 8796093022208
-
-local function queue_keys(group)
+-- The keys of group `group` (0-based) when each group passes `parts`, in that order.
+local function keys_of(parts, group)
   local q = {}
-  local offset = group * NK
-  for i, part in ipairs(PARTS) do
-    q[part] = KEYS[offset + i]
+  local n = #parts
+  local offset = group * n
+  for i = 1, n do -- a numeric loop: cheaper than ipairs, on every call of every script
+    q[parts[i]] = KEYS[offset + i]
   end
   return q
+end
+
+local function queue_keys(group)
+  return keys_of(PARTS, group)
 end
 
 local function count(q, field, n)

@@ -1,6 +1,7 @@
 -- publish: store a message and append it to its priority band (READY), or, with a due time in
 -- the future, keep it in the queue's schedule (SCHEDULED) until a consumer promotes it.
--- KEYS: the NK keys of one queue (celery_msg/keys.py).
+-- KEYS: the keys of one queue it touches, in PUBLISH_PARTS order (PUBLISH_KEY_PARTS in
+-- celery_msg/keys.py): every publisher sends them, so no more than needed.
 -- ARGV[1] message id, ARGV[2] payload, ARGV[3] priority band (0 is served first),
 -- ARGV[4] due time (ms; 0 = now), ARGV[5] '1' for a unique publish.
 -- Returns {message key, 1} for a new message: the id itself, or a free id/<n> when that id is
@@ -11,7 +12,7 @@
 -- The score goes to `order` too: it keeps the band (for a requeue) and the publish order (for
 -- look-ups). The hot path of every publisher: six commands.
 --@include _queue.lua
-local q = queue_keys(0)
+local q = keys_of(PUBLISH_PARTS, 0)
 local id = ARGV[1]
 local due = tonumber(ARGV[4]) or 0
 if ARGV[5] == '1' then

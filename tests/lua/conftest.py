@@ -223,7 +223,7 @@ class Lab:
     ) -> tuple[str, int]:
         """publish.lua's whole reply: (message key, 1 if stored else 0)."""
         args = [message_id, payload, band, due, 1 if unique else 0]
-        key, created = self.scripts.publish(keys=self.keys.all, args=args)
+        key, created = self.scripts.publish(keys=self.keys.publish, args=args)
         return str(_text(key)), int(created)
 
     def next_due(self, **kwargs: Any) -> int:

@@ -9,7 +9,7 @@ from importlib.resources.abc import Traversable
 import pytest
 import redis
 
-from celery_msg.keys import QUEUE_KEY_PARTS
+from celery_msg.keys import PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
 from celery_msg.scripts import SCRIPT_NAMES, Code, Scripts, source
 
 
@@ -59,6 +59,11 @@ def test_every_script_gets_the_key_layout_from_python(name: str):
     parts = re.search(r"^local PARTS = \{(.*)\}$", text, re.MULTILINE)
     assert parts is not None
     assert re.findall(r"'([a-z_]+)'", parts.group(1)) == list(QUEUE_KEY_PARTS)
+    # publish.lua takes only the parts it touches (tests/lua/test_publish.py runs every branch
+    # of it with just those keys: a missing one would be nil and fail the call).
+    publish = re.search(r"^local PUBLISH_PARTS = \{(.*)\}$", text, re.MULTILINE)
+    assert publish is not None
+    assert re.findall(r"'([a-z_]+)'", publish.group(1)) == list(PUBLISH_KEY_PARTS)
 
 
 @pytest.mark.parametrize("name", SCRIPT_NAMES)
