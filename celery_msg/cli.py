@@ -311,7 +311,7 @@ def history(info: MessageInfo) -> list[str]:
     """What the broker knows of a stored message's past, oldest first, one line per fact."""
     headers = decode_message(info.payload or b"").get("headers")
     headers = headers if isinstance(headers, dict) else {}
-    lines = [f"published as {info.key} (priority band {info.priority_band})"]
+    lines = [f"published as {info.key} (priority band {info.priority_band}; 0 is served first)"]
     retries = int(headers.get("retries") or 0)
     if retries:
         first = headers.get(FIRST_FAILURE_HEADER)

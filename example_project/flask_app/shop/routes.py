@@ -90,7 +90,8 @@ def _status(task_id: str) -> dict[str, Any]:
     return {
         "task_id": task_id,
         "state": result.state,
-        "result": value if result.successful() else (repr(value) if value else None),
+        # A result, STARTED's {pid, hostname}, or an exception (FAILURE, RETRY) as its repr.
+        "result": repr(value) if isinstance(value, BaseException) else value,
         "broker": [
             {
                 "queue": info.queue,
