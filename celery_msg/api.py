@@ -6,6 +6,7 @@ workers. The CLI and dashboard of later issues build on these functions.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,12 +53,7 @@ def dead_letters(
     """Up to ``limit`` dead messages of ``app``'s queues matching ``where``, oldest first per
     queue; each carries its reason, exception, traceback, failure times and the whole message."""
     with broker_for(app) as broker:
-        found: list[DeadMessage] = []
-        for message in DeadLetters(broker).iter(where):
-            found.append(message)
-            if len(found) >= limit:
-                break
-        return found
+        return list(itertools.islice(DeadLetters(broker).iter(where), limit))
 
 
 def replay(app: Celery, messages: list[DeadMessage]) -> int:

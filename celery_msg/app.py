@@ -11,6 +11,7 @@ validates the transport options and policies at start-up.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -43,9 +44,16 @@ def configure(app: Celery, *, policies: Policies | None = None, **transport_opti
     invalid option or policy field.
     """
     options = {**(app.conf.broker_transport_options or {}), **transport_options}
-    options["policies"] = policies_from(
-        policies if policies is not None else app.conf.get("msg_policies")
-    )
+    chosen = policies_from(policies if policies is not None else app.conf.get("msg_policies"))
+    limit = options.get("max_deliveries")
+    if limit and chosen.default.max_deliveries is None:
+        # The worker applies it, as any policy: the result backend then learns of the poison
+        # message, and DeadLetter(enabled=False) is honoured (the transport could do neither).
+        chosen = dataclasses.replace(
+            chosen, default=dataclasses.replace(chosen.default, max_deliveries=limit)
+        )
+        options["max_deliveries"] = 0
+    options["policies"] = chosen
     if _uses_celery_msg(app):
         TransportOptions.from_mapping(options)
     app.conf.broker_transport_options = options
@@ -139,9 +147,12 @@ class Consumer(CeleryConsumer):
             if self._expired(message, headers, queue, policy) or self._poison(message, policy):
                 return None
             if policy.ack == "early":
-                # At most once: the ack must be in Redis before the task starts, not ride on
-                # the next fetch (a solo worker runs the task before fetching again).
-                message.ack_now = True
+                # At most once: the ack is in Redis before the task can start. Celery acks when
+                # the pool accepts the task, which for prefork is after the child started it.
+                settle_now = getattr(message.channel, "settle_ack", None)
+                if settle_now is not None:
+                    settle_now(message.delivery_tag, now=True)
+                    message.settled = True
             strategies.mode = policy.ack
             try:
                 return handler(message)

@@ -8,6 +8,7 @@ terminal and ask before touching messages unless ``--yes`` is given.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -131,11 +132,7 @@ def dlq() -> None:
 def dlq_list(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -> None:
     """List dead messages, oldest first."""
     with _dead_letters(ctx) as store:
-        found = []
-        for message in store.iter(_where(**filters)):
-            found.append(message)
-            if len(found) >= limit:
-                break
+        found = list(itertools.islice(store.iter(_where(**filters)), limit))
     if as_json:
         _emit_json([m.as_dict() for m in found])
         return

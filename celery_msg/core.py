@@ -214,6 +214,9 @@ class DedicatedConnection:
 
 
 _BUSY = object()
+
+#: One script call: the script, its KEYS, its ARGV.
+ScriptCall = tuple[Script, Sequence[str], Sequence[Any]]
 _KEYS_CACHE_SIZE = 4096
 
 
@@ -362,6 +365,36 @@ class Broker:
             pipe.srem(queues_key(self.prefix), queue)
             pipe.execute()
 
+    def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run script calls in one pipelined round trip; their replies, in order.
+
+        redis-py's own pipelining of scripts asks ``SCRIPT EXISTS`` first: a second round trip
+        on every call, on the consumer's hot path. Here each ``EVALSHA`` goes as it is; a script
+        Redis lost (restart, ``SCRIPT FLUSH``) is loaded again and only its calls are sent
+        again (the others have run). An error reply is raised, as redis-py would.
+        """
+        results: list[Any] = self._evalsha_all(calls)
+        missing = [
+            i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)
+        ]
+        if missing:
+            for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
+                script.sha = _text(self.client.script_load(script.script))
+            replies = self._evalsha_all([calls[i] for i in missing])
+            for i, reply in zip(missing, replies, strict=True):
+                results[i] = reply
+        for reply in results:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return results
+
+    def _evalsha_all(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """One pipeline of EVALSHA calls; error replies come back in the list, not raised."""
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        return list(pipe.execute(raise_on_error=False))
+
     # -- message life ----------------------------------------------------------------------
 
     def publish(
@@ -385,7 +418,7 @@ class Broker:
             head = self._publish_heads[queue]
         except KeyError:
             head = self._publish_head(queue)
-        args = (message_id, payload, band, _due(due_ms, self.now_ms()), 1 if unique else 0)
+        args = (message_id, payload, band, _due(due_ms, self.now_ms), 1 if unique else 0)
         try:
             reply = self._publisher.execute(
                 self.scripts.publish, head + b"".join(_bulk(arg) for arg in args)
@@ -420,15 +453,15 @@ class Broker:
         """Publish one message into several queues (a broadcast) in one round trip."""
         if not queues:
             return []
-        args = [message_id, payload, band, _due(due_ms, self.now_ms()), 0]
+        args = [message_id, payload, band, _due(due_ms, self.now_ms), 0]
+        publish = self.scripts.publish
         with translated_errors(f"publish to {len(queues)} queues"):
-            pipe = self.client.pipeline(transaction=False)
-            for queue in queues:
-                self.scripts.publish(keys=self.keys(queue).publish, args=args, client=pipe)
-            return [_text(r[0]) for r in pipe.execute()]
+            replies = self.run_scripts([(publish, self.keys(q).publish, args) for q in queues])
+        return [_text(r[0]) for r in replies]
 
     def promote(self, queue: str, limit: int | None = None) -> int:
-        """Move due scheduled messages of ``queue`` to its back; returns how many."""
+        """Move due scheduled messages of ``queue`` to its back; returns how many. Consumers
+        do this with every fetch; this is for operators and tests."""
         batch = self.reclaim_batch if limit is None else limit
         with translated_errors(f"promote in {queue!r}"):
             return int(self.scripts.promote(keys=self.keys(queue).all, args=[self.now_ms(), batch]))
@@ -464,15 +497,15 @@ class Broker:
         wanted = [r for r in requests if r.count > 0 and r.queues]
         if not by_queue and not wanted:
             return Round([[] for _ in requests], [], None)
+        calls: list[ScriptCall] = [
+            (self.scripts.ack, self.keys(queue).all, _pairs(group))
+            for queue, group in by_queue.items()
+        ]
+        calls.extend(
+            (self.scripts.reserve, self._reserve_keys(r), self._reserve_args(r)) for r in wanted
+        )
         with translated_errors("ack and reserve"):
-            pipe = self.client.pipeline(transaction=False)
-            for queue, group in by_queue.items():
-                self.scripts.ack(keys=self.keys(queue).all, args=_pairs(group), client=pipe)
-            for request in wanted:
-                self.scripts.reserve(
-                    keys=self._reserve_keys(request), args=self._reserve_args(request), client=pipe
-                )
-            results = pipe.execute()
+            results = self.run_scripts(calls)
         lost = _lost(by_queue.values(), results[: len(by_queue)])
         served = iter(results[len(by_queue) :])
         out: list[list[Delivery]] = []
@@ -534,10 +567,9 @@ class Broker:
                 ((queue, group),) = by_queue.items()
                 results = [run(keys=self.keys(queue).all, args=head + _pairs(group))]
             else:
-                pipe = self.client.pipeline(transaction=False)
-                for queue, group in by_queue.items():
-                    run(keys=self.keys(queue).all, args=head + _pairs(group), client=pipe)
-                results = pipe.execute()
+                results = self.run_scripts(
+                    [(run, self.keys(q).all, head + _pairs(group)) for q, group in by_queue.items()]
+                )
         return _lost(by_queue.values(), results)
 
     def dead_letter(self, lease: Lease, reason: str, detail: str = "", **extra: Any) -> bool:
@@ -617,53 +649,36 @@ class Broker:
 
     def info(self, queue: str, key: str) -> MessageInfo | None:
         """The message stored under ``key`` in ``queue`` (one round trip), or None."""
+        return self.infos(queue, [key])[0]
+
+    def infos(self, queue: str, keys: Sequence[str]) -> list[MessageInfo | None]:
+        """:meth:`info` of many keys of ``queue`` in one round trip (a transaction, so that
+        each message is read in one consistent state)."""
         k = self.keys(queue)
-        with translated_errors(f"look up {key!r} in {queue!r}"):
+        with translated_errors(f"look up {len(keys)} messages in {queue!r}"):
             pipe = self.client.pipeline(transaction=True)
-            pipe.hget(k.body, key)
-            pipe.zscore(k.ready, key)
-            pipe.zscore(k.leased, key)
-            pipe.zscore(k.dead, key)
-            pipe.zscore(k.sched, key)
-            pipe.hget(k.deliv, key)
-            pipe.hget(k.order, key)
-            pipe.hget(k.owner, key)
-            pipe.hget(k.reason, key)
-            pipe.hget(k.dups, key)
-            body, ready, leased, dead, due, deliv, order, owner, reason, dup_of = pipe.execute()
-        if body is None:
-            return None
-        if leased is not None:
-            state = State.RESERVED
-        elif dead is not None:
-            state = State.DEAD
-        elif ready is not None:
-            state = State.READY
-        elif due is not None:
-            state = State.SCHEDULED
-        else:
-            return None
-        return MessageInfo(
-            id=key if dup_of is None else _text(dup_of),
-            key=key,
-            queue=queue,
-            state=state,
-            deliveries=int(deliv or 0),
-            priority_band=None if order is None else int(float(order)) // BAND,
-            owner=None if owner is None else _text(owner),
-            lease_deadline=None if leased is None else float(leased) / 1000.0,
-            due=None if due is None else float(due) / 1000.0,
-            dead_reason=None if reason is None else json.loads(reason),
-            payload=body,
-        )
+            for key in keys:
+                pipe.hget(k.body, key)
+                pipe.zscore(k.ready, key)
+                pipe.zscore(k.leased, key)
+                pipe.zscore(k.dead, key)
+                pipe.zscore(k.sched, key)
+                pipe.hget(k.deliv, key)
+                pipe.hget(k.order, key)
+                pipe.hget(k.owner, key)
+                pipe.hget(k.reason, key)
+                pipe.hget(k.dups, key)
+            replies = pipe.execute() if keys else []
+        n = len(replies) // max(1, len(keys))
+        return [
+            _message_info(queue, key, replies[i * n : (i + 1) * n]) for i, key in enumerate(keys)
+        ]
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[MessageInfo]:
         """The oldest ``limit`` dead messages of ``queue``."""
         with translated_errors(f"list dead letters of {queue!r}"):
             raw = cast(list[bytes], self.client.zrange(self.keys(queue).dead, 0, limit - 1))
-        keys = [_text(k) for k in raw]
-        infos = (self.info(queue, key) for key in keys)
-        return [info for info in infos if info is not None]
+        return [info for info in self.infos(queue, [_text(k) for k in raw]) if info is not None]
 
     # -- bindings --------------------------------------------------------------------------
 
@@ -762,6 +777,35 @@ def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[
     return record
 
 
+def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo | None:
+    body, ready, leased, dead, due, deliv, order, owner, reason, dup_of = replies
+    if body is None:
+        return None
+    if leased is not None:
+        state = State.RESERVED
+    elif dead is not None:
+        state = State.DEAD
+    elif ready is not None:
+        state = State.READY
+    elif due is not None:
+        state = State.SCHEDULED
+    else:
+        return None
+    return MessageInfo(
+        id=key if dup_of is None else _text(dup_of),
+        key=key,
+        queue=queue,
+        state=state,
+        deliveries=int(deliv or 0),
+        priority_band=None if order is None else int(float(order)) // BAND,
+        owner=None if owner is None else _text(owner),
+        lease_deadline=None if leased is None else float(leased) / 1000.0,
+        due=None if due is None else float(due) / 1000.0,
+        dead_reason=None if reason is None else json.loads(reason),
+        payload=body,
+    )
+
+
 def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
     queues = request.queues
     return [
@@ -776,9 +820,10 @@ def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
     ]
 
 
-def _due(due_ms: int, now_ms: int) -> int:
-    """The due time to store: 0 (now) unless it is still in the future."""
-    return due_ms if due_ms > now_ms else 0
+def _due(due_ms: int, now: Callable[[], int]) -> int:
+    """The due time to store: 0 (now) unless it is still in the future (the clock is read only
+    for a message that has a due time)."""
+    return due_ms if due_ms and due_ms > now() else 0
 
 
 def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:

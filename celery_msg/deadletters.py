@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .core import Broker, MessageInfo, State, failure_record, translated_errors
+from .core import Broker, MessageInfo, ScriptCall, State, failure_record, translated_errors
 from .errors import MessageNotFound
 from .scripts import Code
 
@@ -177,10 +177,7 @@ class DeadLetters:
                 )
             if not page:
                 return
-            for key, _ in page:
-                info = self.broker.info(queue, key.decode())
-                if info is not None and info.state is State.DEAD:
-                    yield DeadMessage.from_info(info)
+            yield from self._dead(queue, [key.decode() for key, _ in page])
             if len(page) < batch:
                 return
             last = page[-1][1]
@@ -188,11 +185,13 @@ class DeadLetters:
             with translated_errors(f"list dead letters of {queue!r}"):
                 same = cast(list[bytes], self.broker.client.zrangebyscore(dead_key, last, last))
             seen = {key for key, _ in page}
-            for key in same:
-                if key not in seen:
-                    info = self.broker.info(queue, key.decode())
-                    if info is not None and info.state is State.DEAD:
-                        yield DeadMessage.from_info(info)
+            yield from self._dead(queue, [key.decode() for key in same if key not in seen])
+
+    def _dead(self, queue: str, keys: list[str]) -> Iterator[DeadMessage]:
+        """The dead ones of ``keys`` (one round trip), as DeadMessages."""
+        for info in self.broker.infos(queue, keys):
+            if info is not None and info.state is State.DEAD:
+                yield DeadMessage.from_info(info)
 
     def get(self, message_id: str, queue: str | None = None) -> DeadMessage:
         """The newest dead instance of ``message_id`` (a task id, or a key ``id/<n>``)."""
@@ -263,15 +262,13 @@ class DeadLetters:
         if not retention:
             return 0
         now = self.broker.now_ms()
+        trim = self.broker.scripts.trim_dead
+        calls: list[ScriptCall] = [
+            (trim, self.broker.keys(queue).all, [now, max_len, max_age_ms, limit])
+            for queue, (max_len, max_age_ms) in retention.items()
+        ]
         with translated_errors("trim dead-letter stores"):
-            pipe = self.broker.client.pipeline(transaction=False)
-            for queue, (max_len, max_age_ms) in retention.items():
-                self.broker.scripts.trim_dead(
-                    keys=self.broker.keys(queue).all,
-                    args=[now, max_len, max_age_ms, limit],
-                    client=pipe,
-                )
-            return sum(int(n) for n in pipe.execute())
+            return sum(int(n) for n in self.broker.run_scripts(calls))
 
 
 def decode_message(payload: bytes) -> dict[str, Any]:

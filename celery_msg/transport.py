@@ -70,12 +70,15 @@ class QoS(virtual.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         message = self._delivered.get(delivery_tag)
-        self.channel.settle_ack(delivery_tag, now=getattr(message, "ack_now", False))
+        if not getattr(message, "settled", False):  # else acked in Redis on receipt already
+            self.channel.settle_ack(delivery_tag)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         message = self._delivered.get(delivery_tag)
-        if requeue:
+        if getattr(message, "settled", False):
+            pass  # acked in Redis on receipt (ack mode early): nothing left to settle
+        elif requeue:
             self.channel.settle_requeue(delivery_tag)
         elif getattr(message, "drop_on_reject", False):
             # Its policy keeps no dead letters: the worker recorded the failure; drop it.
@@ -241,7 +244,8 @@ class Channel(virtual.Channel):
             return False
         if headers.get(UNIQUE_HEADER):
             return True
-        return self.options.policies.resolve(headers.get("task"), queue).unique
+        task = headers.get("task")
+        return task is not None and self.options.policies.resolve(task, queue).unique
 
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
@@ -369,7 +373,7 @@ class Channel(virtual.Channel):
     def settle_ack(self, tag: str, now: bool = False) -> None:
         """Ack a delivery. From the consuming thread the ack rides on its next fetch (same
         round trip) or the renewer's next round; from pool threads, or with ``now`` (an
-        at-most-once ack that must be written before the task starts), it is written at once."""
+        at-most-once ack, written before the task may start), it is written at once."""
         if not now and self.transport.in_drain_thread():
             if not self.holdings.buffer_ack(tag):
                 _log_ignored(tag, "ack")
@@ -460,6 +464,9 @@ def _log_lost(lost: list[Lease], action: str) -> None:
         )
 
 
+#: Seconds between two trims of the consumed queues' dead-letter stores (by the renewer).
+TRIM_INTERVAL = 60.0
+
 #: How long before a due time a consumer stops blocking in Redis and sleeps in the client:
 #: Redis ends a blocking command's timeout up to 1/hz (100 ms by default) late.
 DUE_SLACK = 0.1
@@ -516,6 +523,7 @@ class Transport(virtual.Transport):
         self._turn = 0
         self._holding = False
         self._next_due_ms: int | None = None
+        self._next_trim = 0.0
 
     # -- connection ------------------------------------------------------------------------
 
@@ -598,7 +606,9 @@ class Transport(virtual.Transport):
         if bindings:
             self.broker.refresh_bindings(bindings, self.options.binding_ttl_ms)
         queues = {queue for channel in channels for queue in channel._active_queues}
-        if queues:
+        if queues and time.monotonic() >= self._next_trim:
+            # Retention is counted in days: once a minute is plenty.
+            self._next_trim = time.monotonic() + TRIM_INTERVAL
             self.dead_letters.trim({queue: self._retention(queue) for queue in queues})
 
     def _retention(self, queue: str) -> tuple[int, int]:

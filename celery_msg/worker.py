@@ -195,7 +195,9 @@ def _wrap_run(task: Task, policies: Policies) -> None:
                 retry.max_retries,
                 countdown,
             )
-            raise task.retry(exc=exc, countdown=countdown, max_retries=retry.max_retries) from exc
+            # task.retry raises Retry itself (or exc once retries run out), as autoretry_for.
+            task.retry(exc=exc, countdown=countdown, max_retries=retry.max_retries)
+            raise  # not reached: retry() always raises
 
     task.run = run_with_policy
     setattr(task, _WRAPPED, True)
@@ -223,6 +225,16 @@ class PolicyRequest(Request):
             exc_info, send_failed_event=send_failed_event, return_ok=return_ok
         )
 
+    def _not_final(self, exc: WorkerLostError) -> bool:
+        """A lost pool process is no failure for good when Celery retries the task for it
+        (``retry_on_worker_lost``) or the task had stored its success before it was lost."""
+        if getattr(self.task, "retry_on_worker_lost", False) and _retries_left(
+            self.task, int(self._context.retries or 0)
+        ):
+            return True
+        stored = getattr(self, "_success_was_stored", None)
+        return bool(stored and stored())
+
     def _record_failure(self, exc_info: Any) -> None:
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
@@ -235,6 +247,8 @@ class PolicyRequest(Request):
         dead_letters = getattr(transport, "dead_letters", None)
         if channel is None or transport is None or dead_letters is None:
             return  # not a celery-msg connection
+        if isinstance(exc, WorkerLostError) and self._not_final(exc):
+            return
         settled = _settlement(self.task, exc)
         if settled == "requeue":
             return  # it comes back and runs again: not a failure for good
@@ -276,6 +290,10 @@ class PolicyRequest(Request):
                 detail=detail,
                 **extra,
             )
+
+
+def _retries_left(task: Any, retries: int) -> bool:
+    return task.max_retries is None or retries < task.max_retries
 
 
 def _settlement(task: Any, exc: BaseException) -> str:

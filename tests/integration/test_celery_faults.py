@@ -15,6 +15,7 @@ from celery_app.settings import DEFAULT_QUEUE
 from celery_helpers import Stack, stack_factory, wait_until
 
 from celery_msg.core import State
+from celery_msg.errors import PoisonMessage
 
 if TYPE_CHECKING:
     from conftest import Server
@@ -91,6 +92,9 @@ def test_a_task_that_kills_its_worker_is_dead_lettered_as_poison_not_run_again(
     assert dead.dead_reason is not None and dead.dead_reason["reason"] == "poison"
     assert [e.worker for e in stack.events("start")] == [first.nodename]
     assert second.running
+    # The transport option becomes the app's default policy: the result backend learns of it.
+    with pytest.raises(PoisonMessage, match="without an ack"):
+        killer.get(timeout=10)
     assert stack.task("add").delay(1, 2).get(timeout=10) == 3
     stack.settled(DEFAULT_QUEUE, dead=1)
 

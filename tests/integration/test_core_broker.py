@@ -753,3 +753,33 @@ def test_counts_follow_a_scheduled_message_through_its_life(broker: Broker, cloc
     assert broker.ack([lease]) == []
     assert broker.counts("q") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
     assert broker.stats("q") == {"published": 1, "promoted": 1, "acked": 1}
+
+
+# -- pipelined script calls ------------------------------------------------------------------
+
+
+def test_a_pipelined_round_sends_no_script_exists_and_survives_a_script_flush(
+    broker: Broker, redis_client: redis.Redis
+):
+    for message_id in ("a", "b"):
+        broker.publish("q", message_id, message_id.encode(), 0)
+    [lease] = broker.reserve(["q"], 1, "c1")
+    redis_client.config_resetstat()
+    redis_client.script_flush()  # as after a restart: every script must be loaded again
+
+    served, lost, _ = broker.settle_and_reserve(
+        [Lease("q", lease.key, lease.token)], [ReserveRequest(["q"], 5, "c1")]
+    )
+
+    assert lost == [] and [d.key for d in served[0]] == ["b"]
+    assert broker.lookup("a", ["q"]) == []  # the ack ran once the script was back
+    stats = redis_client.info("commandstats")
+    assert "cmdstat_script|exists" not in stats  # redis-py's pipelines would ask first
+    assert stats["cmdstat_script|load"]["calls"] == 2  # ack and reserve, loaded again once
+    # With every script loaded, a round is its EVALSHA calls and nothing else from the client
+    # (commands run inside scripts are counted too, so only SCRIPT is checked).
+    redis_client.config_resetstat()
+    broker.settle_and_reserve([], [ReserveRequest(["q"], 5, "c1")])
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert not [name for name in stats if name.startswith("cmdstat_script")]

@@ -1,7 +1,7 @@
 """Dead-letter retention: a live consumer trims its queues' dead-letter stores to their policy.
 
-The renewer does it with its other rounds (every lease_timeout / 3), for the queues its
-connection consumes, one pipelined script call per queue: by length (oldest first) and by age.
+The renewer does it in its first round and then once a minute, for the queues its connection
+consumes, one pipelined script call per queue: by length (oldest first) and by age.
 """
 
 from __future__ import annotations
