@@ -136,12 +136,23 @@ def translated_errors(what: str) -> Iterator[None]:
     """Re-raise redis-py errors as celery-msg errors, keeping the cause."""
     try:
         yield
-    except redis.exceptions.NoScriptError:
-        raise
-    except redis.ResponseError as exc:
-        raise ScriptError(f"{what}: {exc}") from exc
-    except REDIS_CONNECTION_ERRORS as exc:
-        raise BrokerConnectionError(f"{what}: Redis unreachable: {exc}") from exc
+    except Exception as exc:
+        ours = translated(exc, what)
+        if ours is None:
+            raise
+        raise ours from exc
+
+
+def translated(exc: BaseException, what: str) -> Exception | None:
+    """The celery-msg error for a redis-py error (None: not one to translate). NoScriptError
+    is left alone: the caller loads the script again."""
+    if isinstance(exc, redis.exceptions.NoScriptError):
+        return None
+    if isinstance(exc, redis.ResponseError):
+        return ScriptError(f"{what}: {exc}")
+    if isinstance(exc, REDIS_CONNECTION_ERRORS):
+        return BrokerConnectionError(f"{what}: Redis unreachable: {exc}")
+    return None
 
 
 def _text(value: bytes | str) -> str:
@@ -413,7 +424,7 @@ class Broker:
         ``unique``: if ``message_id`` is still pending in this queue (ready, reserved or
         scheduled), store nothing and return it (an idempotent ``.delay()``)."""
         # Every publisher's hot path: the command's fixed part (script and keys) is packed once
-        # per queue, the rest here, and errors are translated inline (as translated_errors).
+        # per queue, the rest here, and errors are translated inline (no context manager).
         try:
             head = self._publish_heads[queue]
         except KeyError:
@@ -425,12 +436,11 @@ class Broker:
             )
             if reply is _BUSY:
                 reply = self.scripts.publish(keys=self.keys(queue).publish, args=args)
-        except redis.exceptions.NoScriptError:
-            raise
-        except redis.ResponseError as exc:
-            raise ScriptError(f"publish to {queue!r}: {exc}") from exc
-        except REDIS_CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"publish to {queue!r}: Redis unreachable: {exc}") from exc
+        except Exception as exc:
+            ours = translated(exc, f"publish to {queue!r}")
+            if ours is None:
+                raise
+            raise ours from exc
         return _text(reply[0])
 
     def _publish_head(self, queue: str) -> bytes:
@@ -579,13 +589,35 @@ class Broker:
         a human sentence; ``extra`` adds JSON-serialisable fields.
         """
         now = self.now_ms()
-        record = failure_record(reason, detail, now, **extra)
+        record = _record_json(reason, detail, now, extra)
         with translated_errors(f"dead-letter {lease.key!r} in {lease.queue!r}"):
             code = self.scripts.dead_letter(
-                keys=self.keys(lease.queue).all,
-                args=[now, lease.key, lease.token, json.dumps(record, default=str)],
+                keys=self.keys(lease.queue).all, args=[now, lease.key, lease.token, record]
             )
         return int(code) == Code.OK
+
+    def bury(
+        self,
+        queue: str,
+        message_id: str,
+        payload: bytes | str,
+        *,
+        band: int,
+        deliveries: int,
+        reason: str,
+        detail: str,
+        **extra: Any,
+    ) -> str:
+        """Store a copy of a message that is no longer leased (acked on receipt, or acked on a
+        time limit) as dead, with a record as :meth:`dead_letter` writes; returns its key."""
+        now = self.now_ms()
+        record = _record_json(reason, detail, now, extra)
+        with translated_errors(f"dead-letter a copy of {message_id!r} in {queue!r}"):
+            key = self.scripts.bury(
+                keys=self.keys(queue).all,
+                args=[now, message_id, payload, band, deliveries, record],
+            )
+        return _text(key)
 
     def reclaim(self, queue: str, limit: int | None = None) -> int:
         """Return expired leases of ``queue`` to the front of their band; returns how many."""
@@ -804,6 +836,10 @@ def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo |
         dead_reason=None if reason is None else json.loads(reason),
         payload=body,
     )
+
+
+def _record_json(reason: str, detail: str, now_ms: int, extra: Mapping[str, Any]) -> str:
+    return json.dumps(failure_record(reason, detail, now_ms, **extra), default=str)
 
 
 def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .core import Broker, MessageInfo, ScriptCall, State, failure_record, translated_errors
+from .core import Broker, MessageInfo, ScriptCall, State, translated_errors
 from .errors import MessageNotFound
 from .scripts import Code
 
@@ -123,33 +123,6 @@ class DeadLetters:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-
-    def bury(
-        self,
-        queue: str,
-        message_id: str,
-        payload: bytes | str,
-        *,
-        band: int,
-        deliveries: int,
-        reason: str,
-        detail: str,
-        **extra: Any,
-    ) -> str:
-        """Store a copy of a message that is no longer leased (acked already) as dead."""
-        broker = self.broker
-        now = broker.now_ms()
-        record = json.dumps(failure_record(reason, detail, now, **extra), default=str)
-        with translated_errors(f"dead-letter a copy of {message_id!r} in {queue!r}"):
-            key = broker.scripts.bury(
-                keys=broker.keys(queue).all,
-                args=[now, message_id, payload, band, deliveries, record],
-            )
-        return key.decode() if isinstance(key, bytes) else str(key)
-
-    def count(self, queue: str) -> int:
-        with translated_errors(f"count dead letters of {queue!r}"):
-            return int(self.broker.client.zcard(self.broker.keys(queue).dead))
 
     def iter(self, where: DeadFilter | None = None, batch: int = 500) -> Iterator[DeadMessage]:
         """Dead messages matching ``where``, oldest first within each queue."""

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
@@ -221,7 +222,8 @@ class Channel(virtual.Channel):
         return table
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        unique = self._unique(queue, message)  # before dumps: it may stamp a header
+        _stamp_first_failure(message, self.broker.now_ms)  # before dumps
+        unique = self._unique(queue, message)
         self.broker.publish(
             queue,
             message_id(message),
@@ -233,14 +235,9 @@ class Channel(virtual.Channel):
 
     def _unique(self, queue: str, message: dict[str, Any]) -> bool:
         """Whether this publish is idempotent (its queue's or task's policy, or the message's
-        ``celery_msg_unique`` header). A retry never is: it must replace the failed delivery.
-        A retry is stamped with the time of the task's first failure instead, for the
-        dead-letter record should its retries run out."""
+        ``celery_msg_unique`` header). A retry never is: it must replace the failed delivery."""
         headers = message.get("headers")
-        if not headers:
-            return False
-        if headers.get("retries"):
-            headers.setdefault(FIRST_FAILURE_HEADER, self.broker.now_ms())
+        if not headers or headers.get("retries"):
             return False
         if headers.get(UNIQUE_HEADER):
             return True
@@ -446,6 +443,14 @@ class Channel(virtual.Channel):
         if leftovers:
             with contextlib.suppress(BrokerConnectionError):
                 self.broker.requeue(leftovers, uncount=True)
+
+
+def _stamp_first_failure(message: dict[str, Any], now_ms: Callable[[], int]) -> None:
+    """A Celery retry carries the time of the task's first failure (Celery copies headers from
+    retry to retry), for the dead-letter record should its retries run out."""
+    headers = message.get("headers")
+    if headers and headers.get("retries"):
+        headers.setdefault(FIRST_FAILURE_HEADER, now_ms())
 
 
 def _log_ignored(tag: str, action: str) -> None:

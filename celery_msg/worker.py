@@ -37,6 +37,7 @@ from celery.worker.request import Request
 from kombu.utils.imports import symbol_by_name
 from kombu.utils.json import dumps
 
+from .core import Broker
 from .headers import FIRST_FAILURE_HEADER
 from .policy import AckMode, Policies, Resolved
 
@@ -242,10 +243,9 @@ class PolicyRequest(Request):
         if isinstance(exc, (TaskRevokedError, Terminated, *_CONTROL_FLOW)):
             return
         message = self.message
-        channel = getattr(message, "channel", None)
-        transport = getattr(channel, "transport", None)
-        dead_letters = getattr(transport, "dead_letters", None)
-        if channel is None or transport is None or dead_letters is None:
+        channel: Any = getattr(message, "channel", None)
+        transport: Any = getattr(channel, "transport", None)
+        if not isinstance(getattr(transport, "broker", None), Broker):
             return  # not a celery-msg connection
         if isinstance(exc, WorkerLostError) and self._not_final(exc):
             return
@@ -280,7 +280,7 @@ class PolicyRequest(Request):
         else:
             # Acked (ack mode early, or a time limit in mode late): keep a copy.
             payload = message.serializable()
-            dead_letters.bury(
+            transport.broker.bury(
                 queue,
                 self.id,
                 dumps(payload),

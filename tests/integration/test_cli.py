@@ -140,7 +140,7 @@ def bury(
     if exc_type is not None:
         extra.update(exc_type=exc_type, exc_message="oops", traceback="Traceback ...\n")
     detail = f"{exc_type.rpartition('.')[2]}: oops" if exc_type else reason
-    DeadLetters(broker).bury(
+    broker.bury(
         queue, message_id, payload, band=0, deliveries=1, reason=reason, detail=detail, **extra
     )
     return message_id

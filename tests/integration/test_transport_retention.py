@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from kombu_helpers import FAST, Receiver, broker, connect, direct_queue
 
 from celery_msg import DeadLetter, Policies, Policy
+from celery_msg.core import Broker
 from celery_msg.deadletters import DeadFilter, DeadLetters
 
 if TYPE_CHECKING:
@@ -21,9 +22,9 @@ if TYPE_CHECKING:
     from kombu import Connection
 
 
-def _bury(store: DeadLetters, queue: str, ids: list[str]) -> None:
+def _bury(look: Broker, queue: str, ids: list[str]) -> None:
     for message_id in ids:
-        store.bury(
+        look.bury(
             queue, message_id, b"{}", band=0, deliveries=1, reason="failed", detail=message_id
         )
 
@@ -44,12 +45,12 @@ def test_a_consumer_keeps_the_newest_dead_letters_its_queue_policy_allows(
     policies = Policies(queues={"kept": Policy(dead_letter=DeadLetter(max_length=2))})
     look = broker(server, prefix)
     store = DeadLetters(look)
-    _bury(store, "kept", ["d1", "d2", "d3", "d4"])
-    _bury(store, "other", ["o1", "o2", "o3"])  # default policy: 10,000 kept
+    _bury(look, "kept", ["d1", "d2", "d3", "d4"])
+    _bury(look, "other", ["o1", "o2", "o3"])  # default policy: 10,000 kept
 
     with connect(server, prefix, policies=policies, **FAST) as conn:
         receiver = Receiver(conn, [direct_queue("kept")])
-        _consume_until(conn, lambda: store.count("kept") == 2)
+        _consume_until(conn, lambda: look.counts("kept")["dead"] == 2)
         receiver.consumer.cancel()
 
     assert [m.id for m in store.iter(DeadFilter(queue="kept"))] == ["d3", "d4"]
@@ -61,13 +62,14 @@ def test_dead_letters_older_than_max_age_are_dropped_by_a_live_consumer(
     server: Server, prefix: str
 ):
     policies = Policies(default=Policy(dead_letter=DeadLetter(max_age=2.0)))
-    store = DeadLetters(broker(server, prefix))
-    _bury(store, "aging", ["old1", "old2"])
+    look = broker(server, prefix)
+    store = DeadLetters(look)
+    _bury(look, "aging", ["old1", "old2"])
     time.sleep(2.1)
-    _bury(store, "aging", ["new"])
+    _bury(look, "aging", ["new"])
 
     with connect(server, prefix, policies=policies, **FAST) as conn:
         Receiver(conn, [direct_queue("aging")])
-        _consume_until(conn, lambda: store.count("aging") == 1)
+        _consume_until(conn, lambda: look.counts("aging")["dead"] == 1)
 
     assert [m.id for m in store.iter(DeadFilter(queue="aging"))] == ["new"]
