@@ -27,8 +27,8 @@ from typing import Any, Literal, NamedTuple, cast
 import redis
 from redis.commands.core import Script
 
-from .errors import BrokerConnectionError, MessageNotFound, ScriptError
-from .keys import QueueKeys, bindings_key, exchanges_key, queues_key
+from .errors import BrokerConnectionError, MessageNotFound, ScriptError, StaleRoute
+from .keys import QueueKeys, bindings_key, bindings_version_key, exchanges_key, queues_key
 from .scripts import BAND, Code, Scripts
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,22 @@ class Binding:
         text = raw.decode() if isinstance(raw, bytes) else raw
         routing_key, pattern, queue = text.split(_BINDING_SEP)
         return cls(routing_key, pattern, queue)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which binding table a publish was routed with: the exchange and its bindings version."""
+
+    exchange: str
+    version: int
+
+
+class Table(NamedTuple):
+    """An exchange's live bindings, read at one bindings version (None: the stored version is
+    not a number; such a table is routed with unguarded and never cached)."""
+
+    route: Route | None
+    bindings: list[Binding]
 
 
 @contextmanager
@@ -285,7 +301,7 @@ class Broker:
         self.clock = clock
         self.scripts = Scripts(client)
         self._keys: dict[str, QueueKeys] = {}
-        self._publish_heads: dict[str, bytes] = {}
+        self._publish_heads: dict[str | tuple[str, str], bytes] = {}
         self._publisher = DedicatedConnection(client)
 
     def close(self) -> None:
@@ -417,37 +433,53 @@ class Broker:
         *,
         due_ms: int = 0,
         unique: bool = False,
+        route: Route | None = None,
     ) -> str:
         """Append a message to its priority band, or schedule it when ``due_ms`` (epoch ms) is
         in the future; returns its key in this queue.
 
         ``unique``: if ``message_id`` is still pending in this queue (ready, reserved or
-        scheduled), store nothing and return it (an idempotent ``.delay()``)."""
+        scheduled), store nothing and return it (an idempotent ``.delay()``).
+        ``route``: the binding table this queue was chosen from; if the exchange's bindings
+        changed since, nothing is stored and :class:`StaleRoute` is raised."""
         # Every publisher's hot path: the command's fixed part (script and keys) is packed once
         # per queue, the rest here, and errors are translated inline (no context manager).
+        head_key = queue if route is None else (queue, route.exchange)
         try:
-            head = self._publish_heads[queue]
+            head = self._publish_heads[head_key]
         except KeyError:
-            head = self._publish_head(queue)
-        args = (message_id, payload, band, _due(due_ms, self.now_ms), 1 if unique else 0)
+            head = self._publish_head(head_key, queue, route)
+        args: tuple[Any, ...] = (message_id, payload, band, _due(due_ms, self.now_ms), int(unique))
+        if route is not None:
+            args = (*args, route.version)
         try:
             reply = self._publisher.execute(
                 self.scripts.publish, head + b"".join(_bulk(arg) for arg in args)
             )
             if reply is _BUSY:
-                reply = self.scripts.publish(keys=self.keys(queue).publish, args=args)
+                reply = self.scripts.publish(keys=self._publish_keys(queue, route), args=args)
         except Exception as exc:
             ours = translated(exc, f"publish to {queue!r}")
             if ours is None:
                 raise
             raise ours from exc
+        if route is not None and int(reply[1]) == Code.STALE_ROUTE:
+            raise StaleRoute(route.exchange, [queue])
         return _text(reply[0])
 
-    def _publish_head(self, queue: str) -> bytes:
+    def _publish_keys(self, queue: str, route: Route | None) -> tuple[str, ...]:
+        keys = self.keys(queue).publish
+        if route is None:
+            return keys
+        return (*keys, bindings_version_key(self.prefix, route.exchange))
+
+    def _publish_head(
+        self, head_key: str | tuple[str, str], queue: str, route: Route | None
+    ) -> bytes:
         if len(self._publish_heads) >= _KEYS_CACHE_SIZE:
             self._publish_heads.clear()
-        head = self._publish_heads[queue] = pack_head(
-            self.scripts.publish, self.keys(queue).publish, 5
+        head = self._publish_heads[head_key] = pack_head(
+            self.scripts.publish, self._publish_keys(queue, route), 5 if route is None else 6
         )
         return head
 
@@ -459,14 +491,28 @@ class Broker:
         band: int,
         *,
         due_ms: int = 0,
+        route: Route | None = None,
     ) -> list[str]:
-        """Publish one message into several queues (a broadcast) in one round trip."""
+        """Publish one message into several queues (a broadcast) in one round trip.
+
+        With ``route``, a queue whose publish found the bindings changed stores nothing; they
+        are raised together as :class:`StaleRoute` (the others were stored)."""
         if not queues:
             return []
-        args = [message_id, payload, band, _due(due_ms, self.now_ms), 0]
+        args: list[Any] = [message_id, payload, band, _due(due_ms, self.now_ms), 0]
+        if route is not None:
+            args.append(route.version)
         publish = self.scripts.publish
         with translated_errors(f"publish to {len(queues)} queues"):
-            replies = self.run_scripts([(publish, self.keys(q).publish, args) for q in queues])
+            replies = self.run_scripts(
+                [(publish, self._publish_keys(q, route), args) for q in queues]
+            )
+        if route is not None:
+            refused = [
+                q for q, r in zip(queues, replies, strict=True) if int(r[1]) == Code.STALE_ROUTE
+            ]
+            if refused:
+                raise StaleRoute(route.exchange, refused)
         return [_text(r[0]) for r in replies]
 
     def promote(self, queue: str, limit: int | None = None) -> int:
@@ -729,46 +775,83 @@ class Broker:
         """Add a route; with ``ttl_ms`` it expires unless :meth:`refresh_bindings` renews it."""
         expires = 0 if ttl_ms is None else self.now_ms() + ttl_ms
         with translated_errors(f"bind {binding.queue!r} to {exchange!r}"):
-            self.client.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
+            pipe.incr(bindings_version_key(self.prefix, exchange))
+            pipe.execute()
 
     def unbind(self, exchange: str, binding: Binding) -> None:
         with translated_errors(f"unbind {binding.queue!r} from {exchange!r}"):
-            self.client.hdel(bindings_key(self.prefix, exchange), binding.encode())
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hdel(bindings_key(self.prefix, exchange), binding.encode())
+            pipe.incr(bindings_version_key(self.prefix, exchange))
+            pipe.execute()
 
     def unbind_queue(self, queue: str) -> None:
         """Remove every binding to ``queue`` from every exchange (rare: scans binding keys)."""
-        pattern = _glob_escape(bindings_key(self.prefix, "")) + "*"
+        head = bindings_key(self.prefix, "")
         with translated_errors(f"unbind {queue!r}"):
-            for key in self.client.scan_iter(match=pattern):
-                fields = [f for f in self.client.hkeys(key) if Binding.decode(f).queue == queue]
+            for key in self.client.scan_iter(match=_glob_escape(head) + "*"):
+                fields = [f for f in self.client.hkeys(key) if _binding_queue(f) == queue]
                 if fields:
-                    self.client.hdel(key, *fields)
+                    exchange = _text(key)[len(head) :]
+                    pipe = self.client.pipeline(transaction=True)
+                    pipe.hdel(key, *fields)
+                    pipe.incr(bindings_version_key(self.prefix, exchange))
+                    pipe.execute()
 
     def refresh_bindings(self, bindings: Mapping[str, Iterable[Binding]], ttl_ms: int) -> None:
-        """Renew expiring bindings (exchange -> bindings) of live consumers, in one round trip."""
+        """Renew expiring bindings (exchange -> bindings) of live consumers, in one round trip.
+
+        A binding that had expired and was removed meanwhile comes back, and its exchange's
+        bindings version moves on, so that cached tables see it."""
         expires = self.now_ms() + ttl_ms
         with translated_errors("refresh bindings"):
             pipe = self.client.pipeline(transaction=False)
+            exchanges: list[str] = []
             for exchange, group in bindings.items():
                 for binding in group:
                     pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
-            pipe.execute()
+                    exchanges.append(exchange)
+            added = {
+                exchange for exchange, new in zip(exchanges, pipe.execute(), strict=True) if new
+            }
+            if added:
+                pipe = self.client.pipeline(transaction=False)
+                for exchange in sorted(added):
+                    pipe.incr(bindings_version_key(self.prefix, exchange))
+                pipe.execute()
 
-    def table(self, exchange: str) -> list[Binding]:
-        """The live bindings of ``exchange``. Expired ones are removed with their queues."""
+    def table(self, exchange: str) -> Table:
+        """The live bindings of ``exchange``, with the bindings version they were read at.
+
+        Expired ones are removed with their queues; a field that is not a binding (written by
+        hand, or by another program) is skipped and logged, never routed to."""
         key = bindings_key(self.prefix, exchange)
         with translated_errors(f"read bindings of {exchange!r}"):
-            raw = self.client.hgetall(key)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(bindings_version_key(self.prefix, exchange))
+            pipe.hgetall(key)
+            version, raw = pipe.execute()
         now = self.now_ms()
         live: list[Binding] = []
         expired: list[Binding] = []
         for field, expires in raw.items():
-            binding = Binding.decode(field)
-            deadline = int(expires)
+            try:
+                binding = Binding.decode(field)
+                deadline = int(expires)
+            except (ValueError, UnicodeDecodeError):
+                logger.warning(
+                    "exchange %s: skipping a malformed binding %r -> %r", exchange, field, expires
+                )
+                continue
             (expired if deadline and deadline < now else live).append(binding)
         for binding in expired:
+            # Moves the version on: a publish routed with this table is refused as stale and
+            # routed again with the table as it is then.
             self._expire_binding(exchange, binding)
-        return live
+        number = _version(version)
+        return Table(None if number is None else Route(exchange, number), live)
 
     def _expire_binding(self, exchange: str, binding: Binding) -> None:
         """Remove an expired binding and its queue, unless a consumer renewed it meanwhile."""
@@ -785,6 +868,7 @@ class Broker:
                     return
                 pipe.multi()
                 pipe.hdel(key, field)
+                pipe.incr(bindings_version_key(self.prefix, exchange))
                 pipe.execute()
             except redis.WatchError:
                 return  # changed under us: it was renewed (or removed); look again next time
@@ -882,6 +966,23 @@ def _pairs(leases: Iterable[Lease]) -> list[Any]:
         out.append(lease.key)
         out.append(lease.token)
     return out
+
+
+def _version(raw: bytes | str | None) -> int | None:
+    """A bindings version as stored (None when it is not a number: written by hand)."""
+    try:
+        return int(raw or 0)
+    except ValueError:
+        logger.warning("bindings version %r is not a number; routing without a cache", raw)
+        return None
+
+
+def _binding_queue(field: bytes | str) -> str | None:
+    """The queue of an encoded binding, or None when the field is not one."""
+    try:
+        return Binding.decode(field).queue
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _glob_escape(text: str) -> str:

@@ -33,6 +33,16 @@ class LeaseLost(CeleryMsgError):
         self.token = token
 
 
+class StaleRoute(CeleryMsgError):
+    """A publish was routed with a binding table that changed meanwhile; nothing was stored in
+    the queues it names, so routing again with a fresh table and publishing is safe."""
+
+    def __init__(self, exchange: str, refused: list[str]) -> None:
+        super().__init__(f"bindings of exchange {exchange!r} changed; not stored in {refused!r}")
+        self.exchange = exchange
+        self.refused = refused
+
+
 class MessageNotFound(CeleryMsgError, LookupError):
     """No message with that ID exists in any known queue (it may have been acked)."""
 

@@ -64,6 +64,13 @@ class Holdings:
         with self._lock:
             return [*self._leases.values(), *self._acks]
 
+    def drop_queue(self, queue: str) -> None:
+        """Forget leases and buffered acks of ``queue``: it was deleted with its messages."""
+        with self._lock:
+            for tag in [t for t, lease in self._leases.items() if lease.queue == queue]:
+                del self._leases[tag]
+            self._acks = [lease for lease in self._acks if lease.queue != queue]
+
     def forget(self, lost: Iterable[Lease]) -> None:
         """Drop leases the server says are lost: nobody may settle them any more."""
         gone = set(lost)

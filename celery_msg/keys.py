@@ -25,12 +25,13 @@ sched      ZSET    message key -> due time (ms): ETA / countdown / retry message
 alias      HASH    message id -> its newest ``id/<n>`` key (for unique publishes)
 =========  ======  ===================================================================
 
-Global keys (no hash tag; never touched by a script): ``<prefix>queues`` (SET of queue names),
-``<prefix>exchanges`` (HASH exchange -> type, so that a publisher that never declared an
-exchange still routes by its type), ``<prefix>bindings:<exchange>`` (HASH binding -> expiry ms,
-0 = permanent) and
-``<prefix>wake:<consumer>`` (LIST: wakes one consumer blocked while its prefetch was full;
-expires after a minute).
+Global keys (no hash tag; only the bindings version is read by a script): ``<prefix>queues``
+(SET of queue names), ``<prefix>exchanges`` (HASH exchange -> type, so that a publisher that
+never declared an exchange still routes by its type), ``<prefix>bindings:<exchange>`` (HASH
+binding -> expiry ms, 0 = permanent), ``<prefix>bindings-version:<exchange>`` (STRING counter,
+incremented by every change of that exchange's bindings; publish.lua checks it, so that a
+publisher caching the table never routes with a stale one) and ``<prefix>wake:<consumer>``
+(LIST: wakes one consumer blocked while its prefetch was full; expires after a minute).
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ def exchanges_key(prefix: str) -> str:
 
 def bindings_key(prefix: str, exchange: str) -> str:
     return f"{prefix}bindings:{exchange}"
+
+
+def bindings_version_key(prefix: str, exchange: str) -> str:
+    return f"{prefix}bindings-version:{exchange}"
 
 
 def wake_key(prefix: str, consumer: str) -> str:

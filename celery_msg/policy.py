@@ -294,6 +294,17 @@ class Policies:
     def __hash__(self) -> int:
         return id(self)
 
+    def __json__(self) -> dict[str, Any]:
+        """A JSON-safe description, for kombu's JSON encoder.
+
+        ``configure()`` keeps the policies in ``broker_transport_options``, which Celery sends
+        back in every ``inspect stats`` reply (and Flower reads): a reply that cannot be encoded
+        is never answered, so the policies must always encode.
+        """
+        described = _describe(self)
+        assert isinstance(described, dict)
+        return described
+
     def resolve(self, task: str | None, queue: str | None) -> Resolved:
         """The policy for ``task`` (a Celery task name) consumed from ``queue``."""
         return _resolve(self, task, queue)
@@ -327,6 +338,28 @@ def _resolve(policies: Policies, task: str | None, queue: str | None) -> Resolve
         dead_letter=layered.dead_letter,
         unique=bool(layered.unique),
     )
+
+
+def _describe(value: Any) -> Any:
+    """``value`` as plain JSON types: dataclasses as dicts (``None`` fields left out), classes
+    and functions by their qualified name, anything else unknown by its ``repr``."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _describe(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) is not None
+        }
+    if isinstance(value, Mapping):
+        return {str(key): _describe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_describe(item) for item in value]
+    if isinstance(value, type) or callable(value):
+        module = getattr(value, "__module__", None)
+        name = getattr(value, "__qualname__", None) or repr(value)
+        return f"{module}.{name}" if module and module != "builtins" else name
+    return repr(value)
 
 
 def policies_from(value: Any) -> Policies:

@@ -48,6 +48,8 @@ class Code(enum.IntEnum):
     LEASE_LOST = 0
     OK = 1
     NOT_FOUND = 2
+    #: publish.lua: the exchange's bindings changed since the caller read them; nothing stored.
+    STALE_ROUTE = 3
 
 
 def _read(name: str) -> str:

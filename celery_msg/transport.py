@@ -36,9 +36,19 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .connection import BrokerAddress, redis_params
-from .core import REDIS_CONNECTION_ERRORS, Binding, Broker, Delivery, Lease, ReserveRequest
+from .core import (
+    REDIS_CONNECTION_ERRORS,
+    Binding,
+    Broker,
+    Delivery,
+    Lease,
+    ReserveRequest,
+    Route,
+    Table,
+)
 from .deadletters import DeadLetters
-from .errors import BrokerConnectionError, ConfigurationError, ScriptError
+from .ephemeral import EphemeralBindings
+from .errors import BrokerConnectionError, ConfigurationError, ScriptError, StaleRoute
 from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms
 from .holdings import Holdings
 from .keys import wake_key
@@ -132,12 +142,10 @@ class Channel(virtual.Channel):
         # kombu fills in `priority or default_priority` when publishing.
         self.default_priority = self.options.default_priority
         self.holdings = Holdings()
-        self._bind_lock = threading.Lock()
-        self._ephemeral: set[str] = set()
+        self.ephemeral: EphemeralBindings = connection.ephemeral
         self._no_ack: set[str] = set()
         self._ready: deque[tuple[str, str, dict[str, Any]]] = deque()
-        self._bound: dict[str, set[Binding]] = {}
-        self._tables: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
+        self._tables: dict[str, tuple[float, Table]] = {}
         self._types: dict[str, tuple[float, str]] = {}
         self._start = 0
 
@@ -146,7 +154,7 @@ class Channel(virtual.Channel):
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         arguments = kwargs.get("arguments") or {}
         if kwargs.get("auto_delete") or "x-expires" in arguments:
-            self._ephemeral.add(queue)
+            self.ephemeral.declare(queue)
         self.broker.declare(queue)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
@@ -165,26 +173,28 @@ class Channel(virtual.Channel):
         if if_empty and self._size(queue):
             return
         super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
+        self.ephemeral.forget_queue(queue)
         self.broker.unbind_queue(queue)
         self.broker.delete(queue)
         self._tables.clear()
+        # Deliveries of the queue still held or with an ack buffered (a reply queue is deleted
+        # as soon as its reply arrives, before the buffered ack of that reply is written)
+        # went with it: settling them later would be refused and logged as a lost lease.
+        for channel in self.transport.channels:
+            channel.holdings.drop_queue(queue)
 
     def _delete(
         self, queue: str, exchange: str, routing_key: str, pattern: str, *args: Any, **kwargs: Any
     ) -> None:
         """kombu's per-binding hook of ``queue_delete``: only this channel's own bookkeeping;
         ``queue_delete`` removes the queue and all its bindings in Redis once."""
-        with self._bind_lock:
-            self._bound.get(exchange, set()).discard(
-                Binding(routing_key or "", pattern or "", queue)
-            )
+        self.ephemeral.discard(exchange, Binding(routing_key or "", pattern or "", queue))
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         binding = Binding(routing_key or "", pattern or "", queue)
-        if queue in self._ephemeral:
+        if self.ephemeral.is_ephemeral(queue):
             self.broker.bind(exchange, binding, self.options.binding_ttl_ms)
-            with self._bind_lock:
-                self._bound.setdefault(exchange, set()).add(binding)
+            self.ephemeral.add(exchange, binding)
         else:
             self.broker.bind(exchange, binding)
         self._tables.pop(exchange, None)
@@ -212,16 +222,75 @@ class Channel(virtual.Channel):
         return super().typeof(exchange, default)
 
     def get_table(self, exchange: str) -> list[tuple[str, str, str]]:
+        """kombu's view of an exchange's bindings: ``(routing_key, pattern, queue)`` tuples."""
+        return [(b.routing_key, b.pattern, b.queue) for b in self._table(exchange)[0].bindings]
+
+    def _table(self, exchange: str, fresh: bool = False) -> tuple[Table, bool]:
+        """The exchange's bindings and whether they come from the cache (kept for
+        ``binding_cache_ttl``). A publish routed with a cached table carries its bindings
+        version, so a change of bindings is seen by the very next publish."""
         cached = self._tables.get(exchange)
         now = time.monotonic()
-        if cached is not None and now < cached[0]:
-            return cached[1]
-        table = [(b.routing_key, b.pattern, b.queue) for b in self.broker.table(exchange)]
-        if self.options.binding_cache_ttl:
+        if not fresh and cached is not None and now < cached[0]:
+            return cached[1], True
+        table = self.broker.table(exchange)
+        if self.options.binding_cache_ttl and table.route is not None:
             self._tables[exchange] = (now + self.options.binding_cache_ttl, table)
-        return table
+        else:
+            self._tables.pop(exchange, None)
+        return table, False
 
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+    def basic_publish(
+        self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any
+    ) -> None:
+        """Route and publish; a publish whose table went stale meanwhile stored nothing in the
+        queues it names, so it is routed again with a fresh table (never twice into a queue)."""
+        self._inplace_augment_message(message, exchange, routing_key)
+        if not exchange:  # the default exchange: the routing key names the queue
+            self._put(routing_key, message, **kwargs)
+            return
+        kind = self.typeof(exchange)
+        stored: set[str] = set()
+        fresh = False
+        for _ in range(ROUTE_ATTEMPTS):
+            table, cached = self._table(exchange, fresh=fresh)
+            rows = [(b.routing_key, b.pattern, b.queue) for b in table.bindings]
+            if kind.type == "fanout":
+                queues = {queue for _, _, queue in rows}
+            else:
+                queues = set(kind.lookup(rows, exchange, routing_key, None))
+            targets = sorted(q for q in queues if q and q not in stored)
+            if not targets and cached:
+                # Nothing to write means no version check: a cached table that routes nowhere
+                # may lack a binding made since (a reply queue bound just before the request).
+                fresh = True
+                continue
+            try:
+                self._publish_routed(targets, message, table.route)
+                return
+            except StaleRoute as exc:
+                stored.update(q for q in targets if q not in exc.refused)
+                fresh = True
+        raise StaleRoute(exchange, [])  # bindings changing faster than we can read them
+
+    def _publish_routed(
+        self, queues: list[str], message: dict[str, Any], route: Route | None
+    ) -> None:
+        if len(queues) == 1:
+            self._put(queues[0], message, route=route)
+        elif queues:
+            self.broker.publish_many(
+                queues,
+                message_id(message),
+                dumps(message),
+                self._band(message),
+                due_ms=due_ms(message),
+                route=route,
+            )
+
+    def _put(
+        self, queue: str, message: dict[str, Any], route: Route | None = None, **kwargs: Any
+    ) -> None:
         _stamp_first_failure(message, self.broker.now_ms)  # before dumps
         unique = self._unique(queue, message)
         self.broker.publish(
@@ -231,6 +300,7 @@ class Channel(virtual.Channel):
             self._band(message),
             due_ms=due_ms(message),
             unique=unique,
+            route=route,
         )
 
     def _unique(self, queue: str, message: dict[str, Any]) -> bool:
@@ -243,18 +313,6 @@ class Channel(virtual.Channel):
             return True
         task = headers.get("task")
         return task is not None and self.options.policies.resolve(task, queue).unique
-
-    def _put_fanout(
-        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
-    ) -> None:
-        queues = sorted({queue for _, _, queue in self.get_table(exchange)})
-        self.broker.publish_many(
-            queues,
-            message_id(message),
-            dumps(message),
-            self._band(message),
-            due_ms=due_ms(message),
-        )
 
     def _band(self, message: dict[str, Any]) -> int:
         raw = (message.get("properties") or {}).get("priority")
@@ -414,21 +472,6 @@ class Channel(virtual.Channel):
     def _restore_at_beginning(self, message: Any) -> None:
         self._restore(message)
 
-    def ephemeral_bindings(self) -> dict[str, set[Binding]]:
-        with self._bind_lock:
-            return {exchange: set(group) for exchange, group in self._bound.items() if group}
-
-    def basic_cancel(self, consumer_tag: str) -> Any:
-        queue = self._tag_to_queue.get(consumer_tag)
-        result = super().basic_cancel(consumer_tag)
-        if queue is not None and queue not in self._active_queues:
-            # Durable broadcast: stop renewing the binding; it expires after binding_ttl
-            # unless a consumer (this worker, restarted) takes it over again.
-            with self._bind_lock:
-                for group in self._bound.values():
-                    group.difference_update({b for b in group if b.queue == queue})
-        return result
-
     def close(self) -> None:
         if not self.closed:
             acks = self.holdings.take_acks()
@@ -468,6 +511,9 @@ def _log_lost(lost: list[Lease], action: str) -> None:
             lease.token,
         )
 
+
+#: How often one publish routes again after finding its binding table stale.
+ROUTE_ATTEMPTS = 5
 
 #: Seconds between two trims of the consumed queues' dead-letter stores (by the renewer).
 TRIM_INTERVAL = 60.0
@@ -521,6 +567,7 @@ class Transport(virtual.Transport):
             max_deliveries=self.options.max_deliveries,
         )
         self.dead_letters = DeadLetters(self.broker)
+        self.ephemeral = EphemeralBindings()
         self.wake_key = wake_key(self.options.key_prefix, self.consumer_id)
         self._drain_thread: int | None = None
         self._waiting_for_room = False
@@ -604,10 +651,9 @@ class Transport(virtual.Transport):
             _log_lost(lost, "renew")
             for channel in channels:
                 channel.holdings.forget(lost)
-        bindings: dict[str, set[Binding]] = {}
-        for channel in channels:
-            for exchange, group in channel.ephemeral_bindings().items():
-                bindings.setdefault(exchange, set()).update(group)
+        # Renewed while any channel consumes the queue, whichever channel bound it.
+        consumed = {queue for channel in channels for queue in channel._active_queues}
+        bindings = self.ephemeral.live(consumed)
         if bindings:
             self.broker.refresh_bindings(bindings, self.options.binding_ttl_ms)
         queues = {queue for channel in channels for queue in channel._active_queues}

@@ -18,6 +18,12 @@ local function keys_of(parts, group)
   return q
 end
 
+-- The one key a caller may pass after a single group's keys (publish: the bindings version),
+-- or nil when it passed none.
+local function key_after(parts)
+  return KEYS[#parts + 1]
+end
+
 local function queue_keys(group)
   return keys_of(PARTS, group)
 end

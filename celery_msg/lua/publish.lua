@@ -7,11 +7,20 @@
 -- Returns {message key, 1} for a new message: the id itself, or a free id/<n> when that id is
 -- already stored in this queue (a Celery retry republishes the same task id while the old
 -- delivery is still leased); such keys are mapped back to their id in `dups`.
+-- Routed through an exchange, the caller adds one key after those: the exchange's bindings
+-- version (a counter every change of its bindings increments), and ARGV[6], the version of the
+-- binding table it routed with. When they differ, nothing is written and it returns
+-- {'', STALE_ROUTE}: the caller reads the table again and routes anew, so a publish never
+-- routes with a stale table, however long a publisher caches it.
 -- A unique publish of an id that is still pending here (ready, reserved or scheduled, not dead:
 -- under the id itself or its newest id/<n> key) stores nothing and returns {id, 0}.
 -- The score goes to `order` too: it keeps the band (for a requeue) and the publish order (for
 -- look-ups). The hot path of every publisher: six commands.
 --@include _queue.lua
+local version_key = key_after(PUBLISH_PARTS)
+if version_key and (redis.call('GET', version_key) or '0') ~= ARGV[6] then
+  return {'', STALE_ROUTE}
+end
 local q = keys_of(PUBLISH_PARTS, 0)
 local id = ARGV[1]
 local due = tonumber(ARGV[4]) or 0

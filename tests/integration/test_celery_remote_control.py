@@ -3,6 +3,7 @@ worker restarted under the same node name."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -73,3 +74,52 @@ def test_a_broadcast_sent_while_a_worker_is_down_reaches_it_when_restarted_with_
     assert stack.app.control.inspect(destination=[second.nodename], timeout=5).ping()
     assert len(stack.events("control")) == 1
     stack.settled(pidbox_queue(second.nodename))
+
+
+def test_inspect_stats_is_answered_by_a_worker_whose_app_has_policies(make_stack: StackFactory):
+    # configure() keeps the policies in broker_transport_options, which stats sends back.
+    stack = make_stack(policies="retry")
+    worker = stack.worker()
+    stats = stack.app.control.inspect(destination=[worker.nodename], timeout=5).stats()
+    assert stats is not None
+    assert list(stats) == [worker.nodename]
+    policies = stats[worker.nodename]["broker"]["transport_options"]["policies"]
+    assert policies["tasks"]["fatal"]["retry"]["give_up_on"] == ["celery_app.errors.Fatal"]
+    assert policies["queues"]["q_late"] == {"ack": "late"}
+
+
+def test_a_worker_still_answers_after_a_reply_it_could_not_encode_and_two_binding_ttls_later(
+    make_stack: StackFactory,
+):
+    # The failed reply makes Celery replace the mailbox consumer with one on a new channel;
+    # its binding must still be renewed, or it expires and the next reader deletes the queue.
+    stack = make_stack(binding_ttl=2.0)
+    worker = stack.worker()
+    control = stack.app.control
+    control.broadcast("unencodable_reply", destination=[worker.nodename], reply=True, timeout=1)
+    worker.wait_for_log("Control command error", 5)
+
+    inspect = control.inspect(destination=[worker.nodename], timeout=3)
+    until = time.monotonic() + 2 * stack.settings.binding_ttl + 1
+    while time.monotonic() < until:
+        assert inspect.ping() == {worker.nodename: {"ok": "pong"}}
+        time.sleep(0.5)
+    control.shutdown(destination=[worker.nodename])
+    assert worker.wait_exit(15) == 0
+
+
+def test_ten_back_to_back_pings_of_one_worker_get_ten_answers_and_log_no_warning(
+    make_stack: StackFactory, caplog: pytest.LogCaptureFixture
+):
+    # Each call has a reply queue of its own, bound just before the request: the worker's
+    # cached table of the reply exchange is stale for every reply but must route it anyway.
+    stack = make_stack()
+    worker = stack.worker()
+    with caplog.at_level(logging.WARNING, logger="celery_msg"):
+        answers = [
+            stack.app.control.ping(destination=[worker.nodename], timeout=3) for _ in range(10)
+        ]
+    assert answers == [[{worker.nodename: {"ok": "pong"}}]] * 10
+    # The reply queue is deleted once its reply is in: the reply's ack goes with it, unlogged.
+    assert [r.getMessage() for r in caplog.records] == []
+    assert "WARNING" not in worker.log()

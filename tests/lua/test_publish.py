@@ -212,3 +212,30 @@ def test_the_payload_is_stored_byte_for_byte(lab: Lab):
     lab.publish("bin", payload, 0)
 
     assert lab.client.hget(lab.keys.body, "bin") == payload
+
+
+def _routed(lab: Lab, message_id: str, version_key: str, version: int) -> tuple[str, int]:
+    """publish.lua called as a publisher routing through an exchange: the bindings version key
+    after the publish keys, the version its table was read at as ARGV[6]."""
+    keys = [*lab.keys.publish, version_key]
+    key, code = lab.scripts.publish(keys=keys, args=[message_id, "B", 0, 0, 0, version])
+    return str(key.decode() if isinstance(key, bytes) else key), int(code)
+
+
+def test_a_publish_routed_with_the_current_bindings_version_is_stored(lab: Lab):
+    version_key = f"{lab.keys.base}test-bindings-version"
+    lab.client.set(version_key, 7)
+
+    assert _routed(lab, "m1", version_key, 7) == ("m1", 1)
+    assert lab.state()["ready"] == [("m1", lab.back(0, 1))]
+
+
+def test_a_publish_routed_with_a_stale_bindings_version_writes_nothing(lab: Lab):
+    version_key = f"{lab.keys.base}test-bindings-version"
+    lab.client.set(version_key, 8)
+
+    assert _routed(lab, "m1", version_key, 7) == ("", Code.STALE_ROUTE)
+    assert lab.state() == {}
+    # No version stored yet reads as 0.
+    lab.client.delete(version_key)
+    assert _routed(lab, "m2", version_key, 0) == ("m2", 1)

@@ -218,3 +218,10 @@ def record_broadcast(state: Any, token: str) -> dict[str, str]:
     settings = Settings.from_environ(os.environ)
     record(settings, "control", token=token, worker=state.consumer.hostname)
     return {"ok": token}
+
+
+@control_command()
+def unencodable_reply(state: Any) -> dict[str, object]:
+    """A remote-control command whose reply JSON cannot encode: Celery logs "Control command
+    error" and resets the worker's remote-control consumer (a new channel)."""
+    return {"value": object()}
