@@ -5,7 +5,8 @@ always maps to one Redis Cluster slot and every script touches a single slot. Th
 order in which scripts receive them in ``KEYS`` (see ``QUEUE_KEY_PARTS``):
 
 =========  ======  ===================================================================
-ready      ZSET    message key -> score (priority band * 2^44 + sequence)
+ready      ZSET    message key -> score: priority band * 2^44 + publish sequence, + 2^43
+                   unless it came back (requeued, reclaimed): those go first
 leased     ZSET    message key -> lease deadline (ms)
 body       HASH    message key -> payload (the kombu message as JSON)
 order      HASH    message key -> the score it was published with: its priority band
@@ -14,7 +15,6 @@ deliv      HASH    message key -> delivery count
 token      HASH    message key -> fencing token of the current lease
 owner      HASH    message key -> consumer holding the current lease
 seq        STRING  counter: back-of-queue sequence numbers and fencing tokens
-front      STRING  counter: front-of-queue sequence numbers (requeue, reclaim)
 signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
 reason     HASH    message key -> why it was dead-lettered (JSON)
@@ -48,7 +48,6 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "token",
     "owner",
     "seq",
-    "front",
     "signal",
     "dead",
     "reason",

@@ -35,7 +35,8 @@ SCRIPT_NAMES: tuple[str, ...] = (
 )
 
 #: Ready-score layout (see celery_msg/lua/_queue.lua): a priority band is BAND wide, and MID
-#: separates the front of a band (requeued, reclaimed) from its back (published).
+#: separates the front of a band (requeued, reclaimed: at their publish sequence number) from its
+#: back (published, at theirs).
 BAND = 2**44
 MID = 2**43
 

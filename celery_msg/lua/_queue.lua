@@ -3,9 +3,12 @@
 -- KEYS order), PUBLISH_PARTS (the subset publish.lua takes), the return codes (OK, LEASE_LOST,
 -- NOT_FOUND) and the score constants (BAND, MID), taken from Python so the two never drift.
 --
--- Ready scores: band * 2^44 + 2^43 + n for the back of a band (n grows), band * 2^44 + 2^43 - m
--- for its front (m grows), so ZPOPMIN serves band 0 first, FIFO within a band, and a requeued
--- message goes before everything else of its band. All values stay below 2^53 (exact doubles).
+-- Ready scores: band * 2^44 + 2^43 + n for the back of a band (n, the publish sequence number,
+-- grows), band * 2^44 + n for its front (a requeued or reclaimed message keeps its n), so
+-- ZPOPMIN serves band 0 first, FIFO within a band, and messages that come back go before
+-- everything else of their band, in the order they were first published (as RabbitMQ puts a
+-- requeued message back at its place), whatever order they come back in. All values stay below
+-- 2^53 (exact doubles).
 
 -- The keys of group `group` (0-based) when each group passes `parts`, in that order.
 local function keys_of(parts, group)
@@ -37,9 +40,13 @@ local function signal(q)
   if redis.call('LLEN', q.signal) == 0 then redis.call('LPUSH', q.signal, '1') end
 end
 
+-- Back to the front of its band, at its publish position among the others that came back.
 local function enqueue_front(q, key)
-  local band = math.floor((tonumber(redis.call('HGET', q.order, key)) or 0) / BAND)
-  redis.call('ZADD', q.ready, band * BAND + MID - redis.call('INCR', q.front), key)
+  local published = tonumber(redis.call('HGET', q.order, key)) or 0
+  local band = math.floor(published / BAND)
+  local n = published - band * BAND - MID
+  if n < 0 or n >= MID then n = 0 end -- no (or a garbage) order entry: first of its band
+  redis.call('ZADD', q.ready, band * BAND + n, key)
 end
 
 -- Append key to the back of its band with a fresh sequence number (a scheduled message that
@@ -98,12 +105,12 @@ local function forget(q, key)
   redis.call('ZREM', q.sched, key)
 end
 
--- Move up to limit expired leases back to the front of the queue. Returns how many moved.
--- Atomic with respect to every other script, so each expired lease is reclaimed exactly once.
--- Walks backwards so that, once all are at the front, the earliest expired is served first.
+-- Move up to limit expired leases (earliest deadline first) back to the front of the queue.
+-- Returns how many moved. Atomic with respect to every other script, so each expired lease is
+-- reclaimed exactly once.
 local function reclaim_expired(q, now, limit)
   local expired = redis.call('ZRANGEBYSCORE', q.leased, '-inf', now, 'LIMIT', 0, limit)
-  for i = #expired, 1, -1 do
+  for i = 1, #expired do
     release(q, expired[i])
     enqueue_front(q, expired[i])
   end

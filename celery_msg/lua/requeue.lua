@@ -17,9 +17,8 @@ for i = 2, #ARGV, 2 do
     codes[#codes + 1] = LEASE_LOST
   end
 end
--- Backwards, so that the batch keeps its order at the front of the queue.
-for j = #held, 1, -1 do
-  local key = held[j]
+-- Each goes back to its publish position at the front: the order of the batch does not matter.
+for _, key in ipairs(held) do
   release(q, key)
   if uncount then redis.call('HINCRBY', q.deliv, key, -1) end
   enqueue_front(q, key)

@@ -261,3 +261,22 @@ def test_a_consumer_rejecting_with_requeue_puts_the_message_back_first_and_count
         assert again.delivery_info["delivery_count"] == 2
         again.ack()
         assert ids_of(receiver.receive(1)) == ["b"]
+
+
+def test_messages_rejected_with_requeue_one_by_one_come_back_in_the_order_they_were_sent(
+    server: Server, prefix: str
+):
+    # As on kombu's redis transport: reject A, B, C (in that order) -> A, B, C again, then D.
+    with connect(server, prefix) as conn:
+        publish(conn, ["a", "b", "c", "d"], routing_key="work")
+        receiver = Receiver(conn, [direct_queue("work")], prefetch_count=3, ack=False)
+        taken = receiver.receive(3)
+        assert ids_of(taken) == ["a", "b", "c"]
+        for message in taken:
+            message.reject(requeue=True)
+        again = receiver.receive(3)
+        assert ids_of(again) == ["a", "b", "c"]
+        assert [m.delivery_info["delivery_count"] for m in again] == [2, 2, 2]
+        for message in again:
+            message.ack()
+        assert ids_of(receiver.receive(1)) == ["d"]

@@ -36,7 +36,8 @@ from celery_msg.scripts import Scripts
 NOW = 1_000_000
 #: The lease used unless a test says otherwise (ms).
 LEASE = 30_000
-#: Ready-score layout (see _queue.lua): band * BAND + MID + n (back), band * BAND + MID - m (front).
+#: Ready-score layout (see _queue.lua): band * BAND + MID + n (back), band * BAND + n (front),
+#: n being the publish sequence number.
 BAND = 2**44
 MID = 2**43
 
@@ -46,9 +47,10 @@ def back(band: int, n: int) -> int:
     return band * BAND + MID + n
 
 
-def front(band: int, m: int) -> int:
-    """The ready score of the m-th message put at the front of ``band``."""
-    return band * BAND + MID - m
+def front(band: int, n: int) -> int:
+    """The ready score of a message of ``band`` published as sequence number ``n`` that came
+    back (requeued, reclaimed): at the front, in publish order."""
+    return band * BAND + n
 
 
 def order(band: int, n: int) -> str:

@@ -1,4 +1,5 @@
-"""requeue.lua: RESERVED -> READY at the front of the message's band, fenced by token."""
+"""requeue.lua: RESERVED -> READY at the front of the message's band, in publish order, fenced by
+token."""
 
 from __future__ import annotations
 
@@ -17,16 +18,15 @@ OK, LOST = Code.OK, Code.LEASE_LOST
 def test_requeue_puts_the_message_at_the_front_of_its_band(lab: Lab):
     lab.add_ready("x2", "X", band=2, score=lab.back(2, 1))
     lab.add_ready("y0", "Y", band=0, score=lab.back(0, 2))
-    lab.add_leased("m", "M", token=5, deadline=lab.now + 100, owner="w1", band=2, deliv=1)
+    lab.add_leased("m", "M", token=5, deadline=lab.now + 100, owner="w1", band=2, seq=3, deliv=1)
 
     assert lab.requeue(("m", 5)) == [OK]
 
     assert lab.state() == {
-        "ready": [("y0", lab.back(0, 2)), ("m", lab.front(2, 1)), ("x2", lab.back(2, 1))],
+        "ready": [("y0", lab.back(0, 2)), ("m", lab.front(2, 3)), ("x2", lab.back(2, 1))],
         "body": {"x2": "X", "y0": "Y", "m": "M"},
-        "order": {"x2": lab.order(2, 1), "y0": lab.order(0, 2), "m": lab.order(2, 0)},
+        "order": {"x2": lab.order(2, 1), "y0": lab.order(0, 2), "m": lab.order(2, 3)},
         "deliv": {"m": "1"},
-        "front": "1",
         "signal": ["1"],
         "stats": {"requeued": "1"},
     }
@@ -68,18 +68,17 @@ def test_a_requeue_with_a_wrong_token_changes_nothing_but_the_lease_lost_count(l
     assert lab.state() == {**before, "stats": {"lease_lost": "1"}}
 
 
-def test_a_batch_requeue_returns_one_code_per_pair_and_keeps_its_order_at_the_front(lab: Lab):
-    lab.add_ready("r", "R", score=lab.back(0, 1))
-    lab.add_leased("a", "A", token=1, deadline=lab.now + 100, deliv=1)
-    lab.add_leased("b", "B", token=2, deadline=lab.now + 100, deliv=1)
-    lab.add_leased("c", "C", token=3, deadline=lab.now + 100, deliv=1)
+def test_a_batch_requeue_returns_one_code_per_pair_and_puts_them_in_publish_order(lab: Lab):
+    lab.add_ready("r", "R", score=lab.back(0, 4))
+    lab.add_leased("a", "A", token=1, deadline=lab.now + 100, deliv=1, seq=1)
+    lab.add_leased("b", "B", token=2, deadline=lab.now + 100, deliv=1, seq=2)
+    lab.add_leased("c", "C", token=3, deadline=lab.now + 100, deliv=1, seq=3)
 
     codes = lab.requeue(("a", 1), ("b", 7), ("c", 3), uncount=True)
 
     assert codes == [OK, LOST, OK]
     state = lab.state()
-    # The held pairs go to the front walked backwards (c, then a), so they keep the batch order.
-    assert state["ready"] == [("a", lab.front(0, 2)), ("c", lab.front(0, 1)), ("r", lab.back(0, 1))]
+    assert state["ready"] == [("a", lab.front(0, 1)), ("c", lab.front(0, 3)), ("r", lab.back(0, 4))]
     assert state["leased"] == [("b", lab.now + 100)]
     assert state["token"] == {"b": "2"}
     assert state["deliv"] == {"a": "0", "b": "1", "c": "0"}
@@ -96,9 +95,9 @@ def test_a_batch_requeue_is_served_again_in_the_order_of_the_batch(lab: Lab):
 
     assert lab.state() == {
         "ready": [
-            ("a", lab.front(0, 3)),
+            ("a", lab.front(0, 1)),
             ("b", lab.front(0, 2)),
-            ("c", lab.front(0, 1)),
+            ("c", lab.front(0, 3)),
             ("d", lab.back(0, 4)),
         ],
         "body": {"a": "A", "b": "B", "c": "C", "d": "D"},
@@ -111,36 +110,47 @@ def test_a_batch_requeue_is_served_again_in_the_order_of_the_batch(lab: Lab):
         },
         "deliv": {"a": "1", "b": "1", "c": "1"},
         "seq": "7",
-        "front": "3",
         "signal": ["1"],
         "stats": {"published": "4", "requeued": "3"},
     }
     assert [key for _, key, _, _, _ in lab.reserve(count=4)] == ["a", "b", "c", "d"]
 
 
-def test_a_batch_requeue_in_any_order_is_served_in_that_order(lab: Lab):
+def test_a_batch_requeue_in_any_order_is_served_in_publish_order(lab: Lab):
     for n, key in enumerate(["a", "b", "c"], start=1):
-        lab.add_leased(key, key.upper(), token=n, deadline=lab.now + 100)
+        lab.add_leased(key, key.upper(), token=n, deadline=lab.now + 100, seq=n)
 
     assert lab.requeue(("c", 3), ("a", 1), ("b", 2)) == [OK, OK, OK]
 
-    assert lab.ready_order() == ["c", "a", "b"]
+    assert lab.ready_order() == ["a", "b", "c"]
 
 
-def test_a_batch_requeue_keeps_its_order_within_each_band(lab: Lab):
-    lab.add_ready("r1", "R", band=1, score=lab.back(1, 1))
+@pytest.mark.parametrize("turn", ["in order", "in reverse"])
+def test_requeues_one_at_a_time_are_served_in_publish_order(lab: Lab, turn: str):
+    # A consumer rejecting A, B, C one by one (or C, B, A): A, B, C either way, as on kombu.
+    for message_id in ("a", "b", "c", "d"):
+        lab.publish(message_id, message_id.upper(), 0)
+    served = lab.reserve(count=3)
+
+    for _, key, token, _, _ in served if turn == "in order" else reversed(served):
+        assert lab.requeue((key, token)) == [OK]
+
+    assert [key for _, key, _, _, _ in lab.reserve(count=4)] == ["a", "b", "c", "d"]
+
+
+def test_a_batch_requeue_keeps_publish_order_within_each_band(lab: Lab):
+    lab.add_ready("r1", "R", band=1, score=lab.back(1, 5))
     for n, (key, band) in enumerate([("a", 1), ("b", 0), ("c", 1), ("d", 0)], start=1):
-        lab.add_leased(key, key.upper(), token=n, band=band, deadline=lab.now + 100)
+        lab.add_leased(key, key.upper(), token=n, band=band, seq=n, deadline=lab.now + 100)
 
-    assert lab.requeue(("a", 1), ("b", 2), ("c", 3), ("d", 4)) == [OK] * 4
+    assert lab.requeue(("c", 3), ("d", 4), ("a", 1), ("b", 2)) == [OK] * 4
 
-    # The front counter is shared by every band: walked backwards, d gets 1, c 2, b 3, a 4.
     assert lab.state()["ready"] == [
-        ("b", lab.front(0, 3)),
-        ("d", lab.front(0, 1)),
-        ("a", lab.front(1, 4)),
-        ("c", lab.front(1, 2)),
-        ("r1", lab.back(1, 1)),
+        ("b", lab.front(0, 2)),
+        ("d", lab.front(0, 4)),
+        ("a", lab.front(1, 1)),
+        ("c", lab.front(1, 3)),
+        ("r1", lab.back(1, 5)),
     ]
 
 
@@ -161,7 +171,7 @@ def test_a_message_without_an_order_entry_is_requeued_to_band_0(lab: Lab):
 
     assert lab.requeue(("m", 1)) == [OK]
 
-    assert lab.state()["ready"] == [("m", lab.front(0, 1))]
+    assert lab.state()["ready"] == [("m", lab.front(0, 0))]
 
 
 def test_a_requeue_takes_the_band_from_order_once_the_ready_entry_is_gone(lab: Lab):
@@ -180,7 +190,6 @@ def test_a_requeue_takes_the_band_from_order_once_the_ready_entry_is_gone(lab: L
         "order": {"m": lab.order(5, 1), "n": lab.order(5, 2), "z": lab.order(6, 3)},
         "deliv": {"m": "1"},
         "seq": "4",
-        "front": "1",
         "signal": ["1"],
         "stats": {"published": "3", "requeued": "1"},
     }
@@ -203,10 +212,10 @@ def test_requeue_and_reclaim_read_the_published_band_from_order_over_the_whole_r
     [(_, _, token, _, _)] = lab.reserve(count=1)
 
     assert lab.requeue(("m", token)) == [OK]
-    assert lab.state()["ready"] == [("m", lab.front(band, 1))]
+    assert lab.state()["ready"] == [("m", lab.front(band, seq))]
 
     assert [key for _, key, _, _, _ in lab.reserve(count=1)] == ["m"]
     assert lab.reclaim(now=lab.now + lab.lease) == 1
     state = lab.state()
-    assert state["ready"] == [("m", lab.front(band, 2))]
+    assert state["ready"] == [("m", lab.front(band, seq))]
     assert state["order"] == {"m": lab.order(band, seq)}

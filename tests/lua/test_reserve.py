@@ -249,7 +249,7 @@ def test_a_lower_band_published_later_is_still_served_first(lab: Lab):
 
 def test_expired_leases_are_reclaimed_first_and_served_from_the_front_of_their_band(lab: Lab):
     lab.add_ready("new", "N", score=lab.back(0, 1))
-    lab.add_leased("old", "O", token=5, deadline=lab.now - 1, owner="dead-worker", deliv=1)
+    lab.add_leased("old", "O", token=5, deadline=lab.now - 1, owner="dead-worker", seq=2, deliv=1)
     lab.set_counter("seq", 5)
 
     served = lab.reserve(count=1, consumer="c2")
@@ -259,20 +259,19 @@ def test_expired_leases_are_reclaimed_first_and_served_from_the_front_of_their_b
         "ready": [("new", lab.back(0, 1))],
         "leased": [("old", lab.now + lab.lease)],
         "body": {"new": "N", "old": "O"},
-        "order": {"new": lab.order(0, 1), "old": lab.order(0, 0)},
+        "order": {"new": lab.order(0, 1), "old": lab.order(0, 2)},
         "deliv": {"old": "2"},
         "token": {"old": "6"},
         "owner": {"old": "c2"},
         "seq": "6",
-        "front": "1",
         "signal": ["1"],
         "stats": {"reclaimed": "1"},
     }
 
 
 def test_a_lease_expiring_exactly_now_counts_as_expired(lab: Lab):
-    lab.add_leased("due", "D", token=1, deadline=lab.now, owner="w1", deliv=1)
-    lab.add_leased("live", "L", token=2, deadline=lab.now + 1, owner="w1", deliv=1)
+    lab.add_leased("due", "D", token=1, deadline=lab.now, owner="w1", seq=1, deliv=1)
+    lab.add_leased("live", "L", token=2, deadline=lab.now + 1, owner="w1", seq=2, deliv=1)
 
     assert lab.reserve(count=0) == []
 
@@ -280,11 +279,10 @@ def test_a_lease_expiring_exactly_now_counts_as_expired(lab: Lab):
         "ready": [("due", lab.front(0, 1))],
         "leased": [("live", lab.now + 1)],
         "body": {"due": "D", "live": "L"},
-        "order": {"due": lab.order(0, 0), "live": lab.order(0, 0)},
+        "order": {"due": lab.order(0, 1), "live": lab.order(0, 2)},
         "deliv": {"due": "1", "live": "1"},
         "token": {"live": "2"},
         "owner": {"live": "w1"},
-        "front": "1",
         "signal": ["1"],
         "stats": {"reclaimed": "1"},
     }
@@ -293,55 +291,55 @@ def test_a_lease_expiring_exactly_now_counts_as_expired(lab: Lab):
 def test_a_reclaimed_message_goes_to_the_front_of_its_own_band_only(lab: Lab):
     lab.add_ready("x3", "x", band=3, score=lab.back(3, 1))
     lab.add_ready("y1", "y", band=1, score=lab.back(1, 2))
-    lab.add_leased("hi", "h", token=3, deadline=lab.now - 100, band=3)
+    lab.add_leased("hi", "h", token=3, deadline=lab.now - 100, band=3, seq=3)
 
     lab.reserve(count=0)
 
     assert lab.state()["ready"] == [
         ("y1", lab.back(1, 2)),
-        ("hi", lab.front(3, 1)),
+        ("hi", lab.front(3, 3)),
         ("x3", lab.back(3, 1)),
     ]
 
 
 def test_reserve_reclaims_at_most_the_reclaim_limit_per_queue(lab: Lab):
     for i, deadline in enumerate([lab.now - 30, lab.now - 20, lab.now - 10]):
-        lab.add_leased(f"e{i}", "x", token=i + 1, deadline=deadline)
+        lab.add_leased(f"e{i}", "x", token=i + 1, deadline=deadline, seq=3 - i)
 
     lab.reserve(count=0, reclaim_limit=2)
 
     state = lab.state()
-    assert state["ready"] == [("e0", lab.front(0, 2)), ("e1", lab.front(0, 1))]
+    # The two earliest deadlines, e0 and e1, back in publish order (e1 was published first).
+    assert state["ready"] == [("e1", lab.front(0, 2)), ("e0", lab.front(0, 3))]
     assert state["leased"] == [("e2", lab.now - 10)]
     assert state["stats"] == {"reclaimed": "2"}
 
 
-def test_reserve_serves_the_earliest_expired_lease_first(lab: Lab):
-    lab.add_ready("new", "N", score=lab.back(0, 1))
+def test_reserve_serves_reclaimed_messages_first_in_publish_order(lab: Lab):
+    lab.add_ready("new", "N", score=lab.back(0, 4))
     for n, (key, deadline) in enumerate(
-        [("late", lab.now - 10), ("early", lab.now - 30), ("mid", lab.now - 20)], start=2
+        [("late", lab.now - 10), ("early", lab.now - 30), ("mid", lab.now - 20)], start=1
     ):
-        lab.add_leased(key, key.upper(), token=n, deadline=deadline, owner="dead-worker")
+        lab.add_leased(key, key.upper(), token=n, seq=n, deadline=deadline, owner="dead-worker")
     lab.set_counter("seq", 4)
 
     served = lab.reserve(count=2, consumer="c2")
 
-    assert served == [(0, "early", 5, 2, "EARLY"), (0, "mid", 6, 2, "MID")]
+    assert served == [(0, "late", 5, 2, "LATE"), (0, "early", 6, 2, "EARLY")]
     assert lab.state() == {
-        "ready": [("late", lab.front(0, 1)), ("new", lab.back(0, 1))],
-        "leased": [("early", lab.now + lab.lease), ("mid", lab.now + lab.lease)],
+        "ready": [("mid", lab.front(0, 3)), ("new", lab.back(0, 4))],
+        "leased": [("early", lab.now + lab.lease), ("late", lab.now + lab.lease)],
         "body": {"new": "N", "late": "LATE", "early": "EARLY", "mid": "MID"},
         "order": {
-            "new": lab.order(0, 1),
-            "late": lab.order(0, 0),
-            "early": lab.order(0, 0),
-            "mid": lab.order(0, 0),
+            "new": lab.order(0, 4),
+            "late": lab.order(0, 1),
+            "early": lab.order(0, 2),
+            "mid": lab.order(0, 3),
         },
-        "deliv": {"late": "1", "early": "2", "mid": "2"},
-        "token": {"early": "5", "mid": "6"},
-        "owner": {"early": "c2", "mid": "c2"},
+        "deliv": {"late": "2", "early": "2", "mid": "1"},
+        "token": {"late": "5", "early": "6"},
+        "owner": {"late": "c2", "early": "c2"},
         "seq": "6",
-        "front": "3",
         "signal": ["1"],
         "stats": {"reclaimed": "3"},
     }
@@ -365,11 +363,10 @@ def test_reserve_reclaims_expired_leases_in_every_queue_it_was_given(
 
     assert _served(served) == [(0, "a")]
     assert q1.state() == {
-        "ready": [("z", q1.front(0, 1))],
+        "ready": [("z", q1.front(0, 0))],
         "body": {"z": "Z"},
         "order": {"z": q1.order(0, 0)},
         "deliv": {"z": "1"},
-        "front": "1",
         "signal": ["1"],
         "stats": {"reclaimed": "1"},
     }
@@ -474,7 +471,12 @@ class Model:
         self.bands[self.band_of[key]].remove(key)
 
     def to_front(self, key: str) -> None:
-        self.bands.setdefault(self.band_of[key], []).insert(0, key)
+        """Back before every key of its band that never came back, among those that did in
+        publish order."""
+        queue = self.bands.setdefault(self.band_of[key], [])
+        self.moved.add(key)
+        ahead = [k for k in queue if k in self.moved and self.score_of[k] < self.score_of[key]]
+        queue.insert(len(ahead), key)
 
 
 operations = st.lists(
@@ -515,12 +517,11 @@ def _check_invariants(lab: Lab, model: Model) -> None:
     assert sorted(order, key=seq_part.__getitem__) == model.births
     assert all(v > MID for v in seq_part.values()), "published at the back of a band"
     assert {k: v // BAND for k, v in order.items()} == {k: model.band_of[k] for k in stored}
-    # A ready key is in its published band: at its published score, or at the band's front
-    # once requeued.
+    # A ready key is in its published band: at its published score, or once requeued at the
+    # band's front, at its published sequence number.
     for key, score in state.get("ready", []):
-        assert score // BAND == order[key] // BAND
         if key in model.moved:
-            assert score < order[key] // BAND * BAND + MID
+            assert score == order[key] - MID
         else:
             assert score == order[key]
     assert state.get("dups", {}) == {k: i for k, i in model.id_of.items() if k != i}
@@ -589,5 +590,4 @@ def test_random_operation_sequences_keep_every_invariant_and_the_serve_order(
                     model.births.remove(key)
                 else:
                     model.to_front(key)
-                    model.moved.add(key)
         _check_invariants(lab, model)

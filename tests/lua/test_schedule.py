@@ -334,7 +334,8 @@ def test_a_requeued_promoted_message_goes_back_to_the_front_of_its_band(lab: Lab
     assert lab.requeue((key, token)) == [OK]
 
     assert lab.ready_order() == ["s", "r2"]
-    assert dict(lab.state()["ready"])["s"] == lab.front(1, 1)
+    # Promoted as sequence number 3 (after r's 1 and its own publish's 2): at the front, as 3.
+    assert dict(lab.state()["ready"])["s"] == lab.front(1, 3)
 
 
 # -- purge ---------------------------------------------------------------------------------
