@@ -11,11 +11,13 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from .app import configure
 from .errors import (
+    AuthenticationFailed,
     BrokerConnectionError,
     CeleryMsgError,
     ConfigurationError,
     LeaseLost,
     MessageNotFound,
+    PermissionDenied,
     PoisonMessage,
     ScriptError,
 )
@@ -27,6 +29,7 @@ TRANSPORT_ALIASES.setdefault("celery-msg", "celery_msg.transport:Transport")
 TRANSPORT_ALIASES.setdefault("celery-msgs", "celery_msg.transport:Transport")
 
 __all__ = [
+    "AuthenticationFailed",
     "BrokerConnectionError",
     "CeleryMsgError",
     "ConfigurationError",
@@ -35,6 +38,7 @@ __all__ = [
     "Fixed",
     "LeaseLost",
     "MessageNotFound",
+    "PermissionDenied",
     "PoisonMessage",
     "Policies",
     "Policy",

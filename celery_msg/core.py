@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,9 +28,15 @@ from typing import Any, Literal, NamedTuple, cast
 import redis
 from redis.commands.core import Script
 
-from .errors import BrokerConnectionError, MessageNotFound, ScriptError, StaleRoute
+from .errors import (
+    BrokerConnectionError,
+    MessageNotFound,
+    PermissionDenied,
+    ScriptError,
+    StaleRoute,
+)
 from .keys import QueueKeys, bindings_key, bindings_version_key, exchanges_key, queues_key
-from .scripts import BAND, Code, Scripts
+from .scripts import BAND, Code, Scripts, where
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,9 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _BINDING_SEP = "\x06\x16"
+
+#: How Redis and Valkey word an ACL refusal inside a script (a plain error reply there).
+_ACL_DENIED = re.compile(r"can't run this command|ACL failure in script|no permissions", re.I)
 
 
 class State(StrEnum):
@@ -164,6 +174,19 @@ def translated(exc: BaseException, what: str) -> Exception | None:
     is left alone: the caller loads the script again."""
     if isinstance(exc, redis.exceptions.NoScriptError):
         return None
+    if isinstance(exc, redis.exceptions.NoPermissionError) or (
+        isinstance(exc, redis.ResponseError) and _ACL_DENIED.search(str(exc))
+    ):
+        # Inside a script Redis 7.0 does not name the command: name the script line instead.
+        line = where(str(exc))
+        return PermissionDenied(
+            f"{what}: the broker URL's ACL user may not run this (see README, Security): {exc}"
+            + (f" [{line}]" if line else "")
+        )
+    if isinstance(exc, redis.AuthenticationError):
+        # After start-up (a password rotated under a running worker): retried as an outage,
+        # but said for what it is. At start-up the transport raises AuthenticationFailed.
+        return BrokerConnectionError(f"{what}: Redis refused the credentials: {exc}")
     if isinstance(exc, redis.ResponseError):
         return ScriptError(f"{what}: {exc}")
     if isinstance(exc, REDIS_CONNECTION_ERRORS):
@@ -776,6 +799,9 @@ class Broker:
         expires = 0 if ttl_ms is None else self.now_ms() + ttl_ms
         with translated_errors(f"bind {binding.queue!r} to {exchange!r}"):
             pipe = self.client.pipeline(transaction=True)
+            # Registered (as kombu's default type, unless declared) so that unbind_queue finds
+            # every exchange that has bindings without scanning the keyspace.
+            pipe.hsetnx(exchanges_key(self.prefix), exchange, "direct")
             pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
             pipe.incr(bindings_version_key(self.prefix, exchange))
             pipe.execute()
@@ -788,17 +814,22 @@ class Broker:
             pipe.execute()
 
     def unbind_queue(self, queue: str) -> None:
-        """Remove every binding to ``queue`` from every exchange (rare: scans binding keys)."""
-        head = bindings_key(self.prefix, "")
+        """Remove every binding to ``queue`` from every exchange.
+
+        Rare (a queue deleted); it walks the registry of exchanges, never the keyspace: no
+        SCAN, so an ACL user needs no keyspace-wide command and sees no other app's keys."""
         with translated_errors(f"unbind {queue!r}"):
-            for key in self.client.scan_iter(match=_glob_escape(head) + "*"):
-                fields = [f for f in self.client.hkeys(key) if _binding_queue(f) == queue]
-                if fields:
-                    exchange = _text(key)[len(head) :]
-                    pipe = self.client.pipeline(transaction=True)
-                    pipe.hdel(key, *fields)
-                    pipe.incr(bindings_version_key(self.prefix, exchange))
-                    pipe.execute()
+            exchanges = sorted(_text(e) for e in self.client.hkeys(exchanges_key(self.prefix)))
+            pipe = self.client.pipeline(transaction=False)
+            for exchange in exchanges:
+                pipe.hkeys(bindings_key(self.prefix, exchange))
+            for exchange, fields in zip(exchanges, pipe.execute(), strict=True):
+                mine = [f for f in fields if _binding_queue(f) == queue]
+                if mine:
+                    tx = self.client.pipeline(transaction=True)
+                    tx.hdel(bindings_key(self.prefix, exchange), *mine)
+                    tx.incr(bindings_version_key(self.prefix, exchange))
+                    tx.execute()
 
     def refresh_bindings(self, bindings: Mapping[str, Iterable[Binding]], ttl_ms: int) -> None:
         """Renew expiring bindings (exchange -> bindings) of live consumers, in one round trip.

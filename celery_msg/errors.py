@@ -51,6 +51,16 @@ class ScriptError(CeleryMsgError):
     """A server-side script failed; the message keeps the Redis error text."""
 
 
+class PermissionDenied(ScriptError):
+    """Redis refused a command or key to the broker URL's ACL user ("NOPERM"). The message names
+    what was refused; README's Security section lists every command celery-msg needs."""
+
+
+class AuthenticationFailed(ConfigurationError):
+    """Redis refused the broker URL's user name or password: a configuration problem, not an
+    outage, so it is not retried as one."""
+
+
 class PoisonMessage(CeleryMsgError):
     """Stored as a task's result when its message was delivered more than ``max_deliveries``
     times without an ack (it kept killing its worker) and went to the dead-letter store."""

@@ -9,6 +9,7 @@ calls EVALSHA and falls back to loading the script after a server restart or SCR
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from functools import cache
 from importlib import resources
@@ -79,6 +80,29 @@ def source(name: str) -> str:
         raise KeyError(f"no such script: {name}")
     body = _INCLUDE.sub(lambda m: _read(m.group(1)), _read(f"{name}.lua"))
     return _preamble() + body
+
+
+@cache
+def _names_by_sha() -> dict[str, str]:
+    return {hashlib.sha1(source(n).encode()).hexdigest(): n for n in SCRIPT_NAMES}
+
+
+_WHERE = re.compile(r"script: ([0-9a-f]{40}), on @user_script:(\d+)")
+
+
+def where(error: str) -> str | None:
+    """ "<script>.lua line N: <the Lua line>" for a Redis error raised inside one of our scripts
+    (Redis names the script by SHA1 and the line of the text sent), or None."""
+    match = _WHERE.search(error)
+    if match is None:
+        return None
+    name = _names_by_sha().get(match.group(1))
+    if name is None:
+        return None
+    lines = source(name).splitlines()
+    number = int(match.group(2))
+    text = lines[number - 1].strip() if 0 < number <= len(lines) else "?"
+    return f"{name}.lua (as sent) line {number}: {text}"
 
 
 class Scripts:

@@ -48,7 +48,13 @@ from .core import (
 )
 from .deadletters import DeadLetters
 from .ephemeral import EphemeralBindings
-from .errors import BrokerConnectionError, ConfigurationError, ScriptError, StaleRoute
+from .errors import (
+    AuthenticationFailed,
+    BrokerConnectionError,
+    ConfigurationError,
+    ScriptError,
+    StaleRoute,
+)
 from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms
 from .holdings import Holdings
 from .keys import wake_key
@@ -584,7 +590,7 @@ class Transport(virtual.Transport):
         try:
             self.redis.ping()
         except redis.AuthenticationError as exc:
-            raise ConfigurationError(
+            raise AuthenticationFailed(
                 f"Redis refused the credentials of the broker URL "
                 f"(user {params.get('username') or 'default'!r}): {exc}"
             ) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -10,7 +11,7 @@ import pytest
 import redis
 
 from celery_msg.keys import PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
-from celery_msg.scripts import SCRIPT_NAMES, Code, Scripts, source
+from celery_msg.scripts import SCRIPT_NAMES, Code, Scripts, source, where
 
 
 def _lua_dir() -> Traversable:
@@ -145,3 +146,14 @@ def test_scripts_registers_one_script_per_name_with_its_generated_source():
     for name in SCRIPT_NAMES:
         assert getattr(scripts, name).script == source(name)
     assert len({getattr(scripts, name).sha for name in SCRIPT_NAMES}) == len(SCRIPT_NAMES)
+
+
+def test_where_names_the_script_and_lua_line_of_an_error_raised_inside_a_script():
+    sha = hashlib.sha1(source("reserve").encode()).hexdigest()
+    lines = source("reserve").splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if "'ZPOPMIN'" in line)
+    error = f"can't run this command script: {sha}, on @user_script:{number}."
+
+    assert where(error) == f"reserve.lua (as sent) line {number}: {lines[number - 1].strip()}"
+    assert where("script: " + "0" * 40 + ", on @user_script:3.") is None  # not one of ours
+    assert where("ERR something else") is None

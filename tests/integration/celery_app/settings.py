@@ -33,10 +33,15 @@ class Settings:
     #: Celery's worker_lost_wait: how long a prefork pool waits for the result of a job whose
     #: child died before failing it with WorkerLostError.
     worker_lost_wait: float = 10.0
+    #: ACL user and password of the broker URL only ("" = none; the result backend and the
+    #: event list keep the server's default user).
+    broker_user: str = ""
+    broker_password: str = ""
 
     @property
     def broker_url(self) -> str:
-        return f"celery-msg://{urlsplit(self.redis_url).netloc}/0"
+        credentials = f"{self.broker_user}:{self.broker_password}@" if self.broker_user else ""
+        return f"celery-msg://{credentials}{urlsplit(self.redis_url).netloc}/0"
 
     @property
     def backend_url(self) -> str:
