@@ -142,8 +142,12 @@ class Consumer(CeleryConsumer):
                 )
                 return self._log_and_reject(message, "content type not accepted")
             headers = message.headers if isinstance(message.headers, dict) else {}
+            task = headers.get("task")
+            if task is not None and not isinstance(task, str):
+                _mark(message, "invalid-task", f"task name {task!r} is not a string")
+                return self._log_and_reject(message, "invalid task name")
             queue = (message.delivery_info or {}).get("queue")
-            policy = self.policies.resolve(headers.get("task"), queue)
+            policy = self.policies.resolve(task, queue)
             if self._expired(message, headers, queue, policy) or self._poison(message, policy):
                 return None
             if policy.ack == "early":
@@ -156,6 +160,17 @@ class Consumer(CeleryConsumer):
             strategies.mode = policy.ack
             try:
                 return handler(message)
+            except self.connection_errors:
+                raise  # Celery reconnects
+            except Exception as exc:
+                # Celery lets anything its strategies raise on a malformed message (a body that
+                # is not [args, kwargs, embed], a header of the wrong type) end the worker, and
+                # the message comes back to end the next one: dead-letter it instead.
+                if message.acknowledged:
+                    raise
+                _mark(message, "invalid-task", f"{type(exc).__name__}: {exc}")
+                logger.exception("task %s[%s] cannot be run", task, headers.get("id"))
+                return self._log_and_reject(message, "malformed task message")
             finally:
                 strategies.mode = None
 

@@ -8,6 +8,7 @@ of in a worker's memory, and the worker reads ``expires`` to skip expired messag
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,12 +23,14 @@ UNIQUE_HEADER = "celery_msg_unique"
 def epoch_ms(value: Any) -> int | None:
     """``value`` (ISO 8601 text, a datetime, or epoch seconds) as epoch milliseconds.
 
-    A naive time is taken as UTC (Celery sends aware times). None when absent or unreadable.
+    A naive time is taken as UTC (Celery sends aware times). None when absent or unreadable
+    (NaN, infinite, out of range: a header is written by any producer, and one bad message must
+    not stop the worker that reads it).
     """
     if value is None or value == "":
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return int(value * 1000)
+        return int(value * 1000) if math.isfinite(value) and abs(value) < 1e15 else None
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value)
@@ -36,14 +39,17 @@ def epoch_ms(value: Any) -> int | None:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
-        return int(value.timestamp() * 1000)
+        try:
+            return int(value.timestamp() * 1000)
+        except (OverflowError, OSError, ValueError):
+            return None
     return None
 
 
 def due_ms(message: dict[str, Any]) -> int:
     """When a kombu message is due (epoch ms), from its Celery ``eta`` header; 0 = now."""
     headers = message.get("headers")
-    if not headers:
+    if not headers or not isinstance(headers, dict):
         return 0
     raw = headers.get("eta")
     if raw is None:
@@ -57,6 +63,6 @@ def due_ms(message: dict[str, Any]) -> int:
 
 def expires_ms(headers: dict[str, Any] | None) -> int | None:
     """When a message expires (epoch ms), from its Celery ``expires`` header; None = never."""
-    if not headers:
+    if not isinstance(headers, dict):
         return None
     return epoch_ms(headers.get("expires"))

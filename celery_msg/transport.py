@@ -150,6 +150,7 @@ class Channel(virtual.Channel):
         self.holdings = Holdings()
         self.ephemeral: EphemeralBindings = connection.ephemeral
         self._no_ack: set[str] = set()
+        self._crashed: set[str] = set()
         self._ready: deque[tuple[str, str, dict[str, Any]]] = deque()
         self._tables: dict[str, tuple[float, Table]] = {}
         self._types: dict[str, tuple[float, str]] = {}
@@ -385,9 +386,19 @@ class Channel(virtual.Channel):
                 # At-most-once consumer (e.g. Celery's remote-control mailbox): settled on
                 # receipt, with the next round trip.
                 self.settle_ack(tag)
-            self.connection._deliver(payload, queue)
+            self.hand_over(tag, queue, payload)
             return True
         return False
+
+    def hand_over(self, tag: str, queue: str, payload: dict[str, Any]) -> None:
+        """Give one message to kombu's callbacks. If handling it raises (the consumer's own
+        code, a malformed message Celery chokes on), the delivery is marked: restoring it at
+        the shutdown that follows counts it, so ``max_deliveries`` ends a crash loop."""
+        try:
+            self.connection._deliver(payload, queue)
+        except BaseException:
+            self._crashed.add(tag)
+            raise
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
@@ -403,13 +414,16 @@ class Channel(virtual.Channel):
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def _accept(self, delivery: Delivery) -> dict[str, Any] | None:
-        """Decode one delivery and register its lease; undecodable ones are dead-lettered."""
+        """Decode one delivery and register its lease; undecodable ones are dead-lettered.
+
+        Anything kombu would fail on later, in the worker's consuming thread (which Celery
+        treats as fatal: the worker exits and the message comes back to crash the next one),
+        is checked here: the envelope's shape and that the body decodes with its encoding."""
         lease = Lease(delivery.queue, delivery.key, delivery.token)
         try:
-            payload = loads(delivery.payload)
+            payload = _checked_envelope(delivery.payload)
             props = payload["properties"]
-            if not isinstance(props, dict) or "body" not in payload:
-                raise ValueError("not a kombu message (no body or properties)")
+            self.decode_body(payload["body"], props.get("body_encoding"))
         except Exception as exc:
             logger.error(
                 "queue %s message %s: undecodable, dead-lettered: %r",
@@ -421,13 +435,19 @@ class Channel(virtual.Channel):
             return None
         tag = f"{delivery.token}@{delivery.queue}"
         props["delivery_tag"] = tag
-        info = props.setdefault("delivery_info", {})
+        info = props["delivery_info"]
         info["delivery_count"] = delivery.deliveries
         info["queue"] = delivery.queue
         info["message_key"] = delivery.key
         payload["redelivered"] = info["redelivered"] = delivery.deliveries > 1
         self.holdings.add(tag, lease)
         return payload
+
+    def decode_body(self, body: Any, encoding: str | None = None) -> Any:
+        """kombu's, but an unknown encoding is an error that says so (not an AttributeError)."""
+        if encoding and encoding.lower() != "utf-8" and self.codecs.get(encoding) is None:
+            raise ValueError(f"unknown body_encoding {encoding!r}")
+        return super().decode_body(body, encoding)
 
     # -- settling --------------------------------------------------------------------------
 
@@ -469,8 +489,22 @@ class Channel(virtual.Channel):
         return lease
 
     def _restore_tags(self, tags: list[str]) -> None:
-        leases = self.holdings.settle_many(tags)
-        _log_lost(self.broker.requeue(leases, uncount=True), "restore")
+        """Back to the front, uncounted (never started, or a clean close) unless handling it
+        crashed the consumer."""
+        crashed = [tag for tag in tags if tag in self._crashed]
+        self._crashed.difference_update(crashed)
+        plain = [tag for tag in tags if tag not in crashed]
+        _log_lost(self.broker.requeue(self.holdings.settle_many(plain), uncount=True), "restore")
+        if crashed:
+            leases = self.holdings.settle_many(crashed)
+            for lease in leases:
+                logger.warning(
+                    "queue %s message %s: its handling raised; back in the queue, counted as a "
+                    "delivery",
+                    lease.queue,
+                    lease.key,
+                )
+            _log_lost(self.broker.requeue(leases), "restore")
 
     def _restore(self, message: Any) -> None:
         self._restore_tags([message.delivery_tag])
@@ -492,6 +526,27 @@ class Channel(virtual.Channel):
         if leftovers:
             with contextlib.suppress(BrokerConnectionError):
                 self.broker.requeue(leftovers, uncount=True)
+
+
+def _checked_envelope(raw: bytes) -> dict[str, Any]:
+    """A stored kombu message, its shape checked (ValueError says what is wrong); a missing
+    ``delivery_info`` is added."""
+    payload = loads(raw)
+    if not isinstance(payload, dict) or "body" not in payload:
+        raise ValueError("not a kombu message (no body)")
+    props = payload.get("properties")
+    if not isinstance(props, dict):
+        raise ValueError("properties is not a mapping")
+    info = props.setdefault("delivery_info", {})
+    if not isinstance(info, dict):
+        raise ValueError("properties.delivery_info is not a mapping")
+    headers = payload.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        raise ValueError("headers is not a mapping")
+    for field in ("content-type", "content-encoding"):
+        if payload.get(field) is not None and not isinstance(payload[field], str):
+            raise ValueError(f"{field} is not a string")
+    return payload
 
 
 def _stamp_first_failure(message: dict[str, Any], now_ms: Callable[[], int]) -> None:

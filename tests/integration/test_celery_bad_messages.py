@@ -3,9 +3,12 @@ worker carries on: Celery itself would ack (and so lose) most of them."""
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE
@@ -57,3 +60,68 @@ def test_bad_messages_are_dead_lettered_with_their_reason_and_the_worker_keeps_r
     assert worker.running
     assert stack.task("add").delay(20, 22).get(timeout=10) == 42
     stack.settled(DEFAULT_QUEUE, dead=4)
+
+
+def _corrupt(envelope: dict[str, Any], case: str) -> dict[str, Any]:
+    """A copy of a real Celery task message, broken the way a buggy producer would."""
+    bad = json.loads(json.dumps(envelope))
+    if case == "expires NaN":
+        bad["headers"]["expires"] = math.nan
+    elif case == "expires Infinity":
+        bad["headers"]["expires"] = math.inf
+    elif case == "delivery_info not a dict":
+        bad["properties"]["delivery_info"] = "x"
+    elif case == "headers not a dict":
+        bad["headers"] = ["add"]
+    elif case == "properties not a dict":
+        bad["properties"] = 7
+    elif case == "body not base64":
+        bad["body"] = "%%% not base64 %%%"
+    elif case == "unknown body_encoding":
+        bad["properties"]["body_encoding"] = "rot13"
+    elif case == "task name a list":
+        bad["headers"]["task"] = ["add"]
+    elif case == "body a dict":
+        bad["body"] = base64.b64encode(b'{"x": 1}').decode()
+    elif case == "eta garbage":
+        bad["headers"]["eta"] = "tomorrow-ish"
+    else:
+        raise AssertionError(case)
+    return bad
+
+
+BAD_CASES = [
+    "expires NaN",
+    "expires Infinity",
+    "delivery_info not a dict",
+    "headers not a dict",
+    "properties not a dict",
+    "body not base64",
+    "unknown body_encoding",
+    "task name a list",
+    "body a dict",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_a_malformed_message_is_dead_lettered_and_the_worker_keeps_running(stack: Stack, case: str):
+    # A real message, taken from a queue nobody consumes, then broken and stored by hand.
+    sample = stack.task("add").apply_async(args=[1, 2], queue="nobody")
+    raw = stack.broker.lookup(sample.id, ["nobody"])[0].payload
+    assert raw is not None
+    bad = _corrupt(json.loads(raw), case)
+    stack.broker.publish(DEFAULT_QUEUE, "bad-1", json.dumps(bad), 0)
+    worker = stack.worker()
+
+    def dead() -> list[MessageInfo] | None:
+        found = stack.broker.dead_letters(DEFAULT_QUEUE)
+        return found or None
+
+    [info] = wait_until(dead, 15, f"the {case} message dead-lettered")
+    assert info.id == "bad-1"
+    assert info.dead_reason is not None
+    assert info.dead_reason["reason"] in {"undecodable", "invalid-task"}
+    assert worker.running
+    assert stack.task("add").delay(20, 22).get(timeout=10) == 42
+    assert worker.running
+    stack.settled(DEFAULT_QUEUE, dead=1)

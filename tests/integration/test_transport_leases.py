@@ -280,3 +280,29 @@ def test_messages_rejected_with_requeue_one_by_one_come_back_in_the_order_they_w
         for message in again:
             message.ack()
         assert ids_of(receiver.receive(1)) == ["d"]
+
+
+def test_a_message_whose_handling_raised_comes_back_counted_so_max_deliveries_ends_the_loop(
+    server: Server, prefix: str
+):
+    # A consumer that dies of a message (the exception ends its process, the connection is
+    # closed and its unacked messages restored) must not get it back as if never delivered.
+    def crash(body: Any, message: Any) -> None:
+        raise RuntimeError("this message kills its consumer")
+
+    look = broker(server, prefix)
+    with connect(server, prefix, max_deliveries=2) as conn:
+        publish(conn, ["bad"], routing_key="work")
+    for attempt in (1, 2):
+        with connect(server, prefix, max_deliveries=2) as conn:
+            consumer = conn.Consumer([direct_queue("work")], callbacks=[crash], accept=["json"])
+            consumer.consume()
+            with pytest.raises(RuntimeError, match="kills its consumer"):
+                conn.drain_events(timeout=5)
+        info = _only(look, "bad", "work")
+        assert (info.state, info.deliveries) == (State.READY, attempt)
+    with connect(server, prefix, max_deliveries=2) as conn:
+        Receiver(conn, [direct_queue("work")]).nothing_for(0.5)
+    info = _only(look, "bad", "work")
+    assert info.state == State.DEAD
+    assert info.dead_reason is not None and info.dead_reason["reason"] == "poison"
