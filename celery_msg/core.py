@@ -28,7 +28,8 @@ import redis
 from redis.commands.core import Script
 
 from .errors import BrokerConnectionError, MessageNotFound, ScriptError
-from .keys import QueueKeys, bindings_key, exchanges_key, queues_key
+from .keys import QueueKeys, bindings_key, exchanges_key, expiring_key, queues_key
+from .queueargs import QueueArguments
 from .scripts import BAND, Code, Scripts
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _BINDING_SEP = "\x06\x16"
+
+#: publish.lua's ARGV[6]: kept free for the publish guard; publish.lua does not read it.
+_PUBLISH_ARGV6 = ""
+#: Most expired queues (``expires``) one sweep deletes.
+EXPIRE_QUEUES_BATCH = 10
 
 
 class State(StrEnum):
@@ -310,10 +316,84 @@ class Broker:
 
     # -- queues ----------------------------------------------------------------------------
 
-    def declare(self, queue: str) -> None:
-        """Remember ``queue`` in the registry of queues (used by look-ups and the CLI)."""
+    def declare(self, queue: str, arguments: QueueArguments | None = None) -> None:
+        """Remember ``queue`` in the registry of queues (used by look-ups and the CLI) and store
+        its ``arguments`` (message TTL, expiry, max length; see :mod:`celery_msg.queueargs`).
+
+        A declaration defines the queue, as in RabbitMQ: its arguments replace the stored ones
+        (none given: none kept), and it counts as a use of a queue with ``expires``.
+        """
+        args = arguments or QueueArguments()
+        keys = self.keys(queue)
         with translated_errors(f"declare queue {queue!r}"):
-            self.client.sadd(queues_key(self.prefix), queue)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(keys.args)
+            pipe.delete(keys.args)
+            stored = args.to_redis()
+            if stored:
+                pipe.hset(keys.args, mapping=stored)  # type: ignore[arg-type]
+            if args.expires_ms is None:
+                pipe.zrem(expiring_key(self.prefix), queue)
+            else:
+                pipe.zadd(expiring_key(self.prefix), {queue: self.now_ms() + args.expires_ms})
+            pipe.sadd(queues_key(self.prefix), queue)
+            before = QueueArguments.from_redis(pipe.execute()[0])
+        if before != args and before != QueueArguments():
+            logger.info("queue %s redeclared with arguments %s (were %s)", queue, args, before)
+
+    def queue_arguments(self, queue: str) -> QueueArguments:
+        """The arguments ``queue`` was declared with (a garbage stored value reads as unset)."""
+        with translated_errors(f"read arguments of {queue!r}"):
+            return QueueArguments.from_redis(self.client.hgetall(self.keys(queue).args))
+
+    def touch(self, expiring: Mapping[str, int]) -> None:
+        """Mark queues declared with ``expires`` (queue -> expires ms) as used now: a live
+        consumer does this for the queues it consumes. A queue already deleted stays deleted."""
+        if not expiring:
+            return
+        now = self.now_ms()
+        with translated_errors(f"touch {len(expiring)} queues"):
+            pipe = self.client.pipeline(transaction=False)
+            for queue, expires_ms in expiring.items():
+                pipe.zadd(expiring_key(self.prefix), {queue: now + expires_ms}, xx=True)
+            pipe.execute()
+
+    def expire_queues(self, limit: int = EXPIRE_QUEUES_BATCH) -> list[str]:
+        """Delete up to ``limit`` queues unused for longer than their ``expires``; their names.
+
+        Whoever reads an exchange's bindings (every publisher, about once per
+        ``binding_cache_ttl``) and every live consumer's renewer call this, so an unused queue
+        goes away even when nothing else ever touches it."""
+        with translated_errors("find expired queues"):
+            due = cast(
+                list[bytes],
+                self.client.zrangebyscore(
+                    expiring_key(self.prefix), "-inf", f"({self.now_ms()}", start=0, num=limit
+                ),
+            )
+        names = [_text(q) for q in due]
+        return [q for q in names if self._expire_queue(q)]
+
+    def _expire_queue(self, queue: str) -> bool:
+        """Delete ``queue`` if it is still unused past its expiry (a consumer may have touched
+        it, or another process deleted it, since it was found)."""
+        registry = expiring_key(self.prefix)
+        with (
+            translated_errors(f"expire queue {queue!r}"),
+            self.client.pipeline(transaction=True) as pipe,
+        ):
+            try:
+                pipe.watch(registry)  # type: ignore[no-untyped-call]
+                deadline = pipe.zscore(registry, queue)
+                if deadline is None or deadline >= self.now_ms():
+                    return False
+                pipe.multi()
+                self._delete_in(pipe, queue)
+                pipe.execute()
+            except redis.WatchError:
+                return False  # touched (or deleted) meanwhile: look again next time
+        logger.info("queue %s expired: unused for longer than its expires; deleted", queue)
+        return True
 
     def queues(self) -> list[str]:
         with translated_errors("list queues"):
@@ -372,9 +452,13 @@ class Broker:
         """Remove ``queue`` with everything in it, leased and dead messages included."""
         with translated_errors(f"delete {queue!r}"):
             pipe = self.client.pipeline(transaction=True)
-            pipe.delete(*self.keys(queue).all)
-            pipe.srem(queues_key(self.prefix), queue)
+            self._delete_in(pipe, queue)
             pipe.execute()
+
+    def _delete_in(self, pipe: Any, queue: str) -> None:
+        pipe.delete(*self.keys(queue).all)
+        pipe.srem(queues_key(self.prefix), queue)
+        pipe.zrem(expiring_key(self.prefix), queue)
 
     def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Run script calls in one pipelined round trip; their replies, in order.
@@ -429,7 +513,9 @@ class Broker:
             head = self._publish_heads[queue]
         except KeyError:
             head = self._publish_head(queue)
-        args = (message_id, payload, band, _due(due_ms, self.now_ms), 1 if unique else 0)
+        now = self.now_ms()
+        due = due_ms if due_ms > now else 0
+        args = (message_id, payload, band, due, 1 if unique else 0, _PUBLISH_ARGV6, now)
         try:
             reply = self._publisher.execute(
                 self.scripts.publish, head + b"".join(_bulk(arg) for arg in args)
@@ -447,7 +533,7 @@ class Broker:
         if len(self._publish_heads) >= _KEYS_CACHE_SIZE:
             self._publish_heads.clear()
         head = self._publish_heads[queue] = pack_head(
-            self.scripts.publish, self.keys(queue).publish, 5
+            self.scripts.publish, self.keys(queue).publish, 7
         )
         return head
 
@@ -463,7 +549,8 @@ class Broker:
         """Publish one message into several queues (a broadcast) in one round trip."""
         if not queues:
             return []
-        args = [message_id, payload, band, _due(due_ms, self.now_ms), 0]
+        now = self.now_ms()
+        args = [message_id, payload, band, due_ms if due_ms > now else 0, 0, _PUBLISH_ARGV6, now]
         publish = self.scripts.publish
         with translated_errors(f"publish to {len(queues)} queues"):
             replies = self.run_scripts([(publish, self.keys(q).publish, args) for q in queues])
@@ -744,26 +831,38 @@ class Broker:
                 if fields:
                     self.client.hdel(key, *fields)
 
-    def refresh_bindings(self, bindings: Mapping[str, Iterable[Binding]], ttl_ms: int) -> None:
-        """Renew expiring bindings (exchange -> bindings) of live consumers, in one round trip."""
-        expires = self.now_ms() + ttl_ms
+    def refresh_bindings(self, bindings: Mapping[str, Mapping[Binding, int]]) -> None:
+        """Renew expiring bindings of live consumers (exchange -> binding -> its TTL in ms), in
+        one round trip."""
+        now = self.now_ms()
         with translated_errors("refresh bindings"):
             pipe = self.client.pipeline(transaction=False)
             for exchange, group in bindings.items():
-                for binding in group:
-                    pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
+                for binding, ttl_ms in group.items():
+                    pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), now + ttl_ms)
             pipe.execute()
 
     def table(self, exchange: str) -> list[Binding]:
         """The live bindings of ``exchange``. Expired ones are removed with their queues."""
         key = bindings_key(self.prefix, exchange)
-        with translated_errors(f"read bindings of {exchange!r}"):
-            raw = self.client.hgetall(key)
         now = self.now_ms()
+        with translated_errors(f"read bindings of {exchange!r}"):
+            # Every publisher comes here (about once per binding_cache_ttl): a good moment to
+            # look for queues unused past their ``expires``, in the same round trip.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(key)
+            pipe.zrangebyscore(
+                expiring_key(self.prefix), "-inf", f"({now}", start=0, num=EXPIRE_QUEUES_BATCH
+            )
+            raw, unused = pipe.execute()
+        gone = {_text(q) for q in unused if self._expire_queue(_text(q))}
         live: list[Binding] = []
         expired: list[Binding] = []
         for field, expires in raw.items():
             binding = Binding.decode(field)
+            if binding.queue in gone:
+                self.unbind(exchange, binding)  # its queue expired: route nothing there
+                continue
             deadline = int(expires)
             (expired if deadline and deadline < now else live).append(binding)
         for binding in expired:
@@ -854,12 +953,6 @@ def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
         )
         for i in range(0, len(flat) - 1, 5)  # the last entry is the next due time
     ]
-
-
-def _due(due_ms: int, now: Callable[[], int]) -> int:
-    """The due time to store: 0 (now) unless it is still in the future (the clock is read only
-    for a message that has a due time)."""
-    return due_ms if due_ms and due_ms > now() else 0
 
 
 def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import JSONEncoder, loads
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -43,6 +44,7 @@ from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms
 from .holdings import Holdings
 from .keys import wake_key
 from .options import TransportOptions, to_ms
+from .queueargs import QueueArguments
 from .renewer import Renewer
 
 logger = logging.getLogger(__name__)
@@ -133,7 +135,10 @@ class Channel(virtual.Channel):
         self.default_priority = self.options.default_priority
         self.holdings = Holdings()
         self._bind_lock = threading.Lock()
-        self._ephemeral: set[str] = set()
+        #: Queues whose bindings expire unless a live consumer renews them -> their TTL (ms).
+        self._ephemeral: dict[str, int] = {}
+        #: Queues declared with ``expires`` -> it (ms): a live consumer touches them.
+        self._expires: dict[str, int] = {}
         self._no_ack: set[str] = set()
         self._ready: deque[tuple[str, str, dict[str, Any]]] = deque()
         self._bound: dict[str, set[Binding]] = {}
@@ -143,11 +148,32 @@ class Channel(virtual.Channel):
 
     # -- kombu's storage contract ----------------------------------------------------------
 
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        """kombu's ``Queue(message_ttl=, expires=, max_length=)`` as AMQP arguments (``x-...``,
+        times in ms), as for RabbitMQ; the virtual transport's default drops them."""
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        arguments = kwargs.get("arguments") or {}
-        if kwargs.get("auto_delete") or "x-expires" in arguments:
-            self._ephemeral.add(queue)
-        self.broker.declare(queue)
+        if kwargs.get("passive"):
+            return  # it exists (kombu checked): a passive declaration changes nothing
+        args = QueueArguments.from_amqp(kwargs.get("arguments"))
+        self.broker.declare(queue, args)
+        self._remember(queue, args)
+        if kwargs.get("auto_delete") or args.expires_ms is not None:
+            # Its binding outlives its last consumer by `expires`, else by binding_ttl.
+            self._ephemeral[queue] = (
+                self.options.binding_ttl_ms if args.expires_ms is None else args.expires_ms
+            )
+
+    def _remember(self, queue: str, args: QueueArguments) -> None:
+        if args.expires_ms is None:
+            self._expires.pop(queue, None)
+        else:
+            self._expires[queue] = args.expires_ms
+
+    def expiring_queues(self) -> dict[str, int]:
+        """The consumed queues declared with ``expires`` -> it (ms): this consumer uses them."""
+        return {q: self._expires[q] for q in self._active_queues if q in self._expires}
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return self.broker.exists(queue)
@@ -182,7 +208,7 @@ class Channel(virtual.Channel):
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         binding = Binding(routing_key or "", pattern or "", queue)
         if queue in self._ephemeral:
-            self.broker.bind(exchange, binding, self.options.binding_ttl_ms)
+            self.broker.bind(exchange, binding, self._ephemeral[queue])
             with self._bind_lock:
                 self._bound.setdefault(exchange, set()).add(binding)
         else:
@@ -267,6 +293,8 @@ class Channel(virtual.Channel):
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         """``basic_get``: lease one message, synchronously (skipping undecodable ones)."""
+        if queue in self._expires:
+            self.broker.touch({queue: self._expires[queue]})  # a get is a use (RabbitMQ)
         while True:
             deliveries = self.broker.reserve([queue], 1, self.consumer_id)
             if not deliveries:
@@ -332,6 +360,9 @@ class Channel(virtual.Channel):
         return message
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if queue not in self._expires:
+            # Declared by another channel or process: keep it alive too while consuming it.
+            self._remember(queue, self.broker.queue_arguments(queue))
         if no_ack:
             self._no_ack.add(queue)
         else:
@@ -414,9 +445,15 @@ class Channel(virtual.Channel):
     def _restore_at_beginning(self, message: Any) -> None:
         self._restore(message)
 
-    def ephemeral_bindings(self) -> dict[str, set[Binding]]:
+    def ephemeral_bindings(self) -> dict[str, dict[Binding, int]]:
+        """This channel's expiring bindings still in use: exchange -> binding -> its TTL (ms)."""
+        default = self.options.binding_ttl_ms
         with self._bind_lock:
-            return {exchange: set(group) for exchange, group in self._bound.items() if group}
+            return {
+                exchange: {b: self._ephemeral.get(b.queue, default) for b in group}
+                for exchange, group in self._bound.items()
+                if group
+            }
 
     def basic_cancel(self, consumer_tag: str) -> Any:
         queue = self._tag_to_queue.get(consumer_tag)
@@ -604,17 +641,30 @@ class Transport(virtual.Transport):
             _log_lost(lost, "renew")
             for channel in channels:
                 channel.holdings.forget(lost)
-        bindings: dict[str, set[Binding]] = {}
+        bindings: dict[str, dict[Binding, int]] = {}
         for channel in channels:
             for exchange, group in channel.ephemeral_bindings().items():
-                bindings.setdefault(exchange, set()).update(group)
+                bindings.setdefault(exchange, {}).update(group)
         if bindings:
-            self.broker.refresh_bindings(bindings, self.options.binding_ttl_ms)
+            self.broker.refresh_bindings(bindings)
+        expiring = {q: ms for channel in channels for q, ms in channel.expiring_queues().items()}
+        self.broker.touch(expiring)
+        self.broker.expire_queues()
         queues = {queue for channel in channels for queue in channel._active_queues}
         if queues and time.monotonic() >= self._next_trim:
             # Retention is counted in days: once a minute is plenty.
             self._next_trim = time.monotonic() + TRIM_INTERVAL
             self.dead_letters.trim({queue: self._retention(queue) for queue in queues})
+
+    def renew_interval(self) -> float:
+        """Seconds between renewal rounds: a third of the shortest of the lease, the binding
+        TTL and the ``expires`` of a consumed queue, so none runs out while this consumer
+        lives."""
+        shortest = min(self.options.lease_timeout, self.options.binding_ttl)
+        for channel in list(self.channels):
+            for ms in channel.expiring_queues().values():
+                shortest = min(shortest, ms / 1000.0)
+        return shortest / 3
 
     def _retention(self, queue: str) -> tuple[int, int]:
         """(most entries, most age in ms) of ``queue``'s dead-letter store; 0 = unbounded."""
