@@ -30,6 +30,7 @@ from queue import Empty
 from typing import Any
 
 import redis
+from amqp.protocol import queue_declare_ok_t
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import JSONEncoder, loads
@@ -153,9 +154,14 @@ class Channel(virtual.Channel):
         times in ms), as for RabbitMQ; the virtual transport's default drops them."""
         return to_rabbitmq_queue_arguments(arguments, **kwargs)
 
+    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
+        """kombu's, except that a passive declaration of an existing queue changes nothing
+        (kombu's would declare it again, without its arguments)."""
+        if passive and queue and self._has_queue(queue):
+            return queue_declare_ok_t(queue, self._size(queue), 0)
+        return super().queue_declare(queue, passive=passive, **kwargs)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        if kwargs.get("passive"):
-            return  # it exists (kombu checked): a passive declaration changes nothing
         args = QueueArguments.from_amqp(kwargs.get("arguments"))
         self.broker.declare(queue, args)
         self._remember(queue, args)
