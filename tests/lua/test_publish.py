@@ -325,14 +325,16 @@ def test_max_length_counts_only_ready_messages_not_scheduled_or_leased_ones(lab:
     lab.set_args(max_length=1)
     lab.add_leased("held", "H", token=1, deadline=lab.now + 1_000)
     lab.publish("later", "L", 0, due=lab.now + 5_000)
+    lab.publish("r1", "R1", 0)
 
-    lab.publish("ready", "R", 0)
+    lab.publish("r2", "R2", 0)
 
     state = lab.state()
-    assert lab.ready_order() == ["ready"]
+    assert lab.ready_order() == ["r2"]
     assert state["sched"] == [("later", lab.now + 5_000)]
     assert state["leased"] == [("held", lab.now + 1_000)]
-    assert "dropped" not in state["stats"]
+    assert state["body"] == {"held": "H", "later": "L", "r2": "R2"}
+    assert state["stats"] == {"published": "3", "dropped": "1"}
 
 
 def test_a_dropped_duplicate_key_leaves_no_dups_or_alias_entry(lab: Lab):
@@ -348,15 +350,20 @@ def test_a_dropped_duplicate_key_leaves_no_dups_or_alias_entry(lab: Lab):
     assert state["body"] == {"t": "T", "u": "U"}
 
 
-def test_garbage_queue_arguments_are_ignored_and_the_publish_stores_the_message(lab: Lab):
-    lab.set_args(message_ttl="five seconds", max_length="-1")
+def test_a_garbage_queue_argument_is_ignored_and_the_valid_ones_still_apply(lab: Lab):
+    lab.set_args(message_ttl="five seconds", max_length=2)
     for i in range(3):
         lab.publish(f"m{i}", "x", 0, now=lab.now + i * 60_000)
 
     state = lab.state()
-    assert lab.ready_order() == ["m0", "m1", "m2"]
+    assert lab.ready_order() == ["m1", "m2"]
     assert "ttl" not in state
-    assert state["stats"] == {"published": "3"}
+    assert state["stats"] == {"published": "3", "dropped": "1"}
+
+    lab.set_args(message_ttl=1_000, max_length="-1")
+    lab.publish("m3", "x", 0, now=lab.now + 180_000)
+    assert lab.ready_order() == ["m1", "m2", "m3"]
+    assert lab.state()["ttl"] == [("m3", lab.now + 181_000)]
 
 
 def test_a_publish_to_a_ttl_queue_without_a_clock_fails_before_writing_anything(lab: Lab):

@@ -637,30 +637,36 @@ def test_expired_messages_beyond_the_sweep_limit_are_skipped_when_they_come_up(l
     assert state["stats"] == {"published": "4", "expired": "3"}
 
 
-def test_a_message_expiring_later_than_now_is_delivered(lab: Lab):
+def test_a_message_exactly_as_old_as_the_ttl_is_still_delivered(lab: Lab):
     lab.set_args(message_ttl=1_000)
-    lab.publish("m", "B", 0)
+    lab.publish("older", "A", 0)
+    lab.publish("edge", "B", 0, now=lab.now + 1_000)
 
-    assert [key for _, key, _, _, _ in lab.reserve(now=lab.now + 1_000)] == ["m"]
-    assert "expired" not in lab.state()["stats"]
+    served = lab.reserve(now=lab.now + 2_000, count=10)
+
+    assert [key for _, key, _, _, _ in served] == ["edge"]
+    assert lab.state()["stats"] == {"published": "2", "expired": "1"}
 
 
 def test_a_requeued_message_of_a_ttl_queue_does_not_expire_again(lab: Lab):
     lab.set_args(message_ttl=1_000)
     lab.publish("m", "B", 0)
+    lab.publish("never-served", "N", 0)
     [(_, key, token, _, _)] = lab.reserve()
     assert lab.requeue((key, token)) == [OK]
 
-    served = lab.reserve(now=lab.now + 60_000)
+    served = lab.reserve(now=lab.now + 60_000, count=10)
 
+    # The TTL bounds the wait for a first delivery only: `m` was delivered once already.
     assert [(k, deliv) for _, k, _, deliv, _ in served] == [("m", 2)]
-    assert "expired" not in lab.state()["stats"]
+    assert lab.state()["stats"] == {"published": "2", "requeued": "1", "expired": "1"}
 
 
 def test_a_purged_message_of_a_ttl_queue_leaves_no_deadline_behind(lab: Lab):
     lab.set_args(message_ttl=1_000)
     lab.publish("a", "A", 0)
     lab.publish("b", "B", 0, due=lab.now + 5_000)
+    assert [key for key, _ in lab.state()["ttl"]] == ["a", "b"]
 
     assert lab.purge(10) == 2
 
