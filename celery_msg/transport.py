@@ -140,6 +140,8 @@ class Channel(virtual.Channel):
         self._ephemeral: dict[str, int] = {}
         #: Queues declared with ``expires`` -> it (ms): a live consumer touches them.
         self._expires: dict[str, int] = {}
+        #: Queues whose arguments this channel knows (it declared them or read them).
+        self._known: set[str] = set()
         self._no_ack: set[str] = set()
         self._ready: deque[tuple[str, str, dict[str, Any]]] = deque()
         self._bound: dict[str, set[Binding]] = {}
@@ -172,6 +174,7 @@ class Channel(virtual.Channel):
             )
 
     def _remember(self, queue: str, args: QueueArguments) -> None:
+        self._known.add(queue)
         if args.expires_ms is None:
             self._expires.pop(queue, None)
         else:
@@ -366,7 +369,7 @@ class Channel(virtual.Channel):
         return message
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
-        if queue not in self._expires:
+        if queue not in self._known:
             # Declared by another channel or process: keep it alive too while consuming it.
             self._remember(queue, self.broker.queue_arguments(queue))
         if no_ack:
