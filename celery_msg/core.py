@@ -35,7 +35,15 @@ from .errors import (
     ScriptError,
     StaleRoute,
 )
-from .keys import QueueKeys, bindings_key, bindings_version_key, exchanges_key, queues_key
+from .keys import (
+    QueueKeys,
+    bindings_key,
+    bindings_version_key,
+    exchanges_key,
+    expiring_key,
+    queues_key,
+)
+from .queueargs import QueueArguments
 from .scripts import BAND, Code, Scripts, where
 
 logger = logging.getLogger(__name__)
@@ -52,6 +60,10 @@ _BINDING_SEP = "\x06\x16"
 
 #: How Redis and Valkey word an ACL refusal inside a script (a plain error reply there).
 _ACL_DENIED = re.compile(r"can't run this command|ACL failure in script|no permissions", re.I)
+#: publish.lua's ARGV[6] when the publish is not routed through an exchange (no guard key).
+_UNROUTED = ""
+#: Most expired queues (``expires``) one sweep deletes.
+EXPIRE_QUEUES_BATCH = 10
 
 
 class State(StrEnum):
@@ -349,10 +361,84 @@ class Broker:
 
     # -- queues ----------------------------------------------------------------------------
 
-    def declare(self, queue: str) -> None:
-        """Remember ``queue`` in the registry of queues (used by look-ups and the CLI)."""
+    def declare(self, queue: str, arguments: QueueArguments | None = None) -> None:
+        """Remember ``queue`` in the registry of queues (used by look-ups and the CLI) and store
+        its ``arguments`` (message TTL, expiry, max length; see :mod:`celery_msg.queueargs`).
+
+        A declaration defines the queue, as in RabbitMQ: its arguments replace the stored ones
+        (none given: none kept), and it counts as a use of a queue with ``expires``.
+        """
+        args = arguments or QueueArguments()
+        keys = self.keys(queue)
         with translated_errors(f"declare queue {queue!r}"):
-            self.client.sadd(queues_key(self.prefix), queue)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(keys.args)
+            pipe.delete(keys.args)
+            stored = args.to_redis()
+            if stored:
+                pipe.hset(keys.args, mapping=stored)  # type: ignore[arg-type]
+            if args.expires_ms is None:
+                pipe.zrem(expiring_key(self.prefix), queue)
+            else:
+                pipe.zadd(expiring_key(self.prefix), {queue: self.now_ms() + args.expires_ms})
+            pipe.sadd(queues_key(self.prefix), queue)
+            before = QueueArguments.from_redis(pipe.execute()[0])
+        if before != args and before != QueueArguments():
+            logger.info("queue %s redeclared with arguments %s (were %s)", queue, args, before)
+
+    def queue_arguments(self, queue: str) -> QueueArguments:
+        """The arguments ``queue`` was declared with (a garbage stored value reads as unset)."""
+        with translated_errors(f"read arguments of {queue!r}"):
+            return QueueArguments.from_redis(self.client.hgetall(self.keys(queue).args))
+
+    def touch(self, expiring: Mapping[str, int]) -> None:
+        """Mark queues declared with ``expires`` (queue -> expires ms) as used now: a live
+        consumer does this for the queues it consumes. A queue already deleted stays deleted."""
+        if not expiring:
+            return
+        now = self.now_ms()
+        with translated_errors(f"touch {len(expiring)} queues"):
+            pipe = self.client.pipeline(transaction=False)
+            for queue, expires_ms in expiring.items():
+                pipe.zadd(expiring_key(self.prefix), {queue: now + expires_ms}, xx=True)
+            pipe.execute()
+
+    def expire_queues(self, limit: int = EXPIRE_QUEUES_BATCH) -> list[str]:
+        """Delete up to ``limit`` queues unused for longer than their ``expires``; their names.
+
+        Whoever reads an exchange's bindings (every publisher, about once per
+        ``binding_cache_ttl``) and every live consumer's renewer call this, so an unused queue
+        goes away even when nothing else ever touches it."""
+        with translated_errors("find expired queues"):
+            due = cast(
+                list[bytes],
+                self.client.zrangebyscore(
+                    expiring_key(self.prefix), "-inf", f"({self.now_ms()}", start=0, num=limit
+                ),
+            )
+        names = [_text(q) for q in due]
+        return [q for q in names if self._expire_queue(q)]
+
+    def _expire_queue(self, queue: str) -> bool:
+        """Delete ``queue`` if it is still unused past its expiry (a consumer may have touched
+        it, or another process deleted it, since it was found)."""
+        registry = expiring_key(self.prefix)
+        with (
+            translated_errors(f"expire queue {queue!r}"),
+            self.client.pipeline(transaction=True) as pipe,
+        ):
+            try:
+                pipe.watch(registry)  # type: ignore[no-untyped-call]
+                deadline = pipe.zscore(registry, queue)
+                if deadline is None or deadline >= self.now_ms():
+                    return False
+                pipe.multi()
+                self._delete_in(pipe, queue)
+                pipe.execute()
+            except redis.WatchError:
+                return False  # touched (or deleted) meanwhile: look again next time
+        logger.info("queue %s expired: unused for longer than its expires; deleted", queue)
+        return True
 
     def queues(self) -> list[str]:
         with translated_errors("list queues"):
@@ -411,9 +497,13 @@ class Broker:
         """Remove ``queue`` with everything in it, leased and dead messages included."""
         with translated_errors(f"delete {queue!r}"):
             pipe = self.client.pipeline(transaction=True)
-            pipe.delete(*self.keys(queue).all)
-            pipe.srem(queues_key(self.prefix), queue)
+            self._delete_in(pipe, queue)
             pipe.execute()
+
+    def _delete_in(self, pipe: Any, queue: str) -> None:
+        pipe.delete(*self.keys(queue).all)
+        pipe.srem(queues_key(self.prefix), queue)
+        pipe.zrem(expiring_key(self.prefix), queue)
 
     def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Run script calls in one pipelined round trip; their replies, in order.
@@ -472,9 +562,10 @@ class Broker:
             head = self._publish_heads[head_key]
         except KeyError:
             head = self._publish_head(head_key, queue, route)
-        args: tuple[Any, ...] = (message_id, payload, band, _due(due_ms, self.now_ms), int(unique))
-        if route is not None:
-            args = (*args, route.version)
+        now = self.now_ms()
+        due = due_ms if due_ms > now else 0
+        version = _UNROUTED if route is None else route.version
+        args = (message_id, payload, band, due, 1 if unique else 0, version, now)
         try:
             reply = self._publisher.execute(
                 self.scripts.publish, head + b"".join(_bulk(arg) for arg in args)
@@ -502,7 +593,7 @@ class Broker:
         if len(self._publish_heads) >= _KEYS_CACHE_SIZE:
             self._publish_heads.clear()
         head = self._publish_heads[head_key] = pack_head(
-            self.scripts.publish, self._publish_keys(queue, route), 5 if route is None else 6
+            self.scripts.publish, self._publish_keys(queue, route), 7
         )
         return head
 
@@ -522,9 +613,9 @@ class Broker:
         are raised together as :class:`StaleRoute` (the others were stored)."""
         if not queues:
             return []
-        args: list[Any] = [message_id, payload, band, _due(due_ms, self.now_ms), 0]
-        if route is not None:
-            args.append(route.version)
+        now = self.now_ms()
+        version = _UNROUTED if route is None else route.version
+        args = [message_id, payload, band, due_ms if due_ms > now else 0, 0, version, now]
         publish = self.scripts.publish
         with translated_errors(f"publish to {len(queues)} queues"):
             replies = self.run_scripts(
@@ -831,18 +922,19 @@ class Broker:
                     tx.incr(bindings_version_key(self.prefix, exchange))
                     tx.execute()
 
-    def refresh_bindings(self, bindings: Mapping[str, Iterable[Binding]], ttl_ms: int) -> None:
-        """Renew expiring bindings (exchange -> bindings) of live consumers, in one round trip.
+    def refresh_bindings(self, bindings: Mapping[str, Mapping[Binding, int]]) -> None:
+        """Renew expiring bindings of live consumers (exchange -> binding -> its TTL in ms), in
+        one round trip.
 
         A binding that had expired and was removed meanwhile comes back, and its exchange's
         bindings version moves on, so that cached tables see it."""
-        expires = self.now_ms() + ttl_ms
+        now = self.now_ms()
         with translated_errors("refresh bindings"):
             pipe = self.client.pipeline(transaction=False)
             exchanges: list[str] = []
             for exchange, group in bindings.items():
-                for binding in group:
-                    pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
+                for binding, ttl_ms in group.items():
+                    pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), now + ttl_ms)
                     exchanges.append(exchange)
             added = {
                 exchange for exchange, new in zip(exchanges, pipe.execute(), strict=True) if new
@@ -859,12 +951,18 @@ class Broker:
         Expired ones are removed with their queues; a field that is not a binding (written by
         hand, or by another program) is skipped and logged, never routed to."""
         key = bindings_key(self.prefix, exchange)
+        now = self.now_ms()
         with translated_errors(f"read bindings of {exchange!r}"):
+            # Every publisher comes here (about once per binding_cache_ttl): a good moment to
+            # look for queues unused past their ``expires``, in the same round trip.
             pipe = self.client.pipeline(transaction=True)
             pipe.get(bindings_version_key(self.prefix, exchange))
             pipe.hgetall(key)
-            version, raw = pipe.execute()
-        now = self.now_ms()
+            pipe.zrangebyscore(
+                expiring_key(self.prefix), "-inf", f"({now}", start=0, num=EXPIRE_QUEUES_BATCH
+            )
+            version, raw, unused = pipe.execute()
+        gone = {_text(q) for q in unused if self._expire_queue(_text(q))}
         live: list[Binding] = []
         expired: list[Binding] = []
         for field, expires in raw.items():
@@ -875,6 +973,9 @@ class Broker:
                 logger.warning(
                     "exchange %s: skipping a malformed binding %r -> %r", exchange, field, expires
                 )
+                continue
+            if binding.queue in gone:
+                self.unbind(exchange, binding)  # its queue expired: route nothing there
                 continue
             (expired if deadline and deadline < now else live).append(binding)
         for binding in expired:
@@ -969,12 +1070,6 @@ def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
         )
         for i in range(0, len(flat) - 1, 5)  # the last entry is the next due time
     ]
-
-
-def _due(due_ms: int, now: Callable[[], int]) -> int:
-    """The due time to store: 0 (now) unless it is still in the future (the clock is read only
-    for a message that has a due time)."""
-    return due_ms if due_ms and due_ms > now() else 0
 
 
 def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:

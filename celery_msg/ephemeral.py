@@ -22,17 +22,19 @@ class EphemeralBindings:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queues: set[str] = set()
+        self._queues: dict[str, int] = {}
         self._bindings: dict[str, set[Binding]] = {}
 
-    def declare(self, queue: str) -> None:
-        """``queue`` is auto-delete or expiring: its bindings expire unless renewed."""
+    def declare(self, queue: str, ttl_ms: int) -> None:
+        """``queue`` is auto-delete or expiring: its bindings expire ``ttl_ms`` after their last
+        renewal (its ``expires``, else ``binding_ttl``)."""
         with self._lock:
-            self._queues.add(queue)
+            self._queues[queue] = ttl_ms
 
-    def is_ephemeral(self, queue: str) -> bool:
+    def ttl_of(self, queue: str) -> int | None:
+        """The binding TTL of an ephemeral queue (ms), None for a durable one."""
         with self._lock:
-            return queue in self._queues
+            return self._queues.get(queue)
 
     def add(self, exchange: str, binding: Binding) -> None:
         with self._lock:
@@ -45,16 +47,17 @@ class EphemeralBindings:
     def forget_queue(self, queue: str) -> None:
         """``queue`` was deleted: nothing of it is renewed any more."""
         with self._lock:
-            self._queues.discard(queue)
+            self._queues.pop(queue, None)
             for group in self._bindings.values():
                 group.difference_update({b for b in group if b.queue == queue})
 
-    def live(self, consumed: Iterable[str]) -> dict[str, set[Binding]]:
-        """The bindings to renew now: those of the queues in ``consumed`` (exchange -> set)."""
+    def live(self, consumed: Iterable[str]) -> dict[str, dict[Binding, int]]:
+        """The bindings to renew now, those of the queues in ``consumed``: exchange -> binding
+        -> its TTL (ms)."""
         queues = set(consumed)
         with self._lock:
             live = {
-                exchange: {b for b in group if b.queue in queues}
+                exchange: {b: self._queues[b.queue] for b in group if b.queue in queues}
                 for exchange, group in self._bindings.items()
             }
         return {exchange: group for exchange, group in live.items() if group}

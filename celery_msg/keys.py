@@ -19,10 +19,15 @@ signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
 reason     HASH    message key -> why it was dead-lettered (JSON)
 stats      HASH    counters: published, acked, requeued, reclaimed, promoted, dead,
-                   lease_lost, duplicates, expired
+                   lease_lost, duplicates, expired (message TTL, or Celery's ``expires``
+                   header), dropped (``max_length``: the head gave way to a new message)
 dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
 sched      ZSET    message key -> due time (ms): ETA / countdown / retry messages not yet due
 alias      HASH    message id -> its newest ``id/<n>`` key (for unique publishes)
+args       HASH    the queue's arguments (``celery_msg.queueargs.QueueArg``): message_ttl
+                   (ms), expires (ms), max_length; written at declare, read by publish.lua
+ttl        ZSET    message key -> expiry deadline (ms), for a queue with a message TTL: only
+                   READY / SCHEDULED messages never delivered yet (a delivery removes it)
 =========  ======  ===================================================================
 
 Global keys (no hash tag; only the bindings version is read by a script): ``<prefix>queues``
@@ -30,8 +35,10 @@ Global keys (no hash tag; only the bindings version is read by a script): ``<pre
 never declared an exchange still routes by its type), ``<prefix>bindings:<exchange>`` (HASH
 binding -> expiry ms, 0 = permanent), ``<prefix>bindings-version:<exchange>`` (STRING counter,
 incremented by every change of that exchange's bindings; publish.lua checks it, so that a
-publisher caching the table never routes with a stale one) and ``<prefix>wake:<consumer>``
-(LIST: wakes one consumer blocked while its prefetch was full; expires after a minute).
+publisher caching the table never routes with a stale one), ``<prefix>expiring`` (ZSET queue ->
+time it expires unless used again (ms), for queues declared with ``expires``) and
+``<prefix>wake:<consumer>`` (LIST: wakes one consumer blocked while its prefetch was full;
+expires after a minute).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "dups",
     "sched",
     "alias",
+    "args",
+    "ttl",
 )
 
 
@@ -71,6 +80,9 @@ PUBLISH_KEY_PARTS: tuple[str, ...] = (
     "dead",
     "stats",
     "signal",
+    "deliv",
+    "args",
+    "ttl",
 )
 
 
@@ -117,6 +129,10 @@ def bindings_key(prefix: str, exchange: str) -> str:
 
 def bindings_version_key(prefix: str, exchange: str) -> str:
     return f"{prefix}bindings-version:{exchange}"
+
+
+def expiring_key(prefix: str) -> str:
+    return f"{prefix}expiring"
 
 
 def wake_key(prefix: str, consumer: str) -> str:

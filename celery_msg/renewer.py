@@ -25,20 +25,25 @@ class Renewable(Protocol):
     def renew(self) -> None:
         """One round: flush buffered acks, renew held leases, refresh live bindings."""
 
+    def renew_interval(self) -> float:
+        """Seconds until the next round (it may change as queues are consumed)."""
+
 
 class Renewer(threading.Thread):
-    """Calls ``renew()`` every third of ``min(lease_timeout, binding_ttl)`` until stopped."""
+    """Calls ``renew()`` every ``renew_interval()`` (a third of the shortest of the lease, the
+    binding TTL and the consumed queues' ``expires``) until stopped."""
 
     def __init__(self, target: Renewable, name: str) -> None:
         super().__init__(name=f"celery-msg-renewer-{name}", daemon=True)
         self.target = target
         self.stopped = threading.Event()
-        self.interval = min(target.options.lease_timeout, target.options.binding_ttl) / 3
+        self.interval = target.renew_interval()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
                 self.target.renew()
+                self.interval = self.target.renew_interval()
             except BrokerConnectionError as exc:
                 logger.warning("lease renewal failed, retrying in %.1fs: %s", self.interval, exc)
             except Exception:

@@ -18,6 +18,7 @@ import redis
 from redis.commands.core import Script
 
 from .keys import PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
+from .queueargs import MAX_LENGTH, MAX_MS, QueueArg
 
 SCRIPT_NAMES: tuple[str, ...] = (
     "publish",
@@ -40,6 +41,14 @@ SCRIPT_NAMES: tuple[str, ...] = (
 #: back (published, at theirs).
 BAND = 2**44
 MID = 2**43
+
+#: Most expired messages one publish removes from a queue with a message TTL: more than one, so
+#: that a queue nobody consumes shrinks back to about rate x TTL, and few, so a publish stays
+#: cheap after a long pause.
+EXPIRE_BATCH = 10
+#: Most messages one publish drops from the head of a queue over its ``max_length`` (more than
+#: one only after ``max_length`` was lowered).
+TRIM_BATCH = 100
 
 _INCLUDE = re.compile(r"^--@include (\S+)$", re.MULTILINE)
 
@@ -70,6 +79,10 @@ def _preamble() -> str:
         f"local PUBLISH_PARTS = {_lua_list(PUBLISH_KEY_PARTS)}\n"
         f"{codes}\n"
         f"local BAND = {BAND}\nlocal MID = {MID}\n"
+        f"local EXPIRE_BATCH = {EXPIRE_BATCH}\nlocal TRIM_BATCH = {TRIM_BATCH}\n"
+        f"local ARG_MESSAGE_TTL = '{QueueArg.MESSAGE_TTL}'\n"
+        f"local ARG_MAX_LENGTH = '{QueueArg.MAX_LENGTH}'\n"
+        f"local ARG_MAX = {max(MAX_MS, MAX_LENGTH)}\n"
     )
 
 

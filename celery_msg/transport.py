@@ -30,7 +30,9 @@ from queue import Empty
 from typing import Any
 
 import redis
+from amqp.protocol import queue_declare_ok_t
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import JSONEncoder, loads
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -59,6 +61,7 @@ from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms
 from .holdings import Holdings
 from .keys import wake_key
 from .options import TransportOptions, to_ms
+from .queueargs import QueueArguments
 from .renewer import Renewer
 
 logger = logging.getLogger(__name__)
@@ -149,6 +152,10 @@ class Channel(virtual.Channel):
         self.default_priority = self.options.default_priority
         self.holdings = Holdings()
         self.ephemeral: EphemeralBindings = connection.ephemeral
+        #: Queues declared with ``expires`` -> it (ms): a live consumer touches them.
+        self._expires: dict[str, int] = {}
+        #: Queues whose arguments this channel knows (it declared them or read them).
+        self._known: set[str] = set()
         self._no_ack: set[str] = set()
         self._crashed: set[str] = set()
         self._ready: deque[tuple[str, str, dict[str, Any]]] = deque()
@@ -158,11 +165,37 @@ class Channel(virtual.Channel):
 
     # -- kombu's storage contract ----------------------------------------------------------
 
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        """kombu's ``Queue(message_ttl=, expires=, max_length=)`` as AMQP arguments (``x-...``,
+        times in ms), as for RabbitMQ; the virtual transport's default drops them."""
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
+        """kombu's, except that a passive declaration of an existing queue changes nothing
+        (kombu's would declare it again, without its arguments)."""
+        if passive and queue and self._has_queue(queue):
+            return queue_declare_ok_t(queue, self._size(queue), 0)
+        return super().queue_declare(queue, passive=passive, **kwargs)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        arguments = kwargs.get("arguments") or {}
-        if kwargs.get("auto_delete") or "x-expires" in arguments:
-            self.ephemeral.declare(queue)
-        self.broker.declare(queue)
+        args = QueueArguments.from_amqp(kwargs.get("arguments"))
+        self.broker.declare(queue, args)
+        self._remember(queue, args)
+        if kwargs.get("auto_delete") or args.expires_ms is not None:
+            # Its binding outlives its last consumer by `expires`, else by binding_ttl.
+            ttl = self.options.binding_ttl_ms if args.expires_ms is None else args.expires_ms
+            self.ephemeral.declare(queue, ttl)
+
+    def _remember(self, queue: str, args: QueueArguments) -> None:
+        self._known.add(queue)
+        if args.expires_ms is None:
+            self._expires.pop(queue, None)
+        else:
+            self._expires[queue] = args.expires_ms
+
+    def expiring_queues(self) -> dict[str, int]:
+        """The consumed queues declared with ``expires`` -> it (ms): this consumer uses them."""
+        return {q: self._expires[q] for q in self._active_queues if q in self._expires}
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return self.broker.exists(queue)
@@ -199,8 +232,9 @@ class Channel(virtual.Channel):
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         binding = Binding(routing_key or "", pattern or "", queue)
-        if self.ephemeral.is_ephemeral(queue):
-            self.broker.bind(exchange, binding, self.options.binding_ttl_ms)
+        ttl = self.ephemeral.ttl_of(queue)
+        if ttl is not None:
+            self.broker.bind(exchange, binding, ttl)
             self.ephemeral.add(exchange, binding)
         else:
             self.broker.bind(exchange, binding)
@@ -332,6 +366,8 @@ class Channel(virtual.Channel):
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         """``basic_get``: lease one message, synchronously (skipping undecodable ones)."""
+        if queue in self._expires:
+            self.broker.touch({queue: self._expires[queue]})  # a get is a use (RabbitMQ)
         while True:
             deliveries = self.broker.reserve([queue], 1, self.consumer_id)
             if not deliveries:
@@ -407,6 +443,9 @@ class Channel(virtual.Channel):
         return message
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if queue not in self._known:
+            # Declared by another channel or process: keep it alive too while consuming it.
+            self._remember(queue, self.broker.queue_arguments(queue))
         if no_ack:
             self._no_ack.add(queue)
         else:
@@ -716,12 +755,25 @@ class Transport(virtual.Transport):
         consumed = {queue for channel in channels for queue in channel._active_queues}
         bindings = self.ephemeral.live(consumed)
         if bindings:
-            self.broker.refresh_bindings(bindings, self.options.binding_ttl_ms)
+            self.broker.refresh_bindings(bindings)
+        expiring = {q: ms for channel in channels for q, ms in channel.expiring_queues().items()}
+        self.broker.touch(expiring)
+        self.broker.expire_queues()
         queues = {queue for channel in channels for queue in channel._active_queues}
         if queues and time.monotonic() >= self._next_trim:
             # Retention is counted in days: once a minute is plenty.
             self._next_trim = time.monotonic() + TRIM_INTERVAL
             self.dead_letters.trim({queue: self._retention(queue) for queue in queues})
+
+    def renew_interval(self) -> float:
+        """Seconds between renewal rounds: a third of the shortest of the lease, the binding
+        TTL and the ``expires`` of a consumed queue, so none runs out while this consumer
+        lives."""
+        shortest = min(self.options.lease_timeout, self.options.binding_ttl)
+        for channel in list(self.channels):
+            for ms in channel.expiring_queues().values():
+                shortest = min(shortest, ms / 1000.0)
+        return shortest / 3
 
     def _retention(self, queue: str) -> tuple[int, int]:
         """(most entries, most age in ms) of ``queue``'s dead-letter store; 0 = unbounded."""

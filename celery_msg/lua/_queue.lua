@@ -1,7 +1,9 @@
 -- Shared helpers, included at load time (see celery_msg/scripts.py); never run on its own.
 -- The generated preamble before this file defines NK (keys per queue), PARTS (their names, in
 -- KEYS order), PUBLISH_PARTS (the subset publish.lua takes), the return codes (OK, LEASE_LOST,
--- NOT_FOUND) and the score constants (BAND, MID), taken from Python so the two never drift.
+-- NOT_FOUND), the score constants (BAND, MID), the batch sizes of publish's TTL and length
+-- enforcement (EXPIRE_BATCH, TRIM_BATCH) and the `args` fields (ARG_*), taken from Python so
+-- the two never drift.
 --
 -- Ready scores: band * 2^44 + 2^43 + n for the back of a band (n, the publish sequence number,
 -- grows), band * 2^44 + n for its front (a requeued or reclaimed message keeps its n), so
@@ -91,9 +93,9 @@ local function release(q, key)
   redis.call('HDEL', q.owner, key)
 end
 
--- Remove every trace of key but its dead-letter entry.
-local function forget(q, key)
-  release(q, key)
+-- Remove every trace of key but its lease and its dead-letter entry (and its place in `ready`,
+-- which the callers remove or have popped). Touches only keys publish.lua has too.
+local function erase(q, key)
   redis.call('HDEL', q.body, key)
   redis.call('HDEL', q.order, key)
   redis.call('HDEL', q.deliv, key)
@@ -103,6 +105,50 @@ local function forget(q, key)
     if redis.call('HGET', q.alias, owner) == key then redis.call('HDEL', q.alias, owner) end
   end
   redis.call('ZREM', q.sched, key)
+  redis.call('ZREM', q.ttl, key)
+end
+
+-- Remove every trace of key but its dead-letter entry.
+local function forget(q, key)
+  release(q, key)
+  erase(q, key)
+end
+
+-- A queue argument as stored in `args` (see celery_msg/queueargs.py): an integer in
+-- least..ARG_MAX, else nil. A garbage value (written by hand, or by another version) means
+-- "not set": the queue keeps working without that limit rather than failing every call.
+local function queue_arg(raw, least)
+  local n = tonumber(raw)
+  if n and n >= least and n <= ARG_MAX and n == math.floor(n) then return n end
+  return nil
+end
+
+-- Remove up to limit messages whose TTL deadline lies before now (older than the queue's
+-- message TTL: never delivered), oldest deadline first; count them as expired. Only READY and
+-- SCHEDULED messages that were never delivered are in `ttl` (reserve removes a delivered one),
+-- so nothing leased is touched. Returns how many.
+local function drop_expired(q, now, limit)
+  local old = redis.call('ZRANGEBYSCORE', q.ttl, '-inf', '(' .. now, 'LIMIT', 0, limit)
+  for _, key in ipairs(old) do
+    redis.call('ZREM', q.ready, key)
+    erase(q, key)
+  end
+  if #old > 0 then count(q, 'expired', #old) end
+  return #old
+end
+
+-- Drop READY messages from the head (the next to be served: RabbitMQ's drop-head overflow)
+-- while more than max_length are ready, at most TRIM_BATCH; count them as dropped.
+local function trim_to(q, max_length)
+  local excess = redis.call('ZCARD', q.ready) - max_length
+  if excess <= 0 then return 0 end
+  local head = redis.call('ZRANGE', q.ready, 0, math.min(excess, TRIM_BATCH) - 1)
+  for _, key in ipairs(head) do
+    redis.call('ZREM', q.ready, key)
+    erase(q, key)
+  end
+  count(q, 'dropped', #head)
+  return #head
 end
 
 -- Move up to limit expired leases (earliest deadline first) back to the front of the queue.

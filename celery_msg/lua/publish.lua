@@ -3,7 +3,8 @@
 -- KEYS: the keys of one queue it touches, in PUBLISH_PARTS order (PUBLISH_KEY_PARTS in
 -- celery_msg/keys.py): every publisher sends them, so no more than needed.
 -- ARGV[1] message id, ARGV[2] payload, ARGV[3] priority band (0 is served first),
--- ARGV[4] due time (ms; 0 = now), ARGV[5] '1' for a unique publish.
+-- ARGV[4] due time (ms; 0 = now), ARGV[5] '1' for a unique publish, ARGV[6] the bindings
+-- version of a routed publish (see below; '' otherwise), ARGV[7] now (ms).
 -- Returns {message key, 1} for a new message: the id itself, or a free id/<n> when that id is
 -- already stored in this queue (a Celery retry republishes the same task id while the old
 -- delivery is still leased); such keys are mapped back to their id in `dups`.
@@ -15,7 +16,13 @@
 -- A unique publish of an id that is still pending here (ready, reserved or scheduled, not dead:
 -- under the id itself or its newest id/<n> key) stores nothing and returns {id, 0}.
 -- The score goes to `order` too: it keeps the band (for a requeue) and the publish order (for
--- look-ups). The hot path of every publisher: six commands.
+-- look-ups). The hot path of every publisher: seven commands.
+-- The queue's arguments (`args`, see celery_msg/queueargs.py) are honoured here, so a queue
+-- nobody consumes stays bounded: with a message TTL the message's deadline (enqueue time + TTL;
+-- its due time for a scheduled one) goes to `ttl`, and up to EXPIRE_BATCH messages past theirs
+-- are removed (counted as expired); with a max length, READY messages beyond it are dropped
+-- from the head (counted as dropped), possibly this very message. A garbage argument is
+-- ignored (read and checked before the first write).
 --@include _queue.lua
 local version_key = key_after(PUBLISH_PARTS)
 if version_key and (redis.call('GET', version_key) or '0') ~= ARGV[6] then
@@ -31,10 +38,19 @@ if ARGV[5] == '1' then
     return {id, 0}
   end
 end
+local now = tonumber(ARGV[7])
+local limits = redis.call('HMGET', q.args, ARG_MESSAGE_TTL, ARG_MAX_LENGTH)
+local ttl = queue_arg(limits[1], 0)
+local max_length = queue_arg(limits[2], 0)
+if ttl and not now then return redis.error_reply('publish: ARGV[7] (now) is not a number') end
 local key, seq = store_new(q, id, ARGV[2])
 local score = tonumber(ARGV[3]) * BAND + MID + seq
 redis.call('HSET', q.order, key, score)
 count(q, 'published', 1)
+if ttl then
+  drop_expired(q, now, EXPIRE_BATCH)
+  redis.call('ZADD', q.ttl, math.max(now, due) + ttl, key)
+end
 if due > 0 then
   redis.call('ZADD', q.sched, due, key)
   -- Wake a consumer only if this is now the earliest due time: it must shorten its sleep.
@@ -42,5 +58,6 @@ if due > 0 then
 else
   redis.call('ZADD', q.ready, score, key)
   signal(q)
+  if max_length then trim_to(q, max_length) end
 end
 return {key, 1}

@@ -11,6 +11,9 @@
 --   group (0-based), message key, fencing token, delivery count, payload;
 -- then one last entry: the earliest due time (ms) still scheduled in these queues, or 0.
 -- A message delivered max-deliveries times already is dead-lettered as 'poison' instead.
+-- A message past its message-TTL deadline (`ttl`) is never delivered: it is removed and counted
+-- as expired (the oldest up to ARGV[7] per queue first, then any that come up to be served);
+-- a delivered message leaves `ttl`: the TTL bounds only the wait for a first delivery.
 --@include _queue.lua
 local now = tonumber(ARGV[1])
 local lease_ms = tonumber(ARGV[2])
@@ -23,10 +26,13 @@ local max_deliveries = tonumber(ARGV[8])
 local groups = #KEYS / NK
 
 local queues = {}
+local has_ttl = {}
 for g = 0, groups - 1 do
   queues[g] = queue_keys(g)
   reclaim_expired(queues[g], now, reclaim_limit)
   promote_due(queues[g], now, reclaim_limit)
+  has_ttl[g] = redis.call('EXISTS', queues[g].ttl) == 1
+  if has_ttl[g] then drop_expired(queues[g], now, reclaim_limit) end
 end
 
 local out = {}
@@ -39,6 +45,15 @@ local function deliver(g, key)
     -- An id without a body (e.g. deleted by hand): nothing to deliver, drop the leftovers.
     forget(q, key)
     return
+  end
+  if has_ttl[g] then
+    local deadline = tonumber(redis.call('ZSCORE', q.ttl, key))
+    if deadline and deadline < now then
+      erase(q, key)
+      count(q, 'expired', 1)
+      return
+    end
+    redis.call('ZREM', q.ttl, key)
   end
   local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0
   if max_deliveries > 0 and delivered >= max_deliveries then

@@ -344,7 +344,7 @@ def test_refreshed_bindings_outlive_their_first_deadline(broker: Broker, clock: 
     broker.bind("ex", binding, ttl_ms=5_000)
 
     clock.t = T0 + 4
-    broker.refresh_bindings({"ex": [binding]}, ttl_ms=5_000)
+    broker.refresh_bindings({"ex": {binding: 5_000}})
     clock.t = T0 + 8
 
     assert broker.table("ex").bindings == [binding]

@@ -185,6 +185,11 @@ class Lab:
         pipe.hset(self.keys.deliv, key, deliv)
         pipe.execute()
 
+    def set_args(self, **fields: int | str) -> None:
+        """Store queue arguments as the declaration does (``message_ttl`` ms, ``max_length``,
+        ``expires`` ms), or garbage, by hand."""
+        self.client.hset(self.keys.args, mapping=fields)  # type: ignore[arg-type]
+
     def set_counter(self, part: str, value: int) -> None:
         self.client.set(getattr(self.keys, part), value)
 
@@ -211,8 +216,9 @@ class Lab:
         *,
         due: int = 0,
         unique: bool = False,
+        now: int = NOW,
     ) -> str:
-        return self.publish_reply(message_id, payload, band, due=due, unique=unique)[0]
+        return self.publish_reply(message_id, payload, band, due=due, unique=unique, now=now)[0]
 
     def publish_reply(
         self,
@@ -222,9 +228,11 @@ class Lab:
         *,
         due: int = 0,
         unique: bool = False,
+        now: int = NOW,
     ) -> tuple[str, int]:
-        """publish.lua's whole reply: (message key, 1 if stored else 0)."""
-        args = [message_id, payload, band, due, 1 if unique else 0]
+        """publish.lua's whole reply: (message key, 1 if stored else 0). ARGV[6] is not
+        publish.lua's (the publish guard's): sent empty."""
+        args = [message_id, payload, band, due, 1 if unique else 0, "", now]
         key, created = self.scripts.publish(keys=self.keys.publish, args=args)
         return str(_text(key)), int(created)
 

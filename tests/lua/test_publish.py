@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pytest
+import redis
+
 from celery_msg.scripts import Code
 
 if TYPE_CHECKING:
@@ -218,7 +221,7 @@ def _routed(lab: Lab, message_id: str, version_key: str, version: int) -> tuple[
     """publish.lua called as a publisher routing through an exchange: the bindings version key
     after the publish keys, the version its table was read at as ARGV[6]."""
     keys = [*lab.keys.publish, version_key]
-    key, code = lab.scripts.publish(keys=keys, args=[message_id, "B", 0, 0, 0, version])
+    key, code = lab.scripts.publish(keys=keys, args=[message_id, "B", 0, 0, 0, version, lab.now])
     return str(key.decode() if isinstance(key, bytes) else key), int(code)
 
 
@@ -239,3 +242,162 @@ def test_a_publish_routed_with_a_stale_bindings_version_writes_nothing(lab: Lab)
     # No version stored yet reads as 0.
     lab.client.delete(version_key)
     assert _routed(lab, "m2", version_key, 0) == ("m2", 1)
+
+
+# -- queue arguments: message TTL and max length (the `args` hash) ---------------------------
+
+
+def test_a_publish_to_a_queue_with_a_message_ttl_records_the_message_deadline(lab: Lab):
+    lab.set_args(message_ttl=5_000)
+
+    lab.publish("m1", "B1", 0)
+    lab.publish("m2", "B2", 0, due=lab.now + 60_000, now=lab.now + 1)
+
+    # A scheduled message's TTL counts from its due time: it waits in the queue only from then.
+    assert lab.state() == {
+        "args": {"message_ttl": "5000"},
+        "ttl": [("m1", lab.now + 5_000), ("m2", lab.now + 65_000)],
+        "ready": [("m1", lab.back(0, 1))],
+        "sched": [("m2", lab.now + 60_000)],
+        "body": {"m1": "B1", "m2": "B2"},
+        "order": {"m1": lab.order(0, 1), "m2": lab.order(0, 2)},
+        "seq": "2",
+        "signal": ["1"],
+        "stats": {"published": "2"},
+    }
+
+
+def test_a_publish_removes_messages_older_than_the_ttl_and_counts_them_expired(lab: Lab):
+    lab.set_args(message_ttl=5_000)
+    lab.publish("old", "B1", 0)
+    lab.publish("due-then", "B2", 0, due=lab.now + 1_000)
+    lab.publish("edge", "B3", 0, now=lab.now + 1_001)
+
+    # At now + 6,000 only `old` (deadline now + 5,000) is older than the TTL; at now + 6,001 the
+    # scheduled one too (due at now + 1,000, never promoted: deadline now + 6,000), not `edge`,
+    # exactly 5,000 ms old (deadline now + 6,001).
+    lab.publish("new", "B4", 0, now=lab.now + 6_000)
+    assert lab.state()["stats"] == {"published": "4", "expired": "1"}
+    lab.publish("newer", "B5", 0, now=lab.now + 6_001)
+
+    assert lab.state() == {
+        "args": {"message_ttl": "5000"},
+        "ttl": [
+            ("edge", lab.now + 6_001),
+            ("new", lab.now + 11_000),
+            ("newer", lab.now + 11_001),
+        ],
+        "ready": [
+            ("edge", lab.back(0, 3)),
+            ("new", lab.back(0, 4)),
+            ("newer", lab.back(0, 5)),
+        ],
+        "body": {"edge": "B3", "new": "B4", "newer": "B5"},
+        "order": {"edge": lab.order(0, 3), "new": lab.order(0, 4), "newer": lab.order(0, 5)},
+        "seq": "5",
+        "signal": ["1"],
+        "stats": {"published": "5", "expired": "2"},
+    }
+
+
+def test_one_publish_removes_at_most_ten_expired_messages_the_oldest_first(lab: Lab):
+    lab.set_args(message_ttl=1_000)
+    for i in range(12):
+        lab.publish(f"m{i:02}", "x", 0, now=lab.now + i)
+
+    lab.publish("late", "x", 0, now=lab.now + 60_000)
+    assert lab.ready_order() == ["m10", "m11", "late"]
+    assert lab.state()["stats"] == {"published": "13", "expired": "10"}
+
+    lab.publish("later", "x", 0, now=lab.now + 60_001)
+    assert lab.ready_order() == ["late", "later"]
+    assert lab.state()["stats"] == {"published": "14", "expired": "12"}
+
+
+def test_a_publish_beyond_max_length_drops_the_head_and_counts_it_dropped(lab: Lab):
+    lab.set_args(max_length=2)
+    # The head is what would be served next: a requeued message (front of band 0, delivered
+    # once already), then the band-0 message; the band-3 one is served last.
+    lab.add_ready("requeued", "R", band=0, score=lab.front(0, 1), deliv=1)
+    lab.client.hset(lab.keys.order, "requeued", lab.order(0, 1))
+    lab.set_counter("seq", 1)
+    lab.publish("low", "L", 3)
+
+    lab.publish("next", "N", 0)
+
+    assert lab.state() == {
+        "args": {"max_length": "2"},
+        "ready": [("next", lab.back(0, 3)), ("low", lab.back(3, 2))],
+        "body": {"low": "L", "next": "N"},
+        "order": {"low": lab.order(3, 2), "next": lab.order(0, 3)},
+        "seq": "3",
+        "signal": ["1"],
+        "stats": {"published": "2", "dropped": "1"},
+    }
+
+
+def test_a_message_at_the_head_of_a_full_queue_is_itself_dropped_at_once(lab: Lab):
+    lab.set_args(max_length=1)
+    lab.publish("first", "F", 5)
+
+    assert lab.publish_reply("urgent", "U", 0) == ("urgent", 1)
+
+    # RabbitMQ's drop-head: the head gives way, whatever just arrived.
+    assert lab.ready_order() == ["first"]
+    assert lab.state()["stats"] == {"published": "2", "dropped": "1"}
+    assert lab.state()["body"] == {"first": "F"}
+
+
+def test_max_length_counts_only_ready_messages_not_scheduled_or_leased_ones(lab: Lab):
+    lab.set_args(max_length=1)
+    lab.add_leased("held", "H", token=1, deadline=lab.now + 1_000)
+    lab.publish("later", "L", 0, due=lab.now + 5_000)
+    lab.publish("r1", "R1", 0)
+
+    lab.publish("r2", "R2", 0)
+
+    state = lab.state()
+    assert lab.ready_order() == ["r2"]
+    assert state["sched"] == [("later", lab.now + 5_000)]
+    assert state["leased"] == [("held", lab.now + 1_000)]
+    assert state["body"] == {"held": "H", "later": "L", "r2": "R2"}
+    assert state["stats"] == {"published": "3", "dropped": "1"}
+
+
+def test_a_dropped_duplicate_key_leaves_no_dups_or_alias_entry(lab: Lab):
+    lab.set_args(max_length=1)
+    lab.add_leased("t", "T", token=1, deadline=lab.now + 1_000)
+    assert lab.publish("t", "retry", 0) == "t/1"
+
+    lab.publish("u", "U", 0)
+
+    state = lab.state()
+    assert lab.ready_order() == ["u"]
+    assert "dups" not in state and "alias" not in state
+    assert state["body"] == {"t": "T", "u": "U"}
+
+
+def test_a_garbage_queue_argument_is_ignored_and_the_valid_ones_still_apply(lab: Lab):
+    lab.set_args(message_ttl="five seconds", max_length=2)
+    for i in range(3):
+        lab.publish(f"m{i}", "x", 0, now=lab.now + i * 60_000)
+
+    state = lab.state()
+    assert lab.ready_order() == ["m1", "m2"]
+    assert "ttl" not in state
+    assert state["stats"] == {"published": "3", "dropped": "1"}
+
+    lab.set_args(message_ttl=1_000, max_length="-1")
+    lab.publish("m3", "x", 0, now=lab.now + 180_000)
+    assert lab.ready_order() == ["m1", "m2", "m3"]
+    assert lab.state()["ttl"] == [("m3", lab.now + 181_000)]
+
+
+def test_a_publish_to_a_ttl_queue_without_a_clock_fails_before_writing_anything(lab: Lab):
+    lab.set_args(message_ttl=1_000)
+    args = ["m", "B", 0, 0, 0, "", "not a number"]
+
+    with pytest.raises(redis.ResponseError, match="now"):
+        lab.scripts.publish(keys=lab.keys.publish, args=args)
+
+    assert lab.state() == {"args": {"message_ttl": "1000"}}

@@ -591,3 +591,88 @@ def test_random_operation_sequences_keep_every_invariant_and_the_serve_order(
                 else:
                     model.to_front(key)
         _check_invariants(lab, model)
+
+
+# -- message TTL: an expired message is never delivered ---------------------------------------
+
+
+def test_a_message_older_than_the_queue_ttl_is_never_delivered_but_removed_and_counted(
+    lab: Lab,
+):
+    lab.set_args(message_ttl=5_000)
+    lab.publish("old", "B1", 0)
+    lab.publish("fresh", "B2", 0, now=lab.now + 3_000)
+
+    served = lab.reserve(now=lab.now + 6_000, count=10, consumer="c1")
+
+    # The delivered message leaves `ttl`: its TTL bounded only the wait for a consumer.
+    assert served == [(0, "fresh", 3, 1, "B2")]
+    assert lab.state() == {
+        "args": {"message_ttl": "5000"},
+        "leased": [("fresh", lab.now + 6_000 + lab.lease)],
+        "body": {"fresh": "B2"},
+        "order": {"fresh": lab.order(0, 2)},
+        "deliv": {"fresh": "1"},
+        "token": {"fresh": "3"},
+        "owner": {"fresh": "c1"},
+        "seq": "3",
+        "signal": ["1"],
+        "stats": {"published": "2", "expired": "1"},
+    }
+
+
+def test_expired_messages_beyond_the_sweep_limit_are_skipped_when_they_come_up(lab: Lab):
+    lab.set_args(message_ttl=1_000)
+    # Band 0 is served first: the three expired ones come up before the fresh one (band 5).
+    for i in range(3):
+        lab.publish(f"old{i}", "x", 0)
+    lab.publish("fresh", "F", 5, now=lab.now + 9_000)
+
+    served = lab.reserve(now=lab.now + 9_500, count=1, reclaim_limit=1)
+
+    assert [key for _, key, _, _, _ in served] == ["fresh"]
+    state = lab.state()
+    assert state["body"] == {"fresh": "F"}
+    assert "ttl" not in state and "ready" not in state
+    assert state["stats"] == {"published": "4", "expired": "3"}
+
+
+def test_a_message_exactly_as_old_as_the_ttl_is_still_delivered(lab: Lab):
+    lab.set_args(message_ttl=1_000)
+    lab.publish("older", "A", 0)
+    lab.publish("edge", "B", 0, now=lab.now + 1_000)
+
+    served = lab.reserve(now=lab.now + 2_000, count=10)
+
+    assert [key for _, key, _, _, _ in served] == ["edge"]
+    assert lab.state()["stats"] == {"published": "2", "expired": "1"}
+
+
+def test_a_requeued_message_of_a_ttl_queue_does_not_expire_again(lab: Lab):
+    lab.set_args(message_ttl=1_000)
+    lab.publish("m", "B", 0)
+    lab.publish("never-served", "N", 0)
+    [(_, key, token, _, _)] = lab.reserve()
+    assert lab.requeue((key, token)) == [OK]
+
+    served = lab.reserve(now=lab.now + 60_000, count=10)
+
+    # The TTL bounds the wait for a first delivery only: `m` was delivered once already.
+    assert [(k, deliv) for _, k, _, deliv, _ in served] == [("m", 2)]
+    assert lab.state()["stats"] == {"published": "2", "requeued": "1", "expired": "1"}
+
+
+def test_a_purged_message_of_a_ttl_queue_leaves_no_deadline_behind(lab: Lab):
+    lab.set_args(message_ttl=1_000)
+    lab.publish("a", "A", 0)
+    lab.publish("b", "B", 0, due=lab.now + 5_000)
+    assert [key for key, _ in lab.state()["ttl"]] == ["a", "b"]
+
+    assert lab.purge(10) == 2
+
+    assert lab.state() == {
+        "args": {"message_ttl": "1000"},
+        "seq": "2",
+        "signal": ["1"],
+        "stats": {"published": "2"},
+    }
