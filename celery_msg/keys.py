@@ -67,6 +67,29 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
 )
 
 
+#: The Redis type of each part, as ``TYPE`` names it. Every script checks the keys it is given
+#: against it before its first write (Redis does not roll a failed script back).
+KEY_TYPES: dict[str, str] = {
+    "ready": "zset",
+    "leased": "zset",
+    "body": "hash",
+    "order": "hash",
+    "deliv": "hash",
+    "token": "hash",
+    "owner": "hash",
+    "seq": "string",
+    "signal": "list",
+    "dead": "zset",
+    "reason": "hash",
+    "stats": "hash",
+    "dups": "hash",
+    "sched": "zset",
+    "alias": "hash",
+    "args": "hash",
+    "ttl": "zset",
+}
+
+
 #: The parts publish.lua touches, in its ``KEYS`` order: every publisher's hot path sends only
 #: these (fewer arguments to pack, send, parse and turn into Lua strings).
 PUBLISH_KEY_PARTS: tuple[str, ...] = (

@@ -17,7 +17,7 @@ from importlib import resources
 import redis
 from redis.commands.core import Script
 
-from .keys import PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
+from .keys import KEY_TYPES, PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
 from .queueargs import MAX_LENGTH, MAX_MS, QueueArg
 
 SCRIPT_NAMES: tuple[str, ...] = (
@@ -71,12 +71,17 @@ def _lua_list(names: tuple[str, ...]) -> str:
     return "{" + ", ".join(f"'{name}'" for name in names) + "}"
 
 
+def _lua_map(mapping: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{key} = '{value}'" for key, value in mapping.items()) + "}"
+
+
 def _preamble() -> str:
     codes = "\n".join(f"local {code.name} = {code.value}" for code in Code)
     return (
         f"local NK = {len(QUEUE_KEY_PARTS)}\n"
         f"local PARTS = {_lua_list(QUEUE_KEY_PARTS)}\n"
         f"local PUBLISH_PARTS = {_lua_list(PUBLISH_KEY_PARTS)}\n"
+        f"local KIND = {_lua_map(KEY_TYPES)}\n"
         f"{codes}\n"
         f"local BAND = {BAND}\nlocal MID = {MID}\n"
         f"local EXPIRE_BATCH = {EXPIRE_BATCH}\nlocal TRIM_BATCH = {TRIM_BATCH}\n"

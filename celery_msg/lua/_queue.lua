@@ -12,13 +12,28 @@
 -- requeued message back at its place), whatever order they come back in. All values stay below
 -- 2^53 (exact doubles).
 
--- The keys of group `group` (0-based) when each group passes `parts`, in that order.
+-- Fail, before anything is written, if a key holds the wrong type or the sequence counter is
+-- not a number: Redis does not roll back a script that fails half-way, so every script takes
+-- its keys through keys_of (below) before its first write. The error names the key.
+local function check(part, key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and kind ~= KIND[part] then
+    error({err = 'WRONGTYPE celery-msg: ' .. key .. ' is a ' .. kind .. ', not a ' .. KIND[part]})
+  end
+  if part == 'seq' and kind ~= 'none' and not tonumber(redis.call('GET', key)) then
+    error({err = 'ERR celery-msg: ' .. key .. ' is not a number'})
+  end
+end
+
+-- The keys of group `group` (0-based) when each group passes `parts`, in that order, checked.
 local function keys_of(parts, group)
   local q = {}
   local n = #parts
   local offset = group * n
   for i = 1, n do -- a numeric loop: cheaper than ipairs, on every call of every script
-    q[parts[i]] = KEYS[offset + i]
+    local key = KEYS[offset + i]
+    check(parts[i], key)
+    q[parts[i]] = key
   end
   return q
 end
@@ -33,8 +48,19 @@ local function queue_keys(group)
   return keys_of(PARTS, group)
 end
 
+-- Add n to a field of a counter hash; a field that is not a number (written by hand) starts
+-- again from n rather than failing the script half-way.
+local function add(hash, field, n)
+  local total = redis.pcall('HINCRBY', hash, field, n)
+  if type(total) == 'table' then
+    redis.call('HSET', hash, field, n)
+    return n
+  end
+  return total
+end
+
 local function count(q, field, n)
-  redis.call('HINCRBY', q.stats, field, n)
+  add(q.stats, field, n)
 end
 
 -- The marker list holds at most one element: pushed only when empty.

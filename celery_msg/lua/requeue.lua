@@ -20,7 +20,7 @@ end
 -- Each goes back to its publish position at the front: the order of the batch does not matter.
 for _, key in ipairs(held) do
   release(q, key)
-  if uncount then redis.call('HINCRBY', q.deliv, key, -1) end
+  if uncount then add(q.deliv, key, -1) end
   enqueue_front(q, key)
 end
 if #held > 0 then

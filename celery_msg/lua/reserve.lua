@@ -27,8 +27,10 @@ local groups = #KEYS / NK
 
 local queues = {}
 local has_ttl = {}
-for g = 0, groups - 1 do
+for g = 0, groups - 1 do -- every queue's keys checked before the first write
   queues[g] = queue_keys(g)
+end
+for g = 0, groups - 1 do
   reclaim_expired(queues[g], now, reclaim_limit)
   promote_due(queues[g], now, reclaim_limit)
   has_ttl[g] = redis.call('EXISTS', queues[g].ttl) == 1
@@ -68,7 +70,7 @@ local function deliver(g, key)
     count(q, 'dead', 1)
     return
   end
-  delivered = redis.call('HINCRBY', q.deliv, key, 1)
+  delivered = add(q.deliv, key, 1)
   local token = redis.call('INCR', q.seq)
   redis.call('ZADD', q.leased, now + lease_ms, key)
   redis.call('HSET', q.token, key, token)
