@@ -62,6 +62,8 @@ _BINDING_SEP = "\x06\x16"
 _ACL_DENIED = re.compile(r"can't run this command|ACL failure in script|no permissions", re.I)
 #: publish.lua's ARGV[6] when the publish is not routed through an exchange (no guard key).
 _UNROUTED = ""
+#: Seconds between two log lines about the same broken queue.
+BROKEN_REPORT_INTERVAL = 60.0
 #: Most expired queues (``expires``) one sweep deletes.
 EXPIRE_QUEUES_BATCH = 10
 
@@ -338,6 +340,7 @@ class Broker:
         self._keys: dict[str, QueueKeys] = {}
         self._publish_heads: dict[str | tuple[str, str], bytes] = {}
         self._publisher = DedicatedConnection(client)
+        self._broken_reported: dict[str, float] = {}
 
     def close(self) -> None:
         """Give back the connection kept for publishing (the pool stays the caller's)."""
@@ -513,6 +516,15 @@ class Broker:
         Redis lost (restart, ``SCRIPT FLUSH``) is loaded again and only its calls are sent
         again (the others have run). An error reply is raised, as redis-py would.
         """
+        results = self.script_replies(calls)
+        for reply in results:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return results
+
+    def script_replies(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """:meth:`run_scripts`, but an error reply stays in the list (one broken queue must not
+        keep the calls of the others from being read); connection errors still raise."""
         results: list[Any] = self._evalsha_all(calls)
         missing = [
             i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)
@@ -523,9 +535,6 @@ class Broker:
             replies = self._evalsha_all([calls[i] for i in missing])
             for i, reply in zip(missing, replies, strict=True):
                 results[i] = reply
-        for reply in results:
-            if isinstance(reply, redis.ResponseError):
-                raise reply
         return results
 
     def _evalsha_all(self, calls: Sequence[ScriptCall]) -> list[Any]:
@@ -675,21 +684,72 @@ class Broker:
             (self.scripts.reserve, self._reserve_keys(r), self._reserve_args(r)) for r in wanted
         )
         with translated_errors("ack and reserve"):
-            results = self.run_scripts(calls)
-        lost = _lost(by_queue.values(), results[: len(by_queue)])
+            results = self.script_replies(calls)
+        broken: dict[str, str] = {}
+        acked = results[: len(by_queue)]
+        for i, (queue, group) in enumerate(by_queue.items()):
+            if isinstance(acked[i], redis.ResponseError):
+                broken[queue] = str(acked[i])
+                acked[i] = [Code.LEASE_LOST] * len(group)  # not settled: they come back
+        lost = _lost(by_queue.values(), acked)
         served = iter(results[len(by_queue) :])
         out: list[list[Delivery]] = []
         soonest: int | None = None
         for request in requests:
-            if request.count > 0 and request.queues:
-                flat = next(served)
-                out.append(_deliveries(request, flat))
-                due = int(flat[-1])
-                if due and (soonest is None or due < soonest):
-                    soonest = due
-            else:
+            if not (request.count > 0 and request.queues):
                 out.append([])
+                continue
+            flat = next(served)
+            if isinstance(flat, redis.ResponseError):
+                deliveries, due = self._reserve_around_broken(request, flat, broken)
+            else:
+                deliveries, due = _deliveries(request, flat), int(flat[-1])
+            out.append(deliveries)
+            if due and (soonest is None or due < soonest):
+                soonest = due
+        for queue, error in broken.items():
+            self._report_broken(queue, error)
         return Round(out, lost, soonest)
+
+    def _reserve_around_broken(
+        self, request: ReserveRequest, error: redis.ResponseError, broken: dict[str, str]
+    ) -> tuple[list[Delivery], int]:
+        """A reserve over several queues failed (a key of one of them is corrupt): serve the
+        request queue by queue, so that the sound queues are not starved by the broken one."""
+        if len(request.queues) == 1:
+            broken[request.queues[0]] = str(error)
+            return [], 0
+        deliveries: list[Delivery] = []
+        soonest = 0
+        for queue in request.queues:
+            want = request.count - len(deliveries)
+            if want <= 0:
+                break
+            alone = ReserveRequest([queue], want, request.consumer, request.order, 0)
+            call = (self.scripts.reserve, self._reserve_keys(alone), self._reserve_args(alone))
+            with translated_errors(f"reserve from {queue!r}"):
+                [reply] = self.script_replies([call])
+            if isinstance(reply, redis.ResponseError):
+                broken[queue] = str(reply)
+                continue
+            deliveries.extend(_deliveries(alone, reply))
+            due = int(reply[-1])
+            if due and (not soonest or due < soonest):
+                soonest = due
+        return deliveries, soonest
+
+    def _report_broken(self, queue: str, error: str) -> None:
+        """Log a queue whose scripts fail, at most once a minute per queue."""
+        now = time.monotonic()
+        if now < self._broken_reported.get(queue, 0.0):
+            return
+        self._broken_reported[queue] = now + BROKEN_REPORT_INTERVAL
+        logger.error(
+            "queue %s is skipped: its scripts fail (a key of it is corrupt?): %s; "
+            "the other queues are served",
+            queue,
+            error,
+        )
 
     def _reserve_keys(self, request: ReserveRequest) -> list[str]:
         keys: list[str] = []

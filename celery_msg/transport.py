@@ -201,7 +201,13 @@ class Channel(virtual.Channel):
         return self.broker.exists(queue)
 
     def _size(self, queue: str) -> int:
-        return self.broker.size(queue)
+        try:
+            return self.broker.size(queue)
+        except ScriptError as exc:
+            # A corrupt queue must not keep a worker from starting on its other queues (kombu
+            # asks for the size when it declares): its scripts fail and are reported later.
+            logger.error("queue %s: cannot read its size (a key of it is corrupt?): %s", queue, exc)
+            return 0
 
     def _purge(self, queue: str) -> int:
         return self.broker.purge(queue)

@@ -125,3 +125,17 @@ def test_a_malformed_message_is_dead_lettered_and_the_worker_keeps_running(stack
     assert stack.task("add").delay(20, 22).get(timeout=10) == 42
     assert worker.running
     stack.settled(DEFAULT_QUEUE, dead=1)
+
+
+def test_a_worker_keeps_serving_its_other_queues_when_one_of_them_is_corrupt(stack: Stack):
+    broken = stack.broker.keys("other")
+    stack.broker.publish("other", "o1", "{}", 0)
+    stack.redis.delete(broken.ready)
+    stack.redis.set(broken.ready, "garbage")  # every script on "other" now fails
+    worker = stack.worker(queues=(DEFAULT_QUEUE, "other"))
+
+    results = [stack.task("add").delay(i, i) for i in range(5)]
+
+    assert [r.get(timeout=10) for r in results] == [0, 2, 4, 6, 8]
+    assert worker.running
+    worker.wait_for_log("queue other is skipped", 5)

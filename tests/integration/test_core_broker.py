@@ -7,6 +7,7 @@ The broker's clock is pinned (``clock.t``, in seconds) so deadlines are exact.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -783,3 +784,30 @@ def test_a_pipelined_round_sends_no_script_exists_and_survives_a_script_flush(
     stats = redis_client.info("commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == 1
     assert not [name for name in stats if name.startswith("cmdstat_script")]
+
+
+def test_a_queue_with_a_corrupt_key_does_not_starve_the_other_queues_of_a_round(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+):
+    broker.publish("sound", "s1", "S1", 0)
+    broker.publish("broken", "b1", "B1", 0)
+    held = broker.reserve(["broken"], 1, "c0")
+    broker.client.delete(broker.keys("broken").leased)
+    broker.client.set(broker.keys("broken").leased, "garbage")  # a hand edit gone wrong
+    leases = [Lease(d.queue, d.key, d.token) for d in held]
+
+    with caplog.at_level(logging.ERROR, logger="celery_msg.core"):
+        served = []
+        for _ in range(2):
+            round_ = broker.settle_and_reserve(
+                leases, [ReserveRequest(["broken", "sound"], 10, "c1")]
+            )
+            served.append([[d.key for d in group] for group in round_.deliveries])
+            leases = []
+    assert served == [[["s1"]], [[]]]
+    assert broker.lookup("s1", ["sound"])[0].state == State.RESERVED
+    # The broken queue's ack is refused (its message comes back by itself once repaired), and
+    # it is reported once, naming the key, however many rounds meet it.
+    reports = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert len(reports) == 1
+    assert broker.keys("broken").leased in reports[0]
