@@ -44,7 +44,7 @@ from .keys import (
     queues_key,
 )
 from .queueargs import QueueArguments
-from .scripts import BAND, Code, Scripts, where
+from .scripts import BAND, MISSING_BODY_GROUP, Code, Scripts, where
 
 logger = logging.getLogger(__name__)
 
@@ -886,8 +886,10 @@ class Broker:
         with translated_errors(f"look up {message_id!r} in {queue!r}"):
             pipe = self.client.pipeline(transaction=False)
             pipe.hexists(k.body, message_id)
+            pipe.zscore(k.dead, message_id)  # dead ids may have lost their body
             pipe.hexists(k.dups, message_id)
-            stored, is_dup_key = pipe.execute()
+            has_body, dead_at, is_dup_key = pipe.execute()
+            stored = has_body or dead_at is not None
             # A key that is some other id's duplicate slot is not this id's message.
             keys = [message_id] if stored and not is_dup_key else []
             for field, owner_id in self.client.hscan_iter(k.dups, match=pattern):
@@ -1087,8 +1089,8 @@ def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[
 
 def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo | None:
     body, ready, leased, dead, due, deliv, order, owner, reason, dup_of = replies
-    if body is None:
-        return None
+    if body is None and dead is None:
+        return None  # a dead id keeps its record when its body is gone ('missing-body')
     if leased is not None:
         state = State.RESERVED
     elif dead is not None:
@@ -1120,16 +1122,19 @@ def _record_json(reason: str, detail: str, now_ms: int, extra: Mapping[str, Any]
 
 def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
     queues = request.queues
-    return [
-        Delivery(
-            queue=queues[int(flat[i])],
-            key=_text(flat[i + 1]),
-            token=int(flat[i + 2]),
-            deliveries=int(flat[i + 3]),
-            payload=flat[i + 4],
-        )
-        for i in range(0, len(flat) - 1, 5)  # the last entry is the next due time
-    ]
+    out: list[Delivery] = []
+    for i in range(0, len(flat) - 1, 5):  # the last entry is the next due time
+        group, key = int(flat[i]), _text(flat[i + 1])
+        if group == MISSING_BODY_GROUP:
+            logger.error(
+                "message %s was ready in one of %s but its body is gone; recorded as dead "
+                "('missing-body')",
+                key,
+                queues,
+            )
+            continue
+        out.append(Delivery(queues[group], key, int(flat[i + 2]), int(flat[i + 3]), flat[i + 4]))
+    return out
 
 
 def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:

@@ -50,6 +50,9 @@ EXPIRE_BATCH = 10
 #: one only after ``max_length`` was lowered).
 TRIM_BATCH = 100
 
+#: The group reserve.lua gives a ready id whose body was gone (it is dead as 'missing-body').
+MISSING_BODY_GROUP = -1
+
 _INCLUDE = re.compile(r"^--@include (\S+)$", re.MULTILINE)
 
 
@@ -83,7 +86,7 @@ def _preamble() -> str:
         f"local PUBLISH_PARTS = {_lua_list(PUBLISH_KEY_PARTS)}\n"
         f"local KIND = {_lua_map(KEY_TYPES)}\n"
         f"{codes}\n"
-        f"local BAND = {BAND}\nlocal MID = {MID}\n"
+        f"local BAND = {BAND}\nlocal MID = {MID}\nlocal MISSING = {MISSING_BODY_GROUP}\n"
         f"local EXPIRE_BATCH = {EXPIRE_BATCH}\nlocal TRIM_BATCH = {TRIM_BATCH}\n"
         f"local ARG_MESSAGE_TTL = '{QueueArg.MESSAGE_TTL}'\n"
         f"local ARG_MAX_LENGTH = '{QueueArg.MAX_LENGTH}'\n"

@@ -9,6 +9,7 @@
 -- ARGV[8] max deliveries (0 = unlimited).
 -- Returns a flat array, five entries per reserved message:
 --   group (0-based), message key, fencing token, delivery count, payload;
+-- (group MISSING, key, 0, 0, '') for a ready id whose body was gone: now dead, 'missing-body';
 -- then one last entry: the earliest due time (ms) still scheduled in these queues, or 0.
 -- A message delivered max-deliveries times already is dead-lettered as 'poison' instead.
 -- A message past its message-TTL deadline (`ttl`) is never delivered: it is removed and counted
@@ -44,8 +45,23 @@ local function deliver(g, key)
   local q = queues[g]
   local payload = redis.call('HGET', q.body, key)
   if not payload then
-    -- An id without a body (e.g. deleted by hand): nothing to deliver, drop the leftovers.
+    -- An id without a body (deleted by hand, a bad migration): nothing to deliver. Its
+    -- leftovers go; its id is recorded as dead ('missing-body') and reported to the caller.
     forget(q, key)
+    redis.call('ZADD', q.dead, now, key)
+    redis.call('HSET', q.reason, key, cjson.encode({
+      reason = 'missing-body',
+      detail = 'listed as ready but its body is gone',
+      time = now,
+      first_failure = now,
+      last_failure = now,
+    }))
+    count(q, 'dead', 1)
+    out[#out + 1] = MISSING
+    out[#out + 1] = key
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = ''
     return
   end
   if has_ttl[g] then

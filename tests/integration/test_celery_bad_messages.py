@@ -139,3 +139,15 @@ def test_a_worker_keeps_serving_its_other_queues_when_one_of_them_is_corrupt(sta
     assert [r.get(timeout=10) for r in results] == [0, 2, 4, 6, 8]
     assert worker.running
     worker.wait_for_log("queue other is skipped", 5)
+
+
+def test_a_ready_id_whose_body_is_gone_is_recorded_dead_as_missing_body_and_logged(stack: Stack):
+    stack.broker.publish(DEFAULT_QUEUE, "ghost", "{}", 0)
+    stack.redis.hdel(stack.broker.keys(DEFAULT_QUEUE).body, "ghost")
+    worker = stack.worker()
+
+    assert stack.task("add").delay(1, 1).get(timeout=10) == 2
+    [info] = stack.broker.lookup("ghost", [DEFAULT_QUEUE])
+    assert (info.state, info.payload) == (State.DEAD, None)
+    assert info.dead_reason is not None and info.dead_reason["reason"] == "missing-body"
+    worker.wait_for_log("message ghost was ready", 5)

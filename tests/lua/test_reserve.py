@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celery_msg.scripts import Code
+from celery_msg.scripts import MISSING_BODY_GROUP, Code
 
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
@@ -423,7 +423,9 @@ def test_an_expired_lease_of_a_poison_message_is_dead_lettered_on_the_next_fetch
     assert "ready" not in state and "leased" not in state and "token" not in state
 
 
-def test_an_id_in_ready_without_a_body_is_dropped_with_all_its_leftovers(lab: Lab):
+def test_an_id_in_ready_without_a_body_is_recorded_dead_as_missing_body_without_leftovers(
+    lab: Lab,
+):
     lab.add_ready("ghost", "x", score=lab.back(0, 1), deliv=1)
     lab.client.hdel(lab.keys.body, "ghost")
     lab.client.hset(lab.keys.dups, "ghost", "g")
@@ -433,15 +435,27 @@ def test_an_id_in_ready_without_a_body_is_dropped_with_all_its_leftovers(lab: La
 
     served = lab.reserve(count=1)
 
-    assert served == [(0, "real", 3, 1, "R")]
-    assert lab.state() == {
+    # Reported to the caller (group MISSING), then the real one served.
+    assert served == [(MISSING_BODY_GROUP, "ghost", 0, 0, ""), (0, "real", 3, 1, "R")]
+    state = lab.state()
+    reason = json.loads(state.pop("reason")["ghost"])
+    assert reason == {
+        "reason": "missing-body",
+        "detail": "listed as ready but its body is gone",
+        "time": lab.now,
+        "first_failure": lab.now,
+        "last_failure": lab.now,
+    }
+    assert state == {
         "leased": [("real", lab.now + lab.lease)],
+        "dead": [("ghost", lab.now)],
         "body": {"real": "R"},
         "order": {"real": lab.order(0, 2)},
         "deliv": {"real": "1"},
         "token": {"real": "3"},
         "owner": {"real": "c1"},
         "seq": "3",
+        "stats": {"dead": "1"},
     }
 
 
