@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .api import broker_for
+from .cli_migrate import migrate
 from .core import MessageInfo, State
 from .deadletters import DeadFilter, DeadLetters, DeadMessage, decode_message
 from .errors import CeleryMsgError, MessageNotFound
@@ -356,3 +357,6 @@ def _result_state(app: Any, task_id: str) -> str | None:
         return str(app.AsyncResult(task_id).state)
     except Exception as exc:  # the backend is optional here; say why it is missing
         return f"unknown ({type(exc).__name__}: {exc})"
+
+
+msg.add_command(migrate)

@@ -590,6 +590,18 @@ class Broker:
             raise StaleRoute(route.exchange, [queue])
         return _text(reply[0])
 
+    def publish_once(
+        self, queue: str, message_id: str, payload: bytes | str, band: int, *, due_ms: int = 0
+    ) -> bool:
+        """A unique publish (see :meth:`publish`) that says whether it stored the message
+        (False: ``message_id`` was still pending in ``queue``). For tools, not the hot path."""
+        now = self.now_ms()
+        due = due_ms if due_ms > now else 0
+        args = (message_id, payload, band, due, 1, _UNROUTED, now)
+        with translated_errors(f"publish to {queue!r}"):
+            reply = self.scripts.publish(keys=self._publish_keys(queue, None), args=args)
+        return int(reply[1]) == 1
+
     def _publish_keys(self, queue: str, route: Route | None) -> tuple[str, ...]:
         keys = self.keys(queue).publish
         if route is None:

@@ -60,6 +60,7 @@ from .errors import (
 from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms
 from .holdings import Holdings
 from .keys import wake_key
+from .messages import band_of, message_id
 from .options import TransportOptions, to_ms
 from .queueargs import QueueArguments
 from .renewer import Renewer
@@ -68,19 +69,6 @@ logger = logging.getLogger(__name__)
 
 #: kombu's ``dumps`` builds a ``JSONEncoder`` per call; one instance gives the same output.
 dumps = JSONEncoder().encode
-
-
-def message_id(message: dict[str, Any]) -> str:
-    """The stable ID of a kombu message: the Celery task id when there is one."""
-    headers = message.get("headers") or {}
-    props = message.get("properties") or {}
-    return str(
-        headers.get("id")
-        or props.get("message_id")
-        or props.get("correlation_id")
-        or props.get("delivery_tag")
-        or uuid.uuid4().hex
-    )
 
 
 class QoS(virtual.QoS):
@@ -362,13 +350,7 @@ class Channel(virtual.Channel):
         return task is not None and self.options.policies.resolve(task, queue).unique
 
     def _band(self, message: dict[str, Any]) -> int:
-        raw = (message.get("properties") or {}).get("priority")
-        try:
-            priority = self.options.default_priority if raw is None else int(raw)
-        except (TypeError, ValueError):
-            priority = self.options.default_priority
-        priority = max(0, min(255, priority))
-        return 255 - priority if self.options.priority_order == "desc" else priority
+        return band_of(message, self.options.default_priority, self.options.priority_order)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         """``basic_get``: lease one message, synchronously (skipping undecodable ones)."""
