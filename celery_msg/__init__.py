@@ -21,7 +21,7 @@ from .errors import (
     PoisonMessage,
     ScriptError,
 )
-from .policy import DeadLetter, Exponential, Fixed, Policies, Policy, Retry
+from .policy import DeadLetter, Exponential, Fixed, Policies, Policy, Retry, Unique
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = [
     "Policy",
     "Retry",
     "ScriptError",
+    "Unique",
     "__version__",
     "configure",
 ]

@@ -187,6 +187,8 @@ class Consumer(CeleryConsumer):
         broker = _broker_of(message)
         if broker is not None and queue is not None:
             broker.count(queue, "expired")
+            if headers.get("id"):
+                broker.unlock(queue, [str(headers["id"])])  # never to run: may be sent again
         dead_letter = policy.dead_letter
         if not (dead_letter.enabled and dead_letter.expired):
             return False
@@ -219,6 +221,10 @@ class Consumer(CeleryConsumer):
         )
         message.reject(requeue=False)
         task_id = headers.get("id")
+        broker = _broker_of(message)
+        queue = (message.delivery_info or {}).get("queue")
+        if task_id and broker is not None and queue:
+            broker.unlock(queue, [str(task_id)])  # never to run again: may be sent again
         if task_id:
             error = PoisonMessage(f"{detail}: it kept killing its worker")
             self._store_state(task_id, lambda backend: backend.mark_as_failure(task_id, error))

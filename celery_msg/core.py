@@ -555,13 +555,16 @@ class Broker:
         *,
         due_ms: int = 0,
         unique: bool = False,
+        lock_until_ms: int = 0,
         route: Route | None = None,
     ) -> str:
         """Append a message to its priority band, or schedule it when ``due_ms`` (epoch ms) is
         in the future; returns its key in this queue.
 
         ``unique``: if ``message_id`` is still pending in this queue (ready, reserved or
-        scheduled), store nothing and return it (an idempotent ``.delay()``).
+        scheduled), store nothing and return it (an idempotent ``.delay()``); with
+        ``lock_until_ms`` (epoch ms), the id is refused instead while it is locked, and a
+        stored message locks it until then or until :meth:`unlock`.
         ``route``: the binding table this queue was chosen from; if the exchange's bindings
         changed since, nothing is stored and :class:`StaleRoute` is raised."""
         # Every publisher's hot path: the command's fixed part (script and keys) is packed once
@@ -574,7 +577,8 @@ class Broker:
         now = self.now_ms()
         due = due_ms if due_ms > now else 0
         version = _UNROUTED if route is None else route.version
-        args = (message_id, payload, band, due, 1 if unique else 0, version, now)
+        lock = lock_until_ms if unique else 0
+        args = (message_id, payload, band, due, 1 if unique else 0, version, now, lock)
         try:
             reply = self._publisher.execute(
                 self.scripts.publish, head + b"".join(_bulk(arg) for arg in args)
@@ -597,10 +601,18 @@ class Broker:
         (False: ``message_id`` was still pending in ``queue``). For tools, not the hot path."""
         now = self.now_ms()
         due = due_ms if due_ms > now else 0
-        args = (message_id, payload, band, due, 1, _UNROUTED, now)
+        args = (message_id, payload, band, due, 1, _UNROUTED, now, 0)
         with translated_errors(f"publish to {queue!r}"):
             reply = self.scripts.publish(keys=self._publish_keys(queue, None), args=args)
         return int(reply[1]) == 1
+
+    def unlock(self, queue: str, message_ids: Sequence[str]) -> int:
+        """Let unique publishes of ``message_ids`` into ``queue`` through again (their task
+        started or succeeded); returns how many were locked."""
+        if not message_ids:
+            return 0
+        with translated_errors(f"unlock {len(message_ids)} ids in {queue!r}"):
+            return int(self.scripts.unlock(keys=self.keys(queue).all, args=list(message_ids)))
 
     def _publish_keys(self, queue: str, route: Route | None) -> tuple[str, ...]:
         keys = self.keys(queue).publish
@@ -614,7 +626,7 @@ class Broker:
         if len(self._publish_heads) >= _KEYS_CACHE_SIZE:
             self._publish_heads.clear()
         head = self._publish_heads[head_key] = pack_head(
-            self.scripts.publish, self._publish_keys(queue, route), 7
+            self.scripts.publish, self._publish_keys(queue, route), 8
         )
         return head
 
@@ -636,7 +648,7 @@ class Broker:
             return []
         now = self.now_ms()
         version = _UNROUTED if route is None else route.version
-        args = [message_id, payload, band, due_ms if due_ms > now else 0, 0, version, now]
+        args = [message_id, payload, band, due_ms if due_ms > now else 0, 0, version, now, 0]
         publish = self.scripts.publish
         with translated_errors(f"publish to {len(queues)} queues"):
             replies = self.run_scripts(

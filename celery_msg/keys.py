@@ -28,6 +28,10 @@ args       HASH    the queue's arguments (``celery_msg.queueargs.QueueArg``): me
                    (ms), expires (ms), max_length; written at declare, read by publish.lua
 ttl        ZSET    message key -> expiry deadline (ms), for a queue with a message TTL: only
                    READY / SCHEDULED messages never delivered yet (a delivery removes it)
+uniq       ZSET    message id -> until when (ms) a unique publish of that id is refused: set
+                   by a unique publish, removed when its policy says (the task started,
+                   succeeded, or failed for good) or when the message goes (purged, expired,
+                   dropped, dead-lettered)
 =========  ======  ===================================================================
 
 Global keys (no hash tag; only the bindings version is read by a script): ``<prefix>queues``
@@ -64,6 +68,7 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "alias",
     "args",
     "ttl",
+    "uniq",
 )
 
 
@@ -87,6 +92,7 @@ KEY_TYPES: dict[str, str] = {
     "alias": "hash",
     "args": "hash",
     "ttl": "zset",
+    "uniq": "zset",
 }
 
 
@@ -106,6 +112,7 @@ PUBLISH_KEY_PARTS: tuple[str, ...] = (
     "deliv",
     "args",
     "ttl",
+    "uniq",
 )
 
 

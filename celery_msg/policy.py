@@ -206,6 +206,37 @@ class DeadLetter(_Checked):
             _positive_number("max_age", self.max_age)
 
 
+UniqueUntil = Literal["success", "start"]
+UNIQUE_UNTIL: tuple[str, ...] = get_args(UniqueUntil)
+#: The longest a unique lock lives by default (a day): a safety net for a message that is lost
+#: to celery-msg's view (deleted by hand), never the window users rely on.
+DEFAULT_UNIQUE_TTL = 86_400.0
+
+
+@dataclass(frozen=True)
+class Unique(_Checked):
+    """Deduplicated publishing (as BullMQ's deduplication and Sidekiq's unique jobs): while a
+    task id is *locked*, publishing it again stores nothing and returns the same id.
+
+    ``until="success"`` (the default): locked from publish until the task succeeds (or fails
+    for good, is dead-lettered, purged or expired), whatever the ack mode: with ``ack="early"``
+    the message is acked before it runs, and a second publish meanwhile is still refused.
+    ``until="start"``: until the worker starts the task (a newer request may then queue).
+    ``until=None``: a pure time window of ``ttl`` seconds from the publish.
+    ``ttl``: the most a lock lives in any case (seconds).
+    """
+
+    until: UniqueUntil | None = "success"
+    ttl: float = DEFAULT_UNIQUE_TTL
+
+    def _check(self) -> None:
+        if self.until is not None and self.until not in UNIQUE_UNTIL:
+            raise ConfigurationError(
+                f"until: must be one of {', '.join(UNIQUE_UNTIL)} or None, got {self.until!r}"
+            )
+        _positive_number("ttl", self.ttl)
+
+
 @dataclass(frozen=True)
 class Policy(_Checked):
     """One layer of policy. ``None`` means: take it from the layer below.
@@ -216,14 +247,15 @@ class Policy(_Checked):
     Unset, the task's own Celery settings (``acks_late`` ...) apply.
     ``max_deliveries``: deliveries without an ack after which the message is poison and goes
     to the dead-letter store instead of running again (0 = unlimited).
-    ``unique``: a publish whose task id is still pending in the queue stores nothing.
+    ``unique``: deduplicated publishing by task id (:class:`Unique`; ``True`` means
+    ``Unique()``: locked until the task succeeds).
     """
 
     ack: AckMode | None = None
     max_deliveries: int | None = None
     retry: Retry | None = None
     dead_letter: DeadLetter | None = None
-    unique: bool | None = None
+    unique: bool | Unique | None = None
 
     def _check(self) -> None:
         if self.ack is not None and self.ack not in ACK_MODES:
@@ -240,8 +272,10 @@ class Policy(_Checked):
             raise ConfigurationError(f"retry: must be a Retry, got {self.retry!r}")
         if self.dead_letter is not None and not isinstance(self.dead_letter, DeadLetter):
             raise ConfigurationError(f"dead_letter: must be a DeadLetter, got {self.dead_letter!r}")
-        if self.unique is not None and not isinstance(self.unique, bool):
-            raise ConfigurationError(f"unique: must be True, False or None, got {self.unique!r}")
+        if self.unique is not None and not isinstance(self.unique, bool | Unique):
+            raise ConfigurationError(
+                f"unique: must be True, False, a Unique or None, got {self.unique!r}"
+            )
 
     def over(self, lower: Policy) -> Policy:
         """This layer on top of ``lower``: each field set here wins."""
@@ -261,7 +295,7 @@ class Resolved:
     max_deliveries: int
     retry: Retry | None
     dead_letter: DeadLetter
-    unique: bool
+    unique: Unique | None
 
 
 BUILTIN = Policy(ack=None, max_deliveries=0, retry=None, dead_letter=DeadLetter(), unique=False)
@@ -336,7 +370,7 @@ def _resolve(policies: Policies, task: str | None, queue: str | None) -> Resolve
         max_deliveries=layered.max_deliveries,
         retry=layered.retry,
         dead_letter=layered.dead_letter,
-        unique=bool(layered.unique),
+        unique=Unique() if layered.unique is True else (layered.unique or None),
     )
 
 
@@ -360,6 +394,18 @@ def _describe(value: Any) -> Any:
         name = getattr(value, "__qualname__", None) or repr(value)
         return f"{module}.{name}" if module and module != "builtins" else name
     return repr(value)
+
+
+def unique_for(
+    policies: Policies, task: str | None, queue: str | None, asked: Any = None
+) -> Unique | None:
+    """How a publish of ``task`` into ``queue`` is deduplicated: the message's own
+    ``celery_msg_unique`` header (``asked``: true, or ``"start"``) first, else the policy."""
+    if asked:
+        return Unique(until="start") if asked == "start" else Unique()
+    if task is None:
+        return None
+    return policies.resolve(task, queue).unique
 
 
 def policies_from(value: Any) -> Policies:

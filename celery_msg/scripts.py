@@ -34,6 +34,7 @@ SCRIPT_NAMES: tuple[str, ...] = (
     "replay",
     "discard",
     "trim_dead",
+    "unlock",
 )
 
 #: Ready-score layout (see celery_msg/lua/_queue.lua): a priority band is BAND wide, and MID
@@ -143,3 +144,4 @@ class Scripts:
         self.replay: Script = client.register_script(source("replay"))
         self.discard: Script = client.register_script(source("discard"))
         self.trim_dead: Script = client.register_script(source("trim_dead"))
+        self.unlock: Script = client.register_script(source("unlock"))

@@ -62,6 +62,7 @@ from .holdings import Holdings
 from .keys import wake_key
 from .messages import band_of, message_id
 from .options import TransportOptions, to_ms
+from .policy import Unique, unique_for
 from .queueargs import QueueArguments
 from .renewer import Renewer
 
@@ -334,20 +335,21 @@ class Channel(virtual.Channel):
             dumps(message),
             self._band(message),
             due_ms=due_ms(message),
-            unique=unique,
+            unique=unique is not None,
+            lock_until_ms=0 if unique is None else self.broker.now_ms() + to_ms(unique.ttl),
             route=route,
         )
 
-    def _unique(self, queue: str, message: dict[str, Any]) -> bool:
-        """Whether this publish is idempotent (its queue's or task's policy, or the message's
-        ``celery_msg_unique`` header). A retry never is: it must replace the failed delivery."""
+    def _unique(self, queue: str, message: dict[str, Any]) -> Unique | None:
+        """How this publish is deduplicated (its task's or queue's policy, or the message's
+        ``celery_msg_unique`` header: true, or ``"start"``), or None. A retry never is: it must
+        replace the failed delivery."""
         headers = message.get("headers")
-        if not headers or headers.get("retries"):
-            return False
-        if headers.get(UNIQUE_HEADER):
-            return True
+        if not isinstance(headers, dict) or headers.get("retries"):
+            return None
         task = headers.get("task")
-        return task is not None and self.options.policies.resolve(task, queue).unique
+        name = task if isinstance(task, str) else None
+        return unique_for(self.options.policies, name, queue, headers.get(UNIQUE_HEADER))
 
     def _band(self, message: dict[str, Any]) -> int:
         return band_of(message, self.options.default_priority, self.options.priority_order)

@@ -38,8 +38,8 @@ from kombu.utils.imports import symbol_by_name
 from kombu.utils.json import dumps
 
 from .core import Broker
-from .headers import FIRST_FAILURE_HEADER
-from .policy import AckMode, Policies, Resolved
+from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER
+from .policy import AckMode, Policies, Resolved, unique_for
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,9 @@ def ack_modes(policies: Policies) -> set[AckMode]:
 
 
 def install(app: Celery, policies: Policies) -> None:
-    """Prepare ``app``'s tasks in this worker: retry policies wrapped around ``run``, and the
-    request class that records failures. Idempotent; runs before the pool forks."""
+    """Prepare ``app``'s tasks in this worker: retry policies wrapped around ``run``, the
+    request class that records failures and unlocks unique ids when they start. Idempotent;
+    runs before the pool forks."""
     for task in app.tasks.values():
         _use_policy_request(task)
         _wrap_run(task, policies)
@@ -164,21 +165,23 @@ def _policy_request_for(base: type[Request]) -> type[Request]:
 
 
 def _wrap_run(task: Task, policies: Policies) -> None:
-    """Turn failures the policy retries into ``task.retry``. A task that declares Celery's own
-    ``autoretry_for`` keeps it and is left alone: one retry mechanism per task."""
-    if getattr(task, _WRAPPED, False) or getattr(task, "autoretry_for", None):
+    """Turn failures the policy retries into ``task.retry``, and unlock a unique id once the
+    task returned. A task that declares Celery's own ``autoretry_for`` keeps it: one retry
+    mechanism per task."""
+    if getattr(task, _WRAPPED, False):
         return
     run = task.run
+    retries_by_policy = not getattr(task, "autoretry_for", None)
 
     @functools.wraps(run)
     def run_with_policy(*args: Any, **kwargs: Any) -> Any:
         try:
-            return run(*args, **kwargs)
+            result = run(*args, **kwargs)
         except _CONTROL_FLOW:
             raise
         except Exception as exc:
             request = task.request
-            if request.called_directly:
+            if request.called_directly or not retries_by_policy:
                 raise
             queue = getattr(request, QUEUE_REQUEST_KEY, None)
             retry = policies.resolve(task.name, queue).retry
@@ -199,9 +202,35 @@ def _wrap_run(task: Task, policies: Policies) -> None:
             # task.retry raises Retry itself (or exc once retries run out), as autoretry_for.
             task.retry(exc=exc, countdown=countdown, max_retries=retry.max_retries)
             raise  # not reached: retry() always raises
+        _unlock_on_success(task, policies)
+        return result
 
     task.run = run_with_policy
     setattr(task, _WRAPPED, True)
+
+
+def _unlock_on_success(task: Task, policies: Policies) -> None:
+    """The task returned and its policy says ``Unique(until="success")``: its id may be
+    published again. Called inside the task, before Celery stores the result, so a caller that
+    sees SUCCESS and publishes again is not refused. Runs where the task runs (a prefork
+    child too: Celery replaces the request's success callback per task class)."""
+    try:
+        request = task.request
+        if request.called_directly:
+            return
+        # Celery keeps only exchange and routing key of the delivery: PolicyRequest passes
+        # the source queue in the request.
+        queue = getattr(request, QUEUE_REQUEST_KEY, None)
+        asked = getattr(request, UNIQUE_HEADER, None) or (request.headers or {}).get(UNIQUE_HEADER)
+        unique = unique_for(policies, task.name, queue, asked)
+        if not queue or unique is None or unique.until != "success":
+            return
+        with task.app.connection_for_write() as connection:
+            broker = getattr(connection.transport, "broker", None)
+            if isinstance(broker, Broker):
+                broker.unlock(queue, [request.id])
+    except Exception:
+        logger.exception("task %s: could not unlock its unique id", task.name)
 
 
 class PolicyRequest(Request):
@@ -214,6 +243,29 @@ class PolicyRequest(Request):
         if "queue" in info:
             self._request_dict[QUEUE_REQUEST_KEY] = info["queue"]
             self._request_dict[DELIVERIES_REQUEST_KEY] = info.get("delivery_count")
+
+    def on_accepted(self, pid: Any, time_accepted: float) -> None:
+        super().on_accepted(pid, time_accepted)
+        self._unlock("start")
+
+    def _unlock(self, moment: str) -> None:
+        """Let unique publishes of this task id through again, if its policy's
+        ``Unique.until`` is ``moment`` (the task started, or succeeded)."""
+        try:
+            message = self.message
+            transport: Any = getattr(getattr(message, "channel", None), "transport", None)
+            broker = getattr(transport, "broker", None)
+            if not isinstance(broker, Broker):
+                return
+            queue = (message.delivery_info or {}).get("queue")
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            unique = unique_for(
+                transport.options.policies, self.task.name, queue, headers.get(UNIQUE_HEADER)
+            )
+            if unique is not None and unique.until == moment and queue:
+                broker.unlock(queue, [self.id])
+        except Exception:
+            logger.exception("task %s[%s]: could not unlock its unique id", self.task.name, self.id)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -263,6 +315,7 @@ class PolicyRequest(Request):
                 detail,
             )
             message.drop_on_reject = True
+            transport.broker.unlock(queue, [self.id])  # failed for good: may be sent again
             return
         extra: dict[str, Any] = {
             "task": self.task.name,

@@ -134,6 +134,11 @@ local function erase(q, key)
   redis.call('ZREM', q.ttl, key)
 end
 
+-- Let a unique publish of key's message id through again (before erase: it reads `dups`).
+local function unlock(q, key)
+  redis.call('ZREM', q.uniq, redis.call('HGET', q.dups, key) or key)
+end
+
 -- Remove every trace of key but its dead-letter entry.
 local function forget(q, key)
   release(q, key)
@@ -157,6 +162,7 @@ local function drop_expired(q, now, limit)
   local old = redis.call('ZRANGEBYSCORE', q.ttl, '-inf', '(' .. now, 'LIMIT', 0, limit)
   for _, key in ipairs(old) do
     redis.call('ZREM', q.ready, key)
+    unlock(q, key)
     erase(q, key)
   end
   if #old > 0 then count(q, 'expired', #old) end
@@ -171,6 +177,7 @@ local function trim_to(q, max_length)
   local head = redis.call('ZRANGE', q.ready, 0, math.min(excess, TRIM_BATCH) - 1)
   for _, key in ipairs(head) do
     redis.call('ZREM', q.ready, key)
+    unlock(q, key)
     erase(q, key)
   end
   count(q, 'dropped', #head)

@@ -11,6 +11,7 @@ if not holds(q, key, ARGV[3]) then
   return LEASE_LOST
 end
 release(q, key)
+unlock(q, key) -- failed for good: the id may be published again
 redis.call('ZADD', q.dead, tonumber(ARGV[1]), key)
 redis.call('HSET', q.reason, key, ARGV[4])
 count(q, 'dead', 1)

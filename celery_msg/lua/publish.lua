@@ -4,7 +4,8 @@
 -- celery_msg/keys.py): every publisher sends them, so no more than needed.
 -- ARGV[1] message id, ARGV[2] payload, ARGV[3] priority band (0 is served first),
 -- ARGV[4] due time (ms; 0 = now), ARGV[5] '1' for a unique publish, ARGV[6] the bindings
--- version of a routed publish (see below; '' otherwise), ARGV[7] now (ms).
+-- version of a routed publish (see below; '' otherwise), ARGV[7] now (ms), ARGV[8] (a unique
+-- publish) until when (ms) its id stays locked, or 0.
 -- Returns {message key, 1} for a new message: the id itself, or a free id/<n> when that id is
 -- already stored in this queue (a Celery retry republishes the same task id while the old
 -- delivery is still leased); such keys are mapped back to their id in `dups`.
@@ -13,8 +14,10 @@
 -- binding table it routed with. When they differ, nothing is written and it returns
 -- {'', STALE_ROUTE}: the caller reads the table again and routes anew, so a publish never
 -- routes with a stale table, however long a publisher caches it.
--- A unique publish of an id that is still pending here (ready, reserved or scheduled, not dead:
--- under the id itself or its newest id/<n> key) stores nothing and returns {id, 0}.
+-- A unique publish stores nothing and returns {id, 0} when its id is locked (`uniq`: a unique
+-- publish with ARGV[8] locked it until then, and nothing has unlocked it since: see
+-- celery_msg.policy.Unique), or, with no lock asked for, while the id is still pending here
+-- (ready, reserved or scheduled, not dead: under the id itself or its newest id/<n> key).
 -- The score goes to `order` too: it keeps the band (for a requeue) and the publish order (for
 -- look-ups). The hot path of every publisher: seven commands.
 -- The queue's arguments (`args`, see celery_msg/queueargs.py) are honoured here, so a queue
@@ -31,19 +34,28 @@ end
 local q = keys_of(PUBLISH_PARTS, 0)
 local id = ARGV[1]
 local due = tonumber(ARGV[4]) or 0
+local now = tonumber(ARGV[7])
+local lock_until = tonumber(ARGV[8]) or 0
 if ARGV[5] == '1' then
-  local newest = redis.call('HGET', q.alias, id)
-  if pending(q, id) or (newest and pending(q, newest)) then
+  local duplicate
+  if lock_until > 0 then
+    local held = tonumber(redis.call('ZSCORE', q.uniq, id))
+    duplicate = held ~= nil and now ~= nil and held > now
+  else
+    local newest = redis.call('HGET', q.alias, id)
+    duplicate = pending(q, id) or (newest and pending(q, newest))
+  end
+  if duplicate then
     count(q, 'duplicates', 1)
     return {id, 0}
   end
 end
-local now = tonumber(ARGV[7])
 local limits = redis.call('HMGET', q.args, ARG_MESSAGE_TTL, ARG_MAX_LENGTH)
 local ttl = queue_arg(limits[1], 0)
 local max_length = queue_arg(limits[2], 0)
 if ttl and not now then return redis.error_reply('publish: ARGV[7] (now) is not a number') end
 local key, seq = store_new(q, id, ARGV[2])
+if ARGV[5] == '1' and lock_until > 0 then redis.call('ZADD', q.uniq, lock_until, id) end
 local score = tonumber(ARGV[3]) * BAND + MID + seq
 redis.call('HSET', q.order, key, score)
 count(q, 'published', 1)

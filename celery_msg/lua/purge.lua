@@ -10,12 +10,14 @@ local q = queue_keys(0)
 local limit = tonumber(ARGV[1])
 local popped = redis.call('ZPOPMIN', q.ready, limit)
 for i = 1, #popped, 2 do
+  unlock(q, popped[i])
   forget(q, popped[i])
 end
 local removed = #popped / 2
 if removed < limit then
   local waiting = redis.call('ZPOPMIN', q.sched, limit - removed)
   for i = 1, #waiting, 2 do
+    unlock(q, waiting[i])
     forget(q, waiting[i])
   end
   removed = removed + #waiting / 2

@@ -47,6 +47,7 @@ local function deliver(g, key)
   if not payload then
     -- An id without a body (deleted by hand, a bad migration): nothing to deliver. Its
     -- leftovers go; its id is recorded as dead ('missing-body') and reported to the caller.
+    unlock(q, key)
     forget(q, key)
     redis.call('ZADD', q.dead, now, key)
     redis.call('HSET', q.reason, key, cjson.encode({
@@ -67,6 +68,7 @@ local function deliver(g, key)
   if has_ttl[g] then
     local deadline = tonumber(redis.call('ZSCORE', q.ttl, key))
     if deadline and deadline < now then
+      unlock(q, key)
       erase(q, key)
       count(q, 'expired', 1)
       return
@@ -75,6 +77,7 @@ local function deliver(g, key)
   end
   local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0
   if max_deliveries > 0 and delivered >= max_deliveries then
+    unlock(q, key)
     redis.call('ZADD', q.dead, now, key)
     redis.call('HSET', q.reason, key, cjson.encode({
       reason = 'poison',

@@ -299,3 +299,35 @@ def test_a_unique_task_id_is_published_once_while_pending_and_again_after_it_ran
     stack.wait_for_events("finish", 2, timeout=10)
     assert [e.label for e in stack.events("start")] == ["one", "three"]
     stack.settled(DEFAULT_QUEUE)
+
+
+@pytest.mark.parametrize(
+    ("profile", "runs_of_the_second_publish"),
+    [("unique_until_success", 0), ("unique_until_start", 1)],
+    ids=["until success", "until start"],
+)
+def test_an_early_acked_unique_task_is_not_published_again_while_it_runs(
+    make_stack: StackFactory, profile: str, runs_of_the_second_publish: int
+):
+    # The Flask example's welcome e-mail: ack early (never twice on a crash), unique (a form
+    # sent twice sends one e-mail). The ack ends the pending window at receipt; the lock does
+    # not end before the task succeeded (or, by choice, started).
+    stack = make_stack(policies=profile)
+    sleeper = stack.task("sleep_then_record")
+    task_id = f"welcome-{uuid.uuid4().hex}"
+    stack.worker()
+    first = sleeper.apply_async((1.0, "first"), task_id=task_id)
+    stack.wait_for_events("start", 1, timeout=10)
+    assert stack.broker.counts(DEFAULT_QUEUE)["reserved"] == 0  # acked on receipt
+
+    sleeper.apply_async((0.0, "while running"), task_id=task_id)
+    assert first.get(timeout=10) == "first"
+    expected = ["first"] + ["while running"] * runs_of_the_second_publish
+    stack.wait_for_events("finish", len(expected), timeout=10)
+    stack.settled(DEFAULT_QUEUE)
+    assert [e.label for e in stack.events("start")] == expected
+
+    # Once it succeeded, the id is free again.
+    sleeper.apply_async((0.0, "later"), task_id=task_id)
+    stack.wait_for_events("finish", len(expected) + 1, timeout=10)
+    assert [e.label for e in stack.events("start")] == [*expected, "later"]

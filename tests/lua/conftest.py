@@ -229,12 +229,16 @@ class Lab:
         due: int = 0,
         unique: bool = False,
         now: int = NOW,
+        lock_until: int = 0,
     ) -> tuple[str, int]:
-        """publish.lua's whole reply: (message key, 1 if stored else 0). ARGV[6] is not
-        publish.lua's (the publish guard's): sent empty."""
-        args = [message_id, payload, band, due, 1 if unique else 0, "", now]
+        """publish.lua's whole reply: (message key, 1 if stored else 0). Not routed through an
+        exchange: no bindings version (ARGV[6] empty)."""
+        args = [message_id, payload, band, due, 1 if unique else 0, "", now, lock_until]
         key, created = self.scripts.publish(keys=self.keys.publish, args=args)
         return str(_text(key)), int(created)
+
+    def unlock(self, *ids: str) -> int:
+        return int(self.scripts.unlock(keys=self.keys.all, args=list(ids)))
 
     def next_due(self, **kwargs: Any) -> int:
         """The last entry of reserve's reply: the earliest due time still scheduled, or 0."""

@@ -25,7 +25,7 @@ def test_the_keys_come_in_script_keys_order_one_per_part():
     keys = QueueKeys("celery", "app:")
 
     assert keys.all == tuple(f"app:{{celery}}:{part}" for part in QUEUE_KEY_PARTS)
-    assert len(set(keys.all)) == len(QUEUE_KEY_PARTS) == 17
+    assert len(set(keys.all)) == len(QUEUE_KEY_PARTS) == 18
 
 
 def test_the_key_tuple_is_built_once_per_queue_keys():
@@ -61,6 +61,7 @@ def test_the_parts_are_in_the_order_the_scripts_expect_them():
         "alias",
         "args",
         "ttl",
+        "uniq",
     )
 
 

@@ -21,6 +21,7 @@ from celery_msg.policy import (
     Policy,
     Resolved,
     Retry,
+    Unique,
     policies_from,
 )
 
@@ -72,6 +73,9 @@ BAD_FIELDS: list[tuple[type, dict[str, Any], str]] = [
     (Policy, {"dead_letter": Retry()}, "Policy.dead_letter"),
     (Policy, {"unique": "yes"}, "Policy.unique"),
     (Policy, {"unique": 1}, "Policy.unique"),
+    (Unique, {"until": "finish"}, "Unique.until"),
+    (Unique, {"ttl": 0}, "Unique.ttl"),
+    (Unique, {"ttl": "1h"}, "Unique.ttl"),
 ]
 
 
@@ -155,7 +159,7 @@ def test_an_error_in_a_nested_policy_is_raised_where_it_is_built():
 def test_no_policy_at_all_resolves_to_the_built_in_defaults():
     resolved = Policies().resolve("any.task", "celery")
     assert resolved == Resolved(
-        ack=None, max_deliveries=0, retry=None, dead_letter=DeadLetter(), unique=False
+        ack=None, max_deliveries=0, retry=None, dead_letter=DeadLetter(), unique=None
     )
     assert Policies().resolve(None, None) == resolved
     assert BUILTIN.dead_letter == DeadLetter()
@@ -173,16 +177,16 @@ def test_each_layer_overrides_only_the_fields_it_sets():
 
     # default over built-in
     assert policies.resolve("other", "fast") == Resolved(
-        ack="late", max_deliveries=3, retry=None, dead_letter=default_dl, unique=False
+        ack="late", max_deliveries=3, retry=None, dead_letter=default_dl, unique=None
     )
     # queue over default
     assert policies.resolve("other", "slow") == Resolved(
-        ack="late", max_deliveries=7, retry=queue_retry, dead_letter=default_dl, unique=False
+        ack="late", max_deliveries=7, retry=queue_retry, dead_letter=default_dl, unique=None
     )
     # task over queue over default: the task's retry, the queue's max_deliveries, the default's
     # ack and dead-letter retention
     assert policies.resolve("reports.daily", "slow") == Resolved(
-        ack="late", max_deliveries=7, retry=task_retry, dead_letter=default_dl, unique=True
+        ack="late", max_deliveries=7, retry=task_retry, dead_letter=default_dl, unique=Unique()
     )
     # a task policy applies whatever the queue
     assert policies.resolve("reports.daily", "fast").retry == task_retry
@@ -197,7 +201,7 @@ def test_a_task_layer_wins_over_the_queue_layer_field_by_field():
     )
     resolved = policies.resolve("t", "q")
     assert resolved.ack == "late"
-    assert resolved.unique is True
+    assert resolved.unique == Unique(until="success")
     assert resolved.dead_letter == DeadLetter(max_age=60)
     assert policies.resolve("u", "q").ack == "on_success"
     assert policies.resolve("u", "other").ack == "early"

@@ -3,7 +3,7 @@ so that the worker process and the test's client app build the same :class:`Poli
 
 from __future__ import annotations
 
-from celery_msg.policy import DeadLetter, Fixed, Policies, Policy, Retry
+from celery_msg.policy import DeadLetter, Fixed, Policies, Policy, Retry, Unique
 
 from .errors import Fatal
 
@@ -35,4 +35,11 @@ PROFILES: dict[str, Policies] = {
     "expired_dead_lettered": Policies(default=Policy(dead_letter=DeadLetter(expired=True))),
     "expired_counted": Policies(default=Policy(dead_letter=DeadLetter(expired=False))),
     "unique": Policies(tasks={"record_now": Policy(unique=True)}),
+    # Acked on receipt, still refused while it runs: unique until it succeeded, or started.
+    "unique_until_success": Policies(
+        tasks={"sleep_then_record": Policy(ack="early", unique=Unique())}
+    ),
+    "unique_until_start": Policies(
+        tasks={"sleep_then_record": Policy(ack="early", unique=Unique(until="start"))}
+    ),
 }
