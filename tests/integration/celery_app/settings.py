@@ -12,6 +12,12 @@ ENV_PREFIX = "CELERY_MSG_TEST_"
 DEFAULT_QUEUE = "celery"
 #: Queue that ``task_routes`` sends the ``routed`` task to.
 SECOND_QUEUE = "second"
+#: The brokers the test app can use (URL schemes).
+TRANSPORTS = ("celery-msg", "redis")
+
+
+def _flag(text: str) -> bool:
+    return text == "True"
 
 
 @dataclass(frozen=True)
@@ -33,10 +39,20 @@ class Settings:
     #: Celery's worker_lost_wait: how long a prefork pool waits for the result of a job whose
     #: child died before failing it with WorkerLostError.
     worker_lost_wait: float = 10.0
+    #: The broker: ``celery-msg`` (ours) or ``redis`` (kombu's redis transport, for comparing).
+    transport: str = "celery-msg"
+    #: Whether the app calls :func:`celery_msg.configure` (else the transport options are set
+    #: by hand, as an app that only changes its broker URL would).
+    configure: bool = True
+    #: Name of a ``Broadcast`` exchange added to ``task_queues`` ("" = none): the worker's
+    #: broadcast queue is declared without a name, as in Celery's documentation.
+    broadcast: str = ""
 
     @property
     def broker_url(self) -> str:
-        return f"celery-msg://{urlsplit(self.redis_url).netloc}/0"
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport {self.transport!r}: use one of {TRANSPORTS}")
+        return f"{self.transport}://{urlsplit(self.redis_url).netloc}/0"
 
     @property
     def backend_url(self) -> str:
@@ -60,7 +76,7 @@ class Settings:
         for f in fields(cls):
             name = f"{ENV_PREFIX}{f.name.upper()}"
             if name in environ:
-                kind = {"float": float, "int": int}.get(str(f.type), str)
+                kind = {"float": float, "int": int, "bool": _flag}.get(str(f.type), str)
                 values[f.name] = kind(environ[name])
         if "redis_url" not in values or "prefix" not in values:
             raise RuntimeError(

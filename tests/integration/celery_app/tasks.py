@@ -16,6 +16,8 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.worker.control import control_command
+from kombu import Queue
+from kombu.common import Broadcast
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -78,16 +80,33 @@ def create_app(environ: Mapping[str, str]) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_lost_wait=settings.worker_lost_wait,
     )
-    celery_msg.configure(
-        app,
-        key_prefix=settings.prefix,
-        lease_timeout=settings.lease_timeout,
-        sweep_interval=settings.sweep_interval,
-        binding_ttl=settings.binding_ttl,
-        max_deliveries=settings.max_deliveries,
-        socket_timeout=5.0,
-        policies=PROFILES[settings.policies] if settings.policies else None,
-    )
+    if settings.broadcast:
+        app.conf.task_queues = (
+            Queue(DEFAULT_QUEUE),
+            Queue(SECOND_QUEUE),
+            Broadcast(settings.broadcast),
+        )
+    policies = PROFILES[settings.policies] if settings.policies else None
+    if settings.transport == "redis":
+        # kombu's own redis transport, for comparing what operators see.
+        app.conf.broker_transport_options = {"global_keyprefix": settings.prefix}
+        if settings.configure:
+            celery_msg.configure(app, policies=policies)
+    else:
+        options: dict[str, Any] = {
+            "key_prefix": settings.prefix,
+            "lease_timeout": settings.lease_timeout,
+            "sweep_interval": settings.sweep_interval,
+            "binding_ttl": settings.binding_ttl,
+            "max_deliveries": settings.max_deliveries,
+            "socket_timeout": 5.0,
+        }
+        if settings.configure:
+            celery_msg.configure(app, policies=policies, **options)
+        else:
+            if policies is not None:
+                options["policies"] = policies
+            app.conf.broker_transport_options = options
     _register_tasks(app, settings)
     return app
 
@@ -218,3 +237,12 @@ def record_broadcast(state: Any, token: str) -> dict[str, str]:
     settings = Settings.from_environ(os.environ)
     record(settings, "control", token=token, worker=state.consumer.hostname)
     return {"ok": token}
+
+
+@control_command()
+def unencodable_reply(state: Any) -> dict[str, object]:
+    """A test-only command whose reply cannot be encoded: the worker's reply fails (Celery
+    then resets its remote-control consumer). Records that it ran."""
+    settings = Settings.from_environ(os.environ)
+    record(settings, "control", token="unencodable", worker=state.consumer.hostname)
+    return {"ok": object()}
