@@ -1,6 +1,7 @@
 """Celery's own ``Broadcast`` queues (``task_queues = (..., Broadcast("cache"))``) with a real
 worker: with ``configure()`` a worker's anonymous broadcast queue is named after its node name,
-so a worker restarted under the same name runs, once, what was broadcast while it was down."""
+so a worker restarted under the same name runs, once, what was broadcast while it was down;
+without it, the README's ``celeryd_after_setup`` recipe does the same."""
 
 from __future__ import annotations
 
@@ -39,10 +40,13 @@ def broadcast(stack: Stack, label: str) -> None:
 
 
 @pytest.mark.parametrize("stop", ["warm shutdown", "SIGKILL"])
+@pytest.mark.parametrize(
+    "configured", [True, False], ids=["configure", "README recipe without configure"]
+)
 def test_a_worker_restarted_under_its_name_runs_once_a_broadcast_task_sent_while_it_was_down(
-    make_stack: StackFactory, stop: str
+    make_stack: StackFactory, stop: str, configured: bool
 ):
-    stack = make_stack(broadcast=BROADCAST, binding_ttl=30.0)
+    stack = make_stack(broadcast=BROADCAST, binding_ttl=30.0, configure=configured)
     name = f"bcast-{uuid.uuid4().hex[:6]}"
     first = stack.worker(name, queues=QUEUES)
     broadcast(stack, "before")

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
+from celery.signals import celeryd_after_setup
 from celery.worker.control import control_command
 from kombu import Queue
 from kombu.common import Broadcast
@@ -22,6 +23,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 import celery_msg
+import celery_msg.broadcast
 
 from .errors import Fatal, Transient
 from .policies import PROFILES
@@ -107,8 +109,18 @@ def create_app(environ: Mapping[str, str]) -> Celery:
             if policies is not None:
                 options["policies"] = policies
             app.conf.broker_transport_options = options
+            _name_broadcast_queues_by_hand(app)
     _register_tasks(app, settings)
     return app
+
+
+def _name_broadcast_queues_by_hand(app: Celery) -> None:
+    """What the README tells an app without ``configure()`` to do for its Broadcast queues."""
+
+    @celeryd_after_setup.connect(weak=False)
+    def name_broadcast_queues(sender: str, instance: Any, **kwargs: Any) -> None:
+        if instance.app is app:
+            celery_msg.broadcast.name_broadcast_queues(instance.app.amqp.queues, sender)
 
 
 def _describe(task: Task) -> dict[str, Any]:
