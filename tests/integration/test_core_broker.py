@@ -783,3 +783,23 @@ def test_a_pipelined_round_sends_no_script_exists_and_survives_a_script_flush(
     stats = redis_client.info("commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == 1
     assert not [name for name in stats if name.startswith("cmdstat_script")]
+
+
+# -- scheduled messages (inspect scheduled) -----------------------------------------------------
+
+
+def test_scheduled_lists_the_soonest_scheduled_messages_first_up_to_the_limit(broker: Broker):
+    now_ms = int(T0 * 1000)
+    for i, delay in enumerate((30_000, 10_000, 20_000)):
+        broker.publish("q", f"m{i}", f"body{i}", 0, due_ms=now_ms + delay)
+    broker.publish("q", "ready", "now", 0)
+
+    listed = broker.scheduled("q", limit=2)
+
+    assert [(m.queue, m.key, m.due_ms, m.payload) for m in listed] == [
+        ("q", "m1", now_ms + 10_000, b"body1"),
+        ("q", "m2", now_ms + 20_000, b"body2"),
+    ]
+    assert [m.key for m in broker.scheduled("q")] == ["m1", "m2", "m0"]
+    assert broker.scheduled("q", limit=0) == []
+    assert broker.scheduled("unknown") == []
