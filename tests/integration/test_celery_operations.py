@@ -1,6 +1,6 @@
 """What an operator sees: every ``celery inspect`` and ``celery control`` command against a busy
-worker (prefork ``-c 1`` running a long task, more queued), on kombu's ``redis://`` and on
-``celery-msg://`` (with and without ``configure()``) in the same run.
+worker (prefork ``-c 1`` running a long task, more queued and handed to the pool), on kombu's
+``redis://`` and on ``celery-msg://`` (with and without ``configure()``) in the same run.
 
 Each command that kombu's worker answers must be answered alike by ours (the same keys and
 shape; the same values where they do not depend on timing or the transport): back to back,
@@ -161,7 +161,9 @@ def run_operations(stack: Stack) -> Transcript:
     worker = stack.worker(pool="prefork", concurrency=1, queues=(DEFAULT_QUEUE,), extra_args=["-E"])
     # First the ETA task: kombu's worker takes it into its timer before the pool is full.
     scheduled = stack.task("add").apply_async((1, 2), countdown=LONG).id
-    sleeper = stack.task("sleep_then_record")
+    # Acked when started (as Celery's default): the consumer then hands the queued ones to the
+    # busy pool, which is where a synchronous transport stops reading remote control.
+    sleeper = stack.task("sleep_acked_early")
     running = sleeper.apply_async((LONG, "running")).id
     stack.wait_for_events("start", 1, timeout=15)
     queued = [sleeper.apply_async((LONG, f"queued{i}")).id for i in range(3)]
@@ -253,7 +255,7 @@ NORMAL: dict[str, Callable[[Any], Any]] = {
     "stats": _stats,
     "active": shape,
     "scheduled": shape,
-    "reserved": shape,
+    "reserved": lambda reply: shape(reply, 0),  # how many wait: timing (pool_grow)
     "report": shape,
     "conf": lambda reply: sorted(set(_conf(reply)) & KOMBU_CONF_KEYS),
     "clock": shape,

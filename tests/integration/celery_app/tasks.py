@@ -162,6 +162,16 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
         record(settings, "finish", **where)
         return label
 
+    @app.task(name="sleep_acked_early", shared=False, bind=True, acks_late=False)
+    def sleep_acked_early(self: Task, seconds: float, label: str = "") -> str:
+        """As ``sleep_then_record``, but acked when it starts: its prefetch slot is free at
+        once, so the consumer takes the next message and hands it to a pool that is busy."""
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", **where)
+        time.sleep(seconds)
+        record(settings, "finish", **where)
+        return label
+
     @app.task(name="record_now", shared=False, bind=True)
     def record_now(self: Task, label: str = "") -> str:
         """Records a start and a finish at once; not acks_late (acked when it starts)."""
