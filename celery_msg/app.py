@@ -7,6 +7,11 @@ dead-letters it, with a reason, and so it does for disallowed content types, mes
 task headers and unknown tasks. Its consumer also applies the app's policies per message
 (expired and poison messages, the ack mode; see :mod:`celery_msg.worker` for the rest), and it
 validates the transport options and policies at start-up.
+
+For operators, on a celery-msg connection, the consumer also names the worker's anonymous
+``Broadcast`` queues after its node name (:mod:`celery_msg.broadcast`: a restarted worker gets
+what was broadcast meanwhile) and answers ``inspect scheduled`` from the queues' schedules in
+Redis (:mod:`celery_msg.control`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import safe_repr
 
+from .broadcast import name_broadcast_queues
+from .control import install_scheduled
 from .core import Broker
 from .errors import PoisonMessage
 from .headers import expires_ms
@@ -93,6 +100,10 @@ class Consumer(CeleryConsumer):
         self.policies = app_policies(self.app)
         # Before the pool forks: its processes inherit the prepared tasks.
         install(self.app, self.policies)
+        if _uses_celery_msg(self.app):
+            # Before the consumer starts: it reads the queue table when it starts consuming.
+            name_broadcast_queues(self.app.amqp.queues, self.hostname)
+        install_scheduled(Consumer)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=True)
 
     def update_strategies(self) -> None:

@@ -3,6 +3,7 @@ the worker's memory, start on time, run once each, and survive the worker's SIGK
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -109,3 +110,36 @@ def test_countdown_tasks_survive_a_sigkill_of_the_worker_while_they_are_due_and_
     done_by_doomed = {e.task for e in stack.events("finish") if e.worker == doomed.nodename}
     assert not again & done_by_doomed
     assert all(e.time >= sent + countdown for e in stack.events("start"))
+
+
+def test_inspect_scheduled_lists_the_countdown_tasks_waiting_in_redis_with_their_etas(
+    make_stack: StackFactory,
+):
+    stack = make_stack()
+    worker = stack.worker()
+    recorder = stack.task("record_eta")
+    sent = time.time()
+    ids = [recorder.apply_async((f"t{i}",), countdown=60 + i).id for i in range(3)]
+    # A payload no worker could read, in the same schedule: left out, never a failed reply.
+    stack.broker.publish(
+        DEFAULT_QUEUE, "junk", b"\xff not a message", 0, due_ms=int(sent + 61) * 1000
+    )
+    assert stack.broker.counts(DEFAULT_QUEUE)["scheduled"] == 4
+
+    replies = stack.app.control.inspect(destination=[worker.nodename], timeout=5).scheduled()
+
+    assert replies is not None and list(replies) == [worker.nodename]
+    entries = replies[worker.nodename]
+    assert [e["request"]["id"] for e in entries] == ids  # soonest first
+    headers = {
+        info.id: json.loads(info.payload or b"{}")["headers"]
+        for info in (stack.broker.get(task_id) for task_id in ids)
+    }
+    for entry, task_id, countdown in zip(entries, ids, (60, 61, 62), strict=True):
+        assert entry["eta"] == headers[task_id]["eta"]
+        assert sent + countdown - 1 <= _eta(entry["eta"]) <= time.time() + countdown
+        assert entry["request"]["name"] == "record_eta"
+        assert entry["request"]["args"] == [f"t{countdown - 60}"]
+        assert entry["request"]["hostname"] == worker.nodename
+        assert set(entry) == {"eta", "priority", "request"}
+    assert stack.events("start") == []

@@ -811,3 +811,23 @@ def test_a_queue_with_a_corrupt_key_does_not_starve_the_other_queues_of_a_round(
     reports = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
     assert len(reports) == 1
     assert broker.keys("broken").leased in reports[0]
+
+
+# -- scheduled messages (inspect scheduled) -----------------------------------------------------
+
+
+def test_scheduled_lists_the_soonest_scheduled_messages_first_up_to_the_limit(broker: Broker):
+    now_ms = int(T0 * 1000)
+    for i, delay in enumerate((30_000, 10_000, 20_000)):
+        broker.publish("q", f"m{i}", f"body{i}", 0, due_ms=now_ms + delay)
+    broker.publish("q", "ready", "now", 0)
+
+    listed = broker.scheduled("q", limit=2)
+
+    assert [(m.queue, m.key, m.due_ms, m.payload) for m in listed] == [
+        ("q", "m1", now_ms + 10_000, b"body1"),
+        ("q", "m2", now_ms + 20_000, b"body2"),
+    ]
+    assert [m.key for m in broker.scheduled("q")] == ["m1", "m2", "m0"]
+    assert broker.scheduled("q", limit=0) == []
+    assert broker.scheduled("unknown") == []

@@ -12,6 +12,12 @@ ENV_PREFIX = "CELERY_MSG_TEST_"
 DEFAULT_QUEUE = "celery"
 #: Queue that ``task_routes`` sends the ``routed`` task to.
 SECOND_QUEUE = "second"
+#: The brokers the test app can use (URL schemes).
+TRANSPORTS = ("celery-msg", "redis")
+
+
+def _flag(text: str) -> bool:
+    return text == "True"
 
 
 @dataclass(frozen=True)
@@ -37,11 +43,21 @@ class Settings:
     #: event list keep the server's default user).
     broker_user: str = ""
     broker_password: str = ""
+    #: The broker: ``celery-msg`` (ours) or ``redis`` (kombu's redis transport, for comparing).
+    transport: str = "celery-msg"
+    #: Whether the app calls :func:`celery_msg.configure` (else the transport options are set
+    #: by hand, as an app that only changes its broker URL would).
+    configure: bool = True
+    #: Name of a ``Broadcast`` exchange added to ``task_queues`` ("" = none): the worker's
+    #: broadcast queue is declared without a name, as in Celery's documentation.
+    broadcast: str = ""
 
     @property
     def broker_url(self) -> str:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport {self.transport!r}: use one of {TRANSPORTS}")
         credentials = f"{self.broker_user}:{self.broker_password}@" if self.broker_user else ""
-        return f"celery-msg://{credentials}{urlsplit(self.redis_url).netloc}/0"
+        return f"{self.transport}://{credentials}{urlsplit(self.redis_url).netloc}/0"
 
     @property
     def backend_url(self) -> str:
@@ -65,7 +81,7 @@ class Settings:
         for f in fields(cls):
             name = f"{ENV_PREFIX}{f.name.upper()}"
             if name in environ:
-                kind = {"float": float, "int": int}.get(str(f.type), str)
+                kind = {"float": float, "int": int, "bool": _flag}.get(str(f.type), str)
                 values[f.name] = kind(environ[name])
         if "redis_url" not in values or "prefix" not in values:
             raise RuntimeError(

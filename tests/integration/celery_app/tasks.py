@@ -15,11 +15,15 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
+from celery.signals import celeryd_after_setup
 from celery.worker.control import control_command
+from kombu import Queue
+from kombu.common import Broadcast
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 import celery_msg
+import celery_msg.broadcast
 
 from .errors import Fatal, Transient
 from .policies import PROFILES
@@ -78,18 +82,45 @@ def create_app(environ: Mapping[str, str]) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_lost_wait=settings.worker_lost_wait,
     )
-    celery_msg.configure(
-        app,
-        key_prefix=settings.prefix,
-        lease_timeout=settings.lease_timeout,
-        sweep_interval=settings.sweep_interval,
-        binding_ttl=settings.binding_ttl,
-        max_deliveries=settings.max_deliveries,
-        socket_timeout=5.0,
-        policies=PROFILES[settings.policies] if settings.policies else None,
-    )
+    if settings.broadcast:
+        app.conf.task_queues = (
+            Queue(DEFAULT_QUEUE),
+            Queue(SECOND_QUEUE),
+            Broadcast(settings.broadcast),
+        )
+    policies = PROFILES[settings.policies] if settings.policies else None
+    if settings.transport == "redis":
+        # kombu's own redis transport, for comparing what operators see.
+        app.conf.broker_transport_options = {"global_keyprefix": settings.prefix}
+        if settings.configure:
+            celery_msg.configure(app, policies=policies)
+    else:
+        options: dict[str, Any] = {
+            "key_prefix": settings.prefix,
+            "lease_timeout": settings.lease_timeout,
+            "sweep_interval": settings.sweep_interval,
+            "binding_ttl": settings.binding_ttl,
+            "max_deliveries": settings.max_deliveries,
+            "socket_timeout": 5.0,
+        }
+        if settings.configure:
+            celery_msg.configure(app, policies=policies, **options)
+        else:
+            if policies is not None:
+                options["policies"] = policies
+            app.conf.broker_transport_options = options
+            _name_broadcast_queues_by_hand(app)
     _register_tasks(app, settings)
     return app
+
+
+def _name_broadcast_queues_by_hand(app: Celery) -> None:
+    """What the README tells an app without ``configure()`` to do for its Broadcast queues."""
+
+    @celeryd_after_setup.connect(weak=False)
+    def name_broadcast_queues(sender: str, instance: Any, **kwargs: Any) -> None:
+        if instance.app is app:
+            celery_msg.broadcast.name_broadcast_queues(instance.app.amqp.queues, sender)
 
 
 def _describe(task: Task) -> dict[str, Any]:
@@ -125,6 +156,16 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(name="sleep_then_record", shared=False, bind=True, acks_late=True)
     def sleep_then_record(self: Task, seconds: float, label: str = "") -> str:
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", **where)
+        time.sleep(seconds)
+        record(settings, "finish", **where)
+        return label
+
+    @app.task(name="sleep_acked_early", shared=False, bind=True, acks_late=False)
+    def sleep_acked_early(self: Task, seconds: float, label: str = "") -> str:
+        """As ``sleep_then_record``, but acked when it starts: its prefetch slot is free at
+        once, so the consumer takes the next message and hands it to a pool that is busy."""
         where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
         record(settings, "start", **where)
         time.sleep(seconds)
@@ -222,6 +263,8 @@ def record_broadcast(state: Any, token: str) -> dict[str, str]:
 
 @control_command()
 def unencodable_reply(state: Any) -> dict[str, object]:
-    """A remote-control command whose reply JSON cannot encode: Celery logs "Control command
-    error" and resets the worker's remote-control consumer (a new channel)."""
-    return {"value": object()}
+    """A test-only command whose reply cannot be encoded: the worker's reply fails (Celery
+    then resets its remote-control consumer). Records that it ran."""
+    settings = Settings.from_environ(os.environ)
+    record(settings, "control", token="unencodable", worker=state.consumer.hostname)
+    return {"ok": object()}
