@@ -11,6 +11,7 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from .app import configure
 from .errors import (
+    AuthenticationFailed,
     BrokerConnectionError,
     CeleryMsgError,
     ConfigurationError,
@@ -29,6 +30,7 @@ TRANSPORT_ALIASES.setdefault("celery-msgs", "celery_msg.transport:Transport")
 connect_worker_checks()
 
 __all__ = [
+    "AuthenticationFailed",
     "BrokerConnectionError",
     "CeleryMsgError",
     "ConfigurationError",

@@ -15,6 +15,11 @@ class ConfigurationError(CeleryMsgError, ValueError):
     """An option, URL or policy is invalid. The message names the option."""
 
 
+class AuthenticationFailed(ConfigurationError):
+    """Redis refused the credentials of the broker URL (wrong user or password): retrying
+    will not help, so it is not a :class:`BrokerConnectionError`."""
+
+
 class BrokerConnectionError(CeleryMsgError, ConnectionError):
     """Redis cannot be reached, or the connection dropped mid-command."""
 

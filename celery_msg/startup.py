@@ -64,8 +64,7 @@ def check_broker_url(url: object) -> None:
     suggestion = suggest_scheme(scheme)
     if suggestion is not None:
         raise ConfigurationError(
-            f"broker_url scheme '{scheme}://' is not a transport: "
-            f"did you mean {suggestion}:// ?"
+            f"broker_url scheme '{scheme}://' is not a transport: did you mean {suggestion}:// ?"
         )
 
 
