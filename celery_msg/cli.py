@@ -387,22 +387,32 @@ def history(info: MessageInfo, ascending: bool = False) -> list[str]:
         lines.append(f"retry {retries} of the task{since}")
     if headers.get("eta"):
         lines.append(f"eta {headers['eta']}")
+    record = info.dead_reason
+    replayed = record is not None and info.state is not State.DEAD
+    if replayed:
+        # replay keeps the record of the earlier death until the message is acked.
+        lines.append(f"{_died(record)}; replayed from the dead-letter store")
     if info.state is State.SCHEDULED:
         lines.append(f"waits in Redis until {_when(info.due)}")
     if info.deliveries:
-        lines.append(f"delivered {info.deliveries} time(s)")
+        since = " since the replay" if replayed else ""
+        lines.append(f"delivered {info.deliveries} time(s){since}")
     if info.state is State.RESERVED:
         lines.append(f"leased to {info.owner} until {_when(info.lease_deadline)}")
     if info.state is State.READY:
         lines.append("waiting in its queue")
-    if info.state is State.DEAD and info.dead_reason:
-        record = info.dead_reason
-        when = record.get("time")
-        lines.append(
-            f"dead-lettered {_when(when if isinstance(when, float) else None)}: "
-            f"{record.get('reason')}: {record.get('detail')}"
-        )
+    if info.state is State.DEAD and record:
+        lines.append(_died(record))
     return lines
+
+
+def _died(record: dict[str, Any] | None) -> str:
+    record = record or {}
+    when = record.get("time")
+    return (
+        f"dead-lettered {_when(when if isinstance(when, float) else None)}: "
+        f"{record.get('reason')}: {record.get('detail')}"
+    )
 
 
 def _int(value: object) -> int:

@@ -91,12 +91,14 @@ local function release(q, key)
   redis.call('HDEL', q.owner, key)
 end
 
--- Remove every trace of key but its dead-letter entry.
+-- Remove every trace of key but its dead-letter entry (the caller removes that), including
+-- the record of a replayed message's earlier death.
 local function forget(q, key)
   release(q, key)
   redis.call('HDEL', q.body, key)
   redis.call('HDEL', q.order, key)
   redis.call('HDEL', q.deliv, key)
+  redis.call('HDEL', q.reason, key)
   local owner = redis.call('HGET', q.dups, key)
   if owner then
     redis.call('HDEL', q.dups, key)

@@ -707,3 +707,17 @@ def test_a_wrong_password_is_reported_as_an_authentication_error(
     assert done.returncode == 1, _explain(done)
     assert "AuthenticationFailed" in done.stderr
     assert "unreachable" not in done.stderr
+
+
+def test_inspect_after_a_replay_shows_the_replay_in_the_history(stack: Stack, cli: CLI):
+    worker = stack.worker()
+    [task_id] = fail_on_worker(stack, "boom")
+    worker.kill()  # nothing consumes: the replayed message stays READY
+    cli.ok("dlq", "replay", task_id, "--yes")
+
+    text = cli.ok("inspect", task_id)
+    [instance] = cli.json("inspect", task_id)["instances"]
+
+    assert "READY" in text
+    assert "failed: ValueError: boom; replayed from the dead-letter store" in text
+    assert instance["state"] == "READY" and instance["dead_reason"]["reason"] == "failed"
