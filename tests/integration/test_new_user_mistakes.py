@@ -287,3 +287,28 @@ def test_configure_warns_that_eager_tasks_run_without_the_policies():
 
     assert [w.category for w in caught] == [PolicyNotAppliedWarning]
     assert "not applied" in str(caught[0].message)
+
+
+# -- 4. a config written for kombu's redis transport -----------------------------------------
+
+
+def test_two_apps_that_global_keyprefix_keeps_apart_do_not_share_queues(
+    server: Server, prefix: str
+):
+    import kombu
+
+    def connection(app: str) -> kombu.Connection:
+        options = {"global_keyprefix": f"{prefix}{app}:", "client_name": f"kombu-config-{app}"}
+        return kombu.Connection(broker_url(server), transport_options=options)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # honoured options warn about nothing
+        with connection("a") as a, connection("b") as b:
+            a.SimpleQueue("signups").put({"from": "a"})
+            queue_b = b.SimpleQueue("signups")
+            with pytest.raises(queue_b.Empty):
+                queue_b.get(timeout=0.2)
+            assert a.SimpleQueue("signups").get(timeout=5).payload == {"from": "a"}
+            with server.process.client() as client:
+                names = {c["name"] for c in client.client_list()}
+            assert {"kombu-config-a", "kombu-config-b"} <= names
