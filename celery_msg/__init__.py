@@ -22,11 +22,13 @@ from .errors import (
     ScriptError,
 )
 from .policy import DeadLetter, Exponential, Fixed, Policies, Policy, Retry, Unique
+from .startup import connect_worker_checks
 
 __version__ = "0.1.0"
 
 TRANSPORT_ALIASES.setdefault("celery-msg", "celery_msg.transport:Transport")
 TRANSPORT_ALIASES.setdefault("celery-msgs", "celery_msg.transport:Transport")
+connect_worker_checks()
 
 __all__ = [
     "AuthenticationFailed",

@@ -34,6 +34,7 @@ from .errors import PoisonMessage
 from .headers import expires_ms
 from .options import TransportOptions
 from .policy import Policies, Resolved, policies_from
+from .startup import check_configure
 from .worker import Strategies, ack_modes, install
 
 CONSUMER = "celery_msg.app:Consumer"
@@ -48,10 +49,14 @@ def configure(app: Celery, *, policies: Policies | None = None, **transport_opti
     ``policies`` (else the app's ``msg_policies`` setting, ``CELERY_MSG_POLICIES`` in Django)
     and ``transport_options`` go into ``broker_transport_options``. Call it after the app's
     configuration is loaded. Raises :class:`celery_msg.ConfigurationError` naming the first
-    invalid option or policy field.
+    invalid option or policy field, a broker URL that is a typo of ``celery-msg://`` ("did you
+    mean"), and policies given for a broker that is not celery-msg. Warns
+    (:class:`~celery_msg.startup.PolicyNotAppliedWarning`) that ``task_always_eager`` tasks run
+    without the policies.
     """
     options = {**(app.conf.broker_transport_options or {}), **transport_options}
     chosen = policies_from(policies if policies is not None else app.conf.get("msg_policies"))
+    check_configure(app, chosen)
     limit = options.get("max_deliveries")
     if limit and chosen.default.max_deliveries is None:
         # The worker applies it, as any policy: the result backend then learns of the poison

@@ -19,14 +19,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .api import broker_for
 from .cli_migrate import migrate
-from .core import MessageInfo, State
-from .deadletters import DeadFilter, DeadLetters, DeadMessage, decode_message
+from .core import UNREADABLE_RECORD, MessageInfo, State
+from .deadletters import DeadFilter, DeadLetters, DeadMessage, decode_body, decode_message
 from .errors import CeleryMsgError, MessageNotFound
 from .headers import FIRST_FAILURE_HEADER
 
@@ -75,10 +76,14 @@ def _dead_letters(ctx: click.Context) -> Iterator[DeadLetters]:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _when(seconds: float | None) -> str:
+def _when(seconds: float | None, *, short: bool = False) -> str:
     if not seconds:
         return "-"
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        moment = datetime.fromtimestamp(seconds, UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"? ({seconds!r})"
+    return moment.strftime("%Y-%m-%d %H:%M:%S" if short else "%Y-%m-%d %H:%M:%S UTC")
 
 
 def _emit_json(value: Any) -> None:
@@ -136,19 +141,61 @@ def dlq_list(ctx: click.Context, /, limit: int, as_json: bool, **filters: Any) -
         found = list(itertools.islice(store.iter(_where(**filters)), limit))
     if as_json:
         _emit_json([m.as_dict() for m in found])
+        _report_unreadable(store.unreadable)
         return
     if not found:
         click.echo("no dead messages match")
+        _report_unreadable(store.unreadable)
         return
-    table = Table(title=f"dead messages (first {limit})" if len(found) >= limit else None)
-    for column in ("id", "queue", "task", "reason", "detail", "deliveries", "last failure"):
-        table.add_column(column, overflow="fold")
+    # An id is copied into `dlq show`: it never wraps or is cut, whatever the terminal width.
+    # A table when it fits with every column readable, else one block per message.
+    console = Console()
+    table = _dead_table(found, limit)
+    # rich drops columns rather than overflow: compare with every column's minimum ourselves.
+    needed = sum(c.min_width or 0 for c in table.columns) + 2 * (len(table.columns) - 1)
+    if needed <= console.width:
+        console.print(table)
+    else:
+        for m in found:
+            click.echo(m.id)
+            click.echo(
+                f"    {m.queue}  {m.task or '-'}  {m.reason}  {m.deliveries} deliveries  "
+                f"{_when(m.last_failure)}"
+            )
+            if m.detail:
+                click.echo(f"    {m.detail[:200]}")
+    _report_unreadable(store.unreadable)
+
+
+def _dead_table(found: list[DeadMessage], limit: int) -> Table:
+    table = Table(
+        title=f"dead messages (first {limit})" if len(found) >= limit else None,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("id", no_wrap=True, min_width=max(len(m.id) for m in found))
+    table.add_column("queue", overflow="fold", min_width=6)
+    table.add_column("task", overflow="fold", min_width=12)
+    table.add_column("reason", overflow="fold", min_width=7)
+    table.add_column("detail", overflow="fold", min_width=16, ratio=1)
+    table.add_column("deliv.", no_wrap=True, justify="right", min_width=6)
+    table.add_column("last failure (UTC)", no_wrap=True, min_width=19)
     for m in found:
         table.add_row(
             m.id, m.queue, m.task or "-", m.reason, m.detail[:80], str(m.deliveries),
-            _when(m.last_failure),
+            _when(m.last_failure, short=True),
         )  # fmt: skip
-    Console().print(table)
+    return table
+
+
+def _report_unreadable(count: int) -> None:
+    """Records another program wrote badly (not JSON, names not UTF-8): counted, not raised."""
+    if count:
+        click.echo(
+            f"{count} unreadable record(s) skipped or shown as {UNREADABLE_RECORD} "
+            f"(not JSON, or names that are not UTF-8); see the log",
+            err=True,
+        )
 
 
 @dlq.command(name="show")
@@ -171,6 +218,16 @@ def dlq_show(ctx: click.Context, message_id: str, queue: str | None, as_json: bo
     console.print(f"[bold]{'retries':>14}[/bold]  {message.retries}")
     console.print(f"[bold]{'first failure':>14}[/bold]  {_when(message.first_failure)}")
     console.print(f"[bold]{'last failure':>14}[/bold]  {_when(message.last_failure)}")
+    body = decode_body(message.payload)
+    if body.args is not None:
+        for name, value in (("args", body.args), ("kwargs", body.kwargs)):
+            text = json.dumps(value, ensure_ascii=False, default=str)
+            console.print(f"[bold]{name:>14}[/bold]  ", end="")
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(f"[bold]{'body':>14}[/bold]  ({body.note})")
+        if body.text is not None:
+            console.print(body.text, markup=False, highlight=False)
     console.print("[bold]headers[/bold]")
     console.print_json(json.dumps(message.headers, default=str))
     if message.traceback:
@@ -279,8 +336,10 @@ dlq_purge = _bulk_command("purge", "Delete dead messages for good.")
 def inspect_message(ctx: click.Context, message_id: str, as_json: bool) -> None:
     """One message's state in the broker and its history, by ID (a Celery task id)."""
     app = _app(ctx)
+    ascending = (app.conf.broker_transport_options or {}).get("priority_order") == "asc"
     try:
         with broker_for(app) as broker:
+            _, unreadable = broker.queue_registry()
             found = broker.lookup(message_id)
     except CeleryMsgError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
@@ -290,62 +349,94 @@ def inspect_message(ctx: click.Context, message_id: str, as_json: bool) -> None:
             {
                 "id": message_id,
                 "result": result,
-                "instances": [_info_dict(i) for i in found],
+                "instances": [_info_dict(i, ascending) for i in found],
             }
         )
+        _report_unreadable(unreadable)
         return
     console = Console()
     console.print(f"[bold]message[/bold] {message_id}   [bold]result[/bold] {result or '-'}")
     if not found:
         console.print("no trace in the broker: acked (done), purged, or never published")
-        return
     for info in found:
         console.print(f"\n[bold]{info.state}[/bold] in queue [bold]{info.queue}[/bold]")
-        for line in history(info):
+        for line in history(info, ascending):
             console.print(f"  {line}", markup=False, highlight=False)
+    _report_unreadable(unreadable)
 
 
-def history(info: MessageInfo) -> list[str]:
+def priority_of(info: MessageInfo, ascending: bool = False) -> int | None:
+    """The message's priority (0..255) from its band: ``desc`` order stores 255 - priority."""
+    if info.priority_band is None:
+        return None
+    return info.priority_band if ascending else 255 - info.priority_band
+
+
+def history(info: MessageInfo, ascending: bool = False) -> list[str]:
     """What the broker knows of a stored message's past, oldest first, one line per fact."""
     headers = decode_message(info.payload or b"").get("headers")
     headers = headers if isinstance(headers, dict) else {}
-    lines = [f"published as {info.key} (priority band {info.priority_band}; 0 is served first)"]
-    retries = int(headers.get("retries") or 0)
+    first_served = "lower" if ascending else "higher"
+    lines = [
+        f"published as {info.key} (priority {priority_of(info, ascending)} of 0-255, "
+        f"{first_served} served first)"
+    ]
+    retries = _int(headers.get("retries"))
     if retries:
-        first = headers.get(FIRST_FAILURE_HEADER)
-        since = f", first failure {_when(int(first) / 1000)}" if first else ""
+        first = _int(headers.get(FIRST_FAILURE_HEADER))
+        since = f", first failure {_when(first / 1000)}" if first else ""
         lines.append(f"retry {retries} of the task{since}")
     if headers.get("eta"):
         lines.append(f"eta {headers['eta']}")
+    record = info.dead_reason
+    replayed = record is not None and info.state is not State.DEAD
+    if replayed:
+        # replay keeps the record of the earlier death until the message is acked.
+        lines.append(f"{_died(record)}; replayed from the dead-letter store")
     if info.state is State.SCHEDULED:
         lines.append(f"waits in Redis until {_when(info.due)}")
     if info.deliveries:
-        lines.append(f"delivered {info.deliveries} time(s)")
+        since = " since the replay" if replayed else ""
+        lines.append(f"delivered {info.deliveries} time(s){since}")
     if info.state is State.RESERVED:
         lines.append(f"leased to {info.owner} until {_when(info.lease_deadline)}")
     if info.state is State.READY:
         lines.append("waiting in its queue")
-    if info.state is State.DEAD and info.dead_reason:
-        record = info.dead_reason
-        lines.append(
-            f"dead-lettered {_when(float(record.get('time', 0)) / 1000)}: "
-            f"{record.get('reason')}: {record.get('detail')}"
-        )
+    if info.state is State.DEAD and record:
+        lines.append(_died(record))
     return lines
 
 
-def _info_dict(info: MessageInfo) -> dict[str, Any]:
+def _died(record: dict[str, Any] | None) -> str:
+    record = record or {}
+    when = record.get("time")
+    return (
+        f"dead-lettered {_when(when if isinstance(when, float) else None)}: "
+        f"{record.get('reason')}: {record.get('detail')}"
+    )
+
+
+def _int(value: object) -> int:
+    """A count or time read from a message's headers, 0 when it is not a number."""
+    try:
+        return int(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _info_dict(info: MessageInfo, ascending: bool = False) -> dict[str, Any]:
     return {
         "key": info.key,
         "queue": info.queue,
         "state": str(info.state),
         "deliveries": info.deliveries,
+        "priority": priority_of(info, ascending),
         "priority_band": info.priority_band,
         "owner": info.owner,
         "lease_deadline": info.lease_deadline,
         "due": info.due,
         "dead_reason": info.dead_reason,
-        "history": history(info),
+        "history": history(info, ascending),
     }
 
 

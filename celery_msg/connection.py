@@ -82,11 +82,20 @@ def redis_params(address: BrokerAddress, options: TransportOptions) -> dict[str,
         "username": address.userid or None,
         "password": address.password or None,
         "socket_timeout": options.socket_timeout,
-        "socket_connect_timeout": options.socket_timeout,
-        "socket_keepalive": True,
+        "socket_connect_timeout": (
+            options.socket_timeout
+            if options.socket_connect_timeout is None
+            else options.socket_connect_timeout
+        ),
+        "socket_keepalive": options.socket_keepalive,
+        "socket_keepalive_options": (
+            dict(options.socket_keepalive_options) if options.socket_keepalive_options else None
+        ),
         "health_check_interval": options.health_check_interval,
-        "client_name": f"celery-msg:{socket.gethostname()}:{os.getpid()}",
+        "client_name": options.client_name or f"celery-msg:{socket.gethostname()}:{os.getpid()}",
     }
+    if options.max_connections is not None:
+        params["max_connections"] = options.max_connections
     if address.scheme == TLS_SCHEME or address.ssl:
         params.update(tls_params(address.ssl))
     return params

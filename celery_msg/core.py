@@ -29,6 +29,7 @@ import redis
 from redis.commands.core import Script
 
 from .errors import (
+    AuthenticationFailed,
     BrokerConnectionError,
     MessageNotFound,
     PermissionDenied,
@@ -208,12 +209,10 @@ def translated(exc: BaseException, what: str) -> Exception | None:
             f"{what}: the broker URL's ACL user may not run this (see README, Security): {exc}"
             + (f" [{line}]" if line else "")
         )
-    if isinstance(exc, redis.AuthenticationError):
-        # After start-up (a password rotated under a running worker): retried as an outage,
-        # but said for what it is. At start-up the transport raises AuthenticationFailed.
-        return BrokerConnectionError(f"{what}: Redis refused the credentials: {exc}")
     if isinstance(exc, redis.ResponseError):
         return ScriptError(f"{what}: {exc}")
+    if isinstance(exc, redis.AuthenticationError):  # a ConnectionError in redis-py
+        return AuthenticationFailed(f"{what}: Redis refused the credentials: {exc}")
     if isinstance(exc, REDIS_CONNECTION_ERRORS):
         return BrokerConnectionError(f"{what}: Redis unreachable: {exc}")
     return None
@@ -455,8 +454,25 @@ class Broker:
         return True
 
     def queues(self) -> list[str]:
+        return self.queue_registry()[0]
+
+    def queue_registry(self) -> tuple[list[str], int]:
+        """The registered queue names, and how many registered names were skipped because
+        they are not UTF-8 (written by something else: a bad migration, a buggy tool)."""
         with translated_errors("list queues"):
-            return sorted(_text(q) for q in self.client.smembers(queues_key(self.prefix)))
+            raw = self.client.smembers(queues_key(self.prefix))
+        names: list[str] = []
+        for name in raw:
+            try:
+                names.append(_text(name))
+            except UnicodeDecodeError:
+                continue
+        skipped = len(raw) - len(names)
+        if skipped:
+            logger.warning(
+                "skipped %d queue name(s) that are not UTF-8 in %s", skipped, self.prefix
+            )
+        return sorted(names), skipped
 
     def exists(self, queue: str) -> bool:
         with translated_errors(f"check queue {queue!r}"):
@@ -1171,9 +1187,37 @@ def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo |
         owner=None if owner is None else _text(owner),
         lease_deadline=None if leased is None else float(leased) / 1000.0,
         due=None if due is None else float(due) / 1000.0,
-        dead_reason=None if reason is None else json.loads(reason),
+        dead_reason=None if reason is None else dead_record(reason),
         payload=body,
     )
+
+
+#: Reason given to a dead-letter record that is not a JSON object (written by something else).
+UNREADABLE_RECORD = "unreadable-record"
+#: Fields of a dead-letter record kept in epoch milliseconds in Redis; look-ups give seconds.
+_RECORD_TIMES = ("time", "first_failure", "last_failure")
+
+
+def dead_record(raw: bytes | str) -> dict[str, Any]:
+    """A stored dead-letter record as look-ups return it: times in seconds since the epoch
+    (floats, as every public time); one that is not a JSON object is reported, not raised, as
+    reason :data:`UNREADABLE_RECORD`, so that one bad record cannot break a listing."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        return {
+            "reason": UNREADABLE_RECORD,
+            "detail": f"dead-letter record is not a JSON object: {raw[:60]!r}",
+        }
+    for name in _RECORD_TIMES:
+        if name in value:
+            try:
+                value[name] = float(value[name]) / 1000.0
+            except (TypeError, ValueError):
+                value[name] = None
+    return value
 
 
 def _record_json(reason: str, detail: str, now_ms: int, extra: Mapping[str, Any]) -> str:

@@ -3,19 +3,24 @@
 A dead message keeps its body (the whole kombu message: headers included) under its key in the
 queue, and a JSON record of why it died (``reason``: ``failed``, ``poison``, ``expired``,
 ``undecodable``, ``rejected`` ...; for a failed task the exception type, message and traceback;
-``first_failure`` / ``last_failure`` in epoch ms). Replay and purge are scripts that act on a key
-only while it is still dead, so two operators working at once never enqueue a message twice.
+``first_failure`` / ``last_failure``, stored in epoch ms, public in seconds like every time).
+Replay and purge are scripts that act on a key only while it is still dead, so two operators
+working at once never enqueue a message twice. Records are read defensively: one written badly
+by another program is counted (:attr:`DeadLetters.unreadable`), never raised.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .core import Broker, MessageInfo, ScriptCall, State, translated_errors
+from .core import UNREADABLE_RECORD, Broker, MessageInfo, ScriptCall, State, translated_errors
 from .errors import MessageNotFound
 from .scripts import Code
 
@@ -42,23 +47,24 @@ class DeadMessage:
 
     @classmethod
     def from_info(cls, info: MessageInfo) -> DeadMessage:
+        # Everything here was read from Redis: a field of the wrong type is shown, not raised.
         record = info.dead_reason or {}
         message = decode_message(info.payload or b"")
         headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
-        last = float(record.get("last_failure") or record.get("time") or 0) / 1000.0
-        first = float(record.get("first_failure") or 0) / 1000.0 or last
+        last = _seconds(record.get("last_failure")) or _seconds(record.get("time"))
+        first = _seconds(record.get("first_failure")) or last
         return cls(
             id=info.id,
             key=info.key,
             queue=info.queue,
-            task=record.get("task") or (headers or {}).get("task"),
+            task=_text_or_none(record.get("task")) or _text_or_none((headers or {}).get("task")),
             reason=str(record.get("reason", "unknown")),
             detail=str(record.get("detail", "")),
-            exc_type=record.get("exc_type"),
-            exc_message=record.get("exc_message"),
-            traceback=record.get("traceback"),
+            exc_type=_text_or_none(record.get("exc_type")),
+            exc_message=_text_or_none(record.get("exc_message")),
+            traceback=_text_or_none(record.get("traceback")),
             deliveries=info.deliveries,
-            retries=int((headers or {}).get("retries") or 0),
+            retries=int(_seconds((headers or {}).get("retries"))),
             first_failure=first,
             last_failure=last,
             headers=dict(headers or {}),
@@ -123,12 +129,19 @@ class DeadLetters:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        #: Records skipped or shown as ``unreadable-record`` by the listings so far (keys or
+        #: queue names that are not UTF-8, records that are not JSON objects).
+        self.unreadable = 0
 
     def iter(self, where: DeadFilter | None = None, batch: int = 500) -> Iterator[DeadMessage]:
         """Dead messages matching ``where``, oldest first within each queue."""
         where = where or DeadFilter()
         now = self.broker.clock()
-        queues = [where.queue] if where.queue is not None else self.broker.queues()
+        if where.queue is not None:
+            queues = [where.queue]
+        else:
+            queues, skipped = self.broker.queue_registry()
+            self.unreadable += skipped
         for queue in queues:
             for message in self._scan(queue, batch):
                 if where.matches(message, now):
@@ -150,7 +163,7 @@ class DeadLetters:
                 )
             if not page:
                 return
-            yield from self._dead(queue, [key.decode() for key, _ in page])
+            yield from self._dead(queue, self._names([key for key, _ in page]))
             if len(page) < batch:
                 return
             last = page[-1][1]
@@ -158,13 +171,26 @@ class DeadLetters:
             with translated_errors(f"list dead letters of {queue!r}"):
                 same = cast(list[bytes], self.broker.client.zrangebyscore(dead_key, last, last))
             seen = {key for key, _ in page}
-            yield from self._dead(queue, [key.decode() for key in same if key not in seen])
+            yield from self._dead(queue, self._names([key for key in same if key not in seen]))
+
+    def _names(self, raw: list[bytes]) -> list[str]:
+        """Message keys as text; ones that are not UTF-8 are counted and skipped."""
+        names = []
+        for key in raw:
+            try:
+                names.append(key.decode())
+            except UnicodeDecodeError:
+                self.unreadable += 1
+        return names
 
     def _dead(self, queue: str, keys: list[str]) -> Iterator[DeadMessage]:
         """The dead ones of ``keys`` (one round trip), as DeadMessages."""
         for info in self.broker.infos(queue, keys):
             if info is not None and info.state is State.DEAD:
-                yield DeadMessage.from_info(info)
+                message = DeadMessage.from_info(info)
+                if message.reason == UNREADABLE_RECORD:
+                    self.unreadable += 1
+                yield message
 
     def get(self, message_id: str, queue: str | None = None) -> DeadMessage:
         """The newest dead instance of ``message_id`` (a task id, or a key ``id/<n>``)."""
@@ -251,3 +277,60 @@ def decode_message(payload: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _seconds(value: object) -> float:
+    """A number read from Redis, or 0.0 when it is not one."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class DecodedBody:
+    """A stored message's body made readable: a Celery task's ``args`` and ``kwargs``, else
+    its text; ``note`` says what it is when it is neither."""
+
+    args: Any = None
+    kwargs: Any = None
+    text: str | None = None
+    note: str = ""
+
+
+def decode_body(payload: bytes) -> DecodedBody:
+    """Undo kombu's body encoding (base64) and the content type (JSON) of a stored message.
+
+    Everything is untrusted: any step that fails gives a note, never an exception."""
+    message = decode_message(payload)
+    if not message:
+        return DecodedBody(note=f"not a kombu message: {len(payload)} bytes")
+    body = message.get("body")
+    properties = message.get("properties")
+    encoding = properties.get("body_encoding") if isinstance(properties, dict) else None
+    content_type = str(message.get("content-type") or "")
+    raw: bytes
+    if encoding == "base64" and isinstance(body, str):
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except (ValueError, binascii.Error):
+            return DecodedBody(text=body, note="body_encoding base64, but not base64")
+    elif isinstance(body, str):
+        raw = body.encode("utf-8", "surrogateescape")
+    else:
+        return DecodedBody(text=json.dumps(body, default=str), note="body not a string")
+    if content_type != "application/json":
+        text = raw.decode("utf-8", "replace")
+        return DecodedBody(text=text, note=f"content type {content_type or 'unknown'}")
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return DecodedBody(text=raw.decode("utf-8", "replace"), note="JSON content type, not JSON")
+    if isinstance(value, list) and len(value) == 3 and isinstance(value[0], list):
+        return DecodedBody(args=value[0], kwargs=value[1], note="")
+    return DecodedBody(text=json.dumps(value, indent=2, default=str), note="JSON")

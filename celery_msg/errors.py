@@ -15,6 +15,11 @@ class ConfigurationError(CeleryMsgError, ValueError):
     """An option, URL or policy is invalid. The message names the option."""
 
 
+class AuthenticationFailed(ConfigurationError):
+    """Redis refused the credentials of the broker URL (wrong user or password): retrying
+    will not help, so it is not a :class:`BrokerConnectionError`."""
+
+
 class BrokerConnectionError(CeleryMsgError, ConnectionError):
     """Redis cannot be reached, or the connection dropped mid-command."""
 
@@ -54,11 +59,6 @@ class ScriptError(CeleryMsgError):
 class PermissionDenied(ScriptError):
     """Redis refused a command or key to the broker URL's ACL user ("NOPERM"). The message names
     what was refused; README's Security section lists every command celery-msg needs."""
-
-
-class AuthenticationFailed(ConfigurationError):
-    """Redis refused the broker URL's user name or password: a configuration problem, not an
-    outage, so it is not retried as one."""
 
 
 class PoisonMessage(CeleryMsgError):

@@ -8,6 +8,7 @@ default). Times are public in seconds, as in Celery; the core works in integer m
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -18,26 +19,54 @@ from .policy import Policies
 QueueOrder = Literal["fair", "strict"]
 PriorityOrder = Literal["desc", "asc"]
 
-#: kombu's own transport options that the virtual transport or kombu.Connection read themselves.
-#: We accept them so that generic Celery settings keep working, and ignore them.
-KOMBU_PASSTHROUGH = frozenset(
-    {
-        "max_retries",
-        "interval_start",
-        "interval_step",
-        "interval_max",
-        "confirm_publish",
-        "polling_interval",
-        "body_encoding",
-        "deadletter_queue",
-        "client_name",
-        "global_keyprefix",
-        "fanout_prefix",
-        "fanout_patterns",
-        "visibility_timeout",
-        "socket_keepalive",
-    }
+#: kombu's generic transport options, honoured by ``kombu.Connection`` itself (connection
+#: retries) or true of every celery-msg publish (``confirm_publish``: a publish returns once
+#: Redis stored it). Accepted silently.
+KOMBU_GENERIC = frozenset(
+    {"max_retries", "interval_start", "interval_step", "interval_max", "confirm_publish"}
 )
+
+#: Options of kombu's ``redis://`` transport that celery-msg cannot apply, each with why: a
+#: config written for kombu still starts, and says once (an :class:`IgnoredOptionWarning`)
+#: what it set for nothing. Connection options are honoured instead (fields below).
+KOMBU_IGNORED: Mapping[str, str] = {
+    "visibility_timeout": "leases replace the visibility timeout: set lease_timeout (seconds)",
+    "ack_emulation": "every delivery is leased and acked; there is nothing to emulate",
+    "unacked_key": "leases are kept per queue under key_prefix",
+    "unacked_index_key": "leases are kept per queue under key_prefix",
+    "unacked_mutex_key": "expired leases are reclaimed by a script, without a mutex",
+    "unacked_mutex_expire": "expired leases are reclaimed by a script, without a mutex",
+    "unacked_restore_limit": "set reclaim_batch",
+    "unacked_restore_interval": "set sweep_interval",
+    "unacked_restore_throttle": "set sweep_interval",
+    "sep": "priorities are exact (0..255): there are no per-priority queue names",
+    "priority_steps": "priorities are exact (0..255); set priority_order for their direction",
+    "queue_order_strategy": "set queue_order ('fair' or 'strict')",
+    "fanout_prefix": "broadcast queues are kept per binding under key_prefix",
+    "fanout_patterns": "broadcast queues are kept per binding under key_prefix",
+    "body_encoding": "bodies are stored as kombu sends them",
+    "deadletter_queue": "the dead-letter store of each queue keeps failed messages",
+    "polling_interval": "consumers block in Redis (BLPOP); they never poll",
+    "retry_on_timeout": (
+        "no command is retried inside redis-py (a script whose reply was lost must not run "
+        "twice); kombu and Celery reconnect with their own backoff"
+    ),
+    "reauth_check_interval": "streaming credential providers are not supported",
+    "master_name": "Redis Sentinel is not supported",
+    "min_other_sentinels": "Redis Sentinel is not supported",
+    "sentinel_kwargs": "Redis Sentinel is not supported",
+    "sentinel_fanout_compat": "Redis Sentinel is not supported",
+}
+
+#: kombu's name for ``key_prefix``.
+KOMBU_KEY_PREFIX = "global_keyprefix"
+
+
+class IgnoredOptionWarning(UserWarning):
+    """A transport option of kombu's redis transport that celery-msg accepts but cannot apply.
+
+    Python shows each one once per process; ``warnings.filterwarnings("ignore",
+    category=IgnoredOptionWarning)`` silences them."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,16 @@ class TransportOptions:
     max_deliveries: int = 0
     #: Seconds to wait for Redis on connect and on each command (None = no timeout).
     socket_timeout: float | None = 30.0
+    #: Seconds to wait for a new connection (None = ``socket_timeout``).
+    socket_connect_timeout: float | None = None
+    #: TCP keepalive on every connection to Redis.
+    socket_keepalive: bool = True
+    #: ``TCP_KEEPIDLE``-style socket options for keepalive (redis-py's mapping).
+    socket_keepalive_options: Mapping[int, int | bytes] | None = None
+    #: Most connections in one transport's pool (None = redis-py's default, unbounded).
+    max_connections: int | None = None
+    #: Connection name shown by ``CLIENT LIST`` (None = ``celery-msg:<host>:<pid>``).
+    client_name: str | None = None
     #: Seconds between client-side health checks of pooled connections.
     health_check_interval: float = 25.0
     #: Ack, retry and dead-letter policies (:class:`celery_msg.Policies`); set by
@@ -90,6 +129,31 @@ class TransportOptions:
         _non_negative("health_check_interval", self.health_check_interval)
         if self.socket_timeout is not None:
             _positive("socket_timeout", self.socket_timeout)
+        if self.socket_connect_timeout is not None:
+            _positive("socket_connect_timeout", self.socket_connect_timeout)
+        if not isinstance(self.socket_keepalive, bool):
+            raise ConfigurationError(
+                f"socket_keepalive must be True or False, got {self.socket_keepalive!r}"
+            )
+        if self.socket_keepalive_options is not None and not isinstance(
+            self.socket_keepalive_options, Mapping
+        ):
+            raise ConfigurationError(
+                "socket_keepalive_options must be a mapping of socket options, "
+                f"got {self.socket_keepalive_options!r}"
+            )
+        if self.max_connections is not None and (
+            not _is_int(self.max_connections) or self.max_connections < 1
+        ):
+            raise ConfigurationError(
+                f"max_connections must be an integer >= 1 or None, got {self.max_connections!r}"
+            )
+        if self.client_name is not None and (
+            not isinstance(self.client_name, str) or not self.client_name or " " in self.client_name
+        ):
+            raise ConfigurationError(
+                f"client_name must be a non-empty string without spaces, got {self.client_name!r}"
+            )
         for name in ("fetch_batch", "reclaim_batch"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -135,15 +199,40 @@ class TransportOptions:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> TransportOptions:
-        """Build from kombu's ``transport_options``, rejecting unknown names."""
+        """Build from kombu's ``transport_options``, rejecting unknown names.
+
+        kombu's redis options are honoured where they apply (connection options;
+        ``global_keyprefix`` as ``key_prefix``, which wins when both are set) and warned about
+        once each (:class:`IgnoredOptionWarning`, naming the option and why) where they do not.
+        """
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known - KOMBU_PASSTHROUGH)
+        unknown = sorted(
+            set(options) - known - KOMBU_GENERIC - set(KOMBU_IGNORED) - {KOMBU_KEY_PREFIX}
+        )
         if unknown:
             raise ConfigurationError(
                 f"unknown celery-msg transport option(s): {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}"
             )
+        for name in sorted(set(options) & set(KOMBU_IGNORED)):
+            warnings.warn(
+                f"transport option {name!r} of kombu's redis transport is ignored by "
+                f"celery-msg: {KOMBU_IGNORED[name]}",
+                IgnoredOptionWarning,
+                stacklevel=2,
+            )
         values = {k: v for k, v in options.items() if k in known}
+        if KOMBU_KEY_PREFIX in options:
+            given = options[KOMBU_KEY_PREFIX]
+            if "key_prefix" not in values:
+                values["key_prefix"] = given
+            elif values["key_prefix"] != given:
+                warnings.warn(
+                    f"transport options key_prefix={values['key_prefix']!r} and "
+                    f"global_keyprefix={given!r} differ: key_prefix wins",
+                    IgnoredOptionWarning,
+                    stacklevel=2,
+                )
         for name in SECONDS:
             if name in values and _is_int(values[name]):
                 values[name] = float(values[name])
@@ -160,6 +249,7 @@ SECONDS = (
     "binding_ttl",
     "binding_cache_ttl",
     "socket_timeout",
+    "socket_connect_timeout",
     "health_check_interval",
 )
 

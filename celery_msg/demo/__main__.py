@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -32,6 +33,8 @@ from celery_msg.servers import ServerProcess
 
 from .processes import FLASK_APP, Child, DemoError, Shop, free_port, web_server, worker
 
+#: Every key of a demo run starts with this, then a random part.
+DEMO_PREFIX = "shop-demo-"
 SHOWN_QUEUES = ("emails", "reports", "webhooks", "default")
 KINDS = ("email", "report", "webhook", "charge", "reminder", "broadcast")
 
@@ -94,7 +97,8 @@ def _redis_url(console: Console) -> Iterator[str]:
         yield server.url
 
 
-def _view(run: Run) -> Group:
+def _tables(run: Run) -> tuple[Table, Table]:
+    """The queues' counts and the tasks' states, as the shop's HTTP API reports them."""
     queues = Table(title="queues (from GET /queues)")
     for column in ("queue", "ready", "scheduled", "reserved", "dead"):
         queues.add_column(column, justify="left" if column == "queue" else "right")
@@ -118,6 +122,12 @@ def _view(run: Run) -> Group:
             str(states.count("SUCCESS")),
             str(sum(run.broker_state(t) == "DEAD" for t in ids)),
         )
+    return queues, tasks
+
+
+def _view(run: Run) -> Group:
+    """The live view on a terminal: the phase, both tables, the timeline's last lines."""
+    queues, tasks = _tables(run)
     return Group(f"[bold cyan]{run.phase}[/]", queues, tasks, "\n".join(run.log[-8:]))
 
 
@@ -131,7 +141,11 @@ class Driver:
         self.lease = lease
         self.run = Run()
         self.workers: dict[str, Child] = {}
+        #: The live view on a terminal; piped, the timeline is printed line by line instead
+        #: (a Live prints only its last frame there, after everything else).
         self.live: Live | None = None
+        self._printed = 0
+        self._phase = ""
 
     def close(self) -> None:
         for child in self.workers.values():
@@ -151,6 +165,18 @@ class Driver:
                 raise DemoError(f"worker {name} died:\n{child.tail()}")
         if self.live is not None:
             self.live.update(_view(run))
+        else:
+            self.echo()
+
+    def echo(self) -> None:
+        """Piped output: new phases and timeline lines, in order, as they happen."""
+        run = self.run
+        for line in run.log[self._printed :]:
+            self.console.print(f"  {line}", markup=False, highlight=False)
+        self._printed = len(run.log)
+        if run.phase != self._phase:
+            self._phase = run.phase
+            self.console.print(f"[bold cyan]{run.phase}[/]")
 
     def wait(self, what: str, done: Callable[[], bool], timeout: float) -> None:
         self.run.phase = what
@@ -303,13 +329,20 @@ def _summary(console: Console, run: Run, outbox: Path, lease: float) -> int:
     )
     hooks = [run.result(t).get("retries") for t in run.ids("webhook")]
     checks.append(
-        ("webhook: retried with backoff, then delivered", f"retries {hooks}", hooks == [2])
+        (
+            "webhook: retried with backoff, then delivered",
+            "; ".join(f"delivered after {n} retries" for n in hooks) or "not delivered",
+            hooks == [2],
+        )
     )
     charged = [run.result(t).get("charged") for t in run.ids("charge")]
+    amounts = ", ".join(
+        f"{c / 100:.2f}" if isinstance(c, int | float) else "nothing" for c in charged
+    )
     checks.append(
         (
             "charge: dead-lettered, replayed, charged once",
-            f"replayed {run.replayed}, {charged}",
+            f"replayed {_times(run.replayed)}, charged {amounts} {_times(len(charged))}",
             run.replayed == 1 and charged == [4999],
         )
     )
@@ -348,6 +381,30 @@ def _summary(console: Console, run: Run, outbox: Path, lease: float) -> int:
     return 0 if ok else 1
 
 
+def _times(n: int) -> str:
+    return {0: "never", 1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def _remove_keys(console: Console, url: str, prefix: str) -> None:
+    """Delete every key of this run (broker, results, the shop's own): all under ``prefix``."""
+    client = redis.Redis.from_url(url)
+    try:
+        removed = 0
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += int(client.unlink(*batch))
+                batch.clear()
+        if batch:
+            removed += int(client.unlink(*batch))
+        console.print(f"removed the demo's {removed} keys ({prefix}*) from {url}")
+    except redis.RedisError as exc:
+        console.print(f"[yellow]could not remove the demo's keys ({prefix}*): {exc}[/]")
+    finally:
+        client.close()
+
+
 def _moved(run: Run, task_id: str) -> bool:
     """Whether the message is leased again after the kill (its second delivery)."""
     found = run.status.get(task_id, {}).get("broker") or []
@@ -372,10 +429,14 @@ def main() -> int:
     with ExitStack() as stack:
         url = stack.enter_context(_redis_url(console))
         outbox = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shop-outbox-")))
+        prefix = f"{DEMO_PREFIX}{uuid.uuid4().hex[:6]}:"
+        if os.environ.get("CELERY_MSG_REDIS_URL"):
+            # Your own Redis: leave nothing behind (runs after every process here stopped).
+            stack.callback(_remove_keys, console, url, prefix)
         env = {
             **os.environ,
             "CELERY_MSG_REDIS_URL": url,
-            "SHOP_KEY_PREFIX": f"shop-demo-{uuid.uuid4().hex[:6]}:",
+            "SHOP_KEY_PREFIX": prefix,
             "SHOP_LEASE_TIMEOUT": str(lease),
             "SHOP_OUTBOX": str(outbox),
             "PYTHONUNBUFFERED": "1",
@@ -389,9 +450,13 @@ def main() -> int:
         driver = Driver(console, shop, env, lease)
         stack.callback(driver.close)
         try:
-            with Live(console=console, refresh_per_second=8) as live:
-                driver.live = live
+            if console.is_terminal:
+                with Live(console=console, refresh_per_second=8) as live:
+                    driver.live = live
+                    driver.scenario(emails)
+            else:
                 driver.scenario(emails)
+                console.print(*_tables(driver.run))
         except DemoError as exc:
             console.print(f"\n[bold red]demo failed:[/] {exc}")
             for child in driver.workers.values():

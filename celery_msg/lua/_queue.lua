@@ -139,10 +139,12 @@ local function unlock(q, key)
   redis.call('ZREM', q.uniq, redis.call('HGET', q.dups, key) or key)
 end
 
--- Remove every trace of key but its dead-letter entry.
+-- Remove every trace of key but its dead-letter entry (the caller removes that), including
+-- the record of a replayed message's earlier death.
 local function forget(q, key)
   release(q, key)
   erase(q, key)
+  redis.call('HDEL', q.reason, key) -- a replayed message keeps its earlier death's record
 end
 
 -- A queue argument as stored in `args` (see celery_msg/queueargs.py): an integer in

@@ -1,6 +1,8 @@
 -- replay: DEAD -> READY (back of its band, delivery count reset) for the given message keys.
 -- Atomic and at most once: a key is re-enqueued only if it is still in the dead-letter store,
--- so two operators replaying the same messages at once enqueue each of them once.
+-- so two operators replaying the same messages at once enqueue each of them once. The record
+-- of why it died stays until the message is acked (look-ups show the replay in its history)
+-- or dies again (replaced).
 -- KEYS: the NK keys of one queue.
 -- ARGV: message key, message key, ...
 -- Returns one code per key: OK (replayed), or NOT_FOUND (not dead any more: replayed, purged).
@@ -11,7 +13,6 @@ local replayed = 0
 for i = 1, #ARGV do
   local key = ARGV[i]
   if redis.call('ZREM', q.dead, key) == 1 then
-    redis.call('HDEL', q.reason, key)
     redis.call('HDEL', q.deliv, key)
     enqueue_back(q, key)
     codes[i] = OK

@@ -22,7 +22,7 @@ import pytest
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
 from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, stack_factory, wait_until
 
-from celery_msg.core import Broker
+from celery_msg.core import Broker, Lease
 from celery_msg.deadletters import DeadLetters
 
 if TYPE_CHECKING:
@@ -602,3 +602,122 @@ def test_inspect_a_running_task_shows_its_lease(stack: Stack, cli: CLI):
     assert result.get(timeout=15) == "long"
     stack.settled(DEFAULT_QUEUE)
     assert cli.json("inspect", result.id)["instances"] == []
+
+
+# -- new users: ids, bodies, times, bad records (issue 13: 8-11; issue 9: 6, 7) -------------
+
+
+@pytest.mark.parametrize("columns", ["80", "160"])
+def test_list_never_wraps_or_cuts_an_id_so_it_can_be_pasted_into_show(
+    stack: Stack, cli: CLI, columns: str
+):
+    ids = [
+        bury(stack, task="reports.daily_summary_for_every_region", exc_type="builtins.ValueError")
+        for _ in range(2)
+    ]
+    cli.env["COLUMNS"] = columns
+
+    table = cli.ok("dlq", "list")
+
+    pasted = [word for line in table.splitlines() for word in line.split() if word in ids]
+    assert sorted(pasted) == sorted(ids), table
+    assert "deliverie\n" not in table and "deliverie s" not in table  # nor a header
+    for task_id in pasted:
+        assert task_id in cli.ok("dlq", "show", task_id)
+
+
+def test_show_decodes_the_body_into_args_and_kwargs(stack: Stack, cli: CLI):
+    stack.broker.declare(DEFAULT_QUEUE)
+    task_id = stack.app.send_task("add", (40, 2), {"note": "ünïcode"}, queue=DEFAULT_QUEUE).id
+    [delivery] = stack.broker.reserve([DEFAULT_QUEUE], 1, "test-consumer")
+    lease = Lease(delivery.queue, delivery.key, delivery.token)
+    assert stack.broker.dead_letter(lease, "rejected", "by hand")
+
+    text = cli.ok("dlq", "show", task_id)
+
+    assert "args" in text and "kwargs" in text
+    assert "40" in text and '"note": "ünïcode"' in text
+    body = cli.json("dlq", "show", task_id)["message"]["body"]
+    assert body not in text  # the base64 form only with --json
+
+
+def test_times_are_seconds_in_lookup_dead_letters_and_json_alike(stack: Stack, cli: CLI):
+    from celery_msg.api import dead_letters, lookup
+
+    stack.worker()
+    before = time.time()
+    [task_id] = fail_on_worker(stack, "boom")
+    after = time.time()
+
+    [info] = lookup(stack.app, task_id)
+    [dead] = dead_letters(stack.app)
+    [listed_row] = cli.json("dlq", "list")
+    assert info.dead_reason is not None
+    for value in (
+        info.dead_reason["first_failure"],
+        info.dead_reason["last_failure"],
+        info.dead_reason["time"],
+        dead.first_failure,
+        listed_row["first_failure"],
+    ):
+        assert before - 1 <= value <= after + 1
+
+
+def test_inspect_shows_the_priority_as_the_readme_does_higher_first(stack: Stack, cli: CLI):
+    stack.broker.declare(DEFAULT_QUEUE)
+    default = stack.task("add").apply_async((1, 1), queue=DEFAULT_QUEUE).id
+    urgent = stack.task("add").apply_async((1, 2), queue=DEFAULT_QUEUE, priority=200).id
+
+    assert "priority 0 of 0-255, higher served first" in cli.ok("inspect", default)
+    assert "priority 200 of 0-255, higher served first" in cli.ok("inspect", urgent)
+    assert cli.json("inspect", urgent)["instances"][0]["priority"] == 200
+    assert "band" not in cli.ok("inspect", urgent)
+
+
+def test_a_non_json_dead_record_or_a_non_utf8_queue_name_is_counted_not_a_traceback(
+    stack: Stack, cli: CLI
+):
+    good = bury(stack, task="reports.daily")
+    bad = bury(stack, task="reports.weekly")
+    keys = stack.broker.keys(DEFAULT_QUEUE)
+    stack.redis.hset(keys.reason, bad, b"\xff not json {")
+    from celery_msg.keys import queues_key
+
+    stack.redis.sadd(queues_key(stack.settings.prefix), b"q\xff\xfe")
+
+    for args in (("dlq", "list"), ("dlq", "list", "--json"), ("inspect", good)):
+        done = cli(*args)
+        assert done.returncode == 0, _explain(done)
+        assert "Traceback" not in done.stderr
+        assert "unreadable record(s)" in done.stderr
+    rows = cli.json("dlq", "list")
+    assert {r["id"]: r["reason"] for r in rows} == {good: "failed", bad: "unreadable-record"}
+    assert "2 unreadable record(s)" in cli("dlq", "list").stderr  # the record and the name
+    assert cli.ok("dlq", "purge", "--reason", "unreadable-record", "--yes").startswith("purged 1")
+
+
+def test_a_wrong_password_is_reported_as_an_authentication_error(
+    cli: CLI, server_factory: Callable[..., Server]
+):
+    protected = server_factory(password="right")
+    cli.env["CELERY_MSG_TEST_REDIS_URL"] = protected.url.replace("://", "://:wrong@", 1)
+
+    done = cli("dlq", "list")
+
+    assert done.returncode == 1, _explain(done)
+    assert "AuthenticationFailed" in done.stderr
+    assert "unreachable" not in done.stderr
+
+
+def test_inspect_after_a_replay_shows_the_replay_in_the_history(stack: Stack, cli: CLI):
+    worker = stack.worker()
+    [task_id] = fail_on_worker(stack, "boom")
+    worker.kill()  # nothing consumes: the replayed message stays READY
+    cli.ok("dlq", "replay", task_id, "--yes")
+
+    text = cli.ok("inspect", task_id)
+    [instance] = cli.json("inspect", task_id)["instances"]
+
+    assert "READY" in text
+    assert "failed: ValueError: boom; replayed from the dead-letter store" in text
+    assert instance["state"] == "READY" and instance["dead_reason"]["reason"] == "failed"

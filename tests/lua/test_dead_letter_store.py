@@ -123,6 +123,8 @@ def test_replay_moves_a_dead_message_to_the_back_of_its_band_with_a_fresh_sequen
         "ready": [("a", lab.back(2, 3)), ("m", lab.back(2, 5)), ("z", lab.back(5, 4))],
         "body": {"a": "A", "z": "Z", "m": "M"},
         "order": {"a": lab.order(2, 3), "z": lab.order(5, 4), "m": lab.order(2, 5)},
+        # Why it died stays until the ack: look-ups show the replay in its history.
+        "reason": {"m": REASON},
         "seq": "5",
         "signal": ["1"],
         "stats": {"replayed": "1"},
@@ -191,7 +193,8 @@ def test_replay_of_several_keys_reports_each_and_counts_those_replayed(lab: Lab)
 
     state = lab.state()
     assert state["ready"] == [("r", lab.back(0, 1)), ("d2", lab.back(0, 3)), ("d1", lab.back(1, 2))]
-    assert "dead" not in state and "reason" not in state
+    assert "dead" not in state
+    assert state["reason"] == {"d1": REASON, "d2": REASON}  # kept until the ack
     assert state["stats"] == {"replayed": "2"}
     assert state["seq"] == "3"
 
@@ -398,3 +401,16 @@ def test_trim_removes_the_dups_and_alias_entries_of_a_trimmed_duplicate(lab: Lab
         "signal": ["1"],
         "stats": {"published": "1", "dead": "1", "dead_trimmed": "1"},
     }
+
+
+def test_the_ack_of_a_replayed_message_removes_the_record_of_its_earlier_death(lab: Lab):
+    lab.add_dead("m", "M", at=lab.now - 50, reason=REASON, band=0, seq=1)
+    lab.set_counter("seq", 1)
+    assert replay(lab, "m") == [OK]
+    [(_, key, token, _, _)] = lab.reserve()
+    assert lab.state()["reason"] == {"m": REASON}  # leased: still there
+
+    assert lab.ack((key, token)) == [OK]
+
+    state = lab.state()
+    assert "reason" not in state and "body" not in state

@@ -4,7 +4,8 @@ Everything that differs between a laptop, CI and production comes from the envir
 
 - ``CELERY_MSG_REDIS_URL``  the Redis of the broker and the result backend
   (default ``redis://127.0.0.1:6379/0``; ``rediss://`` for TLS)
-- ``CELERY_MSG_KEY_PREFIX`` prefix of every key the app writes (default ``shop:``)
+- ``CELERY_MSG_KEY_PREFIX`` prefix of every key the app writes (default ``django-shop:``;
+  the Flask example uses ``flask-shop:``)
 - ``SHOP_DATA_DIR``         where tasks write reports and the activity log (default: a temp dir)
 - ``SHOP_OUTBOX``           where e-mails are written as .eml files (default:
   ``$SHOP_DATA_DIR/outbox``)
@@ -84,7 +85,7 @@ DEFAULT_FROM_EMAIL = "Shop <no-reply@shop.example>"
 # Read by proj/celery.py: app.config_from_object("django.conf:settings", namespace="CELERY").
 
 REDIS_URL = os.environ.get("CELERY_MSG_REDIS_URL", "redis://127.0.0.1:6379/0")
-KEY_PREFIX = os.environ.get("CELERY_MSG_KEY_PREFIX", "shop:")
+KEY_PREFIX = os.environ.get("CELERY_MSG_KEY_PREFIX", "django-shop:")
 
 
 def _celery_msg_url(redis_url: str) -> str:

@@ -23,7 +23,7 @@ def settings(environ: Mapping[str, str]) -> dict[str, Any]:
     broker_url = redis_url.replace("rediss://", "celery-msgs://", 1).replace(
         "redis://", "celery-msg://", 1
     )
-    key_prefix = environ.get("SHOP_KEY_PREFIX", "shop:")
+    key_prefix = environ.get("SHOP_KEY_PREFIX", "flask-shop:")
     # Seconds a worker holds a task without renewing its lease: short here, so that a report
     # (which runs longer) shows the renewal, and a killed worker's tasks come back fast.
     lease = float(environ.get("SHOP_LEASE_TIMEOUT", "4"))
