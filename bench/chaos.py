@@ -117,6 +117,9 @@ class Events:
     starts: dict[int, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
     finishes: dict[int, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
 
+    def last_finish(self) -> float:
+        return max((t for runs in self.finishes.values() for t, _ in runs), default=0.0)
+
     @classmethod
     def parse(cls, raw: list[Any]) -> Events:
         events = cls()
@@ -135,18 +138,23 @@ def analyse(events: Events, n: int, kills: list[Kill]) -> dict[str, Any]:
     recoveries: list[float] = []
     unrecovered = 0
     for kill in kills:
-        held = [
-            i
-            for i, starts in events.starts.items()
-            if any(pg == kill.pgid and t <= kill.at for t, pg in starts)
-            and not any(pg == kill.pgid for _, pg in events.finishes.get(i, []))
-        ]
-        if not held:
-            continue  # the killed incarnation was running nothing (starting up, or idle)
-        restarts = [t for i in held for t, _ in events.starts[i] if t > kill.at]
-        if restarts:
-            recoveries.append(min(restarts) - kill.at)
-        else:
+        # Tasks the killed incarnation held: its start is the last one before the kill, and
+        # either it never finished there (it was running) or it starts again (finished but
+        # not yet acked). Prefetched tasks it never started are invisible from outside.
+        again: list[float] = []
+        stranded = 0
+        for i, starts in events.starts.items():
+            before = [(t, pg) for t, pg in starts if t <= kill.at]
+            if not before or max(before)[1] != kill.pgid:
+                continue
+            after = [t for t, _ in starts if t > kill.at]
+            if after:
+                again.append(min(after))
+            elif not any(pg == kill.pgid for _, pg in events.finishes.get(i, [])):
+                stranded += 1
+        if again:
+            recoveries.append(min(again) - kill.at)
+        elif stranded:
             unrecovered += 1
     return {
         "lost": lost,
@@ -156,6 +164,7 @@ def analyse(events: Events, n: int, kills: list[Kill]) -> dict[str, Any]:
         "dup_per_kill": dup_completions / len(kills) if kills else 0.0,
         "recovery_s": statistics.median(recoveries) if recoveries else None,
         "recovery_max_s": max(recoveries) if recoveries else None,
+        "recoveries_s": [round(r, 2) for r in recoveries],
         "kills_holding_tasks": len(recoveries) + unrecovered,
         "kills_never_recovered": unrecovered,
     }
@@ -407,21 +416,43 @@ class Cluster:
             self.kill(role, count=False)
 
 
-def _drain_step(cluster: Cluster, state: dict[str, float], last_finished: int) -> None:
-    """When nothing finished for STALL_S, restart idle workers once the timeout has passed."""
-    now = time.time()
-    if last_finished != state["finished"]:
-        state["finished"], state["progress_at"] = last_finished, now
-        return
-    last_kill = max([k.at for k in cluster.kills] + [state["restart_at"]])
-    timeout = VISIBILITY_S if cluster.transport == KOMBU else LEASE_S
-    if now - state["progress_at"] >= STALL_S and now - last_kill >= timeout + 1:
-        cluster.restart_idle()
-        state["restart_at"] = time.time()
+class Drain:
+    """When a run is over, and the restart of idle workers at its end (see the module doc)."""
 
+    def __init__(self, cluster: Cluster, n: int) -> None:
+        self.cluster = cluster
+        self.n = n
+        self.finished = -1
+        self.progress_at = time.time()
+        self.restart_at = 0.0
 
-def _settled(cluster: Cluster, n: int, publisher_done: bool) -> bool:
-    return publisher_done and cluster.finished() >= n and cluster.pending() == 0
+    def observe(self, finished: int) -> None:
+        if finished != self.finished:
+            self.finished, self.progress_at = finished, time.time()
+
+    @property
+    def stalled(self) -> bool:
+        return time.time() - self.progress_at >= STALL_S
+
+    def over(self, publisher_done: bool) -> bool:
+        """All published, and the broker holds nothing; and all finished or nothing moves.
+
+        A task missing while the broker holds nothing and nothing finishes is lost for good
+        (nothing can bring it back), so the run need not wait for the cap.
+        """
+        if not publisher_done or (self.finished < self.n and not self.stalled):
+            return False
+        return self.cluster.pending() == 0
+
+    def step(self) -> None:
+        """Nothing finished for STALL_S and the last kill is older than the timeout: the idle
+        workers are restarted, so kombu restores expired unacked messages now, not at its
+        next sweep."""
+        last_kill = max([k.at for k in self.cluster.kills] + [self.restart_at])
+        timeout = VISIBILITY_S if self.cluster.transport == KOMBU else LEASE_S
+        if self.stalled and time.time() - last_kill >= timeout + 1:
+            self.cluster.restart_idle()
+            self.restart_at = time.time()
 
 
 def run(bench: Bench, transport: str, seed: int) -> dict[str, Any]:
@@ -445,18 +476,21 @@ def run(bench: Bench, transport: str, seed: int) -> dict[str, Any]:
         progress_faults = list(PROGRESS_FAULTS)
         heal_at: float | None = None
         faults_over_at: float | None = None
-        drain = {"finished": -1.0, "progress_at": time.time(), "restart_at": 0.0}
+        drain = Drain(cluster, n)
         cap = n / MIN_RATE + s.chaos_drain
+        cut_off = False
         while True:
             now = cluster.now()
             finished = cluster.finished()
+            drain.observe(finished)
             publisher_done = not publisher.is_alive()
             if publisher.error is not None:
                 raise ChaosError(f"publisher failed: {publisher.error!r}")
-            if finished >= n and _settled(cluster, n, publisher_done):
+            if drain.over(publisher_done):
                 break
             if now > cap:
                 logger.warning("chaos: %s run cut off after %.0f s", transport, now)
+                cut_off = True
                 break
             if heal_at is not None and now >= heal_at:
                 cluster.heal(PARTITIONED_ROLE)
@@ -483,20 +517,22 @@ def run(bench: Bench, transport: str, seed: int) -> dict[str, Any]:
                     faults_over_at = now
                     cap = min(cap, now + s.chaos_drain)
                 if heal_at is None:
-                    _drain_step(cluster, drain, finished)
+                    drain.step()
             cluster.reap()
             time.sleep(0.05)
-        wall = time.time() - started
         publisher.stop.set()
         publisher.join(timeout=10)
-        out = analyse(cluster.events(), n, cluster.kills)
+        events = cluster.events()
+        out = analyse(events, n, cluster.kills)
         out.update(
-            wall_s=wall,
+            wall_s=events.last_finish() - started,
+            cut_off=cut_off,
             seed=seed,
             published=publisher.published,
             publish_retries=publisher.retried,
             publish_given_up=len(publisher.given_up),
             dead=cluster.dead(),
+            left_in_broker=cluster.pending(),
             crashes=cluster.crashes,
             stall_restarts=cluster.stall_restarts,
             faults=[(round(t, 2), kind, role) for t, kind, role in cluster.faults],
@@ -522,24 +558,30 @@ def single(bench: Bench, transport: str, pool: str, concurrency: int | None) -> 
         cluster.workers[pool].wait_ready(timeout=60)
         cluster.t0 = started = time.time()
         thresholds = [n * k // (kills + 1) for k in range(1, kills + 1)]
-        drain = {"finished": -1.0, "progress_at": time.time(), "restart_at": 0.0}
+        drain = Drain(cluster, n)
         cap = n / MIN_RATE + s.chaos_drain
-        while cluster.now() < cap:
+        cut_off = False
+        while not (cut_off := cluster.now() >= cap):
             finished = cluster.finished()
+            drain.observe(finished)
             if thresholds and finished >= thresholds[0]:
                 thresholds.pop(0)
                 cluster.kill(pool)
-            elif finished >= n:
-                if _settled(cluster, n, True):
-                    break
-                _drain_step(cluster, drain, finished)
             elif not thresholds:
-                _drain_step(cluster, drain, finished)
+                if drain.over(publisher_done=True):
+                    break
+                drain.step()
             cluster.reap()
             time.sleep(0.02)
-        wall = time.time() - started
-        out = analyse(cluster.events(), n, cluster.kills)
-        out.update(wall_s=wall, crashes=cluster.crashes, stall_restarts=cluster.stall_restarts)
+        events = cluster.events()
+        out = analyse(events, n, cluster.kills)
+        out.update(
+            wall_s=events.last_finish() - started,
+            cut_off=cut_off,
+            left_in_broker=cluster.pending(),
+            crashes=cluster.crashes,
+            stall_restarts=cluster.stall_restarts,
+        )
         return out
     finally:
         cluster.close()
