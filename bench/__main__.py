@@ -147,11 +147,13 @@ NOTES = [
     "Celery's own 3 retries) with the same task id. Every start and finish is recorded by the "
     "task on the bench's own server (never faulted). lost = never finished; duplicate "
     "completions/starts = finishes/starts beyond the first; recovery = SIGKILL -> first new "
-    "start of a task the killed worker had started and not finished (median over kills). A run "
-    "ends when all tasks finished and the broker holds nothing (so a late redelivery of a "
-    "finished task still counts), or chaos_drain s after the faults; when nothing finished for "
-    "5 s and the last kill is older than the timeout, the idle workers are restarted once (kombu "
-    "restores expired unacked messages at start-up; its own sweep would do it within ~100 s).",
+    "start of a task the killed worker had started last (running, or finished and not yet "
+    "acked; median over kills). A run ends when all tasks finished and the broker holds "
+    "nothing (so a late redelivery of a finished task still counts), or when nothing finished "
+    "for 5 s and the broker holds nothing (the rest is lost for good), or chaos_drain s after "
+    "the faults. When nothing finished for 5 s and the last kill is older than the timeout, "
+    "the idle workers are restarted (kombu restores expired unacked messages at start-up; "
+    "its own sweep would do it within ~100 s).",
     "chaos single worker: one worker (solo; prefork -c 2; threads -c 2), N tasks of 3 ms "
     "published up front, SIGKILL at 1/9 .. 8/9 of them finished, restarted at once; figure = "
     "duplicate completions per kill.",

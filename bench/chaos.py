@@ -59,6 +59,8 @@ from .worker import Worker
 logger = logging.getLogger(__name__)
 
 QUEUE = "celery"
+#: Memory: task indexes start here, so every message has the same length (< 900,000 of them).
+INDEX_BASE = 100_000
 #: Per transport, as the issue measured it: our lease, kombu's visibility timeout (seconds).
 LEASE_S = 5.0
 VISIBILITY_S = 30.0
@@ -590,13 +592,14 @@ def single(bench: Bench, transport: str, pool: str, concurrency: int | None) -> 
 def memory(bench: Bench, transport: str, n: int, size: int) -> dict[str, Any]:
     """Redis memory of ``n`` waiting Celery task messages, each ``size`` B as kombu stores it.
 
-    The message is a ``bench.chaos`` task whose argument is padded until kombu's redis
-    transport stores it (its JSON envelope, as one list element) in ``size`` bytes; the same
-    task, task ids of the same length, is published to both transports. Returns the growth of
-    ``used_memory`` per message and ``MEMORY USAGE`` (all samples) of every key.
+    The message is a ``bench.chaos`` task whose argument is padded (and task id sized) until
+    kombu's redis transport stores it (its JSON envelope, as one list element) in ``size``
+    bytes; the same task, every one of the same length, is published to both transports.
+    Returns the growth of ``used_memory`` per message and ``MEMORY USAGE`` (all samples) of
+    every key.
     """
     bench.flush()
-    pad, stored = _pad_for(bench, size)
+    pad, id_length, stored = _pad_for(bench, size)
     bench.flush()
     client = redis.Redis.from_url(f"redis://127.0.0.1:{bench.server.port}/0")
     app = make_app(bench.broker_url(transport), TRANSPORT_OPTIONS[transport])
@@ -605,7 +608,7 @@ def memory(bench: Bench, transport: str, n: int, size: int) -> dict[str, Any]:
         before = int(client.info("memory")["used_memory"])
         started = time.perf_counter()
         for index in range(n):
-            task.apply_async((index, pad), task_id=f"{index:036d}")
+            task.apply_async((INDEX_BASE + index, pad), task_id=f"{index:0{id_length}d}")
         publish_s = time.perf_counter() - started
         after = int(client.info("memory")["used_memory"])
         keys: dict[str, int] = {}
@@ -627,26 +630,40 @@ def memory(bench: Bench, transport: str, n: int, size: int) -> dict[str, Any]:
     }
 
 
-def _pad_for(bench: Bench, size: int) -> tuple[str, int]:
-    """An argument that makes kombu store a ``bench.chaos`` task in ``size`` bytes (or the
-    nearest it gets: base64 moves in steps), and the size it stores."""
+def _pad_for(bench: Bench, size: int) -> tuple[str, int, int]:
+    """A padding argument and a task-id length with which kombu stores a ``bench.chaos``
+    task in ``size`` bytes (or the nearest it gets), and the size it stores.
+
+    A padding character costs about 7/3 B (in the base64 body and in the ``argsrepr``
+    header), a task-id character 2-3 B (``id``, ``correlation_id``, ``root_id``); a few
+    combinations near the estimate are tried.
+    """
     client = redis.Redis.from_url(f"redis://127.0.0.1:{bench.server.port}/0")
     app = make_app(bench.broker_url(KOMBU))
     task = app.tasks["bench.chaos"]
-    length, best = size // 2, (size, 0)
+
+    def stored(pad: int, id_length: int) -> int:
+        client.delete(QUEUE)
+        task.apply_async((INDEX_BASE, "x" * pad), task_id="0" * id_length)
+        return len(client.lindex(QUEUE, 0) or b"")
+
+    best: tuple[int, int, int, int] | None = None  # (distance, pad, id length, stored)
     try:
-        for attempt in range(12):
-            client.delete(QUEUE)
-            task.apply_async((0, "x" * length), task_id=f"{attempt:036d}")
-            stored = len(client.lindex(QUEUE, 0) or b"")
-            if abs(stored - size) < best[0]:
-                best = (abs(stored - size), length, stored)  # type: ignore[assignment]
-            if stored == size:
-                break
-            step = round((size - stored) * 3 / 4)
-            length = max(1, length + (step or (1 if size > stored else -1)))
+        for id_length in range(36, 15, -1):
+            base = stored(0, id_length)
+            if base > size:
+                continue
+            guess = (size - base) * 3 // 7
+            for pad in range(max(0, guess - 4), guess + 5):
+                got = stored(pad, id_length)
+                if best is None or abs(got - size) < best[0]:
+                    best = (abs(got - size), pad, id_length, got)
+                if got == size:
+                    return "x" * pad, id_length, got
     finally:
         client.delete(QUEUE)
         app.close()
         client.close()
-    return "x" * best[1], best[2]  # type: ignore[misc]
+    if best is None:
+        raise ChaosError(f"no bench.chaos message is as small as {size} B")
+    return "x" * best[1], best[2], best[3]
