@@ -135,6 +135,7 @@ class Events:
 def analyse(events: Events, n: int, kills: list[Kill]) -> dict[str, Any]:
     """Lost, duplicates and recovery times from the recorded effects (see module doc)."""
     lost = sum(1 for i in range(n) if not events.finishes.get(i))
+    never_started = sum(1 for i in range(n) if not events.starts.get(i))
     dup_completions = sum(max(0, len(f) - 1) for f in events.finishes.values())
     dup_starts = sum(max(0, len(s) - 1) for s in events.starts.values())
     recoveries: list[float] = []
@@ -160,6 +161,7 @@ def analyse(events: Events, n: int, kills: list[Kill]) -> dict[str, Any]:
             unrecovered += 1
     return {
         "lost": lost,
+        "lost_never_started": never_started,
         "dup_completions": dup_completions,
         "dup_starts": dup_starts,
         "kills": len(kills),
