@@ -8,7 +8,7 @@ publishing overlaps the faults), retrying a publish that raises with the same ta
 Celery's own retry policy (3 retries) gave up. Meanwhile, on a seeded schedule:
 
 - every 3-5 s a worker is SIGKILLed (its whole process group) and started again under the same
-  node name (time-based, until every task finished);
+  node name (time-based, until every task was published and fetched);
 - at fixed fractions of the tasks finished: ``CLIENT KILL`` of every worker connection (3x), a
   SIGKILL + restart of Redis (2x; the AOF brings the data back), and a partition of the solo
   worker (its proxy stops accepting and forwarding for ``PARTITION_S``, then heals).
