@@ -40,6 +40,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--raw-n", type=int, help="messages per raw run (default 20000)")
     parser.add_argument("--e2e-n", type=int, help="tasks per end-to-end run (default 10000)")
     parser.add_argument("--eta-n", type=int, help="countdown tasks per eta memory run (100000)")
+    parser.add_argument("--chaos-n", type=int, help="tasks per chaos run (default 20000)")
+    parser.add_argument("--memory-n", type=int, help="waiting messages for memory (100000)")
     parser.add_argument("--output", help="result file name in bench/results (default: latest)")
     args = parser.parse_args(argv)
     groups = args.only.split(",") if args.only else list(GROUPS)
@@ -63,6 +65,10 @@ def settings(args: argparse.Namespace) -> Settings:
         changes["e2e_n"] = args.e2e_n
     if args.eta_n is not None:
         changes["eta_n"] = args.eta_n
+    if args.chaos_n is not None:
+        changes["chaos_n"] = args.chaos_n
+    if args.memory_n is not None:
+        changes["memory_n"] = args.memory_n
     return replace(s, **changes)
 
 
@@ -130,6 +136,30 @@ NOTES = [
     "growth of used_memory; 'ran' counts any of them that ran (must be 0). Lateness: tasks with "
     "ETAs 5-10 s ahead, 4 per due time; lateness = task start - eta (same clock); early starts "
     "and tasks run twice or never are totals over all runs.",
+    "chaos: N acks_late tasks of 3 ms through two workers (-P prefork -c 2 and -P solo), each "
+    "behind its own TCP proxy, against a fresh redis-server with AOF appendfsync always; "
+    "celery-msg lease_timeout 5 s, kombu visibility_timeout 30 s. Faults (seed = run number, "
+    "the same for both transports): a worker SIGKILLed (process group) every 3-5 s and "
+    "restarted under the same name, until every task was published and fetched; at 15/45/85 % "
+    "of tasks finished CLIENT KILL of the workers' connections, at 30/70 % Redis SIGKILLed and "
+    "restarted 1 s later from its AOF, at 55 % the solo worker's proxy partitioned for 6 s. "
+    "The publisher keeps at most 1,000 tasks ahead and retries a publish that raises (after "
+    "Celery's own 3 retries) with the same task id. Every start and finish is recorded by the "
+    "task on the bench's own server (never faulted). lost = never finished; duplicate "
+    "completions/starts = finishes/starts beyond the first; recovery = SIGKILL -> first new "
+    "start of a task the killed worker had started last (running, or finished and not yet "
+    "acked; median over kills). A run ends when all tasks finished and the broker holds "
+    "nothing (so a late redelivery of a finished task still counts), or when nothing finished "
+    "for 5 s and the broker holds nothing (the rest is lost for good), or chaos_drain s after "
+    "the faults. When nothing finished for 5 s and the last kill is older than the timeout, "
+    "the idle workers are restarted (kombu restores expired unacked messages at start-up; "
+    "its own sweep would do it within ~100 s).",
+    "chaos single worker: one worker (solo; prefork -c 2; threads -c 2), N tasks of 3 ms "
+    "published up front, SIGKILL at 1/9 .. 8/9 of them finished, restarted at once; figure = "
+    "duplicate completions per kill.",
+    "memory: N Celery task messages waiting in one queue (no worker), each stored by kombu's "
+    "redis transport in 939 B (its JSON envelope); growth of used_memory per message and "
+    "MEMORY USAGE (SAMPLES 0) of every key.",
     "long task: an acks_late task sleeping 15 s on a -P solo worker, with lease_timeout (ours) "
     "or visibility_timeout (kombu) of 5 s; a second worker starts after 6 s. kombu restores the "
     "still-running message at that worker's start-up, so it runs twice; ours is renewed.",

@@ -55,6 +55,19 @@ class Settings:
     #: Tasks with ETAs spread over ``eta_spread`` s (starting 5 s ahead) for lateness.
     eta_tasks: int = 200
     eta_spread: float = 5.0
+    #: Chaos: tasks per run, each sleeping chaos_task_s; the publisher stays at most
+    #: chaos_backlog ahead of the finished ones; after the faults, the longest wait (s) for
+    #: the last tasks (kombu needs its visibility timeout, 30 s, and a worker start).
+    chaos_n: int = 20_000
+    chaos_task_s: float = 0.003
+    chaos_backlog: int = 1_000
+    chaos_drain: float = 90.0
+    #: The single-worker figure: tasks, and SIGKILLs spread evenly over their progress.
+    chaos_single_n: int = 4_000
+    chaos_single_kills: int = 8
+    #: Redis memory per waiting message: how many, and their size as kombu stores them (B).
+    memory_n: int = 100_000
+    memory_size: int = 939
     quick: bool = False
 
     def quicken(self) -> Settings:
@@ -67,6 +80,9 @@ class Settings:
             latency_count=20,
             recovery_cap=15.0,
             eta_n=5_000,
+            chaos_n=3_000,
+            chaos_single_n=1_000,
+            memory_n=10_000,
             quick=True,
         )
 

@@ -55,6 +55,18 @@ def _count(v: float) -> str:
     return f"{v:.0f}"
 
 
+def _per(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def _bytes(v: float) -> str:
+    return f"{v:,.0f} B"
+
+
+def _at_most_kombu(ours: float, kombu: float | None, ratio: float | None) -> bool:
+    return kombu is not None and ours <= kombu
+
+
 def _none(ours: float, kombu: float | None, ratio: float | None) -> bool:
     return ours == 0
 
@@ -97,6 +109,47 @@ ROWS = (
     ),
     Row("eta_early", "ETA tasks started before their eta, all runs", _count, "0", _none, "total"),
     Row("eta_not_once", "ETA tasks not run exactly once, all runs", _count, "0", _none, "total"),
+    Row("chaos_lost", "chaos: tasks lost (never finished)", _count, "0", _none),
+    Row("chaos_dup_completions", "chaos: duplicate completions (finished twice+)", _count),
+    Row("chaos_dup_starts", "chaos: duplicate starts", _count),
+    Row("chaos_kills", "chaos: worker SIGKILLs", _count),
+    Row(
+        "chaos_dup_per_kill",
+        "chaos: duplicate completions per SIGKILL",
+        _per,
+        "<= kombu",
+        _at_most_kombu,
+    ),
+    Row("chaos_recovery", "chaos: SIGKILL -> first start of a task it held", _s),
+    Row("chaos_wall", "chaos: wall time, N tasks under faults", _s),
+    Row(
+        "chaos_single_solo",
+        "one -P solo worker, 8 SIGKILLs: finished tasks re-run per kill",
+        _per,
+        "<= kombu",
+        _at_most_kombu,
+    ),
+    Row(
+        "chaos_single_prefork",
+        "one -P prefork -c 2 worker, 8 SIGKILLs: re-run per kill",
+        _per,
+        "<= kombu",
+        _at_most_kombu,
+    ),
+    Row(
+        "chaos_single_threads",
+        "one -P threads -c 2 worker, 8 SIGKILLs: re-run per kill",
+        _per,
+        "<= kombu",
+        _at_most_kombu,
+    ),
+    Row(
+        "memory_per_message",
+        "Redis memory per waiting message",
+        _bytes,
+        "<= kombu",
+        _at_most_kombu,
+    ),
 )
 
 
@@ -153,6 +206,27 @@ def cpu_table(results: dict[str, dict[str, Any]]) -> str:
                     cells.append("-" if entry is None else f"{entry['median']:.0f} us")
             if any(c != "-" for c in cells):
                 lines.append(f"| raw {what}, {queues[0]} queue(s) | {' | '.join(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def memory_table(results: dict[str, dict[str, Any]]) -> str:
+    """``MEMORY USAGE`` of each key holding the waiting messages of the memory group."""
+    entries = results.get("memory_per_message", {})
+    lines = [
+        "| transport | waiting | message | per message | keys (MEMORY USAGE) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for transport in (OURS, KOMBU):
+        entry = entries.get(transport)
+        if not entry:
+            continue
+        keys = ", ".join(
+            f"`{key}` {mb:,.1f} MB" for key, mb in entry.get("keys_mb", {}).items() if mb >= 0.01
+        )
+        lines.append(
+            f"| {LABELS[transport]} | {entry['n']:,} | {entry['message_bytes']} B "
+            f"| {entry['median']:,.0f} B | {keys} |"
+        )
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -218,11 +292,22 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             f"idle {s['idle_seconds']:.0f} s; latency {s['latency_count']} tasks "
             f"{s['latency_spacing'] * 1000:.0f} ms apart; eta N={s.get('eta_n', 0):,} tasks "
             f"with countdown {s.get('eta_countdown', 0):.0f} s, lateness "
-            f"{s.get('eta_tasks', 0)} tasks over {s.get('eta_spread', 0):.0f} s",
+            f"{s.get('eta_tasks', 0)} tasks over {s.get('eta_spread', 0):.0f} s"
+            + (
+                f"; chaos N={s.get('chaos_n', 0):,} x {s.get('chaos_task_s', 0) * 1000:.0f} ms "
+                f"tasks, single worker N={s.get('chaos_single_n', 0):,}"
+                if "chaos" in meta.get("groups", ())
+                else ""
+            )
+            + (
+                f"; memory N={s.get('memory_n', 0):,}" if "memory" in meta.get("groups", ()) else ""
+            ),
             "",
             table(results),
             "",
             cpu_table(results),
+            "",
+            memory_table(results),
             "",
             *(f"- {note}" for note in meta.get("notes", [])),
             "",

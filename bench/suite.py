@@ -13,8 +13,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from . import celery_e2e, eta, idle, latency, long_task, raw, recovery
-from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, summarize
+from . import celery_e2e, chaos, eta, idle, latency, long_task, raw, recovery
+from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, median, summarize
 
 Results = dict[str, dict[str, Any]]
 
@@ -174,6 +174,84 @@ def run_eta(bench: Bench) -> Results:
     return results
 
 
+#: chaos metric -> (key in chaos.analyse's result, unit).
+CHAOS_METRICS = {
+    "chaos_lost": ("lost", "tasks"),
+    "chaos_dup_completions": ("dup_completions", "tasks"),
+    "chaos_dup_starts": ("dup_starts", "tasks"),
+    "chaos_kills": ("kills", "kills"),
+    "chaos_dup_per_kill": ("dup_per_kill", "tasks/kill"),
+    "chaos_recovery": ("recovery_s", "s"),
+    "chaos_wall": ("wall_s", "s"),
+}
+
+
+def run_chaos(bench: Bench) -> Results:
+    """Two workers under faults, then the single-worker figure (see bench/chaos.py)."""
+    s = bench.settings
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    details: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in range(1, s.runs + 1):
+        for transport in _order(run):
+            out = chaos.run(bench, transport, seed=run)
+            details[transport].append(out)
+            for metric, (key, _) in CHAOS_METRICS.items():
+                if out[key] is not None:
+                    values[metric][transport].append(out[key])
+            recovery = "-" if out["recovery_s"] is None else f"{out['recovery_s']:.1f} s"
+            log(
+                f"chaos run {run} {LABELS[transport]:>11}: {s.chaos_n:,} tasks in "
+                f"{out['wall_s']:.0f} s, lost {out['lost']}, duplicate completions "
+                f"{out['dup_completions']} ({out['dup_per_kill']:.2f}/kill, {out['kills']} kills), "
+                f"duplicate starts {out['dup_starts']}, recovery {recovery}; publish retries "
+                f"{out['publish_retries']}, crashes {len(out['crashes'])}, dead {out['dead']}"
+            )
+    results: Results = {
+        metric: {
+            transport: summarize(runs, CHAOS_METRICS[metric][1], runs_total=sum(runs))
+            for transport, runs in by_transport.items()
+        }
+        for metric, by_transport in values.items()
+    }
+    for transport, runs in details.items():
+        results.setdefault("chaos_lost", {}).setdefault(transport, summarize([0.0], "tasks"))[
+            "details"
+        ] = runs
+    for run in range(1, s.runs + 1):
+        for suffix, (pool, concurrency) in chaos.SINGLE_POOLS.items():
+            for transport in _order(run):
+                out = chaos.single(bench, transport, pool, concurrency)
+                metric = f"chaos_single_{suffix}"
+                entry = results.setdefault(metric, {}).setdefault(
+                    transport, {"runs": [], "unit": "tasks/kill", "details": []}
+                )
+                entry["runs"].append(out["dup_per_kill"])
+                entry["median"] = median(entry["runs"])
+                entry["details"].append(out)
+                log(
+                    f"chaos single run {run} {LABELS[transport]:>11} -P {pool}: "
+                    f"{s.chaos_single_n:,} tasks, {out['kills']} kills, re-ran "
+                    f"{out['dup_completions']} finished tasks ({out['dup_per_kill']:.2f}/kill), "
+                    f"lost {out['lost']}, {out['wall_s']:.0f} s"
+                )
+    return results
+
+
+def run_memory(bench: Bench) -> Results:
+    """Redis memory per waiting message (one run: it is deterministic up to allocator noise)."""
+    s = bench.settings
+    results: Results = {"memory_per_message": {}}
+    for transport in TRANSPORTS:
+        out = chaos.memory(bench, transport, s.memory_n, s.memory_size)
+        results["memory_per_message"][transport] = summarize([out["per_message_b"]], "B", **out)
+        top = ", ".join(f"{k} {v:.1f} MB" for k, v in list(out["keys_mb"].items())[:4])
+        log(
+            f"memory {LABELS[transport]:>11}: {out['n']:,} x {out['message_bytes']} B waiting: "
+            f"{out['per_message_b']:,.0f} B/message ({out['used_memory_mb']:.1f} MB); {top}"
+        )
+    return results
+
+
 def _recover(
     bench: Bench, transport: str, runs: int, cap: float, options: dict[str, Any], note: str = ""
 ) -> dict[str, Any]:
@@ -217,4 +295,6 @@ GROUPS: dict[str, Callable[[Bench], Results]] = {
     "recovery": run_recovery,
     "long": run_long_task,
     "eta": run_eta,
+    "chaos": run_chaos,
+    "memory": run_memory,
 }

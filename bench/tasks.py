@@ -61,6 +61,23 @@ def delayed(index: int) -> None:
     _store().rpush(f"{_prefix()}:runs", f"{index} {time.time()!r}")
 
 
+def chaos(index: int, seconds: float) -> None:
+    """Chaos: record every start and every finish (outside the broker), with the process group.
+
+    The worker's process group (its main pid: workers run in their own session) tells the
+    harness which incarnation of a worker ran the task; a finish recorded here and then a
+    SIGKILL before the ack is exactly what makes a finished task run again.
+    """
+    store, key = _store(), f"{_prefix()}:events"
+    who = f"{index} {os.getpgid(0)} {os.getpid()}"
+    store.rpush(key, f"S {who} {time.time()!r}")
+    time.sleep(seconds)
+    pipe = store.pipeline(transaction=False)
+    pipe.rpush(key, f"F {who} {time.time()!r}")
+    pipe.sadd(f"{_prefix()}:finished", index)
+    pipe.execute()
+
+
 def make_app(broker_url: str, transport_options: dict[str, Any] | None = None) -> Celery:
     app = Celery("bench", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -75,6 +92,7 @@ def make_app(broker_url: str, transport_options: dict[str, Any] | None = None) -
     app.task(name="bench.probe")(probe)
     app.task(name="bench.sleeper", acks_late=True)(sleeper)
     app.task(name="bench.delayed")(delayed)
+    app.task(name="bench.chaos", acks_late=True)(chaos)
     return app
 
 

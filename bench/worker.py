@@ -44,6 +44,7 @@ class Worker:
         concurrency: int | None = None,
         transport_options: dict[str, Any] | None = None,
         name: str = "bench",
+        broker_url: str | None = None,
     ) -> None:
         self.bench = bench
         self.transport = transport
@@ -52,6 +53,8 @@ class Worker:
         self.concurrency = concurrency
         self.transport_options = transport_options or {}
         self.name = name
+        #: Where the worker connects (default: the bench server; chaos: a proxy or its own).
+        self.broker_url = broker_url or bench.broker_url(transport)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
         self.started_at = 0.0
@@ -66,7 +69,7 @@ class Worker:
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "BENCH_BROKER_URL": self.bench.broker_url(self.transport),
+            "BENCH_BROKER_URL": self.broker_url,
             "BENCH_REDIS_URL": self.bench.bench_url,
             "BENCH_PREFIX": self.prefix,
             "BENCH_TRANSPORT_OPTIONS": json.dumps(self.transport_options),
