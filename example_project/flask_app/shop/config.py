@@ -14,7 +14,7 @@ from typing import Any
 from kombu import Exchange, Queue
 from kombu.common import Broadcast
 
-from celery_msg import DeadLetter, Exponential, Fixed, Policies, Policy, Retry
+from celery_msg import DeadLetter, Exponential, Fixed, Policies, Policy, Retry, Unique
 
 
 def settings(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -86,8 +86,9 @@ def celery_settings(
                 # A card is charged once: a failure goes straight to the dead-letter store,
                 # where an operator looks at it and replays it when the gateway is back.
                 "shop.tasks.charge_card": Policy(ack="late", retry=Retry(max_retries=0)),
-                # The signup form may be submitted twice: one welcome email per user id.
-                "shop.tasks.send_welcome_email": Policy(unique=True),
+                # The signup form may be submitted twice, before or after the first email went
+                # out (its queue acks on receipt): one welcome email per address and day.
+                "shop.tasks.send_welcome_email": Policy(unique=Unique(until=None, ttl=86_400)),
                 "shop.tasks.send_reminder": Policy(retry=Retry(max_retries=2, backoff=Fixed(1))),
             },
         ),

@@ -47,7 +47,8 @@ def _ran(task: Task, **facts: Any) -> dict[str, Any]:
 
 @shared_task(bind=True)
 def send_welcome_email(self: Task, user_email: str) -> dict[str, Any]:
-    """Fast and high priority; acked on receipt (queue policy), unique per task id."""
+    """Fast and high priority; acked on receipt (queue policy), unique per task id for a day.
+    Each send writes a file of its own, so a second send would show as a second file."""
     outbox = Path(current_app.config["OUTBOX"])
     outbox.mkdir(parents=True, exist_ok=True)
     message = EmailMessage()
@@ -55,7 +56,7 @@ def send_welcome_email(self: Task, user_email: str) -> dict[str, Any]:
     message["From"] = "hello@shop.example"
     message["Subject"] = "Welcome to the shop"
     message.set_content("Thanks for signing up!")
-    path = outbox / f"{self.request.id}.eml"
+    path = outbox / f"{self.request.id}.{time.time_ns()}.eml"
     path.write_bytes(bytes(message))
     return _ran(self, outbox=str(path))
 
