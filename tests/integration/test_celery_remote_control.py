@@ -123,3 +123,16 @@ def test_ten_back_to_back_pings_of_one_worker_get_ten_answers_and_log_no_warning
     # The reply queue is deleted once its reply is in: the reply's ack goes with it, unlogged.
     assert [r.getMessage() for r in caplog.records if "lease lost" in r.getMessage()] == []
     assert "WARNING" not in worker.log()
+
+
+def test_a_garbage_binding_does_not_stop_remote_control(make_stack: StackFactory):
+    # A binding written by hand or by another program: skipped and logged, never fatal.
+    stack = make_stack()
+    worker = stack.worker()
+    key = f"{stack.settings.prefix}bindings:celery.pidbox"
+    stack.redis.hset(key, "not-a-binding", "soon")
+    stack.redis.hset(key, "\x06\x16\x06\x16ghost.celery.pidbox", "not-a-deadline")
+
+    replies = stack.app.control.inspect(destination=[worker.nodename], timeout=5).ping()
+
+    assert replies == {worker.nodename: {"ok": "pong"}}
