@@ -221,6 +221,23 @@ class Channel(virtual.Channel):
             self._tables[exchange] = (now + self.options.binding_cache_ttl, table)
         return table
 
+    def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> Any:
+        """kombu's routing, but a miss on a cached binding table looks once more, fresh: the
+        queue may have been bound since the table was cached. Remote control needs it: every
+        ``inspect`` call binds a new reply queue, and the worker's reply would otherwise go
+        to kombu's undeliverable queue for up to ``binding_cache_ttl``."""
+        if exchange and exchange in self._tables:
+            try:
+                queues = self.typeof(exchange).lookup(
+                    self.get_table(exchange), exchange, routing_key, default
+                )
+            except KeyError:
+                queues = []
+            if queues:
+                return queues
+            self._tables.pop(exchange, None)
+        return super()._lookup(exchange, routing_key, default)
+
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         _stamp_first_failure(message, self.broker.now_ms)  # before dumps
         unique = self._unique(queue, message)

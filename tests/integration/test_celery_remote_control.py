@@ -44,6 +44,16 @@ def test_control_shutdown_stops_the_worker_process(make_stack: StackFactory):
     assert "shutdown" in worker.log().lower()
 
 
+def test_back_to_back_inspect_calls_are_all_answered(make_stack: StackFactory):
+    # Each call binds a new reply queue; the worker's binding table, cached for a second, must
+    # not send the next reply to a queue that no longer exists.
+    stack = make_stack()
+    worker = stack.worker()
+    inspect = stack.app.control.inspect(destination=[worker.nodename], timeout=1.0)
+    replies = [inspect.revoked() for _ in range(4)]
+    assert replies == [{worker.nodename: []}] * 4
+
+
 @pytest.mark.parametrize("stop", ["warm shutdown", "SIGKILL"])
 def test_a_broadcast_sent_while_a_worker_is_down_reaches_it_when_restarted_with_the_same_name(
     make_stack: StackFactory, stop: str
