@@ -27,6 +27,7 @@ from .errors import PoisonMessage
 from .headers import expires_ms
 from .options import TransportOptions
 from .policy import Policies, Resolved, policies_from
+from .transport import Transport
 from .worker import Strategies, ack_modes, install
 
 CONSUMER = "celery_msg.app:Consumer"
@@ -105,10 +106,26 @@ class Consumer(CeleryConsumer):
         )
 
     def _on_shutting_down(self, **kwargs: Any) -> None:
-        connection = self.connection
-        hold = getattr(getattr(connection, "transport", None), "hold_deliveries", None)
-        if hold is not None:
-            hold()
+        transport = self._transport()
+        if transport is not None:
+            transport.hold_deliveries()
+
+    def apply_eta_task(self, task: Any) -> None:
+        """Write the acks made so far, then run a task whose ETA came (a hub timer).
+
+        In the event loop Celery acks through the hub's ``call_soon``, which runs before the
+        timers of the same iteration, and a solo worker runs the task right here: without
+        this, the ack of the task before would wait for this one to finish, and a crash in
+        between would run a finished task again.
+        """
+        transport = self._transport()
+        if transport is not None and transport.has_buffered_acks():
+            transport.flush_acks()
+        super().apply_eta_task(task)
+
+    def _transport(self) -> Transport | None:
+        transport = getattr(self.connection, "transport", None)
+        return transport if isinstance(transport, Transport) else None
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         _mark(message, "undecodable", f"{type(exc).__name__}: {exc}")

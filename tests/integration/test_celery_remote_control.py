@@ -83,3 +83,32 @@ def test_a_broadcast_sent_while_a_worker_is_down_reaches_it_when_restarted_with_
     assert stack.app.control.inspect(destination=[second.nodename], timeout=5).ping()
     assert len(stack.events("control")) == 1
     stack.settled(pidbox_queue(second.nodename))
+
+
+def test_a_prefork_worker_whose_pool_is_busy_answers_remote_control_and_applies_a_revoke(
+    make_stack: StackFactory,
+):
+    # One process and four 3-second tasks: for ~9 s every process is busy and three tasks wait
+    # prefetched in the worker. A synchronous transport leaves Celery blocked in the pool's
+    # apply_async then, reading no broadcast: every call below would time out.
+    stack = make_stack(prefetch_multiplier=4)
+    worker = stack.worker(pool="prefork", concurrency=1)
+    sleep = stack.task("sleep_then_record")
+    tasks = [sleep.delay(3.0, label=f"busy-{i}") for i in range(4)]
+    stack.wait_for_events("start", 1, timeout=10)
+
+    inspect = stack.app.control.inspect(destination=[worker.nodename], timeout=1.0)
+    pings = inspect.ping()
+    answered = sum(1 for _ in range(4) if inspect.revoked() is not None)
+    assert pings == {worker.nodename: {"ok": "pong"}}
+    assert answered == 4
+
+    stack.settled("celery", reserved=4)  # all four are in the worker: one runs, three wait
+    stack.app.control.revoke(tasks[-1].id)
+    # Proof that the calls above met a busy pool: the first task has not finished yet.
+    assert stack.events("finish") == []
+    finished = stack.wait_for_tasks("finish", [t.id for t in tasks[:-1]], timeout=30)
+    assert len(finished) == 3
+    stack.settled("celery")  # the revoked one is settled too, not left reserved
+    started = stack.events("start")
+    assert sorted(e.task for e in started) == sorted(t.id for t in tasks[:-1])
