@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 #: and a round a hair early would find nothing due yet and schedule itself again.
 DUE_MARGIN = 0.001
 
+#: Seconds buffered acks may wait for company when the round they would ride on could refill
+#: less than half the prefetch: a busy prefork worker then pays one round trip per few tasks,
+#: not per task, and an ack still reaches Redis within milliseconds.
+ACK_DELAY = 0.002
+
 #: Seconds a sent BLPOP may stay unanswered beyond its own timeout before the connection is
 #: presumed dead (no FIN from a vanished peer), when the transport has no socket timeout.
 SILENCE_GRACE = 30.0
@@ -68,6 +73,9 @@ class Drainable(Protocol):
 
     def flush_acks(self) -> None:
         """Write the buffered acks now."""
+
+    def room_for_a_batch(self) -> bool:
+        """Whether a channel with a prefetch limit may take at least half of it."""
 
     def wait_keys(self) -> list[str]:
         """Keys to BLPOP on (wake key + signals of the consumable queues); ``[]`` when no
@@ -102,6 +110,7 @@ class EventLoopDrain:
         self._needs_round = False
         self._due_ms: int | None = None
         self._due_entry: Any = None
+        self._ack_entry: Any = None
         self._closed = False
         self._kick_lock = threading.Lock()
         self._kick_r, self._kick_w = os.pipe()
@@ -120,6 +129,11 @@ class EventLoopDrain:
             self.loop.on_tick.discard(self.on_tick)
             return
         self.pump()
+        if getattr(self.loop, "_ready", None):
+            # Callbacks queued with call_soon by this iteration's timers (Celery acks that
+            # way, after a solo task ran from its ETA timer) wait for the next iteration:
+            # do not let the poll sleep first. kombu's hub wakes only for other threads.
+            self.kick()
 
     def on_readable(self, fileno: int) -> None:
         """The BLPOP answered (a marker, or its timeout): run a round and re-arm."""
@@ -168,31 +182,59 @@ class EventLoopDrain:
             # goes back when the connection closes.
             target.flush_acks()
             return
-        keys = target.wait_keys()
-        if self._needs_round or target.has_buffered_acks() or (keys and not self._armed):
-            self._needs_round = False
-            target.deliver_round()
-            self._schedule_due(target.next_due_ms())
-        delivered = False
+        again = False
+        acks = target.has_buffered_acks()
+        if (
+            self._needs_round
+            or (not self._armed and target.wait_keys())
+            or (acks and target.room_for_a_batch())
+        ):
+            again = self._round()
+        elif acks and self._ack_entry is None:
+            # Acks share a round for up to ACK_DELAY while a batch would be too small.
+            self._ack_entry = self.loop.call_later(ACK_DELAY, self.on_ack_delay)
+            again = True
         while not target.holding() and target.deliver_one():
-            delivered = True
-        if delivered or target.has_buffered_acks():
-            # Iterate again before sleeping: Celery puts a task with an ETA on the hub's timer
-            # (even a due one), and a solo task run inside the delivery made acks to write.
+            again = True
+        if again:
+            # Iterate again before sleeping: the hub's poll timeout was computed before this
+            # tick, so a timer set now (ours, or Celery's for a task with an ETA, even a due
+            # one) would otherwise wait for it.
             self.kick()
-        keys = target.wait_keys()
-        if keys:
-            if not self._armed:
+        if not self._armed:
+            keys = target.wait_keys()
+            if keys:
                 self._arm(keys)
-            elif not self._interrupted and not set(keys) <= self._armed_keys_or_empty:
-                # A queue was added (add_consumer): end the BLPOP in flight to watch it too.
-                self._interrupted = True
-                target.wake()
-        if self._armed and time.monotonic() - self._armed_at > self._silence_limit:
+        elif time.monotonic() - self._armed_at > self._silence_limit:
             self._drop_connection()
             raise BrokerConnectionError(
                 f"waiting for messages: no reply from Redis within {self._silence_limit:.0f}s"
             )
+
+    def on_ack_delay(self) -> None:
+        """Buffered acks waited ACK_DELAY for company: write them now (with a refill)."""
+        self._ack_entry = None
+        self._needs_round = True
+        if not self._closed:
+            self.pump()
+
+    def _round(self) -> bool:
+        """One round trip (acks + reserve); True when it set a timer the hub must see."""
+        target = self.target
+        self._needs_round = False
+        if self._ack_entry is not None:
+            self._ack_entry.cancel()
+            self._ack_entry = None
+        reserved = target.deliver_round()
+        timer_set = self._schedule_due(target.next_due_ms())
+        if not reserved and self._armed and not self._interrupted:
+            keys = target.wait_keys()
+            if not set(keys) <= self._armed_keys_or_empty:
+                # A queue the BLPOP in flight does not watch may now take messages (room came
+                # back after prefetch was full, or add_consumer): re-arm to watch it too.
+                self._interrupted = True
+                target.wake()
+        return timer_set
 
     @property
     def _armed(self) -> bool:
@@ -235,17 +277,19 @@ class EventLoopDrain:
         if registered is not None and registered[0] == callback:
             self.loop.remove_reader(fd)
 
-    def _schedule_due(self, due_ms: int | None) -> None:
-        """Keep one hub timer at the next due time of the consumed queues."""
+    def _schedule_due(self, due_ms: int | None) -> bool:
+        """Keep one hub timer at the next due time of the consumed queues; True if set."""
         if due_ms == self._due_ms:
-            return
+            return False
         if self._due_entry is not None:
             self._due_entry.cancel()
             self._due_entry = None
         self._due_ms = due_ms
-        if due_ms is not None:
-            delay = max(0.0, due_ms / 1000.0 - time.time()) + DUE_MARGIN
-            self._due_entry = self.loop.call_later(delay, self.on_due)
+        if due_ms is None:
+            return False
+        delay = max(0.0, due_ms / 1000.0 - time.time()) + DUE_MARGIN
+        self._due_entry = self.loop.call_later(delay, self.on_due)
+        return True
 
     def close(self) -> None:
         """Leave the hub: no tick, no reader, no timer; the BLPOP connection is closed."""
@@ -255,9 +299,10 @@ class EventLoopDrain:
             self._closed = True
         self.loop.on_tick.discard(self.on_tick)
         self._remove_reader(self._kick_r, self.on_kick)
-        if self._due_entry is not None:
-            self._due_entry.cancel()
-            self._due_entry = None
+        for entry in (self._due_entry, self._ack_entry):
+            if entry is not None:
+                entry.cancel()
+        self._due_entry = self._ack_entry = None
         self._disarm()
         with contextlib.suppress(*_IO_ERRORS):
             self.conn.disconnect()

@@ -768,6 +768,16 @@ class Transport(virtual.Transport):
                 return True
         return False
 
+    def room_for_a_batch(self) -> bool:
+        """Whether a channel with a prefetch limit may take at least half of it: then a round
+        for buffered acks refills a worthwhile batch (channels without a limit, such as the
+        remote-control mailbox, are woken by their queue's signal instead)."""
+        for channel in self.channels:
+            limit = channel.qos.prefetch_count
+            if limit and channel._active_queues and channel.want() >= max(1, limit // 2):
+                return True
+        return False
+
     def wait_keys(self) -> list[str]:
         """The keys to BLPOP on: this consumer's wake key and the signal of every queue a
         channel may take a message from; ``[]`` when none may (prefetch full, no consumer)."""
