@@ -77,6 +77,9 @@ class Drainable(Protocol):
     def room_for_a_batch(self) -> bool:
         """Whether a channel with a prefetch limit may take at least half of it."""
 
+    def room_freed(self) -> bool:
+        """Whether prefetch room came back since the last call (settling a delivery)."""
+
     def wait_keys(self) -> list[str]:
         """Keys to BLPOP on (wake key + signals of the consumable queues); ``[]`` when no
         channel may take a message (prefetch full, or nothing consumed)."""
@@ -190,10 +193,15 @@ class EventLoopDrain:
             or (acks and target.room_for_a_batch())
         ):
             again = self._round()
-        elif acks and self._ack_entry is None:
-            # Acks share a round for up to ACK_DELAY while a batch would be too small.
-            self._ack_entry = self.loop.call_later(ACK_DELAY, self.on_ack_delay)
-            again = True
+        elif acks:
+            if self._ack_entry is None:
+                # Acks share a round for up to ACK_DELAY while a batch would be too small.
+                self._ack_entry = self.loop.call_later(ACK_DELAY, self.on_ack_delay)
+                again = True
+        elif target.room_freed() and not set(target.wait_keys()) <= self._armed_keys_or_empty:
+            # Prefetch room came back without an ack to ride on (an ack on receipt, a reject):
+            # messages may wait in a queue the BLPOP in flight does not watch.
+            again = self._round()
         while not target.holding() and target.deliver_one():
             again = True
         if again:
@@ -222,6 +230,7 @@ class EventLoopDrain:
         """One round trip (acks + reserve); True when it set a timer the hub must see."""
         target = self.target
         self._needs_round = False
+        target.room_freed()  # this round uses it
         if self._ack_entry is not None:
             self._ack_entry.cancel()
             self._ack_entry = None

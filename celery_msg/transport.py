@@ -78,6 +78,7 @@ class QoS(virtual.QoS):
         if not getattr(message, "settled", False):  # else acked in Redis on receipt already
             self.channel.settle_ack(delivery_tag)
         super().ack(delivery_tag)
+        self.channel.transport.note_room()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         message = self._delivered.get(delivery_tag)
@@ -96,6 +97,7 @@ class QoS(virtual.QoS):
             reason, detail, *extra = record
             self.channel.settle_dead(delivery_tag, reason, detail, **(extra[0] if extra else {}))
         self._quick_ack(delivery_tag)
+        self.channel.transport.note_room()
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Return every unacked delivery to the front of its queue, in one batched call."""
@@ -551,6 +553,7 @@ class Transport(virtual.Transport):
         self._next_due_ms: int | None = None
         self._next_trim = 0.0
         self._event_loop: EventLoopDrain | None = None
+        self._room = False
 
     # -- connection ------------------------------------------------------------------------
 
@@ -777,6 +780,17 @@ class Transport(virtual.Transport):
             if limit and channel._active_queues and channel.want() >= max(1, limit // 2):
                 return True
         return False
+
+    def note_room(self) -> None:
+        """A delivery was settled, so prefetch has room again: the event loop looks (and is
+        woken when this runs in another thread, e.g. a threads pool)."""
+        self._room = True
+        if self._event_loop is not None and not self.in_drain_thread():
+            self._event_loop.kick()
+
+    def room_freed(self) -> bool:
+        room, self._room = self._room, False
+        return room
 
     def wait_keys(self) -> list[str]:
         """The keys to BLPOP on: this consumer's wake key and the signal of every queue a
