@@ -110,13 +110,27 @@ class Consumer(CeleryConsumer):
         if transport is not None:
             transport.hold_deliveries()
 
+    def call_soon_ack(self, p: Any, *args: Any, **kwargs: Any) -> Any:
+        """Ack or reject now, not at the event loop's next iteration (Celery's way there).
+
+        Our ack only buffers the ack for the next round (or writes it, from another thread),
+        so waiting gains nothing; and a solo worker would start the next due task before the
+        ack of the one that finished was even buffered: a crash then runs it again.
+        """
+        if self._transport() is None:
+            return super().call_soon_ack(p, *args, **kwargs)
+        try:
+            p(*args, **kwargs)
+        except Exception as exc:
+            logger.exception("ack or reject of a task message failed: %r", exc)
+        return p
+
     def apply_eta_task(self, task: Any) -> None:
         """Write the acks made so far, then run a task whose ETA came (a hub timer).
 
-        In the event loop Celery acks through the hub's ``call_soon``, which runs before the
-        timers of the same iteration, and a solo worker runs the task right here: without
-        this, the ack of the task before would wait for this one to finish, and a crash in
-        between would run a finished task again.
+        The hub fires up to ten due timers in a row, and a solo worker runs each task right
+        here: without this, the ack of the task before would wait for this one to finish,
+        and a crash in between would run a finished task again.
         """
         transport = self._transport()
         if transport is not None and transport.has_buffered_acks():
