@@ -35,6 +35,7 @@ from .headers import expires_ms
 from .options import TransportOptions
 from .policy import Policies, Resolved, policies_from
 from .startup import check_configure
+from .transport import Transport
 from .worker import Strategies, ack_modes, install
 
 CONSUMER = "celery_msg.app:Consumer"
@@ -121,10 +122,40 @@ class Consumer(CeleryConsumer):
         )
 
     def _on_shutting_down(self, **kwargs: Any) -> None:
-        connection = self.connection
-        hold = getattr(getattr(connection, "transport", None), "hold_deliveries", None)
-        if hold is not None:
-            hold()
+        transport = self._transport()
+        if transport is not None:
+            transport.hold_deliveries()
+
+    def call_soon_ack(self, p: Any, *args: Any, **kwargs: Any) -> Any:
+        """Ack or reject now, not at the event loop's next iteration (Celery's way there).
+
+        Our ack only buffers the ack for the next round (or writes it, from another thread),
+        so waiting gains nothing; and a solo worker would start the next due task before the
+        ack of the one that finished was even buffered: a crash then runs it again.
+        """
+        if self._transport() is None:
+            return super().call_soon_ack(p, *args, **kwargs)
+        try:
+            p(*args, **kwargs)
+        except Exception as exc:
+            logger.exception("ack or reject of a task message failed: %r", exc)
+        return p
+
+    def apply_eta_task(self, task: Any) -> None:
+        """Write the acks made so far, then run a task whose ETA came (a hub timer).
+
+        The hub fires up to ten due timers in a row, and a solo worker runs each task right
+        here: without this, the ack of the task before would wait for this one to finish,
+        and a crash in between would run a finished task again.
+        """
+        transport = self._transport()
+        if transport is not None and transport.has_buffered_acks():
+            transport.flush_acks()
+        super().apply_eta_task(task)
+
+    def _transport(self) -> Transport | None:
+        transport = getattr(self.connection, "transport", None)
+        return transport if isinstance(transport, Transport) else None
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         _mark(message, "undecodable", f"{type(exc).__name__}: {exc}")

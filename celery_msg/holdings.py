@@ -47,6 +47,11 @@ class Holdings:
         with self._lock:
             return [self._leases.pop(tag) for tag in tags if tag in self._leases]
 
+    def has_acks(self) -> bool:
+        """Whether acks wait to be written (checked on every event-loop tick: no copy)."""
+        with self._lock:
+            return bool(self._acks)
+
     def take_acks(self) -> list[Lease]:
         with self._lock:
             acks, self._acks = self._acks, []

@@ -10,9 +10,12 @@ knows Redis is in :mod:`celery_msg.core`. How kombu's contract maps onto the cor
 * a background :class:`Renewer` keeps the leases of everything this connection holds alive,
   flushes buffered acks and keeps this consumer's ephemeral (broadcast) bindings alive.
 
-The transport is synchronous (``implements.asynchronous = False``): Celery then runs its
-``synloop``, which calls :meth:`Transport.drain_events`; that blocks in one BLPOP on the
-wake-up markers of every consumed queue, so an idle worker costs nothing.
+The transport is asynchronous (``implements.asynchronous = True``): a Celery worker registers it
+with its event loop and runs ``asynloop`` (see :mod:`celery_msg.eventloop`), so a busy prefork
+pool never keeps remote control waiting. Plain kombu consumers call
+:meth:`Transport.drain_events`, which blocks in one BLPOP on the wake-up markers of every consumed
+queue. Both share the same round (:meth:`Transport.deliver_round`), so an idle worker costs nothing
+either way.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from .errors import (
     ScriptError,
     StaleRoute,
 )
+from .eventloop import EventLoopDrain
 from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms
 from .holdings import Holdings
 from .keys import wake_key
@@ -82,6 +86,7 @@ class QoS(virtual.QoS):
         if not getattr(message, "settled", False):  # else acked in Redis on receipt already
             self.channel.settle_ack(delivery_tag)
         super().ack(delivery_tag)
+        self.channel.transport.note_room()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         message = self._delivered.get(delivery_tag)
@@ -100,6 +105,7 @@ class QoS(virtual.QoS):
             reason, detail, *extra = record
             self.channel.settle_dead(delivery_tag, reason, detail, **(extra[0] if extra else {}))
         self._quick_ack(delivery_tag)
+        self.channel.transport.note_room()
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Return every unacked delivery to the front of its queue, in one batched call."""
@@ -623,7 +629,7 @@ class Transport(virtual.Transport):
     polling_interval = None  # type: ignore[assignment]  # we block in Redis, never poll
 
     implements = virtual.Transport.implements.extend(
-        asynchronous=False,
+        asynchronous=True,
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
@@ -666,6 +672,8 @@ class Transport(virtual.Transport):
         self._holding = False
         self._next_due_ms: int | None = None
         self._next_trim = 0.0
+        self._event_loop: EventLoopDrain | None = None
+        self._room = False
 
     # -- connection ------------------------------------------------------------------------
 
@@ -689,6 +697,7 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
+        self.unregister_from_event_loop(connection, None)
         if self._renewer is not None:
             self._renewer.stop()
             self._renewer = None
@@ -717,7 +726,9 @@ class Transport(virtual.Transport):
 
     def wake_if_waiting(self) -> None:
         """Wake the draining thread if it sleeps because prefetch was full (an ack freed room)."""
-        if self._waiting_for_room:
+        if self._event_loop is not None:
+            self._event_loop.kick()
+        elif self._waiting_for_room:
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.lpush(self.wake_key, 1)
@@ -773,20 +784,36 @@ class Transport(virtual.Transport):
 
     # -- draining --------------------------------------------------------------------------
 
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Drain inside ``loop`` (a kombu ``Hub``): Celery's worker calls this on every
+        (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
+        if self._event_loop is not None:
+            self._event_loop.close()
+        self._event_loop = EventLoopDrain(self, loop)
+
+    def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
+        if self._event_loop is not None:
+            self._event_loop.close()
+            self._event_loop = None
+
+    def on_readable(self, fileno: int) -> None:  # type: ignore[override]
+        """kombu's hook for a readable socket of this transport (the BLPOP in flight)."""
+        if self._event_loop is not None:
+            self._event_loop.on_readable(fileno)
+
     def drain_events(  # type: ignore[override]
         self, connection: Any, timeout: float | None = None
     ) -> None:
         """Deliver at least one message, or raise ``socket.timeout`` after ``timeout``."""
-        self._drain_thread = threading.get_ident()
-        self._ensure_renewer()
+        self.start_draining()
         if self._holding:
             self._flush_acks()
             raise TimeoutError()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._deliver_one():
+            if self.deliver_one():
                 return
-            if self._deliver_round() and self._deliver_one():
+            if self.deliver_round() and self.deliver_one():
                 return
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -804,7 +831,36 @@ class Transport(virtual.Transport):
                 wait = due_in - DUE_SLACK
             self._wait(max(wait, 0.001))
 
-    def _deliver_round(self) -> bool:
+    # The draining half that both drain_events and the event loop use (eventloop.Drainable).
+
+    def start_draining(self) -> None:
+        """The calling thread is the consumer thread (its acks ride on the next round)."""
+        self._drain_thread = threading.get_ident()
+        self._ensure_renewer()
+
+    def holding(self) -> bool:
+        return self._holding
+
+    def has_buffered_acks(self) -> bool:
+        return any(channel.holdings.has_acks() for channel in self.channels)
+
+    def flush_acks(self) -> None:
+        self._flush_acks()
+
+    def next_due_ms(self) -> int | None:
+        return self._next_due_ms
+
+    def wake(self) -> None:
+        """End the wait of this consumer's BLPOP in flight (it watches the wake key)."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.lpush(self.wake_key, 1)
+            pipe.expire(self.wake_key, 60)
+            pipe.execute()
+        except REDIS_CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"waking the consumer: Redis unreachable: {exc}") from exc
+
+    def deliver_round(self) -> bool:
         """One round trip: flush buffered acks and reserve for every consumable channel.
 
         Reserving also reclaims expired leases of the queues, so an idle consumer, woken at
@@ -837,7 +893,7 @@ class Transport(virtual.Transport):
             return None
         return max(0.0, self._next_due_ms / 1000.0 - time.time())
 
-    def _deliver_one(self) -> bool:
+    def deliver_one(self) -> bool:
         """Hand over one already reserved message, taking channels in turn."""
         channels = list(self.channels)
         for i in range(len(channels)):
@@ -847,18 +903,46 @@ class Transport(virtual.Transport):
                 return True
         return False
 
+    def room_for_a_batch(self) -> bool:
+        """Whether a channel with a prefetch limit may take at least half of it: then a round
+        for buffered acks refills a worthwhile batch (channels without a limit, such as the
+        remote-control mailbox, are woken by their queue's signal instead)."""
+        for channel in self.channels:
+            limit = channel.qos.prefetch_count
+            if limit and channel._active_queues and channel.want() >= max(1, limit // 2):
+                return True
+        return False
+
+    def note_room(self) -> None:
+        """A delivery was settled, so prefetch has room again: the event loop looks (and is
+        woken when this runs in another thread, e.g. a threads pool)."""
+        self._room = True
+        if self._event_loop is not None and not self.in_drain_thread():
+            self._event_loop.kick()
+
+    def room_freed(self) -> bool:
+        room, self._room = self._room, False
+        return room
+
+    def wait_keys(self) -> list[str]:
+        """The keys to BLPOP on: this consumer's wake key and the signal of every queue a
+        channel may take a message from; ``[]`` when none may (prefetch full, no consumer)."""
+        queues = [
+            q
+            for c in self.channels
+            if c._active_queues and c.consumable()
+            for q in c._active_queues
+        ]
+        if not queues:
+            return []
+        return [self.wake_key] + [self.broker.keys(q).signal for q in dict.fromkeys(queues)]
+
     def _wait(self, timeout: float) -> None:
         """Sleep until a consumed queue may have something, an ack frees room, or timeout."""
-        queues: list[str] = []
-        full = False
-        for channel in self.channels:
-            if channel._active_queues:
-                if channel.consumable():
-                    queues.extend(channel._active_queues)
-                else:
-                    full = True
-        keys = [self.wake_key] + [self.broker.keys(q).signal for q in dict.fromkeys(queues)]
-        self._waiting_for_room = full
+        keys = self.wait_keys() or [self.wake_key]
+        self._waiting_for_room = any(
+            channel._active_queues and not channel.consumable() for channel in self.channels
+        )
         try:
             self.redis.blpop(keys, timeout=timeout)
         except REDIS_CONNECTION_ERRORS as exc:

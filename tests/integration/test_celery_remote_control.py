@@ -45,6 +45,16 @@ def test_control_shutdown_stops_the_worker_process(make_stack: StackFactory):
     assert "shutdown" in worker.log().lower()
 
 
+def test_back_to_back_inspect_calls_are_all_answered(make_stack: StackFactory):
+    # Each call binds a new reply queue; the worker's binding table, cached for a second, must
+    # not send the next reply to a queue that no longer exists.
+    stack = make_stack()
+    worker = stack.worker()
+    inspect = stack.app.control.inspect(destination=[worker.nodename], timeout=1.0)
+    replies = [inspect.revoked() for _ in range(4)]
+    assert replies == [{worker.nodename: []}] * 4
+
+
 @pytest.mark.parametrize("stop", ["warm shutdown", "SIGKILL"])
 def test_a_broadcast_sent_while_a_worker_is_down_reaches_it_when_restarted_with_the_same_name(
     make_stack: StackFactory, stop: str
@@ -136,3 +146,32 @@ def test_a_garbage_binding_does_not_stop_remote_control(make_stack: StackFactory
     replies = stack.app.control.inspect(destination=[worker.nodename], timeout=5).ping()
 
     assert replies == {worker.nodename: {"ok": "pong"}}
+
+
+def test_a_prefork_worker_whose_pool_is_busy_answers_remote_control_and_applies_a_revoke(
+    make_stack: StackFactory,
+):
+    # One process and four 3-second tasks: for ~9 s every process is busy and three tasks wait
+    # prefetched in the worker. A synchronous transport leaves Celery blocked in the pool's
+    # apply_async then, reading no broadcast: every call below would time out.
+    stack = make_stack(prefetch_multiplier=4)
+    worker = stack.worker(pool="prefork", concurrency=1)
+    sleep = stack.task("sleep_then_record")
+    tasks = [sleep.delay(3.0, label=f"busy-{i}") for i in range(4)]
+    stack.wait_for_events("start", 1, timeout=10)
+
+    inspect = stack.app.control.inspect(destination=[worker.nodename], timeout=1.0)
+    pings = inspect.ping()
+    answered = sum(1 for _ in range(4) if inspect.revoked() is not None)
+    assert pings == {worker.nodename: {"ok": "pong"}}
+    assert answered == 4
+
+    stack.settled("celery", reserved=4)  # all four are in the worker: one runs, three wait
+    stack.app.control.revoke(tasks[-1].id)
+    # Proof that the calls above met a busy pool: the first task has not finished yet.
+    assert stack.events("finish") == []
+    finished = stack.wait_for_tasks("finish", [t.id for t in tasks[:-1]], timeout=30)
+    assert len(finished) == 3
+    stack.settled("celery")  # the revoked one is settled too, not left reserved
+    started = stack.events("start")
+    assert sorted(e.task for e in started) == sorted(t.id for t in tasks[:-1])
