@@ -3,10 +3,12 @@
 This is the only module that touches kombu's untyped virtual-transport classes; everything that
 knows Redis is in :mod:`celery_msg.core`. How kombu's contract maps onto the core:
 
-* ``_put`` / ``_put_fanout``  -> :meth:`Broker.publish` / :meth:`Broker.publish_many`
+* ``basic_publish``             -> routing with the exchange's cached binding table, guarded by
+  its bindings version; :meth:`Broker.publish` / :meth:`Broker.publish_many`
 * delivering (``drain_events``) -> :meth:`Broker.reserve`: the fetch *is* the lease
 * ``QoS.ack`` / ``QoS.reject``  -> ack, requeue (front of queue) or dead-letter, all fenced
-* ``QoS.restore_unacked``       -> requeue, without counting the delivery
+* ``QoS.restore_unacked``       -> requeue, without counting the delivery (unless handling it
+  raised: then it counts, so ``max_deliveries`` ends a crash loop)
 * a background :class:`Renewer` keeps the leases of everything this connection holds alive,
   flushes buffered acks and keeps this consumer's ephemeral (broadcast) bindings alive.
 
