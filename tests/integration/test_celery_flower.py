@@ -147,7 +147,7 @@ def test_flower_lists_the_worker_with_its_stats_and_the_tasks_it_finished(
     stack = make_stack()
     worker = stack.worker(extra_args=["-E"])
     flower = flower_for(stack)
-    wait_until(lambda: _events_queues(stack), 45, "flower's events queue")
+    wait_until(lambda: _events_queues(stack) or None, 45, "flower's events queue")
     results = [stack.task("add").delay(i, i) for i in range(3)]
     assert [r.get(timeout=15) for r in results] == [0, 2, 4]
 
@@ -181,7 +181,7 @@ def test_the_events_queue_of_a_sigkilled_flower_stops_growing_within_the_event_t
     stack = make_stack()  # binding_ttl 60 s: the binding outlives this test
     stack.worker(extra_args=["-E"])
     flower = flower_for(stack)
-    (queue,) = wait_until(lambda: _events_queues(stack), 45, "flower's events queue")
+    (queue,) = wait_until(lambda: _events_queues(stack) or None, 45, "flower's events queue")
 
     sent: list[float] = []
     stop = threading.Event()
