@@ -225,7 +225,8 @@ def _unlock_on_success(task: Task, policies: Policies) -> None:
         unique = unique_for(policies, task.name, queue, asked)
         if not queue or unique is None or unique.until != "success":
             return
-        with task.app.connection_for_write() as connection:
+        # The app's pool: one connection per process, reused (not one built per task).
+        with task.app.pool.acquire(block=True) as connection:
             broker = getattr(connection.transport, "broker", None)
             if isinstance(broker, Broker):
                 broker.unlock(queue, [request.id])
@@ -246,11 +247,12 @@ class PolicyRequest(Request):
 
     def on_accepted(self, pid: Any, time_accepted: float) -> None:
         super().on_accepted(pid, time_accepted)
-        self._unlock("start")
+        self._unlock_on_start()
 
-    def _unlock(self, moment: str) -> None:
+    def _unlock_on_start(self) -> None:
         """Let unique publishes of this task id through again, if its policy's
-        ``Unique.until`` is ``moment`` (the task started, or succeeded)."""
+        ``Unique.until`` is ``"start"`` (success is handled inside the task, see
+        :func:`_unlock_on_success`)."""
         try:
             message = self.message
             transport: Any = getattr(getattr(message, "channel", None), "transport", None)
@@ -262,7 +264,7 @@ class PolicyRequest(Request):
             unique = unique_for(
                 transport.options.policies, self.task.name, queue, headers.get(UNIQUE_HEADER)
             )
-            if unique is not None and unique.until == moment and queue:
+            if unique is not None and unique.until == "start" and queue:
                 broker.unlock(queue, [self.id])
         except Exception:
             logger.exception("task %s[%s]: could not unlock its unique id", self.task.name, self.id)
