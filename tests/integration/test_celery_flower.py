@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 import pytest
 from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, stack_factory, wait_until
 
-from celery_msg.servers import free_port
+from celery_msg.testing import free_port
 
 if TYPE_CHECKING:
     from conftest import Server
