@@ -69,6 +69,7 @@ from .holdings import Holdings
 from .keys import wake_key
 from .messages import band_of, message_id
 from .options import TransportOptions, to_ms
+from .outcome import read_outcome
 from .policy import Unique, unique_for
 from .queueargs import QueueArguments
 from .renewer import Renewer
@@ -85,28 +86,23 @@ class QoS(virtual.QoS):
     restore_at_shutdown = True
 
     def ack(self, delivery_tag: str) -> None:
-        message = self._delivered.get(delivery_tag)
-        if not getattr(message, "settled", False):  # else acked in Redis on receipt already
-            self.channel.settle_ack(delivery_tag)
+        if not read_outcome(self._delivered.get(delivery_tag)).settled:
+            self.channel.settle_ack(delivery_tag)  # else acked in Redis on receipt already
         super().ack(delivery_tag)
         self.channel.transport.note_room()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        message = self._delivered.get(delivery_tag)
-        if getattr(message, "settled", False):
+        outcome = read_outcome(self._delivered.get(delivery_tag))
+        if outcome.settled:
             pass  # acked in Redis on receipt (ack mode early): nothing left to settle
         elif requeue:
             self.channel.settle_requeue(delivery_tag)
-        elif getattr(message, "drop_on_reject", False):
+        elif outcome.drop:
             # Its policy keeps no dead letters: the worker recorded the failure; drop it.
             self.channel.settle_ack(delivery_tag)
         else:
-            record = getattr(message, "dead_letter_reason", None) or (
-                "rejected",
-                "the consumer rejected the message without requeue",
-            )
-            reason, detail, *extra = record
-            self.channel.settle_dead(delivery_tag, reason, detail, **(extra[0] if extra else {}))
+            record = outcome.rejected
+            self.channel.settle_dead(delivery_tag, record.reason, record.detail, **record.extra)
         self._quick_ack(delivery_tag)
         self.channel.transport.note_room()
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import Stack, stack_factory, wait_until
+from celery_helpers import StackFactory, stack_factory, wait_until
 
 from celery_msg.core import State
 from celery_msg.errors import PoisonMessage
@@ -20,17 +20,10 @@ from celery_msg.errors import PoisonMessage
 if TYPE_CHECKING:
     from conftest import Server
 
-StackFactory = Callable[..., Stack]
 
 #: Seconds Redis is down: within redis-py's own reconnect retries, or long enough that the
 #: consumer loses its connection and Celery reconnects (and leases of running tasks expire).
 SHORT_OUTAGE, LONG_OUTAGE = 1.5, 8.0
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 @pytest.mark.slow

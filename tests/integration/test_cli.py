@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
-from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, stack_factory, wait_until
+from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, wait_until
 
 from celery_msg.core import Broker, Lease
 from celery_msg.deadletters import DeadLetters
@@ -28,23 +28,11 @@ from celery_msg.deadletters import DeadLetters
 if TYPE_CHECKING:
     from conftest import Server
 
-StackFactory = Callable[..., Stack]
 
 #: The venv's own ``celery`` script (next to the interpreter running the tests).
 CELERY = Path(sys.executable).with_name("celery")
 #: Seconds one CLI call may take (it imports Celery and the app, then does a few round trips).
 CLI_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
-def stack(make_stack: StackFactory) -> Stack:
-    return make_stack()
 
 
 class CLI:
