@@ -39,11 +39,9 @@ from amqp.protocol import queue_declare_ok_t
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import JSONEncoder, loads
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from .acks import AckSender
-from .connection import BrokerAddress, redis_params
+from .connection import redis_client
 from .core import (
     REDIS_CONNECTION_ERRORS,
     Binding,
@@ -499,7 +497,7 @@ class Channel(virtual.Channel):
             else:
                 lease = self._release(tag, "ack")
                 if lease is not None:
-                    sender.send([lease])
+                    sender.add(lease)  # written before the loop hands over or polls again
             return
         lease = self._release(tag, "ack")
         if lease is not None:
@@ -657,11 +655,7 @@ class Transport(virtual.Transport):
         self.options = TransportOptions.from_mapping(client.transport_options or {})
         super().__init__(client, **kwargs)
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # No retries inside redis-py: a script whose reply was lost must not silently run twice
-        # (a second publish, a second fetch), and outages must surface at once so that kombu and
-        # Celery reconnect with their own backoff.
-        params = redis_params(BrokerAddress.from_kombu(client), self.options)
-        self.redis = redis.Redis(**params, retry=Retry(NoBackoff(), 0))
+        self.redis, self.where = redis_client(client, self.options)
         self.broker = Broker(
             self.redis,
             prefix=self.options.key_prefix,
@@ -700,9 +694,7 @@ class Transport(virtual.Transport):
                 f"Redis refused the broker URL's database {params.get('db')!r}: {exc}"
             ) from exc
         except REDIS_CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(
-                f"cannot reach Redis at {params.get('host')}:{params.get('port')}: {exc}"
-            ) from exc
+            raise BrokerConnectionError(f"cannot reach Redis at {self.where}: {exc}") from exc
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
@@ -801,9 +793,7 @@ class Transport(virtual.Transport):
         (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
         self.unregister_from_event_loop(connection, loop)
         self._event_loop = EventLoopDrain(self, loop)
-        self.ack_sender = AckSender(
-            self.broker, loop=loop, on_lost=lambda lost: _log_lost(lost, "ack")
-        )
+        self.ack_sender = AckSender(self.broker, on_lost=lambda lost: _log_lost(lost, "ack"))
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
         sender, self.ack_sender = self.ack_sender, None
@@ -877,6 +867,11 @@ class Transport(virtual.Transport):
 
     def flush_acks(self) -> None:
         self._flush_acks()
+
+    def write_acks(self) -> None:
+        """Write the acks the loop thread made since the last call (see celery_msg.acks)."""
+        if self.ack_sender is not None:
+            self.ack_sender.flush()
 
     def next_due_ms(self) -> int | None:
         return self._next_due_ms
