@@ -1,8 +1,11 @@
 """The broker core: messages, leases and queues on Redis, with no knowledge of kombu or Celery.
 
-Every state change is one script call (see :mod:`celery_msg.scripts`); this module turns Python
-calls into script calls, groups them per queue (one queue = one hash slot), pipelines what can
-be pipelined, and translates redis-py errors into :mod:`celery_msg.errors`.
+Every state change is one script call (see :mod:`celery_msg.scripts`), and :class:`Broker` is
+the one place that makes them: it turns Python calls into script calls and groups them per queue
+(one queue = one hash slot). Its other jobs live next door, each in a module of its own, and are
+reached through it: sending and error translation (:mod:`~celery_msg.redisio`), the queue
+registry and counts (:mod:`~celery_msg.queues`), look-ups (:mod:`~celery_msg.lookup`) and
+exchange bindings (:mod:`~celery_msg.bindings`), none of which runs a script.
 
 A message is stored once per queue under a *key*: its ID, or ``ID/<n>`` when that ID is already
 stored in the queue (a Celery retry republishes the same task id while the first delivery is
@@ -15,67 +18,75 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple
 
 import redis
 from redis.commands.core import Script
 
-from .errors import (
-    AuthenticationFailed,
-    BrokerConnectionError,
-    MessageNotFound,
-    PermissionDenied,
-    ScriptError,
-    StaleRoute,
-)
-from .keys import (
-    QueueKeys,
-    bindings_key,
-    bindings_version_key,
-    exchanges_key,
-    expiring_key,
-    queues_key,
+from .bindings import Binding, Bindings, Route, Table
+from .errors import StaleRoute
+from .keys import QueueKeys, bindings_version_key
+from .lookup import (
+    UNREADABLE_RECORD,
+    Lookups,
+    MessageInfo,
+    ScheduledMessage,
+    State,
+    dead_record,
 )
 from .queueargs import QueueArguments
-from .scripts import BAND, MISSING_BODY_GROUP, Code, Scripts, where
+from .queues import EXPIRE_QUEUES_BATCH, QueueAdmin
+from .redisio import (
+    BUSY,
+    REDIS_CONNECTION_ERRORS,
+    DedicatedConnection,
+    ScriptCall,
+    bulk,
+    pack_evalsha,
+    pack_head,
+    run_scripts,
+    script_replies,
+    text,
+    translated,
+    translated_errors,
+)
+from .scripts import MISSING_BODY_GROUP, Code, Scripts
 
 logger = logging.getLogger(__name__)
 
-#: redis-py errors that mean "the connection, not the command, failed".
-REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    ConnectionError,
-    OSError,
-)
+#: Names other modules import from here, where they lived before the split (kept importable).
+__all__ = [
+    "REDIS_CONNECTION_ERRORS",
+    "UNREADABLE_RECORD",
+    "Binding",
+    "Broker",
+    "Delivery",
+    "Lease",
+    "MessageInfo",
+    "ReserveRequest",
+    "Round",
+    "Route",
+    "ScheduledMessage",
+    "ScriptCall",
+    "State",
+    "Table",
+    "dead_record",
+    "failure_record",
+    "pack_evalsha",
+    "pack_head",
+    "translated_errors",
+]
 
-_BINDING_SEP = "\x06\x16"
-
-#: How Redis and Valkey word an ACL refusal inside a script (a plain error reply there).
-_ACL_DENIED = re.compile(r"can't run this command|ACL failure in script|no permissions", re.I)
 #: publish.lua's ARGV[6] when the publish is not routed through an exchange (no guard key).
 _UNROUTED = ""
 #: Seconds between two log lines about the same broken queue.
 BROKEN_REPORT_INTERVAL = 60.0
-#: Most expired queues (``expires``) one sweep deletes.
-EXPIRE_QUEUES_BATCH = 10
-
-
-class State(StrEnum):
-    """Where a message is in its life."""
-
-    SCHEDULED = "SCHEDULED"
-    READY = "READY"
-    RESERVED = "RESERVED"
-    DEAD = "DEAD"
+#: Bounds the caches of per-queue keys and packed publish heads: short-lived reply queues
+#: (``celery inspect``) each have a name of their own.
+_KEYS_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,209 +131,6 @@ class ReserveRequest:
     start: int = 0
 
 
-@dataclass(frozen=True)
-class MessageInfo:
-    """A message as :meth:`Broker.lookup` finds it."""
-
-    id: str
-    key: str
-    queue: str
-    state: State
-    deliveries: int
-    priority_band: int | None
-    owner: str | None
-    lease_deadline: float | None
-    #: When a SCHEDULED message becomes due (seconds since the epoch).
-    due: float | None
-    dead_reason: dict[str, Any] | None
-    payload: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduledMessage:
-    """A message waiting in a queue's schedule, as :meth:`Broker.scheduled` lists it."""
-
-    queue: str
-    key: str
-    #: When it becomes due (epoch ms): it enters its queue then.
-    due_ms: int
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """A route from an exchange to a queue (kombu's ``(routing_key, pattern, queue)``)."""
-
-    routing_key: str
-    pattern: str
-    queue: str
-
-    def encode(self) -> str:
-        return _BINDING_SEP.join((self.routing_key, self.pattern, self.queue))
-
-    @classmethod
-    def decode(cls, raw: bytes | str) -> Binding:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        routing_key, pattern, queue = text.split(_BINDING_SEP)
-        return cls(routing_key, pattern, queue)
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Which binding table a publish was routed with: the exchange and its bindings version."""
-
-    exchange: str
-    version: int
-
-
-class Table(NamedTuple):
-    """An exchange's live bindings, read at one bindings version (None: the stored version is
-    not a number; such a table is routed with unguarded and never cached)."""
-
-    route: Route | None
-    bindings: list[Binding]
-
-
-@contextmanager
-def translated_errors(what: str) -> Iterator[None]:
-    """Re-raise redis-py errors as celery-msg errors, keeping the cause."""
-    try:
-        yield
-    except Exception as exc:
-        ours = translated(exc, what)
-        if ours is None:
-            raise
-        raise ours from exc
-
-
-def translated(exc: BaseException, what: str) -> Exception | None:
-    """The celery-msg error for a redis-py error (None: not one to translate). NoScriptError
-    is left alone: the caller loads the script again."""
-    if isinstance(exc, redis.exceptions.NoScriptError):
-        return None
-    if isinstance(exc, redis.exceptions.NoPermissionError) or (
-        isinstance(exc, redis.ResponseError) and _ACL_DENIED.search(str(exc))
-    ):
-        # Inside a script Redis 7.0 does not name the command: name the script line instead.
-        line = where(str(exc))
-        return PermissionDenied(
-            f"{what}: the broker URL's ACL user may not run this (see README, Security): {exc}"
-            + (f" [{line}]" if line else "")
-        )
-    if isinstance(exc, redis.ResponseError):
-        return ScriptError(f"{what}: {exc}")
-    if isinstance(exc, redis.AuthenticationError):  # a ConnectionError in redis-py
-        return AuthenticationFailed(f"{what}: Redis refused the credentials: {exc}")
-    if isinstance(exc, REDIS_CONNECTION_ERRORS):
-        return BrokerConnectionError(f"{what}: Redis unreachable: {exc}")
-    return None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class DedicatedConnection:
-    """One Redis connection kept out of the pool for a hot path (publishing).
-
-    redis-py checks a connection out of its pool and back in for every command, which costs
-    more Python than the command itself on a small machine; a publisher sends one command at
-    a time, so it keeps one connection. One thread uses it at a time: a caller that finds it
-    busy gets ``None`` and uses the pool. After a fork the child takes a connection of its own.
-    """
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-        self._lock = threading.Lock()
-        self._conn: Any = None
-        self._pid = os.getpid()
-
-    def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return self.execute(script, pack_evalsha(script, keys, args))
-
-    def execute(self, script: Script, packed: bytes) -> Any:
-        """Send one already packed ``EVALSHA`` of ``script`` and read its reply; ``_BUSY``
-        when another thread holds the connection."""
-        if not self._lock.acquire(blocking=False):
-            return _BUSY
-        try:
-            if self._pid != os.getpid():
-                self._conn, self._pid = None, os.getpid()  # the parent's socket is not ours
-            conn = self._conn
-            if conn is None:
-                conn = self._conn = self.client.connection_pool.get_connection()
-            try:
-                if _stale(conn):
-                    # Closed by the server while idle (restart, idle timeout, a proxy): nothing
-                    # was sent yet, so reconnecting is safe, as redis-py's pool does.
-                    conn.disconnect()
-                return self._call(conn, script, packed)
-            except redis.ResponseError:
-                raise  # an error reply: the connection itself is fine
-            except BaseException:
-                self._conn = None
-                conn.disconnect()
-                self.client.connection_pool.release(conn)
-                raise
-        finally:
-            self._lock.release()
-
-    def _call(self, conn: Any, script: Script, packed: bytes) -> Any:
-        try:
-            conn.send_packed_command((packed,))
-            return conn.read_response()
-        except redis.exceptions.NoScriptError:
-            # Redis restarted or SCRIPT FLUSH: load it again, on this connection. The same text
-            # has the same SHA1, so the packed command stays valid.
-            conn.send_command("SCRIPT", "LOAD", script.script)
-            if _text(conn.read_response()) != script.sha:
-                raise
-            conn.send_packed_command((packed,))
-            return conn.read_response()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self.client.connection_pool.release(self._conn)
-                self._conn = None
-
-
-_BUSY = object()
-
-#: One script call: the script, its KEYS, its ARGV.
-ScriptCall = tuple[Script, Sequence[str], Sequence[Any]]
-_KEYS_CACHE_SIZE = 4096
-
-
-def _bulk(value: bytes | str | int) -> bytes:
-    """One RESP bulk string, encoded as redis-py encodes arguments (str as UTF-8, int as text)."""
-    if isinstance(value, str):
-        value = value.encode()
-    elif isinstance(value, int):
-        value = b"%d" % value
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-def pack_head(script: Script, keys: Sequence[str], argc: int) -> bytes:
-    """The fixed part of ``EVALSHA sha numkeys keys...`` that ``argc`` arguments will follow."""
-    head = [b"*%d\r\n" % (3 + len(keys) + argc), _bulk("EVALSHA"), _bulk(script.sha)]
-    head.append(_bulk(len(keys)))
-    head.extend(_bulk(key) for key in keys)
-    return b"".join(head)
-
-
-def pack_evalsha(script: Script, keys: Sequence[str], args: Sequence[Any]) -> bytes:
-    return pack_head(script, keys, len(args)) + b"".join(_bulk(arg) for arg in args)
-
-
-def _stale(conn: Any) -> bool:
-    """True when an idle connection has something to read: EOF or unexpected data."""
-    try:
-        return bool(conn.can_read())
-    except (redis.ConnectionError, OSError):
-        return True
-
-
 class Broker:
     """Queues of leased, ID-tracked messages on one Redis (or one Cluster slot per queue).
 
@@ -351,6 +159,9 @@ class Broker:
         self._publish_heads: dict[str | tuple[str, str], bytes] = {}
         self._publisher = DedicatedConnection(client)
         self._broken_reported: dict[str, float] = {}
+        self.queue_admin = QueueAdmin(self)
+        self.lookups = Lookups(self)
+        self.bindings = Bindings(self)
 
     def close(self) -> None:
         """Give back the connection kept for publishing (the pool stays the caller's)."""
@@ -372,144 +183,48 @@ class Broker:
             keys = self._keys[queue] = QueueKeys(queue, self.prefix)
             return keys
 
-    # -- queues ----------------------------------------------------------------------------
+    # -- queues (queues.py): the registry, arguments, counts; plain reads and writes ------------
 
     def declare(self, queue: str, arguments: QueueArguments | None = None) -> None:
-        """Remember ``queue`` in the registry of queues (used by look-ups and the CLI) and store
-        its ``arguments`` (message TTL, expiry, max length; see :mod:`celery_msg.queueargs`).
-
-        A declaration defines the queue, as in RabbitMQ: its arguments replace the stored ones
-        (none given: none kept), and it counts as a use of a queue with ``expires``.
-        """
-        args = arguments or QueueArguments()
-        keys = self.keys(queue)
-        with translated_errors(f"declare queue {queue!r}"):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hgetall(keys.args)
-            pipe.delete(keys.args)
-            stored = args.to_redis()
-            if stored:
-                pipe.hset(keys.args, mapping=stored)  # type: ignore[arg-type]
-            if args.expires_ms is None:
-                pipe.zrem(expiring_key(self.prefix), queue)
-            else:
-                pipe.zadd(expiring_key(self.prefix), {queue: self.now_ms() + args.expires_ms})
-            pipe.sadd(queues_key(self.prefix), queue)
-            before = QueueArguments.from_redis(pipe.execute()[0])
-        if before != args and before != QueueArguments():
-            logger.info("queue %s redeclared with arguments %s (were %s)", queue, args, before)
+        self.queue_admin.declare(queue, arguments)
 
     def queue_arguments(self, queue: str) -> QueueArguments:
-        """The arguments ``queue`` was declared with (a garbage stored value reads as unset)."""
-        with translated_errors(f"read arguments of {queue!r}"):
-            return QueueArguments.from_redis(self.client.hgetall(self.keys(queue).args))
+        return self.queue_admin.queue_arguments(queue)
 
     def touch(self, expiring: Mapping[str, int]) -> None:
-        """Mark queues declared with ``expires`` (queue -> expires ms) as used now: a live
-        consumer does this for the queues it consumes. A queue already deleted stays deleted."""
-        if not expiring:
-            return
-        now = self.now_ms()
-        with translated_errors(f"touch {len(expiring)} queues"):
-            pipe = self.client.pipeline(transaction=False)
-            for queue, expires_ms in expiring.items():
-                pipe.zadd(expiring_key(self.prefix), {queue: now + expires_ms}, xx=True)
-            pipe.execute()
+        self.queue_admin.touch(expiring)
 
     def expire_queues(self, limit: int = EXPIRE_QUEUES_BATCH) -> list[str]:
-        """Delete up to ``limit`` queues unused for longer than their ``expires``; their names.
+        return self.queue_admin.expire_queues(limit)
 
-        Whoever reads an exchange's bindings (every publisher, about once per
-        ``binding_cache_ttl``) and every live consumer's renewer call this, so an unused queue
-        goes away even when nothing else ever touches it."""
-        with translated_errors("find expired queues"):
-            due = cast(
-                list[bytes],
-                self.client.zrangebyscore(
-                    expiring_key(self.prefix), "-inf", f"({self.now_ms()}", start=0, num=limit
-                ),
-            )
-        names = [_text(q) for q in due]
-        return [q for q in names if self._expire_queue(q)]
-
-    def _expire_queue(self, queue: str) -> bool:
-        """Delete ``queue`` if it is still unused past its expiry (a consumer may have touched
-        it, or another process deleted it, since it was found)."""
-        registry = expiring_key(self.prefix)
-        with (
-            translated_errors(f"expire queue {queue!r}"),
-            self.client.pipeline(transaction=True) as pipe,
-        ):
-            try:
-                pipe.watch(registry)  # type: ignore[no-untyped-call]
-                deadline = pipe.zscore(registry, queue)
-                if deadline is None or deadline >= self.now_ms():
-                    return False
-                pipe.multi()
-                self._delete_in(pipe, queue)
-                pipe.execute()
-            except redis.WatchError:
-                return False  # touched (or deleted) meanwhile: look again next time
-        logger.info("queue %s expired: unused for longer than its expires; deleted", queue)
-        return True
+    def expire_queue_if_unused(self, queue: str) -> bool:
+        return self.queue_admin.expire_queue_if_unused(queue)
 
     def queues(self) -> list[str]:
-        return self.queue_registry()[0]
+        return self.queue_admin.queues()
 
     def queue_registry(self) -> tuple[list[str], int]:
-        """The registered queue names, and how many registered names were skipped because
-        they are not UTF-8 (written by something else: a bad migration, a buggy tool)."""
-        with translated_errors("list queues"):
-            raw = self.client.smembers(queues_key(self.prefix))
-        names: list[str] = []
-        for name in raw:
-            try:
-                names.append(_text(name))
-            except UnicodeDecodeError:
-                continue
-        skipped = len(raw) - len(names)
-        if skipped:
-            logger.warning(
-                "skipped %d queue name(s) that are not UTF-8 in %s", skipped, self.prefix
-            )
-        return sorted(names), skipped
+        return self.queue_admin.queue_registry()
 
     def exists(self, queue: str) -> bool:
-        with translated_errors(f"check queue {queue!r}"):
-            return bool(self.client.sismember(queues_key(self.prefix), queue))
+        return self.queue_admin.exists(queue)
 
     def size(self, queue: str) -> int:
-        """Number of READY messages (what kombu and Celery call the queue's size)."""
-        with translated_errors(f"size of {queue!r}"):
-            return int(self.client.zcard(self.keys(queue).ready))
+        return self.queue_admin.size(queue)
 
     def counts(self, queue: str) -> dict[str, int]:
-        """READY, RESERVED, SCHEDULED and DEAD counts of ``queue`` in one round trip."""
-        keys = self.keys(queue)
-        with translated_errors(f"counts of {queue!r}"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zcard(keys.ready)
-            pipe.zcard(keys.leased)
-            pipe.zcard(keys.sched)
-            pipe.zcard(keys.dead)
-            ready, reserved, scheduled, dead = pipe.execute()
-        return {
-            "ready": int(ready),
-            "reserved": int(reserved),
-            "scheduled": int(scheduled),
-            "dead": int(dead),
-        }
+        return self.queue_admin.counts(queue)
 
     def stats(self, queue: str) -> dict[str, int]:
-        """Lifetime counters of ``queue``: published, acked, requeued, reclaimed, dead, ..."""
-        with translated_errors(f"stats of {queue!r}"):
-            raw = self.client.hgetall(self.keys(queue).stats)
-        return {_text(k): int(v) for k, v in raw.items()}
+        return self.queue_admin.stats(queue)
 
     def count(self, queue: str, counter: str, n: int = 1) -> None:
-        """Add ``n`` to one of ``queue``'s lifetime counters (see :meth:`stats`)."""
-        with translated_errors(f"count {counter} in {queue!r}"):
-            self.client.hincrby(self.keys(queue).stats, counter, n)
+        self.queue_admin.count(queue, counter, n)
+
+    def delete(self, queue: str) -> None:
+        self.queue_admin.delete(queue)
+
+    # -- scripts: every state change is one call of a script ----------------------------
 
     def purge(self, queue: str, batch: int = 1000) -> int:
         """Remove every READY and SCHEDULED message of ``queue`` (in bounded steps); returns
@@ -523,53 +238,14 @@ class Broker:
                 if removed < batch:
                     return total
 
-    def delete(self, queue: str) -> None:
-        """Remove ``queue`` with everything in it, leased and dead messages included."""
-        with translated_errors(f"delete {queue!r}"):
-            pipe = self.client.pipeline(transaction=True)
-            self._delete_in(pipe, queue)
-            pipe.execute()
-
-    def _delete_in(self, pipe: Any, queue: str) -> None:
-        pipe.delete(*self.keys(queue).all)
-        pipe.srem(queues_key(self.prefix), queue)
-        pipe.zrem(expiring_key(self.prefix), queue)
-
     def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Run script calls in one pipelined round trip; their replies, in order.
-
-        redis-py's own pipelining of scripts asks ``SCRIPT EXISTS`` first: a second round trip
-        on every call, on the consumer's hot path. Here each ``EVALSHA`` goes as it is; a script
-        Redis lost (restart, ``SCRIPT FLUSH``) is loaded again and only its calls are sent
-        again (the others have run). An error reply is raised, as redis-py would.
-        """
-        results = self.script_replies(calls)
-        for reply in results:
-            if isinstance(reply, redis.ResponseError):
-                raise reply
-        return results
+        """Script calls in one pipelined round trip (see :func:`redisio.run_scripts`)."""
+        return run_scripts(self.client, calls)
 
     def script_replies(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """:meth:`run_scripts`, but an error reply stays in the list (one broken queue must not
-        keep the calls of the others from being read); connection errors still raise."""
-        results: list[Any] = self._evalsha_all(calls)
-        missing = [
-            i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)
-        ]
-        if missing:
-            for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
-                script.sha = _text(self.client.script_load(script.script))
-            replies = self._evalsha_all([calls[i] for i in missing])
-            for i, reply in zip(missing, replies, strict=True):
-                results[i] = reply
-        return results
-
-    def _evalsha_all(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """One pipeline of EVALSHA calls; error replies come back in the list, not raised."""
-        pipe = self.client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-        return list(pipe.execute(raise_on_error=False))
+        """:meth:`run_scripts`, error replies left in the list (one broken queue must not keep
+        the others' replies from being read)."""
+        return script_replies(self.client, calls)
 
     # -- message life ----------------------------------------------------------------------
 
@@ -608,9 +284,9 @@ class Broker:
         args = (message_id, payload, band, due, 1 if unique else 0, version, now, lock)
         try:
             reply = self._publisher.execute(
-                self.scripts.publish, head + b"".join(_bulk(arg) for arg in args)
+                self.scripts.publish, head + b"".join(bulk(arg) for arg in args)
             )
-            if reply is _BUSY:
+            if reply is BUSY:
                 reply = self.scripts.publish(keys=self._publish_keys(queue, route), args=args)
         except Exception as exc:
             ours = translated(exc, f"publish to {queue!r}")
@@ -619,7 +295,7 @@ class Broker:
             raise ours from exc
         if route is not None and int(reply[1]) == Code.STALE_ROUTE:
             raise StaleRoute(route.exchange, [queue])
-        return _text(reply[0])
+        return text(reply[0])
 
     def publish_once(
         self, queue: str, message_id: str, payload: bytes | str, band: int, *, due_ms: int = 0
@@ -687,7 +363,7 @@ class Broker:
             ]
             if refused:
                 raise StaleRoute(route.exchange, refused)
-        return [_text(r[0]) for r in replies]
+        return [text(r[0]) for r in replies]
 
     def promote(self, queue: str, limit: int | None = None) -> int:
         """Move due scheduled messages of ``queue`` to its back; returns how many. Consumers
@@ -888,7 +564,35 @@ class Broker:
                 keys=self.keys(queue).all,
                 args=[now, message_id, payload, band, deliveries, record],
             )
-        return _text(key)
+        return text(key)
+
+    def replay_dead(self, queue: str, keys: Sequence[str]) -> int:
+        """Dead messages of ``queue`` back to the end of their band; how many were still dead."""
+        return self._dead_store(self.scripts.replay, "replay", queue, keys)
+
+    def discard_dead(self, queue: str, keys: Sequence[str]) -> int:
+        """Delete dead messages of ``queue`` for good; how many were still dead."""
+        return self._dead_store(self.scripts.discard, "discard", queue, keys)
+
+    def _dead_store(self, run: Script, what: str, queue: str, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        with translated_errors(f"{what} {len(keys)} dead letters of {queue!r}"):
+            codes = run(keys=self.keys(queue).all, args=list(keys))
+        return sum(1 for code in codes if int(code) == Code.OK)
+
+    def trim_dead(self, retention: Mapping[str, tuple[int, int]], limit: int = 1000) -> int:
+        """Enforce dead-letter retention, ``{queue: (max entries, max age ms)}`` (0: no bound),
+        in one round trip; returns how many dead messages were dropped."""
+        if not retention:
+            return 0
+        now = self.now_ms()
+        calls: list[ScriptCall] = [
+            (self.scripts.trim_dead, self.keys(queue).all, [now, max_len, max_age_ms, limit])
+            for queue, (max_len, max_age_ms) in retention.items()
+        ]
+        with translated_errors("trim dead-letter stores"):
+            return sum(int(n) for n in self.run_scripts(calls))
 
     def reclaim(self, queue: str, limit: int | None = None) -> int:
         """Return expired leases of ``queue`` to the front of their band; returns how many."""
@@ -908,246 +612,52 @@ class Broker:
         with translated_errors(f"wait on {list(queues)!r}"):
             return self.client.blpop(keys, timeout=timeout) is not None
 
-    # -- look-ups --------------------------------------------------------------------------
+    # -- look-ups (lookup.py) and bindings (bindings.py): plain reads and writes, no script --
 
     def lookup(self, message_id: str, queues: Sequence[str] | None = None) -> list[MessageInfo]:
-        """Every stored instance of ``message_id`` in ``queues`` (default: all known queues).
-
-        Acked messages leave no trace, so an empty list means acked, purged or never published.
-        """
-        found: list[MessageInfo] = []
-        for queue in self.queues() if queues is None else queues:
-            for key in self._keys_of(queue, message_id):
-                info = self.info(queue, key)
-                if info is not None:
-                    found.append(info)
-        return found
+        return self.lookups.lookup(message_id, queues)
 
     def get(self, message_id: str, queues: Sequence[str] | None = None) -> MessageInfo:
-        """The newest stored instance of ``message_id``; raises :class:`MessageNotFound`."""
-        found = self.lookup(message_id, queues)
-        if not found:
-            raise MessageNotFound(f"no message with id {message_id!r} is stored")
-        return found[-1]
-
-    def _keys_of(self, queue: str, message_id: str) -> list[str]:
-        """Keys of ``message_id`` in ``queue``, oldest first (by publish sequence)."""
-        k = self.keys(queue)
-        pattern = _glob_escape(message_id) + "/*"
-        with translated_errors(f"look up {message_id!r} in {queue!r}"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hexists(k.body, message_id)
-            pipe.zscore(k.dead, message_id)  # dead ids may have lost their body
-            pipe.hexists(k.dups, message_id)
-            has_body, dead_at, is_dup_key = pipe.execute()
-            stored = has_body or dead_at is not None
-            # A key that is some other id's duplicate slot is not this id's message.
-            keys = [message_id] if stored and not is_dup_key else []
-            for field, owner_id in self.client.hscan_iter(k.dups, match=pattern):
-                if _text(owner_id) == message_id:
-                    keys.append(_text(field))
-            if len(keys) < 2:
-                return keys
-            scores = self.client.hmget(k.order, keys)
-        seq = {key: int(float(s or 0)) % BAND for key, s in zip(keys, scores, strict=True)}
-        return sorted(keys, key=seq.__getitem__)
+        return self.lookups.get(message_id, queues)
 
     def info(self, queue: str, key: str) -> MessageInfo | None:
-        """The message stored under ``key`` in ``queue`` (one round trip), or None."""
-        return self.infos(queue, [key])[0]
+        return self.lookups.info(queue, key)
 
     def infos(self, queue: str, keys: Sequence[str]) -> list[MessageInfo | None]:
-        """:meth:`info` of many keys of ``queue`` in one round trip (a transaction, so that
-        each message is read in one consistent state)."""
-        k = self.keys(queue)
-        with translated_errors(f"look up {len(keys)} messages in {queue!r}"):
-            pipe = self.client.pipeline(transaction=True)
-            for key in keys:
-                pipe.hget(k.body, key)
-                pipe.zscore(k.ready, key)
-                pipe.zscore(k.leased, key)
-                pipe.zscore(k.dead, key)
-                pipe.zscore(k.sched, key)
-                pipe.hget(k.deliv, key)
-                pipe.hget(k.order, key)
-                pipe.hget(k.owner, key)
-                pipe.hget(k.reason, key)
-                pipe.hget(k.dups, key)
-            replies = pipe.execute() if keys else []
-        n = len(replies) // max(1, len(keys))
-        return [
-            _message_info(queue, key, replies[i * n : (i + 1) * n]) for i, key in enumerate(keys)
-        ]
+        return self.lookups.infos(queue, keys)
 
     def scheduled(self, queue: str, limit: int = 100) -> list[ScheduledMessage]:
-        """The ``limit`` soonest SCHEDULED messages of ``queue`` (ETA, countdown, retries),
-        soonest first, with their raw payloads (undecoded: the caller decides what it trusts).
-
-        Two reads: a message promoted or consumed in between is left out (its body is gone) or
-        listed once more as scheduled; this is a view for operators, not a transition.
-        """
-        if limit <= 0:
-            return []
-        k = self.keys(queue)
-        with translated_errors(f"list scheduled messages of {queue!r}"):
-            due = cast(
-                list[tuple[bytes, float]],
-                self.client.zrange(k.sched, 0, limit - 1, withscores=True),
-            )
-            if not due:
-                return []
-            keys = [_text(key) for key, _ in due]
-            bodies = cast(list[bytes | None], self.client.hmget(k.body, keys))
-        return [
-            ScheduledMessage(queue, key, int(score), body)
-            for key, (_, score), body in zip(keys, due, bodies, strict=True)
-            if body is not None
-        ]
+        return self.lookups.scheduled(queue, limit)
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[MessageInfo]:
-        """The oldest ``limit`` dead messages of ``queue``."""
-        with translated_errors(f"list dead letters of {queue!r}"):
-            raw = cast(list[bytes], self.client.zrange(self.keys(queue).dead, 0, limit - 1))
-        return [info for info in self.infos(queue, [_text(k) for k in raw]) if info is not None]
+        return self.lookups.dead_letters(queue, limit)
 
-    # -- bindings --------------------------------------------------------------------------
+    def dead_page(self, queue: str, after: float | None, limit: int) -> list[tuple[bytes, float]]:
+        return self.lookups.dead_page(queue, after, limit)
+
+    def dead_at(self, queue: str, score: float) -> list[bytes]:
+        return self.lookups.dead_at(queue, score)
 
     def declare_exchange(self, exchange: str, kind: str) -> None:
-        """Record ``exchange``'s type (direct, topic, fanout) for every process."""
-        with translated_errors(f"declare exchange {exchange!r}"):
-            self.client.hset(exchanges_key(self.prefix), exchange, kind)
+        self.bindings.declare_exchange(exchange, kind)
 
     def exchange_type(self, exchange: str) -> str | None:
-        """The type ``exchange`` was declared with by any process, or None."""
-        with translated_errors(f"read exchange {exchange!r}"):
-            kind = self.client.hget(exchanges_key(self.prefix), exchange)
-        return None if kind is None else _text(kind)
+        return self.bindings.exchange_type(exchange)
 
     def bind(self, exchange: str, binding: Binding, ttl_ms: int | None = None) -> None:
-        """Add a route; with ``ttl_ms`` it expires unless :meth:`refresh_bindings` renews it."""
-        expires = 0 if ttl_ms is None else self.now_ms() + ttl_ms
-        with translated_errors(f"bind {binding.queue!r} to {exchange!r}"):
-            pipe = self.client.pipeline(transaction=True)
-            # Registered (as kombu's default type, unless declared) so that unbind_queue finds
-            # every exchange that has bindings without scanning the keyspace.
-            pipe.hsetnx(exchanges_key(self.prefix), exchange, "direct")
-            pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
-            pipe.incr(bindings_version_key(self.prefix, exchange))
-            pipe.execute()
+        self.bindings.bind(exchange, binding, ttl_ms)
 
     def unbind(self, exchange: str, binding: Binding) -> None:
-        with translated_errors(f"unbind {binding.queue!r} from {exchange!r}"):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hdel(bindings_key(self.prefix, exchange), binding.encode())
-            pipe.incr(bindings_version_key(self.prefix, exchange))
-            pipe.execute()
+        self.bindings.unbind(exchange, binding)
 
     def unbind_queue(self, queue: str) -> None:
-        """Remove every binding to ``queue`` from every exchange.
-
-        Rare (a queue deleted); it walks the registry of exchanges, never the keyspace: no
-        SCAN, so an ACL user needs no keyspace-wide command and sees no other app's keys."""
-        with translated_errors(f"unbind {queue!r}"):
-            exchanges = sorted(_text(e) for e in self.client.hkeys(exchanges_key(self.prefix)))
-            pipe = self.client.pipeline(transaction=False)
-            for exchange in exchanges:
-                pipe.hkeys(bindings_key(self.prefix, exchange))
-            for exchange, fields in zip(exchanges, pipe.execute(), strict=True):
-                mine = [f for f in fields if _binding_queue(f) == queue]
-                if mine:
-                    tx = self.client.pipeline(transaction=True)
-                    tx.hdel(bindings_key(self.prefix, exchange), *mine)
-                    tx.incr(bindings_version_key(self.prefix, exchange))
-                    tx.execute()
+        self.bindings.unbind_queue(queue)
 
     def refresh_bindings(self, bindings: Mapping[str, Mapping[Binding, int]]) -> None:
-        """Renew expiring bindings of live consumers (exchange -> binding -> its TTL in ms), in
-        one round trip.
-
-        A binding that had expired and was removed meanwhile comes back, and its exchange's
-        bindings version moves on, so that cached tables see it."""
-        now = self.now_ms()
-        with translated_errors("refresh bindings"):
-            pipe = self.client.pipeline(transaction=False)
-            exchanges: list[str] = []
-            for exchange, group in bindings.items():
-                for binding, ttl_ms in group.items():
-                    pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), now + ttl_ms)
-                    exchanges.append(exchange)
-            added = {
-                exchange for exchange, new in zip(exchanges, pipe.execute(), strict=True) if new
-            }
-            if added:
-                pipe = self.client.pipeline(transaction=False)
-                for exchange in sorted(added):
-                    pipe.incr(bindings_version_key(self.prefix, exchange))
-                pipe.execute()
+        self.bindings.refresh_bindings(bindings)
 
     def table(self, exchange: str) -> Table:
-        """The live bindings of ``exchange``, with the bindings version they were read at.
-
-        Expired ones are removed with their queues; a field that is not a binding (written by
-        hand, or by another program) is skipped and logged, never routed to."""
-        key = bindings_key(self.prefix, exchange)
-        now = self.now_ms()
-        with translated_errors(f"read bindings of {exchange!r}"):
-            # Every publisher comes here (about once per binding_cache_ttl): a good moment to
-            # look for queues unused past their ``expires``, in the same round trip.
-            pipe = self.client.pipeline(transaction=True)
-            pipe.get(bindings_version_key(self.prefix, exchange))
-            pipe.hgetall(key)
-            pipe.zrangebyscore(
-                expiring_key(self.prefix), "-inf", f"({now}", start=0, num=EXPIRE_QUEUES_BATCH
-            )
-            version, raw, unused = pipe.execute()
-        gone = {_text(q) for q in unused if self._expire_queue(_text(q))}
-        live: list[Binding] = []
-        expired: list[Binding] = []
-        for field, expires in raw.items():
-            try:
-                binding = Binding.decode(field)
-                deadline = int(expires)
-            except (ValueError, UnicodeDecodeError):
-                logger.warning(
-                    "exchange %s: skipping a malformed binding %r -> %r", exchange, field, expires
-                )
-                continue
-            if binding.queue in gone:
-                self.unbind(exchange, binding)  # its queue expired: route nothing there
-                continue
-            (expired if deadline and deadline < now else live).append(binding)
-        for binding in expired:
-            # Moves the version on: a publish routed with this table is refused as stale and
-            # routed again with the table as it is then.
-            self._expire_binding(exchange, binding)
-        number = _version(version)
-        return Table(None if number is None else Route(exchange, number), live)
-
-    def _expire_binding(self, exchange: str, binding: Binding) -> None:
-        """Remove an expired binding and its queue, unless a consumer renewed it meanwhile."""
-        key = bindings_key(self.prefix, exchange)
-        field = binding.encode()
-        with (
-            translated_errors(f"expire binding of {binding.queue!r}"),
-            self.client.pipeline(transaction=True) as pipe,
-        ):
-            try:
-                pipe.watch(key)  # type: ignore[no-untyped-call]
-                expires = int(pipe.hget(key, field) or 0)
-                if not expires or expires >= self.now_ms():
-                    return
-                pipe.multi()
-                pipe.hdel(key, field)
-                pipe.incr(bindings_version_key(self.prefix, exchange))
-                pipe.execute()
-            except redis.WatchError:
-                return  # changed under us: it was renewed (or removed); look again next time
-        logger.info(
-            "binding of queue %s to exchange %s expired: its consumer is gone; deleting the queue",
-            binding.queue,
-            exchange,
-        )
-        self.delete(binding.queue)
+        return self.bindings.table(exchange)
 
 
 def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[str, Any]:
@@ -1163,63 +673,6 @@ def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[
     return record
 
 
-def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo | None:
-    body, ready, leased, dead, due, deliv, order, owner, reason, dup_of = replies
-    if body is None and dead is None:
-        return None  # a dead id keeps its record when its body is gone ('missing-body')
-    if leased is not None:
-        state = State.RESERVED
-    elif dead is not None:
-        state = State.DEAD
-    elif ready is not None:
-        state = State.READY
-    elif due is not None:
-        state = State.SCHEDULED
-    else:
-        return None
-    return MessageInfo(
-        id=key if dup_of is None else _text(dup_of),
-        key=key,
-        queue=queue,
-        state=state,
-        deliveries=int(deliv or 0),
-        priority_band=None if order is None else int(float(order)) // BAND,
-        owner=None if owner is None else _text(owner),
-        lease_deadline=None if leased is None else float(leased) / 1000.0,
-        due=None if due is None else float(due) / 1000.0,
-        dead_reason=None if reason is None else dead_record(reason),
-        payload=body,
-    )
-
-
-#: Reason given to a dead-letter record that is not a JSON object (written by something else).
-UNREADABLE_RECORD = "unreadable-record"
-#: Fields of a dead-letter record kept in epoch milliseconds in Redis; look-ups give seconds.
-_RECORD_TIMES = ("time", "first_failure", "last_failure")
-
-
-def dead_record(raw: bytes | str) -> dict[str, Any]:
-    """A stored dead-letter record as look-ups return it: times in seconds since the epoch
-    (floats, as every public time); one that is not a JSON object is reported, not raised, as
-    reason :data:`UNREADABLE_RECORD`, so that one bad record cannot break a listing."""
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        value = None
-    if not isinstance(value, dict):
-        return {
-            "reason": UNREADABLE_RECORD,
-            "detail": f"dead-letter record is not a JSON object: {raw[:60]!r}",
-        }
-    for name in _RECORD_TIMES:
-        if name in value:
-            try:
-                value[name] = float(value[name]) / 1000.0
-            except (TypeError, ValueError):
-                value[name] = None
-    return value
-
-
 def _record_json(reason: str, detail: str, now_ms: int, extra: Mapping[str, Any]) -> str:
     return json.dumps(failure_record(reason, detail, now_ms, **extra), default=str)
 
@@ -1228,7 +681,7 @@ def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
     queues = request.queues
     out: list[Delivery] = []
     for i in range(0, len(flat) - 1, 5):  # the last entry is the next due time
-        group, key = int(flat[i]), _text(flat[i + 1])
+        group, key = int(flat[i]), text(flat[i + 1])
         if group == MISSING_BODY_GROUP:
             logger.error(
                 "message %s was ready in one of %s but its body is gone; recorded as dead "
@@ -1261,24 +714,3 @@ def _pairs(leases: Iterable[Lease]) -> list[Any]:
         out.append(lease.key)
         out.append(lease.token)
     return out
-
-
-def _version(raw: bytes | str | None) -> int | None:
-    """A bindings version as stored (None when it is not a number: written by hand)."""
-    try:
-        return int(raw or 0)
-    except ValueError:
-        logger.warning("bindings version %r is not a number; routing without a cache", raw)
-        return None
-
-
-def _binding_queue(field: bytes | str) -> str | None:
-    """The queue of an encoded binding, or None when the field is not one."""
-    try:
-        return Binding.decode(field).queue
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
