@@ -21,14 +21,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import redis
-from redis.commands.core import Script
 
 from .bindings import Binding, Bindings, Route, Table
 from .errors import StaleRoute
-from .keys import QueueKeys, bindings_version_key
+from .keys import Counter, QueueKeys, bindings_version_key
 from .lookup import (
     UNREADABLE_RECORD,
     Lookups,
@@ -49,11 +49,27 @@ from .redisio import (
     pack_head,
     run_scripts,
     script_replies,
-    text,
     translated,
     translated_errors,
 )
-from .scripts import MISSING_BODY_GROUP, Code, Scripts
+from .scripts import MISSING_BODY_GROUP, Code
+from .transitions import (
+    UNROUTED,
+    Ack,
+    Bury,
+    DeadLetter,
+    Extend,
+    Promote,
+    Publish,
+    Purge,
+    Reclaim,
+    Requeue,
+    Reserve,
+    ReserveReply,
+    Scripts,
+    Transition,
+    Unlock,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +96,6 @@ __all__ = [
     "translated_errors",
 ]
 
-#: publish.lua's ARGV[6] when the publish is not routed through an exchange (no guard key).
-_UNROUTED = ""
 #: Seconds between two log lines about the same broken queue.
 BROKEN_REPORT_INTERVAL = 60.0
 #: Bounds the caches of per-queue keys and packed publish heads: short-lived reply queues
@@ -218,7 +232,7 @@ class Broker:
     def stats(self, queue: str) -> dict[str, int]:
         return self.queue_admin.stats(queue)
 
-    def count(self, queue: str, counter: str, n: int = 1) -> None:
+    def count(self, queue: str, counter: Counter, n: int = 1) -> None:
         self.queue_admin.count(queue, counter, n)
 
     def delete(self, queue: str) -> None:
@@ -233,7 +247,7 @@ class Broker:
         total = 0
         with translated_errors(f"purge {queue!r}"):
             while True:
-                removed = int(self.scripts.purge(keys=keys, args=[batch]))
+                removed = self.scripts.purge.run(keys, Purge.args(limit=batch))
                 total += removed
                 if removed < batch:
                     return total
@@ -279,23 +293,32 @@ class Broker:
             head = self._publish_head(head_key, queue, route)
         now = self.now_ms()
         due = due_ms if due_ms > now else 0
-        version = _UNROUTED if route is None else route.version
-        lock = lock_until_ms if unique else 0
-        args = (message_id, payload, band, due, 1 if unique else 0, version, now, lock)
+        args = Publish.args(
+            message_id=message_id,
+            payload=payload,
+            band=band,
+            due_ms=due,
+            unique=unique,
+            route_version=UNROUTED if route is None else route.version,
+            now_ms=now,
+            lock_until_ms=lock_until_ms if unique else 0,
+        )
+        publish = self.scripts.publish
         try:
-            reply = self._publisher.execute(
-                self.scripts.publish, head + b"".join(bulk(arg) for arg in args)
+            raw = self._publisher.execute(
+                publish.script, head + b"".join(bulk(arg) for arg in args)
             )
-            if reply is BUSY:
-                reply = self.scripts.publish(keys=self._publish_keys(queue, route), args=args)
+            if raw is BUSY:
+                raw = publish.script(keys=self._publish_keys(queue, route), args=args)
         except Exception as exc:
             ours = translated(exc, f"publish to {queue!r}")
             if ours is None:
                 raise
             raise ours from exc
-        if route is not None and int(reply[1]) == Code.STALE_ROUTE:
+        reply = publish.reply(raw)
+        if route is not None and reply.code == Code.STALE_ROUTE:
             raise StaleRoute(route.exchange, [queue])
-        return text(reply[0])
+        return reply.key
 
     def publish_once(
         self, queue: str, message_id: str, payload: bytes | str, band: int, *, due_ms: int = 0
@@ -304,10 +327,18 @@ class Broker:
         (False: ``message_id`` was still pending in ``queue``). For tools, not the hot path."""
         now = self.now_ms()
         due = due_ms if due_ms > now else 0
-        args = (message_id, payload, band, due, 1, _UNROUTED, now, 0)
+        args = Publish.args(
+            message_id=message_id,
+            payload=payload,
+            band=band,
+            due_ms=due,
+            unique=True,
+            route_version=UNROUTED,
+            now_ms=now,
+            lock_until_ms=0,
+        )
         with translated_errors(f"publish to {queue!r}"):
-            reply = self.scripts.publish(keys=self._publish_keys(queue, None), args=args)
-        return int(reply[1]) == 1
+            return self.scripts.publish.run(self._publish_keys(queue, None), args).stored
 
     def unlock(self, queue: str, message_ids: Sequence[str]) -> int:
         """Let unique publishes of ``message_ids`` into ``queue`` through again (their task
@@ -315,7 +346,7 @@ class Broker:
         if not message_ids:
             return 0
         with translated_errors(f"unlock {len(message_ids)} ids in {queue!r}"):
-            return int(self.scripts.unlock(keys=self.keys(queue).all, args=list(message_ids)))
+            return self.scripts.unlock.run(self.keys(queue).all, Unlock.args(message_ids))
 
     def _publish_keys(self, queue: str, route: Route | None) -> tuple[str, ...]:
         keys = self.keys(queue).publish
@@ -329,7 +360,7 @@ class Broker:
         if len(self._publish_heads) >= _KEYS_CACHE_SIZE:
             self._publish_heads.clear()
         head = self._publish_heads[head_key] = pack_head(
-            self.scripts.publish, self._publish_keys(queue, route), 8
+            self.scripts.publish.script, self._publish_keys(queue, route), Publish.ARGC
         )
         return head
 
@@ -350,27 +381,37 @@ class Broker:
         if not queues:
             return []
         now = self.now_ms()
-        version = _UNROUTED if route is None else route.version
-        args = [message_id, payload, band, due_ms if due_ms > now else 0, 0, version, now, 0]
+        args = Publish.args(
+            message_id=message_id,
+            payload=payload,
+            band=band,
+            due_ms=due_ms if due_ms > now else 0,
+            unique=False,
+            route_version=UNROUTED if route is None else route.version,
+            now_ms=now,
+            lock_until_ms=0,
+        )
         publish = self.scripts.publish
         with translated_errors(f"publish to {len(queues)} queues"):
-            replies = self.run_scripts(
-                [(publish, self._publish_keys(q, route), args) for q in queues]
+            raw = self.run_scripts(
+                [(publish.script, self._publish_keys(q, route), args) for q in queues]
             )
+        replies = [publish.reply(r) for r in raw]
         if route is not None:
             refused = [
-                q for q, r in zip(queues, replies, strict=True) if int(r[1]) == Code.STALE_ROUTE
+                q for q, r in zip(queues, replies, strict=True) if r.code == Code.STALE_ROUTE
             ]
             if refused:
                 raise StaleRoute(route.exchange, refused)
-        return [text(r[0]) for r in replies]
+        return [r.key for r in replies]
 
     def promote(self, queue: str, limit: int | None = None) -> int:
         """Move due scheduled messages of ``queue`` to its back; returns how many. Consumers
         do this with every fetch; this is for operators and tests."""
         batch = self.reclaim_batch if limit is None else limit
         with translated_errors(f"promote in {queue!r}"):
-            return int(self.scripts.promote(keys=self.keys(queue).all, args=[self.now_ms(), batch]))
+            args = Promote.args(now_ms=self.now_ms(), limit=batch)
+            return self.scripts.promote.run(self.keys(queue).all, args)
 
     def reserve(
         self,
@@ -390,10 +431,10 @@ class Broker:
         """
         request = ReserveRequest(list(queues), count, consumer, order, start)
         with translated_errors(f"reserve from {list(queues)!r}"):
-            flat = self.scripts.reserve(
-                keys=self._reserve_keys(request), args=self._reserve_args(request)
+            reply = self.scripts.reserve.run(
+                self._reserve_keys(request), self._reserve_args(request)
             )
-        return _deliveries(request, flat)
+        return _deliveries(request, reply)
 
     def settle_and_reserve(
         self, acks: Sequence[Lease], requests: Sequence[ReserveRequest]
@@ -403,13 +444,12 @@ class Broker:
         wanted = [r for r in requests if r.count > 0 and r.queues]
         if not by_queue and not wanted:
             return Round([[] for _ in requests], [], None)
+        ack, reserve = self.scripts.ack, self.scripts.reserve
         calls: list[ScriptCall] = [
-            (self.scripts.ack, self.keys(queue).all, _pairs(group))
+            (ack.script, self.keys(queue).all, ack.args(_held(group)))
             for queue, group in by_queue.items()
         ]
-        calls.extend(
-            (self.scripts.reserve, self._reserve_keys(r), self._reserve_args(r)) for r in wanted
-        )
+        calls.extend((reserve.script, self._reserve_keys(r), self._reserve_args(r)) for r in wanted)
         with translated_errors("ack and reserve"):
             results = self.script_replies(calls)
         broken: dict[str, str] = {}
@@ -418,7 +458,7 @@ class Broker:
             if isinstance(acked[i], redis.ResponseError):
                 broken[queue] = str(acked[i])
                 acked[i] = [Code.LEASE_LOST] * len(group)  # not settled: they come back
-        lost = _lost(by_queue.values(), acked)
+        lost = _lost(by_queue.values(), [ack.reply(codes) for codes in acked])
         served = iter(results[len(by_queue) :])
         out: list[list[Delivery]] = []
         soonest: int | None = None
@@ -426,11 +466,12 @@ class Broker:
             if not (request.count > 0 and request.queues):
                 out.append([])
                 continue
-            flat = next(served)
-            if isinstance(flat, redis.ResponseError):
-                deliveries, due = self._reserve_around_broken(request, flat, broken)
+            raw = next(served)
+            if isinstance(raw, redis.ResponseError):
+                deliveries, due = self._reserve_around_broken(request, raw, broken)
             else:
-                deliveries, due = _deliveries(request, flat), int(flat[-1])
+                reply = reserve.reply(raw)
+                deliveries, due = _deliveries(request, reply), reply.next_due_ms
             out.append(deliveries)
             if due and (soonest is None or due < soonest):
                 soonest = due
@@ -453,14 +494,16 @@ class Broker:
             if want <= 0:
                 break
             alone = ReserveRequest([queue], want, request.consumer, request.order, 0)
-            call = (self.scripts.reserve, self._reserve_keys(alone), self._reserve_args(alone))
+            reserve = self.scripts.reserve
+            call = (reserve.script, self._reserve_keys(alone), self._reserve_args(alone))
             with translated_errors(f"reserve from {queue!r}"):
-                [reply] = self.script_replies([call])
-            if isinstance(reply, redis.ResponseError):
-                broken[queue] = str(reply)
+                [raw] = self.script_replies([call])
+            if isinstance(raw, redis.ResponseError):
+                broken[queue] = str(raw)
                 continue
+            reply = reserve.reply(raw)
             deliveries.extend(_deliveries(alone, reply))
-            due = int(reply[-1])
+            due = reply.next_due_ms
             if due and (not soonest or due < soonest):
                 soonest = due
         return deliveries, soonest
@@ -485,20 +528,20 @@ class Broker:
         return keys
 
     def _reserve_args(self, request: ReserveRequest) -> list[Any]:
-        return [
-            self.now_ms(),
-            self.lease_ms,
-            request.count,
-            request.consumer,
-            request.order,
-            request.start,
-            self.reclaim_batch,
-            self.max_deliveries,
-        ]
+        return Reserve.args(
+            now_ms=self.now_ms(),
+            lease_ms=self.lease_ms,
+            count=request.count,
+            consumer=request.consumer,
+            order=request.order,
+            start=request.start,
+            reclaim_batch=self.reclaim_batch,
+            max_deliveries=self.max_deliveries,
+        )
 
     def ack(self, leases: Iterable[Lease]) -> list[Lease]:
         """Settle deliveries as done; returns the leases that were lost (nothing changed)."""
-        return self._settle(leases, self.scripts.ack, "ack", [])
+        return self._settle(leases, self.scripts.ack, "ack", Ack.args)
 
     def requeue(self, leases: Iterable[Lease], *, uncount: bool = False) -> list[Lease]:
         """Put deliveries back at the front of their band; returns the lost leases.
@@ -506,27 +549,39 @@ class Broker:
         ``uncount`` takes the delivery back from the delivery count: for messages that were
         prefetched but never started, so that they do not look like poison.
         """
-        return self._settle(leases, self.scripts.requeue, "requeue", [1 if uncount else 0])
+        return self._settle(
+            leases, self.scripts.requeue, "requeue", partial(Requeue.args, uncount=uncount)
+        )
 
     def extend(self, leases: Iterable[Lease]) -> list[Lease]:
         """Renew leases for another ``lease_ms``; returns the ones that were lost."""
-        return self._settle(leases, self.scripts.extend, "extend", [self.now_ms(), self.lease_ms])
+        args = partial(Extend.args, now_ms=self.now_ms(), lease_ms=self.lease_ms)
+        return self._settle(leases, self.scripts.extend, "extend", args)
 
     def _settle(
-        self, leases: Iterable[Lease], run: Script, what: str, head: list[Any]
+        self,
+        leases: Iterable[Lease],
+        run: Transition[list[Code]],
+        what: str,
+        args: Callable[..., list[Any]],
     ) -> list[Lease]:
-        """Run a per-message script over leases, one call per queue, pipelined if several."""
+        """Run a per-message script over leases, one call per queue, pipelined if several;
+        ``args(held=...)`` builds its ARGV."""
         by_queue = _group(leases)
         if not by_queue:
             return []
         with translated_errors(f"{what} {sum(map(len, by_queue.values()))} messages"):
             if len(by_queue) == 1:
                 ((queue, group),) = by_queue.items()
-                results = [run(keys=self.keys(queue).all, args=head + _pairs(group))]
+                results = [run.run(self.keys(queue).all, args(held=_held(group)))]
             else:
-                results = self.run_scripts(
-                    [(run, self.keys(q).all, head + _pairs(group)) for q, group in by_queue.items()]
+                raw = self.run_scripts(
+                    [
+                        (run.script, self.keys(q).all, args(held=_held(group)))
+                        for q, group in by_queue.items()
+                    ]
                 )
+                results = [run.reply(r) for r in raw]
         return _lost(by_queue.values(), results)
 
     def dead_letter(self, lease: Lease, reason: str, detail: str = "", **extra: Any) -> bool:
@@ -538,10 +593,9 @@ class Broker:
         now = self.now_ms()
         record = _record_json(reason, detail, now, extra)
         with translated_errors(f"dead-letter {lease.key!r} in {lease.queue!r}"):
-            code = self.scripts.dead_letter(
-                keys=self.keys(lease.queue).all, args=[now, lease.key, lease.token, record]
-            )
-        return int(code) == Code.OK
+            args = DeadLetter.args(now_ms=now, key=lease.key, token=lease.token, record=record)
+            code = self.scripts.dead_letter.run(self.keys(lease.queue).all, args)
+        return code == Code.OK
 
     def bury(
         self,
@@ -560,11 +614,15 @@ class Broker:
         now = self.now_ms()
         record = _record_json(reason, detail, now, extra)
         with translated_errors(f"dead-letter a copy of {message_id!r} in {queue!r}"):
-            key = self.scripts.bury(
-                keys=self.keys(queue).all,
-                args=[now, message_id, payload, band, deliveries, record],
+            args = Bury.args(
+                now_ms=now,
+                message_id=message_id,
+                payload=payload,
+                band=band,
+                deliveries=deliveries,
+                record=record,
             )
-        return text(key)
+            return self.scripts.bury.run(self.keys(queue).all, args)
 
     def replay_dead(self, queue: str, keys: Sequence[str]) -> int:
         """Dead messages of ``queue`` back to the end of their band; how many were still dead."""
@@ -574,31 +632,38 @@ class Broker:
         """Delete dead messages of ``queue`` for good; how many were still dead."""
         return self._dead_store(self.scripts.discard, "discard", queue, keys)
 
-    def _dead_store(self, run: Script, what: str, queue: str, keys: Sequence[str]) -> int:
+    def _dead_store(
+        self, run: Transition[list[Code]], what: str, queue: str, keys: Sequence[str]
+    ) -> int:
         if not keys:
             return 0
         with translated_errors(f"{what} {len(keys)} dead letters of {queue!r}"):
-            codes = run(keys=self.keys(queue).all, args=list(keys))
-        return sum(1 for code in codes if int(code) == Code.OK)
+            codes = run.run(self.keys(queue).all, list(keys))
+        return codes.count(Code.OK)
 
     def trim_dead(self, retention: Mapping[str, tuple[int, int]], limit: int = 1000) -> int:
         """Enforce dead-letter retention, ``{queue: (max entries, max age ms)}`` (0: no bound),
         in one round trip; returns how many dead messages were dropped."""
         if not retention:
             return 0
-        now = self.now_ms()
+        now, trim = self.now_ms(), self.scripts.trim_dead
         calls: list[ScriptCall] = [
-            (self.scripts.trim_dead, self.keys(queue).all, [now, max_len, max_age_ms, limit])
+            (
+                trim.script,
+                self.keys(queue).all,
+                trim.args(now_ms=now, max_entries=max_len, max_age_ms=max_age_ms, limit=limit),
+            )
             for queue, (max_len, max_age_ms) in retention.items()
         ]
         with translated_errors("trim dead-letter stores"):
-            return sum(int(n) for n in self.run_scripts(calls))
+            return sum(trim.reply(n) for n in self.run_scripts(calls))
 
     def reclaim(self, queue: str, limit: int | None = None) -> int:
         """Return expired leases of ``queue`` to the front of their band; returns how many."""
         batch = self.reclaim_batch if limit is None else limit
         with translated_errors(f"reclaim in {queue!r}"):
-            return int(self.scripts.reclaim(keys=self.keys(queue).all, args=[self.now_ms(), batch]))
+            args = Reclaim.args(now_ms=self.now_ms(), limit=batch)
+            return self.scripts.reclaim.run(self.keys(queue).all, args)
 
     def wait(self, queues: Sequence[str], timeout: float) -> bool:
         """Block until something may be ready in ``queues`` or ``timeout`` seconds pass.
@@ -677,20 +742,19 @@ def _record_json(reason: str, detail: str, now_ms: int, extra: Mapping[str, Any]
     return json.dumps(failure_record(reason, detail, now_ms, **extra), default=str)
 
 
-def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
+def _deliveries(request: ReserveRequest, reply: ReserveReply) -> list[Delivery]:
     queues = request.queues
     out: list[Delivery] = []
-    for i in range(0, len(flat) - 1, 5):  # the last entry is the next due time
-        group, key = int(flat[i]), text(flat[i + 1])
-        if group == MISSING_BODY_GROUP:
+    for m in reply.messages:
+        if m.group == MISSING_BODY_GROUP:
             logger.error(
                 "message %s was ready in one of %s but its body is gone; recorded as dead "
                 "('missing-body')",
-                key,
+                m.key,
                 queues,
             )
             continue
-        out.append(Delivery(queues[group], key, int(flat[i + 2]), int(flat[i + 3]), flat[i + 4]))
+        out.append(Delivery(queues[m.group], m.key, m.token, m.deliveries, m.payload))
     return out
 
 
@@ -701,16 +765,12 @@ def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
     return by_queue
 
 
-def _lost(groups: Iterable[list[Lease]], results: Sequence[Any]) -> list[Lease]:
+def _lost(groups: Iterable[list[Lease]], results: Sequence[list[Code]]) -> list[Lease]:
     lost: list[Lease] = []
     for group, codes in zip(groups, results, strict=True):
         lost.extend(lease for lease, code in zip(group, codes, strict=True) if code != Code.OK)
     return lost
 
 
-def _pairs(leases: Iterable[Lease]) -> list[Any]:
-    out: list[Any] = []
-    for lease in leases:
-        out.append(lease.key)
-        out.append(lease.token)
-    return out
+def _held(leases: Iterable[Lease]) -> list[tuple[str, int]]:
+    return [(lease.key, lease.token) for lease in leases]

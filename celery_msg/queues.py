@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from .keys import expiring_key, queues_key
+from .keys import Counter, expiring_key, queues_key
 from .queueargs import QueueArguments
 from .redisio import text, translated_errors
 
@@ -172,7 +172,7 @@ class QueueAdmin:
             raw = self._client.hgetall(self._broker.keys(queue).stats)
         return {text(k): int(v) for k, v in raw.items()}
 
-    def count(self, queue: str, counter: str, n: int = 1) -> None:
+    def count(self, queue: str, counter: Counter, n: int = 1) -> None:
         """Add ``n`` to one of ``queue``'s lifetime counters (see :meth:`stats`)."""
         with translated_errors(f"count {counter} in {queue!r}"):
             self._client.hincrby(self._broker.keys(queue).stats, counter, n)
