@@ -34,6 +34,7 @@ from .lookup import (
     Lookups,
     MessageInfo,
     ScheduledMessage,
+    Search,
     State,
     dead_record,
 )
@@ -87,10 +88,13 @@ __all__ = [
     "Route",
     "ScheduledMessage",
     "ScriptCall",
+    "Search",
     "State",
     "Table",
     "dead_record",
     "failure_record",
+    "group_by_queue",
+    "lease_pairs",
     "pack_evalsha",
     "pack_head",
     "translated_errors",
@@ -440,7 +444,7 @@ class Broker:
         self, acks: Sequence[Lease], requests: Sequence[ReserveRequest]
     ) -> Round:
         """Ack ``acks`` and serve every request in a single round trip (a consumer's hot path)."""
-        by_queue = _group(acks)
+        by_queue = group_by_queue(acks)
         wanted = [r for r in requests if r.count > 0 and r.queues]
         if not by_queue and not wanted:
             return Round([[] for _ in requests], [], None)
@@ -567,7 +571,7 @@ class Broker:
     ) -> list[Lease]:
         """Run a per-message script over leases, one call per queue, pipelined if several;
         ``args(held=...)`` builds its ARGV."""
-        by_queue = _group(leases)
+        by_queue = group_by_queue(leases)
         if not by_queue:
             return []
         with translated_errors(f"{what} {sum(map(len, by_queue.values()))} messages"):
@@ -682,6 +686,9 @@ class Broker:
     def lookup(self, message_id: str, queues: Sequence[str] | None = None) -> list[MessageInfo]:
         return self.lookups.lookup(message_id, queues)
 
+    def search(self, message_id: str, queues: Sequence[str] | None = None) -> Search:
+        return self.lookups.search(message_id, queues)
+
     def get(self, message_id: str, queues: Sequence[str] | None = None) -> MessageInfo:
         return self.lookups.get(message_id, queues)
 
@@ -758,7 +765,8 @@ def _deliveries(request: ReserveRequest, reply: ReserveReply) -> list[Delivery]:
     return out
 
 
-def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
+def group_by_queue(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
+    """Leases per queue: one script call settles one queue's (its keys share a slot)."""
     by_queue: dict[str, list[Lease]] = {}
     for lease in leases:
         by_queue.setdefault(lease.queue, []).append(lease)
@@ -774,3 +782,8 @@ def _lost(groups: Iterable[list[Lease]], results: Sequence[list[Code]]) -> list[
 
 def _held(leases: Iterable[Lease]) -> list[tuple[str, int]]:
     return [(lease.key, lease.token) for lease in leases]
+
+
+def lease_pairs(leases: Iterable[Lease]) -> list[Any]:
+    """ack.lua's ARGV for ``leases`` of one queue: key, token, key, token, ..."""
+    return Ack.args(_held(leases))

@@ -9,17 +9,20 @@ all. Everything read is untrusted: a record that is not JSON is reported, not ra
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from .errors import MessageNotFound
+from .errors import MessageNotFound, ScriptError
 from .redisio import text, translated_errors
 from .scripts import BAND
 
 if TYPE_CHECKING:
     from .core import Broker
+
+logger = logging.getLogger(__name__)
 
 
 class State(StrEnum):
@@ -49,6 +52,13 @@ class MessageInfo:
     payload: bytes | None
 
 
+class Search(NamedTuple):
+    """What :meth:`Lookups.search` found, and the queues it could not read (name -> error)."""
+
+    found: list[MessageInfo]
+    skipped: dict[str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class ScheduledMessage:
     """A message waiting in a queue's schedule, as :meth:`Broker.scheduled` lists it."""
@@ -73,13 +83,25 @@ class Lookups:
 
         Acked messages leave no trace, so an empty list means acked, purged or never published.
         """
-        found: list[MessageInfo] = []
+        return self.search(message_id, queues).found
+
+    def search(self, message_id: str, queues: Sequence[str] | None = None) -> Search:
+        """:meth:`lookup`, saying which queues could not be read: when searching every queue,
+        one whose keys are corrupted (a wrong type) is skipped and named, not raised, so it
+        cannot hide the others; a queue asked for by name still raises."""
+        result = Search([], {})
         for queue in self._broker.queues() if queues is None else queues:
-            for key in self._keys_of(queue, message_id):
-                info = self.info(queue, key)
-                if info is not None:
-                    found.append(info)
-        return found
+            try:
+                for key in self._keys_of(queue, message_id):
+                    info = self.info(queue, key)
+                    if info is not None:
+                        result.found.append(info)
+            except ScriptError as exc:
+                if queues is not None:
+                    raise
+                logger.warning("look-up skipped queue %r: %s", queue, exc)
+                result.skipped[queue] = str(exc)
+        return result
 
     def get(self, message_id: str, queues: Sequence[str] | None = None) -> MessageInfo:
         """The newest stored instance of ``message_id``; raises :class:`MessageNotFound`."""
@@ -102,12 +124,12 @@ class Lookups:
             # A key that is some other id's duplicate slot is not this id's message.
             keys = [message_id] if stored and not is_dup_key else []
             for field, owner_id in self._client.hscan_iter(k.dups, match=pattern):
-                if text(owner_id) == message_id:
-                    keys.append(text(field))
+                if _lenient_text(owner_id) == message_id:
+                    keys.append(_lenient_text(field))
             if len(keys) < 2:
                 return keys
             scores = self._client.hmget(k.order, keys)
-        seq = {key: int(float(s or 0)) % BAND for key, s in zip(keys, scores, strict=True)}
+        seq = {key: _sequence(s) for key, s in zip(keys, scores, strict=True)}
         return sorted(keys, key=seq.__getitem__)
 
     def info(self, queue: str, key: str) -> MessageInfo | None:
@@ -206,18 +228,49 @@ def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo |
     else:
         return None
     return MessageInfo(
-        id=key if dup_of is None else text(dup_of),
+        id=key if dup_of is None else _lenient_text(dup_of),
         key=key,
         queue=queue,
         state=state,
-        deliveries=int(deliv or 0),
-        priority_band=None if order is None else int(float(order)) // BAND,
-        owner=None if owner is None else text(owner),
+        deliveries=_count_field(deliv) or 0,
+        priority_band=None if order is None else _band_field(order),
+        owner=None if owner is None else _lenient_text(owner),
         lease_deadline=None if leased is None else float(leased) / 1000.0,
         due=None if due is None else float(due) / 1000.0,
         dead_reason=None if reason is None else dead_record(reason),
         payload=body,
     )
+
+
+def _count_field(raw: Any) -> int | None:
+    """A counter read from a hash field; None when it is not a number (a corrupted field must
+    not break a look-up or a listing: the message is shown, the count is not)."""
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def _sequence(raw: Any) -> int:
+    """Publish sequence of a stored order (0 when missing or not a number)."""
+    try:
+        return int(float(raw or 0)) % BAND
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _band_field(raw: Any) -> int | None:
+    """The priority band of a stored order (a number); None when it is not one."""
+    try:
+        return int(float(raw)) // BAND
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _lenient_text(value: bytes | str) -> str:
+    """Text of a field another program may have written: bytes that are not UTF-8 are shown
+    escaped rather than raising."""
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
 #: Reason given to a dead-letter record that is not a JSON object (written by something else).

@@ -42,6 +42,7 @@ from kombu.utils.json import JSONEncoder, loads
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .acks import AckSender
 from .connection import BrokerAddress, redis_params
 from .core import (
     REDIS_CONNECTION_ERRORS,
@@ -485,12 +486,20 @@ class Channel(virtual.Channel):
     # -- settling --------------------------------------------------------------------------
 
     def settle_ack(self, tag: str, now: bool = False) -> None:
-        """Ack a delivery. From the consuming thread the ack rides on its next fetch (same
-        round trip) or the renewer's next round; from pool threads, or with ``now`` (an
-        at-most-once ack, written before the task may start), it is written at once."""
+        """Ack a delivery. In an event loop (a Celery worker) the loop thread writes it at once
+        without waiting for the reply (:mod:`celery_msg.acks`); a plain ``drain_events``
+        consumer's ack rides on its next fetch (same round trip) or the renewer's next round;
+        from pool threads, or with ``now`` (an at-most-once ack, written before the task may
+        start), it is written at once and confirmed."""
         if not now and self.transport.in_drain_thread():
-            if not self.holdings.buffer_ack(tag):
-                _log_ignored(tag, "ack")
+            sender = self.transport.ack_sender
+            if sender is None:
+                if not self.holdings.buffer_ack(tag):
+                    _log_ignored(tag, "ack")
+            else:
+                lease = self._release(tag, "ack")
+                if lease is not None:
+                    sender.send([lease])
             return
         lease = self._release(tag, "ack")
         if lease is not None:
@@ -671,6 +680,8 @@ class Transport(virtual.Transport):
         self._next_due_ms: int | None = None
         self._next_trim = 0.0
         self._event_loop: EventLoopDrain | None = None
+        #: The event loop's ack writer (None outside an event loop).
+        self.ack_sender: AckSender | None = None
         self._room = False
 
     # -- connection ------------------------------------------------------------------------
@@ -712,7 +723,12 @@ class Transport(virtual.Transport):
         self._holding = True
 
     def _take_acks(self) -> list[Lease]:
-        return [lease for channel in self.channels for lease in channel.holdings.take_acks()]
+        """Buffered acks of every channel, and (in the loop thread) the ack writer's acks that
+        met a connection error."""
+        acks = [lease for channel in self.channels for lease in channel.holdings.take_acks()]
+        if self.ack_sender is not None and self.in_drain_thread():
+            acks.extend(self.ack_sender.take_unconfirmed())
+        return acks
 
     def _flush_acks(self) -> None:
         acks = self._take_acks()
@@ -747,9 +763,7 @@ class Transport(virtual.Transport):
         held = [lease for channel in channels for lease in channel.holdings.renewable()]
         lost = self.broker.extend(held)
         if lost:
-            _log_lost(lost, "renew")
-            for channel in channels:
-                channel.holdings.forget(lost)
+            _log_lost([lease for c in channels for lease in c.holdings.forget(lost)], "renew")
         # Renewed while any channel consumes the queue, whichever channel bound it.
         consumed = {queue for channel in channels for queue in channel._active_queues}
         bindings = self.ephemeral.live(consumed)
@@ -785,11 +799,27 @@ class Transport(virtual.Transport):
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         """Drain inside ``loop`` (a kombu ``Hub``): Celery's worker calls this on every
         (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
-        if self._event_loop is not None:
-            self._event_loop.close()
+        self.unregister_from_event_loop(connection, loop)
         self._event_loop = EventLoopDrain(self, loop)
+        self.ack_sender = AckSender(
+            self.broker, loop=loop, on_lost=lambda lost: _log_lost(lost, "ack")
+        )
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
+        sender, self.ack_sender = self.ack_sender, None
+        if sender is not None:
+            sender.close()
+            unconfirmed = sender.take_unconfirmed()
+            if unconfirmed:
+                try:
+                    _log_lost(self.broker.ack(unconfirmed), "ack")
+                except BrokerConnectionError as exc:
+                    logger.warning(
+                        "could not confirm %d acks (%s): if they did not reach Redis, their "
+                        "messages come back when their leases expire",
+                        len(unconfirmed),
+                        exc,
+                    )
         if self._event_loop is not None:
             self._event_loop.close()
             self._event_loop = None
@@ -840,6 +870,9 @@ class Transport(virtual.Transport):
         return self._holding
 
     def has_buffered_acks(self) -> bool:
+        sender = self.ack_sender
+        if sender is not None and sender.has_unconfirmed():
+            return True
         return any(channel.holdings.has_acks() for channel in self.channels)
 
     def flush_acks(self) -> None:

@@ -684,6 +684,28 @@ def test_a_non_json_dead_record_or_a_non_utf8_queue_name_is_counted_not_a_traceb
     assert cli.ok("dlq", "purge", "--reason", "unreadable-record", "--yes").startswith("purged 1")
 
 
+def test_inspect_shows_a_message_whose_fields_are_corrupted_and_skips_a_broken_queue(
+    stack: Stack, cli: CLI
+):
+    task_id = stack.task("add").delay(1, 2).id  # no worker running: READY
+    keys = stack.broker.keys(DEFAULT_QUEUE)
+    stack.redis.hset(keys.deliv, task_id, "many")
+    stack.redis.hset(keys.order, task_id, "not a number")
+    stack.redis.hset(keys.owner, task_id, b"\xff\xfe")
+    # Another queue whose duplicate index is not even a hash (a bad migration).
+    stack.broker.declare("broken")
+    stack.redis.set(stack.broker.keys("broken").dups, "oops")
+
+    done = cli("inspect", task_id, "--json")
+
+    assert done.returncode == 0, _explain(done)
+    assert "Traceback" not in done.stderr
+    [instance] = json.loads(done.stdout)["instances"]
+    assert (instance["state"], instance["deliveries"], instance["priority"]) == ("READY", 0, None)
+    assert stack.broker.get(task_id).owner == "\\xff\\xfe"
+    assert "skipped queue 'broken'" in done.stderr
+
+
 def test_a_wrong_password_is_reported_as_an_authentication_error(
     cli: CLI, server_factory: Callable[..., Server]
 ):
