@@ -28,7 +28,7 @@ import redis
 
 from .bindings import Binding, Bindings, Route, Table
 from .errors import StaleRoute
-from .keys import Counter, QueueKeys, bindings_version_key
+from .keys import Counter, QueueKeys, bindings_version_key, wake_key
 from .lookup import (
     UNREADABLE_RECORD,
     Lookups,
@@ -669,17 +669,34 @@ class Broker:
             args = Reclaim.args(now_ms=self.now_ms(), limit=batch)
             return self.scripts.reclaim.run(self.keys(queue).all, args)
 
-    def wait(self, queues: Sequence[str], timeout: float) -> bool:
-        """Block until something may be ready in ``queues`` or ``timeout`` seconds pass.
+    def wait_keys(self, queues: Sequence[str], *, consumer: str | None = None) -> list[str]:
+        """What a consumer blocks on: its own wake key (``consumer``), then the wake-up marker
+        of each of ``queues`` (a publish pushes it)."""
+        keys = [] if consumer is None else [wake_key(self.prefix, consumer)]
+        keys.extend(self.keys(q).signal for q in queues)
+        return keys
 
-        Costs nothing while waiting: one BLPOP on the queues' wake-up markers. True when woken.
+    def wait(self, queues: Sequence[str], timeout: float, *, consumer: str | None = None) -> bool:
+        """Block until something may be ready in ``queues``, ``consumer`` is woken
+        (:meth:`wake`), or ``timeout`` seconds pass.
+
+        Costs nothing while waiting: one BLPOP on the wake-up markers. True when woken.
         """
-        if not queues:
+        keys = self.wait_keys(queues, consumer=consumer)
+        if not keys:
             time.sleep(timeout)
             return False
-        keys = [self.keys(q).signal for q in queues]
         with translated_errors(f"wait on {list(queues)!r}"):
             return self.client.blpop(keys, timeout=timeout) is not None
+
+    def wake(self, consumer: str) -> None:
+        """End ``consumer``'s :meth:`wait` (its wake key expires after a minute if unread)."""
+        key = wake_key(self.prefix, consumer)
+        with translated_errors(f"wake consumer {consumer!r}"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.lpush(key, 1)
+            pipe.expire(key, 60)
+            pipe.execute()
 
     # -- look-ups (lookup.py) and bindings (bindings.py): plain reads and writes, no script --
 
