@@ -12,16 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import redis
 
 from .keys import bindings_key, bindings_version_key, exchanges_key, expiring_key
-from .queues import EXPIRE_QUEUES_BATCH
+from .queues import EXPIRE_QUEUES_BATCH, Queues
 from .redisio import text, translated_errors
-
-if TYPE_CHECKING:
-    from .core import Broker
 
 logger = logging.getLogger(__name__)
 
@@ -62,42 +59,37 @@ class Table(NamedTuple):
     bindings: list[Binding]
 
 
-class Bindings:
-    """The exchanges and bindings under one broker's prefix (used through the broker)."""
-
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
-        self._client = broker.client
-        self._prefix = broker.prefix
+class Bindings(Queues):
+    """The exchanges and bindings under the prefix (a part of :class:`~celery_msg.core.Broker`)."""
 
     def declare_exchange(self, exchange: str, kind: str) -> None:
         """Record ``exchange``'s type (direct, topic, fanout) for every process."""
         with translated_errors(f"declare exchange {exchange!r}"):
-            self._client.hset(exchanges_key(self._prefix), exchange, kind)
+            self.client.hset(exchanges_key(self.prefix), exchange, kind)
 
     def exchange_type(self, exchange: str) -> str | None:
         """The type ``exchange`` was declared with by any process, or None."""
         with translated_errors(f"read exchange {exchange!r}"):
-            kind = self._client.hget(exchanges_key(self._prefix), exchange)
+            kind = self.client.hget(exchanges_key(self.prefix), exchange)
         return None if kind is None else text(kind)
 
     def bind(self, exchange: str, binding: Binding, ttl_ms: int | None = None) -> None:
         """Add a route; with ``ttl_ms`` it expires unless :meth:`refresh_bindings` renews it."""
-        expires = 0 if ttl_ms is None else self._broker.now_ms() + ttl_ms
+        expires = 0 if ttl_ms is None else self.now_ms() + ttl_ms
         with translated_errors(f"bind {binding.queue!r} to {exchange!r}"):
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self.client.pipeline(transaction=True)
             # Registered (as kombu's default type, unless declared) so that unbind_queue finds
             # every exchange that has bindings without scanning the keyspace.
-            pipe.hsetnx(exchanges_key(self._prefix), exchange, "direct")
-            pipe.hset(bindings_key(self._prefix, exchange), binding.encode(), expires)
-            pipe.incr(bindings_version_key(self._prefix, exchange))
+            pipe.hsetnx(exchanges_key(self.prefix), exchange, "direct")
+            pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
+            pipe.incr(bindings_version_key(self.prefix, exchange))
             pipe.execute()
 
     def unbind(self, exchange: str, binding: Binding) -> None:
         with translated_errors(f"unbind {binding.queue!r} from {exchange!r}"):
-            pipe = self._client.pipeline(transaction=True)
-            pipe.hdel(bindings_key(self._prefix, exchange), binding.encode())
-            pipe.incr(bindings_version_key(self._prefix, exchange))
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hdel(bindings_key(self.prefix, exchange), binding.encode())
+            pipe.incr(bindings_version_key(self.prefix, exchange))
             pipe.execute()
 
     def unbind_queue(self, queue: str) -> None:
@@ -106,16 +98,16 @@ class Bindings:
         Rare (a queue deleted); it walks the registry of exchanges, never the keyspace: no
         SCAN, so an ACL user needs no keyspace-wide command and sees no other app's keys."""
         with translated_errors(f"unbind {queue!r}"):
-            exchanges = sorted(text(e) for e in self._client.hkeys(exchanges_key(self._prefix)))
-            pipe = self._client.pipeline(transaction=False)
+            exchanges = sorted(text(e) for e in self.client.hkeys(exchanges_key(self.prefix)))
+            pipe = self.client.pipeline(transaction=False)
             for exchange in exchanges:
-                pipe.hkeys(bindings_key(self._prefix, exchange))
+                pipe.hkeys(bindings_key(self.prefix, exchange))
             for exchange, fields in zip(exchanges, pipe.execute(), strict=True):
                 mine = [f for f in fields if _binding_queue(f) == queue]
                 if mine:
-                    tx = self._client.pipeline(transaction=True)
-                    tx.hdel(bindings_key(self._prefix, exchange), *mine)
-                    tx.incr(bindings_version_key(self._prefix, exchange))
+                    tx = self.client.pipeline(transaction=True)
+                    tx.hdel(bindings_key(self.prefix, exchange), *mine)
+                    tx.incr(bindings_version_key(self.prefix, exchange))
                     tx.execute()
 
     def refresh_bindings(self, bindings: Mapping[str, Mapping[Binding, int]]) -> None:
@@ -124,21 +116,21 @@ class Bindings:
 
         A binding that had expired and was removed meanwhile comes back, and its exchange's
         bindings version moves on, so that cached tables see it."""
-        now = self._broker.now_ms()
+        now = self.now_ms()
         with translated_errors("refresh bindings"):
-            pipe = self._client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=False)
             exchanges: list[str] = []
             for exchange, group in bindings.items():
                 for binding, ttl_ms in group.items():
-                    pipe.hset(bindings_key(self._prefix, exchange), binding.encode(), now + ttl_ms)
+                    pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), now + ttl_ms)
                     exchanges.append(exchange)
             added = {
                 exchange for exchange, new in zip(exchanges, pipe.execute(), strict=True) if new
             }
             if added:
-                pipe = self._client.pipeline(transaction=False)
+                pipe = self.client.pipeline(transaction=False)
                 for exchange in sorted(added):
-                    pipe.incr(bindings_version_key(self._prefix, exchange))
+                    pipe.incr(bindings_version_key(self.prefix, exchange))
                 pipe.execute()
 
     def table(self, exchange: str) -> Table:
@@ -146,23 +138,23 @@ class Bindings:
 
         Expired ones are removed with their queues; a field that is not a binding (written by
         hand, or by another program) is skipped and logged, never routed to."""
-        key = bindings_key(self._prefix, exchange)
-        now = self._broker.now_ms()
+        key = bindings_key(self.prefix, exchange)
+        now = self.now_ms()
         with translated_errors(f"read bindings of {exchange!r}"):
             # Every publisher comes here (about once per binding_cache_ttl): a good moment to
             # look for queues unused past their ``expires``, in the same round trip.
-            pipe = self._client.pipeline(transaction=True)
-            pipe.get(bindings_version_key(self._prefix, exchange))
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(bindings_version_key(self.prefix, exchange))
             pipe.hgetall(key)
             pipe.zrangebyscore(
-                expiring_key(self._prefix),
+                expiring_key(self.prefix),
                 "-inf",
                 f"({now}",
                 start=0,
                 num=EXPIRE_QUEUES_BATCH,
             )
             version, raw, unused = pipe.execute()
-        gone = {text(q) for q in unused if self._broker.expire_queue_if_unused(text(q))}
+        gone = {text(q) for q in unused if self.expire_queue_if_unused(text(q))}
         live: list[Binding] = []
         expired: list[Binding] = []
         for field, expires in raw.items():
@@ -187,20 +179,20 @@ class Bindings:
 
     def _expire_binding(self, exchange: str, binding: Binding) -> None:
         """Remove an expired binding and its queue, unless a consumer renewed it meanwhile."""
-        key = bindings_key(self._prefix, exchange)
+        key = bindings_key(self.prefix, exchange)
         field = binding.encode()
         with (
             translated_errors(f"expire binding of {binding.queue!r}"),
-            self._client.pipeline(transaction=True) as pipe,
+            self.client.pipeline(transaction=True) as pipe,
         ):
             try:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
                 expires = int(pipe.hget(key, field) or 0)
-                if not expires or expires >= self._broker.now_ms():
+                if not expires or expires >= self.now_ms():
                     return
                 pipe.multi()
                 pipe.hdel(key, field)
-                pipe.incr(bindings_version_key(self._prefix, exchange))
+                pipe.incr(bindings_version_key(self.prefix, exchange))
                 pipe.execute()
             except redis.WatchError:
                 return  # changed under us: it was renewed (or removed); look again next time
@@ -209,7 +201,7 @@ class Bindings:
             binding.queue,
             exchange,
         )
-        self._broker.delete(binding.queue)
+        self.delete(binding.queue)
 
 
 def _version(raw: bytes | str | None) -> int | None:

@@ -20,15 +20,15 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import redis
 
 from .bindings import Binding, Bindings, Route, Table
 from .errors import StaleRoute
-from .keys import Counter, QueueKeys, bindings_version_key, wake_key
+from .keys import QueueKeys, bindings_version_key, wake_key
+from .leases import Delivery, Lease, ReserveRequest, Round
 from .lookup import (
     UNREADABLE_RECORD,
     Lookups,
@@ -38,8 +38,7 @@ from .lookup import (
     State,
     dead_record,
 )
-from .queueargs import QueueArguments
-from .queues import EXPIRE_QUEUES_BATCH, QueueAdmin
+from .queues import KEYS_CACHE_SIZE
 from .redisio import (
     BUSY,
     REDIS_CONNECTION_ERRORS,
@@ -102,58 +101,18 @@ __all__ = [
 
 #: Seconds between two log lines about the same broken queue.
 BROKEN_REPORT_INTERVAL = 60.0
-#: Bounds the caches of per-queue keys and packed publish heads: short-lived reply queues
-#: (``celery inspect``) each have a name of their own.
-_KEYS_CACHE_SIZE = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One message handed to one consumer: it holds the lease until ack, requeue or expiry."""
-
-    queue: str
-    key: str
-    token: int
-    deliveries: int
-    payload: bytes
-
-
-class Round(NamedTuple):
-    """The outcome of one :meth:`Broker.settle_and_reserve` round trip."""
-
-    #: The deliveries of each request, in request order.
-    deliveries: list[list[Delivery]]
-    #: Acks refused because their lease was lost.
-    lost: list[Lease]
-    #: Earliest due time (ms) of a scheduled message in the requested queues, or None.
-    next_due_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """What a consumer needs to settle a delivery (ack, requeue, dead-letter, renew)."""
-
-    queue: str
-    key: str
-    token: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveRequest:
-    """What one consumer wants in a combined round (see :meth:`Broker.settle_and_reserve`)."""
-
-    queues: list[str]
-    count: int
-    consumer: str
-    order: Literal["fair", "strict"] = "fair"
-    start: int = 0
-
-
-class Broker:
+class Broker(Lookups, Bindings):
     """Queues of leased, ID-tracked messages on one Redis (or one Cluster slot per queue).
 
     ``clock`` returns seconds (``time.time`` by default) and is the only source of time: scripts
     get ``now`` as an argument, never from the server, so tests can pin it.
+
+    Every script call is made here. The plain reads and writes it also offers live in the
+    modules it is built from: the queue registry and counts (:class:`~celery_msg.queues.Queues`),
+    look-ups (:class:`~celery_msg.lookup.Lookups`) and bindings
+    (:class:`~celery_msg.bindings.Bindings`).
     """
 
     def __init__(
@@ -177,70 +136,10 @@ class Broker:
         self._publish_heads: dict[str | tuple[str, str], bytes] = {}
         self._publisher = DedicatedConnection(client)
         self._broken_reported: dict[str, float] = {}
-        self.queue_admin = QueueAdmin(self)
-        self.lookups = Lookups(self)
-        self.bindings = Bindings(self)
 
     def close(self) -> None:
         """Give back the connection kept for publishing (the pool stays the caller's)."""
         self._publisher.close()
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    def now_ms(self) -> int:
-        return int(self.clock() * 1000)
-
-    def keys(self, queue: str) -> QueueKeys:
-        """The keys of ``queue``, built once (a hot path); the cache is bounded because
-        short-lived reply queues (``celery inspect``) each have a name of their own."""
-        try:
-            return self._keys[queue]
-        except KeyError:
-            if len(self._keys) >= _KEYS_CACHE_SIZE:
-                self._keys.clear()
-            keys = self._keys[queue] = QueueKeys(queue, self.prefix)
-            return keys
-
-    # -- queues (queues.py): the registry, arguments, counts; plain reads and writes ------------
-
-    def declare(self, queue: str, arguments: QueueArguments | None = None) -> None:
-        self.queue_admin.declare(queue, arguments)
-
-    def queue_arguments(self, queue: str) -> QueueArguments:
-        return self.queue_admin.queue_arguments(queue)
-
-    def touch(self, expiring: Mapping[str, int]) -> None:
-        self.queue_admin.touch(expiring)
-
-    def expire_queues(self, limit: int = EXPIRE_QUEUES_BATCH) -> list[str]:
-        return self.queue_admin.expire_queues(limit)
-
-    def expire_queue_if_unused(self, queue: str) -> bool:
-        return self.queue_admin.expire_queue_if_unused(queue)
-
-    def queues(self) -> list[str]:
-        return self.queue_admin.queues()
-
-    def queue_registry(self) -> tuple[list[str], int]:
-        return self.queue_admin.queue_registry()
-
-    def exists(self, queue: str) -> bool:
-        return self.queue_admin.exists(queue)
-
-    def size(self, queue: str) -> int:
-        return self.queue_admin.size(queue)
-
-    def counts(self, queue: str) -> dict[str, int]:
-        return self.queue_admin.counts(queue)
-
-    def stats(self, queue: str) -> dict[str, int]:
-        return self.queue_admin.stats(queue)
-
-    def count(self, queue: str, counter: Counter, n: int = 1) -> None:
-        self.queue_admin.count(queue, counter, n)
-
-    def delete(self, queue: str) -> None:
-        self.queue_admin.delete(queue)
 
     # -- scripts: every state change is one call of a script ----------------------------
 
@@ -361,7 +260,7 @@ class Broker:
     def _publish_head(
         self, head_key: str | tuple[str, str], queue: str, route: Route | None
     ) -> bytes:
-        if len(self._publish_heads) >= _KEYS_CACHE_SIZE:
+        if len(self._publish_heads) >= KEYS_CACHE_SIZE:
             self._publish_heads.clear()
         head = self._publish_heads[head_key] = pack_head(
             self.scripts.publish.script, self._publish_keys(queue, route), Publish.ARGC
@@ -697,56 +596,6 @@ class Broker:
             pipe.lpush(key, 1)
             pipe.expire(key, 60)
             pipe.execute()
-
-    # -- look-ups (lookup.py) and bindings (bindings.py): plain reads and writes, no script --
-
-    def lookup(self, message_id: str, queues: Sequence[str] | None = None) -> list[MessageInfo]:
-        return self.lookups.lookup(message_id, queues)
-
-    def search(self, message_id: str, queues: Sequence[str] | None = None) -> Search:
-        return self.lookups.search(message_id, queues)
-
-    def get(self, message_id: str, queues: Sequence[str] | None = None) -> MessageInfo:
-        return self.lookups.get(message_id, queues)
-
-    def info(self, queue: str, key: str) -> MessageInfo | None:
-        return self.lookups.info(queue, key)
-
-    def infos(self, queue: str, keys: Sequence[str]) -> list[MessageInfo | None]:
-        return self.lookups.infos(queue, keys)
-
-    def scheduled(self, queue: str, limit: int = 100) -> list[ScheduledMessage]:
-        return self.lookups.scheduled(queue, limit)
-
-    def dead_letters(self, queue: str, limit: int = 100) -> list[MessageInfo]:
-        return self.lookups.dead_letters(queue, limit)
-
-    def dead_page(self, queue: str, after: float | None, limit: int) -> list[tuple[bytes, float]]:
-        return self.lookups.dead_page(queue, after, limit)
-
-    def dead_at(self, queue: str, score: float) -> list[bytes]:
-        return self.lookups.dead_at(queue, score)
-
-    def declare_exchange(self, exchange: str, kind: str) -> None:
-        self.bindings.declare_exchange(exchange, kind)
-
-    def exchange_type(self, exchange: str) -> str | None:
-        return self.bindings.exchange_type(exchange)
-
-    def bind(self, exchange: str, binding: Binding, ttl_ms: int | None = None) -> None:
-        self.bindings.bind(exchange, binding, ttl_ms)
-
-    def unbind(self, exchange: str, binding: Binding) -> None:
-        self.bindings.unbind(exchange, binding)
-
-    def unbind_queue(self, queue: str) -> None:
-        self.bindings.unbind_queue(queue)
-
-    def refresh_bindings(self, bindings: Mapping[str, Mapping[Binding, int]]) -> None:
-        self.bindings.refresh_bindings(bindings)
-
-    def table(self, exchange: str) -> Table:
-        return self.bindings.table(exchange)
 
 
 def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -46,9 +47,9 @@ class DrainLoop:
     consumer_id: str
     channels: list[Any]
     redis: redis.Redis
-
-    def _ensure_renewer(self) -> None:
-        raise NotImplementedError  # the transport's (celery_msg.renewer.LeaseRenewal)
+    #: The transport's (:class:`celery_msg.renewer.LeaseRenewal`); declared, not defined, so
+    #: that the mixin order cannot hide the real one.
+    _ensure_renewer: Callable[[], None]
 
     def _init_drain(self) -> None:
         self._drain_thread: int | None = None

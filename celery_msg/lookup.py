@@ -13,14 +13,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from .errors import MessageNotFound, ScriptError
+from .queues import Queues
 from .redisio import text, translated_errors
 from .scripts import BAND
-
-if TYPE_CHECKING:
-    from .core import Broker
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +68,8 @@ class ScheduledMessage:
     payload: bytes
 
 
-class Lookups:
-    """The read-only views of one broker's queues (used through the broker)."""
-
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
-        self._client = broker.client
-        self._prefix = broker.prefix
+class Lookups(Queues):
+    """Reading messages without changing them (a part of :class:`~celery_msg.core.Broker`)."""
 
     def lookup(self, message_id: str, queues: Sequence[str] | None = None) -> list[MessageInfo]:
         """Every stored instance of ``message_id`` in ``queues`` (default: all known queues).
@@ -90,7 +83,7 @@ class Lookups:
         one whose keys are corrupted (a wrong type) is skipped and named, not raised, so it
         cannot hide the others; a queue asked for by name still raises."""
         result = Search([], {})
-        for queue in self._broker.queues() if queues is None else queues:
+        for queue in self.queues() if queues is None else queues:
             try:
                 for key in self._keys_of(queue, message_id):
                     info = self.info(queue, key)
@@ -112,10 +105,10 @@ class Lookups:
 
     def _keys_of(self, queue: str, message_id: str) -> list[str]:
         """Keys of ``message_id`` in ``queue``, oldest first (by publish sequence)."""
-        k = self._broker.keys(queue)
+        k = self.keys(queue)
         pattern = _glob_escape(message_id) + "/*"
         with translated_errors(f"look up {message_id!r} in {queue!r}"):
-            pipe = self._client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=False)
             pipe.hexists(k.body, message_id)
             pipe.zscore(k.dead, message_id)  # dead ids may have lost their body
             pipe.hexists(k.dups, message_id)
@@ -123,12 +116,12 @@ class Lookups:
             stored = has_body or dead_at is not None
             # A key that is some other id's duplicate slot is not this id's message.
             keys = [message_id] if stored and not is_dup_key else []
-            for field, owner_id in self._client.hscan_iter(k.dups, match=pattern):
+            for field, owner_id in self.client.hscan_iter(k.dups, match=pattern):
                 if _lenient_text(owner_id) == message_id:
                     keys.append(_lenient_text(field))
             if len(keys) < 2:
                 return keys
-            scores = self._client.hmget(k.order, keys)
+            scores = self.client.hmget(k.order, keys)
         seq = {key: _sequence(s) for key, s in zip(keys, scores, strict=True)}
         return sorted(keys, key=seq.__getitem__)
 
@@ -139,9 +132,9 @@ class Lookups:
     def infos(self, queue: str, keys: Sequence[str]) -> list[MessageInfo | None]:
         """:meth:`info` of many keys of ``queue`` in one round trip (a transaction, so that
         each message is read in one consistent state)."""
-        k = self._broker.keys(queue)
+        k = self.keys(queue)
         with translated_errors(f"look up {len(keys)} messages in {queue!r}"):
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self.client.pipeline(transaction=True)
             for key in keys:
                 pipe.hget(k.body, key)
                 pipe.zscore(k.ready, key)
@@ -168,16 +161,16 @@ class Lookups:
         """
         if limit <= 0:
             return []
-        k = self._broker.keys(queue)
+        k = self.keys(queue)
         with translated_errors(f"list scheduled messages of {queue!r}"):
             due = cast(
                 list[tuple[bytes, float]],
-                self._client.zrange(k.sched, 0, limit - 1, withscores=True),
+                self.client.zrange(k.sched, 0, limit - 1, withscores=True),
             )
             if not due:
                 return []
             keys = [text(key) for key, _ in due]
-            bodies = cast(list[bytes | None], self._client.hmget(k.body, keys))
+            bodies = cast(list[bytes | None], self.client.hmget(k.body, keys))
         return [
             ScheduledMessage(queue, key, int(score), body)
             for key, (_, score), body in zip(keys, due, bodies, strict=True)
@@ -187,9 +180,7 @@ class Lookups:
     def dead_letters(self, queue: str, limit: int = 100) -> list[MessageInfo]:
         """The oldest ``limit`` dead messages of ``queue``."""
         with translated_errors(f"list dead letters of {queue!r}"):
-            raw = cast(
-                list[bytes], self._client.zrange(self._broker.keys(queue).dead, 0, limit - 1)
-            )
+            raw = cast(list[bytes], self.client.zrange(self.keys(queue).dead, 0, limit - 1))
         return [info for info in self.infos(queue, [text(k) for k in raw]) if info is not None]
 
     def dead_page(self, queue: str, after: float | None, limit: int) -> list[tuple[bytes, float]]:
@@ -200,17 +191,15 @@ class Lookups:
         with translated_errors(f"list dead letters of {queue!r}"):
             return cast(
                 list[tuple[bytes, float]],
-                self._client.zrangebyscore(
-                    self._broker.keys(queue).dead, low, "+inf", start=0, num=limit, withscores=True
+                self.client.zrangebyscore(
+                    self.keys(queue).dead, low, "+inf", start=0, num=limit, withscores=True
                 ),
             )
 
     def dead_at(self, queue: str, score: float) -> list[bytes]:
         """Every dead key of ``queue`` that died at ``score`` (ms)."""
         with translated_errors(f"list dead letters of {queue!r}"):
-            return cast(
-                list[bytes], self._client.zrangebyscore(self._broker.keys(queue).dead, score, score)
-            )
+            return cast(list[bytes], self.client.zrangebyscore(self.keys(queue).dead, score, score))
 
 
 def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo | None:

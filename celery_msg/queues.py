@@ -8,31 +8,49 @@ stores its arguments; a queue declared with ``expires`` is deleted once unused p
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import redis
 
-from .keys import Counter, expiring_key, queues_key
+from .keys import Counter, QueueKeys, expiring_key, queues_key
 from .queueargs import QueueArguments
 from .redisio import text, translated_errors
-
-if TYPE_CHECKING:
-    from .core import Broker
 
 logger = logging.getLogger(__name__)
 
 #: Most expired queues (``expires``) one sweep, or one read of a binding table, deletes.
 EXPIRE_QUEUES_BATCH = 10
+#: Bounds the cache of per-queue keys: short-lived reply queues (``celery inspect``) each have a
+#: name of their own.
+KEYS_CACHE_SIZE = 4096
 
 
-class QueueAdmin:
-    """The queues under one broker's prefix (used through the broker)."""
+class Queues:
+    """The queues under one prefix: their keys, registry, arguments and counts.
 
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
-        self._client = broker.client
-        self._prefix = broker.prefix
+    The first part of :class:`~celery_msg.core.Broker` (which sets the attributes below);
+    :class:`~celery_msg.lookup.Lookups` and :class:`~celery_msg.bindings.Bindings` build on it.
+    """
+
+    client: redis.Redis
+    prefix: str
+    clock: Callable[[], float]
+    _keys: dict[str, QueueKeys]
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def keys(self, queue: str) -> QueueKeys:
+        """The keys of ``queue``, built once (a hot path); the cache is bounded because
+        short-lived reply queues (``celery inspect``) each have a name of their own."""
+        try:
+            return self._keys[queue]
+        except KeyError:
+            if len(self._keys) >= KEYS_CACHE_SIZE:
+                self._keys.clear()
+            keys = self._keys[queue] = QueueKeys(queue, self.prefix)
+            return keys
 
     def declare(self, queue: str, arguments: QueueArguments | None = None) -> None:
         """Remember ``queue`` in the registry of queues (used by look-ups and the CLI) and store
@@ -42,21 +60,19 @@ class QueueAdmin:
         (none given: none kept), and it counts as a use of a queue with ``expires``.
         """
         args = arguments or QueueArguments()
-        keys = self._broker.keys(queue)
+        keys = self.keys(queue)
         with translated_errors(f"declare queue {queue!r}"):
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self.client.pipeline(transaction=True)
             pipe.hgetall(keys.args)
             pipe.delete(keys.args)
             stored = args.to_redis()
             if stored:
                 pipe.hset(keys.args, mapping=stored)  # type: ignore[arg-type]
             if args.expires_ms is None:
-                pipe.zrem(expiring_key(self._prefix), queue)
+                pipe.zrem(expiring_key(self.prefix), queue)
             else:
-                pipe.zadd(
-                    expiring_key(self._prefix), {queue: self._broker.now_ms() + args.expires_ms}
-                )
-            pipe.sadd(queues_key(self._prefix), queue)
+                pipe.zadd(expiring_key(self.prefix), {queue: self.now_ms() + args.expires_ms})
+            pipe.sadd(queues_key(self.prefix), queue)
             before = QueueArguments.from_redis(pipe.execute()[0])
         if before != args and before != QueueArguments():
             logger.info("queue %s redeclared with arguments %s (were %s)", queue, args, before)
@@ -64,18 +80,18 @@ class QueueAdmin:
     def queue_arguments(self, queue: str) -> QueueArguments:
         """The arguments ``queue`` was declared with (a garbage stored value reads as unset)."""
         with translated_errors(f"read arguments of {queue!r}"):
-            return QueueArguments.from_redis(self._client.hgetall(self._broker.keys(queue).args))
+            return QueueArguments.from_redis(self.client.hgetall(self.keys(queue).args))
 
     def touch(self, expiring: Mapping[str, int]) -> None:
         """Mark queues declared with ``expires`` (queue -> expires ms) as used now: a live
         consumer does this for the queues it consumes. A queue already deleted stays deleted."""
         if not expiring:
             return
-        now = self._broker.now_ms()
+        now = self.now_ms()
         with translated_errors(f"touch {len(expiring)} queues"):
-            pipe = self._client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=False)
             for queue, expires_ms in expiring.items():
-                pipe.zadd(expiring_key(self._prefix), {queue: now + expires_ms}, xx=True)
+                pipe.zadd(expiring_key(self.prefix), {queue: now + expires_ms}, xx=True)
             pipe.execute()
 
     def expire_queues(self, limit: int = EXPIRE_QUEUES_BATCH) -> list[str]:
@@ -87,10 +103,10 @@ class QueueAdmin:
         with translated_errors("find expired queues"):
             due = cast(
                 list[bytes],
-                self._client.zrangebyscore(
-                    expiring_key(self._prefix),
+                self.client.zrangebyscore(
+                    expiring_key(self.prefix),
                     "-inf",
-                    f"({self._broker.now_ms()}",
+                    f"({self.now_ms()}",
                     start=0,
                     num=limit,
                 ),
@@ -101,15 +117,15 @@ class QueueAdmin:
     def expire_queue_if_unused(self, queue: str) -> bool:
         """Delete ``queue`` if it is still unused past its expiry (a consumer may have touched
         it, or another process deleted it, since it was found)."""
-        registry = expiring_key(self._prefix)
+        registry = expiring_key(self.prefix)
         with (
             translated_errors(f"expire queue {queue!r}"),
-            self._client.pipeline(transaction=True) as pipe,
+            self.client.pipeline(transaction=True) as pipe,
         ):
             try:
                 pipe.watch(registry)  # type: ignore[no-untyped-call]
                 deadline = pipe.zscore(registry, queue)
-                if deadline is None or deadline >= self._broker.now_ms():
+                if deadline is None or deadline >= self.now_ms():
                     return False
                 pipe.multi()
                 self._delete_in(pipe, queue)
@@ -126,7 +142,7 @@ class QueueAdmin:
         """The registered queue names, and how many registered names were skipped because
         they are not UTF-8 (written by something else: a bad migration, a buggy tool)."""
         with translated_errors("list queues"):
-            raw = self._client.smembers(queues_key(self._prefix))
+            raw = self.client.smembers(queues_key(self.prefix))
         names: list[str] = []
         for name in raw:
             try:
@@ -136,24 +152,24 @@ class QueueAdmin:
         skipped = len(raw) - len(names)
         if skipped:
             logger.warning(
-                "skipped %d queue name(s) that are not UTF-8 in %s", skipped, self._prefix
+                "skipped %d queue name(s) that are not UTF-8 in %s", skipped, self.prefix
             )
         return sorted(names), skipped
 
     def exists(self, queue: str) -> bool:
         with translated_errors(f"check queue {queue!r}"):
-            return bool(self._client.sismember(queues_key(self._prefix), queue))
+            return bool(self.client.sismember(queues_key(self.prefix), queue))
 
     def size(self, queue: str) -> int:
         """Number of READY messages (what kombu and Celery call the queue's size)."""
         with translated_errors(f"size of {queue!r}"):
-            return int(self._client.zcard(self._broker.keys(queue).ready))
+            return int(self.client.zcard(self.keys(queue).ready))
 
     def counts(self, queue: str) -> dict[str, int]:
         """READY, RESERVED, SCHEDULED and DEAD counts of ``queue`` in one round trip."""
-        keys = self._broker.keys(queue)
+        keys = self.keys(queue)
         with translated_errors(f"counts of {queue!r}"):
-            pipe = self._client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=False)
             pipe.zcard(keys.ready)
             pipe.zcard(keys.leased)
             pipe.zcard(keys.sched)
@@ -169,22 +185,22 @@ class QueueAdmin:
     def stats(self, queue: str) -> dict[str, int]:
         """Lifetime counters of ``queue``: published, acked, requeued, reclaimed, dead, ..."""
         with translated_errors(f"stats of {queue!r}"):
-            raw = self._client.hgetall(self._broker.keys(queue).stats)
+            raw = self.client.hgetall(self.keys(queue).stats)
         return {text(k): int(v) for k, v in raw.items()}
 
     def count(self, queue: str, counter: Counter, n: int = 1) -> None:
         """Add ``n`` to one of ``queue``'s lifetime counters (see :meth:`stats`)."""
         with translated_errors(f"count {counter} in {queue!r}"):
-            self._client.hincrby(self._broker.keys(queue).stats, counter, n)
+            self.client.hincrby(self.keys(queue).stats, counter, n)
 
     def delete(self, queue: str) -> None:
         """Remove ``queue`` with everything in it, leased and dead messages included."""
         with translated_errors(f"delete {queue!r}"):
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self.client.pipeline(transaction=True)
             self._delete_in(pipe, queue)
             pipe.execute()
 
     def _delete_in(self, pipe: Any, queue: str) -> None:
-        pipe.delete(*self._broker.keys(queue).all)
-        pipe.srem(queues_key(self._prefix), queue)
-        pipe.zrem(expiring_key(self._prefix), queue)
+        pipe.delete(*self.keys(queue).all)
+        pipe.srem(queues_key(self.prefix), queue)
+        pipe.zrem(expiring_key(self.prefix), queue)

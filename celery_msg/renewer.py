@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .core import Broker
@@ -78,8 +79,9 @@ class LeaseRenewal:
     ephemeral: EphemeralBindings
     dead_letters: DeadLetters
 
-    def _flush_acks(self) -> None:
-        raise NotImplementedError  # the transport's (celery_msg.drain.DrainLoop)
+    #: The transport's (:class:`celery_msg.drain.DrainLoop`); declared, not defined, so that
+    #: the mixin order cannot hide the real one.
+    _flush_acks: Callable[[], None]
 
     def _init_renewal(self) -> None:
         self._renewer: Renewer | None = None
