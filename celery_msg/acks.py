@@ -81,9 +81,9 @@ class AckSender:
         """Acks sent whose reply was not read yet."""
         return self._in_flight_count
 
-    def add(self, lease: Lease) -> None:
-        """Keep an ack for the next :meth:`flush` (within the same turn of the loop)."""
-        self._buffered.append(lease)
+    def add(self, leases: list[Lease]) -> None:
+        """Keep acks for the next :meth:`flush` (within the same turn of the loop)."""
+        self._buffered.extend(leases)
 
     def pending(self) -> bool:
         """Whether acks wait for :meth:`flush`, or replies to be read."""
@@ -105,7 +105,7 @@ class AckSender:
         if self._in_flight_count >= MAX_IN_FLIGHT:
             self.read_replies(block=True)
         groups = list(group_by_queue(leases).items())
-        ack = self.broker.scripts.ack
+        ack = self.broker.scripts.ack.script
         packed = [pack_evalsha(ack, self.broker.keys(q).all, lease_pairs(g)) for q, g in groups]
         try:
             if self.conn._sock is None:
@@ -195,7 +195,7 @@ class AckSender:
         unread, for as long as the loop is busy (a solo worker running a long task), and
         its acks with it. A new connection is what a Redis restart leads to."""
         self.conn.connect()
-        script = self.broker.scripts.ack
+        script = self.broker.scripts.ack.script
         self.conn.send_command("SCRIPT", "LOAD", script.script)
         self.conn.read_response()
 
@@ -203,4 +203,4 @@ class AckSender:
         """Load the ack script again, on a pooled connection: this one may have replies
         outstanding. A failure shows up as the resent acks' own error."""
         with contextlib.suppress(*_IO_ERRORS, redis.ResponseError):
-            self.broker.client.script_load(self.broker.scripts.ack.script)
+            self.broker.client.script_load(self.broker.scripts.ack.script.script)

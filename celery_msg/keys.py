@@ -17,10 +17,11 @@ owner      HASH    message key -> consumer holding the current lease
 seq        STRING  counter: back-of-queue sequence numbers and fencing tokens
 signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
-reason     HASH    message key -> why it was dead-lettered (JSON)
-stats      HASH    counters: published, acked, requeued, reclaimed, promoted, dead,
-                   lease_lost, duplicates, expired (message TTL, or Celery's ``expires``
-                   header), dropped (``max_length``: the head gave way to a new message)
+reason     HASH    message key -> why it was dead-lettered (JSON; its ``reason``: ``Reason``)
+stats      HASH    counters (``Counter``): published, acked, requeued, reclaimed, promoted,
+                   dead, lease_lost, duplicates, expired (message TTL, or Celery's
+                   ``expires`` header), dropped (``max_length``: the head gave way to a new
+                   message), replayed, dead_trimmed (dead-letter retention)
 dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
 sched      ZSET    message key -> due time (ms): ETA / countdown / retry messages not yet due
 alias      HASH    message id -> its newest ``id/<n>`` key (for unique publishes)
@@ -48,6 +49,7 @@ expires after a minute).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 
 QUEUE_KEY_PARTS: tuple[str, ...] = (
@@ -70,6 +72,47 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "ttl",
     "uniq",
 )
+
+
+class Counter(StrEnum):
+    """The fields of a queue's ``stats`` hash. The scripts get them as ``STAT_<NAME>`` from the
+    generated preamble, so Python and Lua count under the same names."""
+
+    PUBLISHED = "published"
+    ACKED = "acked"
+    REQUEUED = "requeued"
+    RECLAIMED = "reclaimed"
+    PROMOTED = "promoted"
+    DEAD = "dead"
+    LEASE_LOST = "lease_lost"
+    DUPLICATES = "duplicates"
+    EXPIRED = "expired"
+    DROPPED = "dropped"
+    REPLAYED = "replayed"
+    DEAD_TRIMMED = "dead_trimmed"
+
+
+class Reason(StrEnum):
+    """Why a message is dead (the ``reason`` of its record). The scripts write two of them
+    (``REASON_POISON``, ``REASON_MISSING_BODY``, from the generated preamble); the others are
+    the Celery layer's and the transport's."""
+
+    #: The task failed for good (retries exhausted, or not retried).
+    FAILED = "failed"
+    #: Delivered more than ``max_deliveries`` times without an ack.
+    POISON = "poison"
+    #: Its ``expires`` passed before it could run.
+    EXPIRED = "expired"
+    #: The body could not be decoded.
+    UNDECODABLE = "undecodable"
+    #: Rejected without requeue, with no reason given.
+    REJECTED = "rejected"
+    #: A ready id whose body was gone (written by something else).
+    MISSING_BODY = "missing-body"
+    NO_TASK_HEADERS = "no-task-headers"
+    UNKNOWN_TASK = "unknown-task"
+    INVALID_TASK = "invalid-task"
+    CONTENT_TYPE_NOT_ACCEPTED = "content-type-not-accepted"
 
 
 #: The Redis type of each part, as ``TYPE`` names it. Every script checks the keys it is given
@@ -116,12 +159,42 @@ PUBLISH_KEY_PARTS: tuple[str, ...] = (
 )
 
 
+class _Part:
+    """A key of a queue named after its part (``keys.ready`` is ``<base>ready``): declared in
+    the class, so that go-to-definition and mypy see every part; a typo is an AttributeError."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.part = name
+
+    def __get__(self, keys: QueueKeys, owner: type | None = None) -> str:
+        return keys.base + self.part
+
+
 @dataclass(frozen=True)
 class QueueKeys:
     """The keys of one queue, in script ``KEYS`` order."""
 
     queue: str
     prefix: str
+
+    ready = _Part()
+    leased = _Part()
+    body = _Part()
+    order = _Part()
+    deliv = _Part()
+    token = _Part()
+    owner = _Part()
+    seq = _Part()
+    signal = _Part()
+    dead = _Part()
+    reason = _Part()
+    stats = _Part()
+    dups = _Part()
+    sched = _Part()
+    alias = _Part()
+    args = _Part()
+    ttl = _Part()
+    uniq = _Part()
 
     @cached_property
     def base(self) -> str:
@@ -138,11 +211,6 @@ class QueueKeys:
         """The keys publish.lua takes, in its ``KEYS`` order (``PUBLISH_KEY_PARTS``)."""
         base = self.base
         return tuple(base + part for part in PUBLISH_KEY_PARTS)
-
-    def __getattr__(self, part: str) -> str:
-        if part in QUEUE_KEY_PARTS:
-            return self.base + part
-        raise AttributeError(part)
 
 
 def queues_key(prefix: str) -> str:

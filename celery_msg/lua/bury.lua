@@ -15,5 +15,5 @@ redis.call('HSET', q.deliv, key, ARGV[5])
 redis.call('ZADD', q.dead, now, key)
 redis.call('HSET', q.reason, key, ARGV[6])
 unlock(q, key) -- failed for good: the id may be published again
-count(q, 'dead', 1)
+count(q, STAT_DEAD, 1)
 return key

@@ -7,12 +7,12 @@
 local q = queue_keys(0)
 local key = ARGV[2]
 if not holds(q, key, ARGV[3]) then
-  count(q, 'lease_lost', 1)
+  count(q, STAT_LEASE_LOST, 1)
   return LEASE_LOST
 end
 release(q, key)
 unlock(q, key) -- failed for good: the id may be published again
 redis.call('ZADD', q.dead, tonumber(ARGV[1]), key)
 redis.call('HSET', q.reason, key, ARGV[4])
-count(q, 'dead', 1)
+count(q, STAT_DEAD, 1)
 return OK

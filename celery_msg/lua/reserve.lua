@@ -51,13 +51,13 @@ local function deliver(g, key)
     forget(q, key)
     redis.call('ZADD', q.dead, now, key)
     redis.call('HSET', q.reason, key, cjson.encode({
-      reason = 'missing-body',
+      reason = REASON_MISSING_BODY,
       detail = 'listed as ready but its body is gone',
       time = now,
       first_failure = now,
       last_failure = now,
     }))
-    count(q, 'dead', 1)
+    count(q, STAT_DEAD, 1)
     out[#out + 1] = MISSING
     out[#out + 1] = key
     out[#out + 1] = 0
@@ -70,7 +70,7 @@ local function deliver(g, key)
     if deadline and deadline < now then
       unlock(q, key)
       erase(q, key)
-      count(q, 'expired', 1)
+      count(q, STAT_EXPIRED, 1)
       return
     end
     redis.call('ZREM', q.ttl, key)
@@ -80,13 +80,13 @@ local function deliver(g, key)
     unlock(q, key)
     redis.call('ZADD', q.dead, now, key)
     redis.call('HSET', q.reason, key, cjson.encode({
-      reason = 'poison',
+      reason = REASON_POISON,
       detail = 'delivered ' .. delivered .. ' times without an ack',
       time = now,
       first_failure = now,
       last_failure = now,
     }))
-    count(q, 'dead', 1)
+    count(q, STAT_DEAD, 1)
     return
   end
   delivered = add(q.deliv, key, 1)

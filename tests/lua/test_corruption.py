@@ -87,7 +87,7 @@ def _promote(lab: Lab) -> Call:
 
 def _bury(lab: Lab) -> Call:
     args = [lab.now, "m", "M", 0, 1, '{"reason": "failed"}']
-    return lambda: lab.scripts.bury(keys=lab.keys.all, args=args)
+    return lambda: lab.scripts.bury.script(keys=lab.keys.all, args=args)
 
 
 def _dead(lab: Lab) -> None:
@@ -98,17 +98,17 @@ def _dead(lab: Lab) -> None:
 def _replay(lab: Lab) -> Call:
     _dead(lab)
     lab.set_counter("seq", 2)
-    return lambda: lab.scripts.replay(keys=lab.keys.all, args=["d"])
+    return lambda: lab.scripts.replay.script(keys=lab.keys.all, args=["d"])
 
 
 def _discard(lab: Lab) -> Call:
     _dead(lab)
-    return lambda: lab.scripts.discard(keys=lab.keys.all, args=["d"])
+    return lambda: lab.scripts.discard.script(keys=lab.keys.all, args=["d"])
 
 
 def _trim_dead(lab: Lab) -> Call:
     _dead(lab)
-    return lambda: lab.scripts.trim_dead(keys=lab.keys.all, args=[lab.now, 1, 0, 100])
+    return lambda: lab.scripts.trim_dead.script(keys=lab.keys.all, args=[lab.now, 1, 0, 100])
 
 
 SCENARIOS: dict[str, Callable[[Lab], Call]] = {

@@ -8,6 +8,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from celery_msg.scripts import Code
+from celery_msg.transitions import Bury, Discard, Replay
 
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
@@ -26,22 +27,29 @@ def bury(
     reason: str = REASON,
     now: int | None = None,
 ) -> str:
-    args = [lab.now if now is None else now, message_id, payload, band, deliveries, reason]
-    key = lab.scripts.bury(keys=lab.keys.all, args=args)
-    return key.decode() if isinstance(key, bytes) else str(key)
+    args = Bury.args(
+        now_ms=lab.now if now is None else now,
+        message_id=message_id,
+        payload=payload,
+        band=band,
+        deliveries=deliveries,
+        record=reason,
+    )
+    return lab.scripts.bury.run(lab.keys.all, args)
 
 
 def replay(lab: Lab, *keys: str) -> list[int]:
-    return [int(c) for c in lab.scripts.replay(keys=lab.keys.all, args=list(keys))]
+    return list(lab.scripts.replay.run(lab.keys.all, Replay.args(keys)))
 
 
 def discard(lab: Lab, *keys: str) -> list[int]:
-    return [int(c) for c in lab.scripts.discard(keys=lab.keys.all, args=list(keys))]
+    return list(lab.scripts.discard.run(lab.keys.all, Discard.args(keys)))
 
 
 def trim(lab: Lab, *, max_len: int = 0, max_age: int = 0, limit: int = 100, now: Any = None) -> int:
+    # ``now`` may be garbage on purpose (a test of the script's own checks): raw ARGV then.
     args = [lab.now if now is None else now, max_len, max_age, limit]
-    return int(lab.scripts.trim_dead(keys=lab.keys.all, args=args))
+    return lab.scripts.trim_dead.reply(lab.scripts.trim_dead.script(keys=lab.keys.all, args=args))
 
 
 def dead_keys(lab: Lab) -> list[str]:

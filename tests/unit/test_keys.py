@@ -91,6 +91,11 @@ def test_a_part_is_also_reachable_as_an_attribute():
     assert keys.dups == "p:{q}:dups"
 
 
+def test_the_class_declares_exactly_the_parts_in_keys_order():
+    declared = [name for name, value in vars(QueueKeys).items() if type(value).__name__ == "_Part"]
+    assert declared == list(QUEUE_KEY_PARTS)
+
+
 def test_an_unknown_part_raises_attribute_error():
     with pytest.raises(AttributeError, match="redy"):
         _ = QueueKeys("q", "p:").redy
