@@ -26,7 +26,7 @@ from typing import Any, Literal
 import redis
 
 from .bindings import Binding, Bindings, Route, Table
-from .errors import StaleRoute
+from .errors import ReplicationTimeout, StaleRoute
 from .keys import QueueKeys, bindings_version_key, wake_key
 from .leases import Delivery, Lease, ReserveRequest, Round
 from .lookup import (
@@ -43,6 +43,7 @@ from .redisio import (
     BUSY,
     REDIS_CONNECTION_ERRORS,
     DedicatedConnection,
+    Replication,
     ScriptCall,
     bulk,
     pack_evalsha,
@@ -124,18 +125,22 @@ class Broker(Lookups, Bindings):
         reclaim_batch: int = 100,
         max_deliveries: int = 0,
         clock: Callable[[], float] = time.time,
+        replication: Replication | None = None,
     ) -> None:
         self.client = client
+        #: ``min_replicas``: every script call waits for replicas to confirm it.
+        self.replication = replication
         self.prefix = prefix
         self.lease_ms = lease_ms
         self.reclaim_batch = reclaim_batch
         self.max_deliveries = max_deliveries
         self.clock = clock
-        self.scripts = Scripts(client)
+        self.scripts = Scripts(client, replication)
         self._keys: dict[str, QueueKeys] = {}
         self._publish_heads: dict[str | tuple[str, str], bytes] = {}
-        self._publisher = DedicatedConnection(client)
+        self._publisher = DedicatedConnection(client, replication)
         self._broken_reported: dict[str, float] = {}
+        self._unconfirmed_reported = 0.0
 
     def close(self) -> None:
         """Give back the connection kept for publishing (the pool stays the caller's)."""
@@ -157,12 +162,21 @@ class Broker(Lookups, Bindings):
 
     def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Script calls in one pipelined round trip (see :func:`redisio.run_scripts`)."""
-        return run_scripts(self.client, calls)
+        return run_scripts(self.client, calls, self.replication)
 
     def script_replies(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """:meth:`run_scripts`, error replies left in the list (one broken queue must not keep
         the others' replies from being read)."""
-        return script_replies(self.client, calls)
+        return script_replies(self.client, calls, self.replication)
+
+    def _unconfirmed(self, exc: ReplicationTimeout) -> list[Any]:
+        """A consumer's state change that replicas did not confirm in time: log it and go on
+        with its replies (what is at stake is a redelivery, not a loss)."""
+        now = time.monotonic()
+        if now >= self._unconfirmed_reported:
+            self._unconfirmed_reported = now + BROKEN_REPORT_INTERVAL
+            logger.warning("%s (a consumer goes on; reported once a minute)", exc)
+        return exc.results
 
     # -- message life ----------------------------------------------------------------------
 
@@ -354,7 +368,10 @@ class Broker(Lookups, Bindings):
         ]
         calls.extend((reserve.script, self._reserve_keys(r), self._reserve_args(r)) for r in wanted)
         with translated_errors("ack and reserve"):
-            results = self.script_replies(calls)
+            try:
+                results = self.script_replies(calls)
+            except ReplicationTimeout as exc:
+                results = self._unconfirmed(exc)
         broken: dict[str, str] = {}
         acked = results[: len(by_queue)]
         for i, (queue, group) in enumerate(by_queue.items()):
@@ -473,17 +490,18 @@ class Broker(Lookups, Bindings):
         by_queue = group_by_queue(leases)
         if not by_queue:
             return []
+        calls: list[ScriptCall] = [
+            (run.script, self.keys(q).all, args(held=_held(group))) for q, group in by_queue.items()
+        ]
         with translated_errors(f"{what} {sum(map(len, by_queue.values()))} messages"):
-            if len(by_queue) == 1:
-                ((queue, group),) = by_queue.items()
-                results = [run.run(self.keys(queue).all, args(held=_held(group)))]
+            if len(calls) == 1 and self.replication is None:
+                ((_, keys, argv),) = calls
+                results = [run.run(keys, argv)]
             else:
-                raw = self.run_scripts(
-                    [
-                        (run.script, self.keys(q).all, args(held=_held(group)))
-                        for q, group in by_queue.items()
-                    ]
-                )
+                try:
+                    raw = self.run_scripts(calls)
+                except ReplicationTimeout as exc:
+                    raw = self._unconfirmed(exc)
                 results = [run.reply(r) for r in raw]
         return _lost(by_queue.values(), results)
 

@@ -99,7 +99,10 @@ class DrainLoop:
         (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
         self.unregister_from_event_loop(connection, loop)
         self._event_loop = EventLoopDrain(self, loop)
-        self.ack_sender = AckSender(self.broker, on_lost=lambda lost: log_lost(lost, "ack"))
+        if self.broker.replication is None:
+            # With min_replicas an ack must be confirmed before it counts as done: acks are
+            # then written and confirmed one turn at a time (no writer that does not wait).
+            self.ack_sender = AckSender(self.broker, on_lost=lambda lost: log_lost(lost, "ack"))
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
         sender, self.ack_sender = self.ack_sender, None

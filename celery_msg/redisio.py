@@ -15,12 +15,19 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.commands.core import Script
 
-from .errors import AuthenticationFailed, BrokerConnectionError, PermissionDenied, ScriptError
+from .errors import (
+    AuthenticationFailed,
+    BrokerConnectionError,
+    PermissionDenied,
+    ReplicationTimeout,
+    ScriptError,
+)
 from .scripts import where
 
 #: redis-py errors that mean "the connection, not the command, failed".
@@ -33,6 +40,37 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 #: How Redis and Valkey word an ACL refusal inside a script (a plain error reply there).
 _ACL_DENIED = re.compile(r"can't run this command|ACL failure in script|no permissions", re.I)
+
+
+@dataclass(frozen=True)
+class Replication:
+    """``WAIT replicas timeout_ms`` after every state change (transport option
+    ``min_replicas``): sent on the same connection in the same round trip, since ``WAIT`` only
+    counts the writes of its own connection."""
+
+    replicas: int
+    timeout_ms: int
+
+    @property
+    def command(self) -> tuple[str, int, int]:
+        return ("WAIT", self.replicas, self.timeout_ms)
+
+    def packed(self) -> bytes:
+        return b"*3\r\n" + b"".join(bulk(part) for part in self.command)
+
+    def check(self, reply: Any, what: str, results: list[Any] | None = None) -> None:
+        """Raise :class:`ReplicationTimeout` unless ``reply`` (WAIT's) confirms enough."""
+        if isinstance(reply, BaseException):
+            raise translated(reply, f"{what}: WAIT") or reply
+        confirmed = int(reply)
+        if confirmed < self.replicas:
+            raise ReplicationTimeout(
+                f"{what}: confirmed by {confirmed} of min_replicas={self.replicas} replica(s) "
+                f"within {self.timeout_ms} ms: it is on the master only, and lost if the master "
+                f"fails before it replicates",
+                confirmed,
+                results,
+            )
 
 
 @contextmanager
@@ -84,8 +122,9 @@ class DedicatedConnection:
     busy gets ``None`` and uses the pool. After a fork the child takes a connection of its own.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, replication: Replication | None = None) -> None:
         self.client = client
+        self.replication = replication
         self._lock = threading.Lock()
         self._conn: Any = None
         self._pid = os.getpid()
@@ -121,17 +160,46 @@ class DedicatedConnection:
             self._lock.release()
 
     def _call(self, conn: Any, script: Script, packed: bytes) -> Any:
+        replication = self.replication
+        if replication is not None:
+            return self._call_replicated(conn, script, packed, replication)
         try:
             conn.send_packed_command((packed,))
             return conn.read_response()
         except redis.exceptions.NoScriptError:
             # Redis restarted or SCRIPT FLUSH: load it again, on this connection. The same text
             # has the same SHA1, so the packed command stays valid.
-            conn.send_command("SCRIPT", "LOAD", script.script)
-            if text(conn.read_response()) != script.sha:
-                raise
+            self._load(conn, script)
             conn.send_packed_command((packed,))
             return conn.read_response()
+
+    def _call_replicated(
+        self, conn: Any, script: Script, packed: bytes, replication: Replication
+    ) -> Any:
+        """The call and its WAIT in one round trip; the WAIT's reply is always read (an
+        unread reply would be taken for the next command's)."""
+        for attempt in (1, 2):
+            conn.send_packed_command((packed, replication.packed()))
+            try:
+                reply = conn.read_response()
+            except redis.exceptions.NoScriptError:
+                conn.read_response()  # WAIT's: nothing was written
+                if attempt == 2:
+                    raise
+                self._load(conn, script)
+                continue
+            except redis.ResponseError:
+                conn.read_response()
+                raise
+            replication.check(conn.read_response(), "publish", [reply])
+            return reply
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    @staticmethod
+    def _load(conn: Any, script: Script) -> None:
+        conn.send_command("SCRIPT", "LOAD", script.script)
+        if text(conn.read_response()) != script.sha:
+            raise redis.exceptions.NoScriptError(f"SCRIPT LOAD gave another SHA for {script.sha}")
 
     def close(self) -> None:
         with self._lock:
@@ -176,38 +244,57 @@ def _stale(conn: Any) -> bool:
         return True
 
 
-def run_scripts(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+def run_scripts(
+    client: redis.Redis, calls: Sequence[ScriptCall], replication: Replication | None = None
+) -> list[Any]:
     """Run script calls in one pipelined round trip; their replies, in order.
 
     redis-py's own pipelining of scripts asks ``SCRIPT EXISTS`` first: a second round trip
     on every call, on the consumer's hot path. Here each ``EVALSHA`` goes as it is; a script
     Redis lost (restart, ``SCRIPT FLUSH``) is loaded again and only its calls are sent
-    again (the others have run). An error reply is raised, as redis-py would.
+    again (the others have run). An error reply is raised, as redis-py would. With
+    ``replication``, the round trip ends with its ``WAIT`` (see :class:`Replication`).
     """
-    results = script_replies(client, calls)
+    results = script_replies(client, calls, replication)
     for reply in results:
         if isinstance(reply, redis.ResponseError):
             raise reply
     return results
 
 
-def script_replies(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+def script_replies(
+    client: redis.Redis, calls: Sequence[ScriptCall], replication: Replication | None = None
+) -> list[Any]:
     """:func:`run_scripts`, but an error reply stays in the list (one broken queue must not
-    keep the calls of the others from being read); connection errors still raise."""
-    results: list[Any] = _evalsha_all(client, calls)
+    keep the calls of the others from being read); connection errors still raise, and so does
+    a :class:`ReplicationTimeout` (carrying the replies)."""
+    results, waited = _evalsha_all(client, calls, replication)
     missing = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
     if missing:
         for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
             script.sha = text(client.script_load(script.script))
-        replies = _evalsha_all(client, [calls[i] for i in missing])
+        replies, waited_again = _evalsha_all(client, [calls[i] for i in missing], replication)
         for i, reply in zip(missing, replies, strict=True):
             results[i] = reply
+        if replication is not None:
+            # Both round trips must be confirmed; a pipeline may use another connection.
+            replication.check(waited, f"{len(calls)} script calls", results)
+            waited = waited_again
+    if replication is not None:
+        replication.check(waited, f"{len(calls)} script calls", results)
     return results
 
 
-def _evalsha_all(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-    """One pipeline of EVALSHA calls; error replies come back in the list, not raised."""
+def _evalsha_all(
+    client: redis.Redis, calls: Sequence[ScriptCall], replication: Replication | None
+) -> tuple[list[Any], Any]:
+    """One pipeline of EVALSHA calls (and the WAIT, if any); error replies come back in the
+    list, not raised. Returns the replies and the WAIT's reply (None without one)."""
     pipe = client.pipeline(transaction=False)
     for script, keys, args in calls:
         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-    return list(pipe.execute(raise_on_error=False))
+    if replication is not None:
+        pipe.execute_command(*replication.command)  # type: ignore[no-untyped-call]
+    results = list(pipe.execute(raise_on_error=False))
+    waited = results.pop() if replication is not None else None
+    return results, waited

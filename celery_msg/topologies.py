@@ -13,8 +13,11 @@ promote the replica. Timings are short on purpose: a master is declared down aft
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -189,6 +192,23 @@ class SentinelTopology:
                     pass
             time.sleep(0.1)
         raise ServerError(f"no failover away from port {old_port} within {timeout}s")
+
+    @contextlib.contextmanager
+    def replicas_lagging(self, seconds: float) -> Iterator[None]:
+        """Stop every replica (SIGSTOP) for ``seconds``, then run the body, then resume them:
+        a master that keeps acknowledging writes its replicas do not have (a network hiccup),
+        and whatever the body does to it happens before they catch up."""
+        master = self.master_port()
+        replicas = [s for s in self.servers if s.port != master and s.running]
+        for replica in replicas:
+            os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+            yield
+        finally:
+            for replica in replicas:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(replica.pid, signal.SIGCONT)
 
     def broker_url(self, scheme: str = "celery-msg", db: int = 0) -> str:
         """``celery-msg+sentinel://127.0.0.1:P/db;...``: one part per sentinel."""

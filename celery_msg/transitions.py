@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import redis
 from redis.commands.core import Script
 
+from .redisio import Replication, run_scripts
 from .scripts import Code, source
 
 R = TypeVar("R")
@@ -49,15 +50,22 @@ class Transition(Generic[R]):
 
     name: ClassVar[str]
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, replication: Replication | None = None) -> None:
+        self.client = client
+        self.replication = replication
         self.script: Script = client.register_script(source(self.name))
 
     def reply(self, raw: Any) -> R:
         raise NotImplementedError
 
     def run(self, keys: Sequence[str], args: Sequence[Any]) -> R:
-        """One call (EVALSHA, loading the script again if Redis lost it) and its reply."""
-        return self.reply(self.script(keys=keys, args=args))
+        """One call (EVALSHA, loading the script again if Redis lost it) and its reply; with
+        ``replication``, its WAIT in the same round trip (a :class:`ReplicationTimeout` then
+        carries the raw reply)."""
+        if self.replication is None:
+            return self.reply(self.script(keys=keys, args=args))
+        [raw] = run_scripts(self.client, [(self.script, keys, args)], self.replication)
+        return self.reply(raw)
 
 
 class _Count(Transition[int]):
@@ -287,21 +295,21 @@ class Discard(_PerKey):
 class Scripts:
     """The scripts of one Redis client, registered once, one typed wrapper per transition."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.publish = Publish(client)
-        self.reserve = Reserve(client)
-        self.ack = Ack(client)
-        self.extend = Extend(client)
-        self.requeue = Requeue(client)
-        self.dead_letter = DeadLetter(client)
-        self.reclaim = Reclaim(client)
-        self.purge = Purge(client)
-        self.promote = Promote(client)
-        self.bury = Bury(client)
-        self.replay = Replay(client)
-        self.discard = Discard(client)
-        self.trim_dead = TrimDead(client)
-        self.unlock = Unlock(client)
+    def __init__(self, client: redis.Redis, replication: Replication | None = None) -> None:
+        self.publish = Publish(client, replication)
+        self.reserve = Reserve(client, replication)
+        self.ack = Ack(client, replication)
+        self.extend = Extend(client, replication)
+        self.requeue = Requeue(client, replication)
+        self.dead_letter = DeadLetter(client, replication)
+        self.reclaim = Reclaim(client, replication)
+        self.purge = Purge(client, replication)
+        self.promote = Promote(client, replication)
+        self.bury = Bury(client, replication)
+        self.replay = Replay(client, replication)
+        self.discard = Discard(client, replication)
+        self.trim_dead = TrimDead(client, replication)
+        self.unlock = Unlock(client, replication)
 
     def all(self) -> list[Transition[Any]]:
         return [value for value in vars(self).values() if isinstance(value, Transition)]

@@ -526,6 +526,7 @@ class Transport(DrainLoop, LeaseRenewal, virtual.Transport):  # type: ignore[mis
             lease_ms=self.options.lease_ms,
             reclaim_batch=self.options.reclaim_batch,
             max_deliveries=self.options.max_deliveries,
+            replication=self.options.replication,
         )
         self.dead_letters = DeadLetters(self.broker)
         self.ephemeral = EphemeralBindings()

@@ -5,6 +5,9 @@ server, which nothing here kills, so every execution is counted outside the brok
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,6 +17,8 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 from celery_helpers import Stack, StackFactory, stack_factory, wait_until
+from kombu import Connection, Queue
+from kombu.message import Message
 
 from celery_msg.core import Broker
 from celery_msg.topologies import SentinelTopology
@@ -135,3 +140,93 @@ def _role(server_process: object) -> str | None:
             return str(client.info("replication")["role"])
     except (redis.RedisError, OSError):
         return None
+
+
+@pytest.fixture
+def two_replicas(server: Server) -> Iterator[SentinelTopology]:
+    """After a failover one replica is left to confirm writes (min_replicas=1 goes on)."""
+    with SentinelTopology(server.kind, replicas=2) as topo:
+        yield topo
+
+
+def test_with_min_replicas_no_publish_that_returned_is_lost_when_the_master_is_killed(
+    two_replicas: SentinelTopology, prefix: str
+):
+    """The replicas lag (SIGSTOPped for 0.5 s) when the master is SIGKILLed: with
+    ``min_replicas=1`` no publish that returned is lost (the ones the replicas did not confirm
+    waited or failed). Without it, that lag loses up to all the publishes it saw:
+    ``python -m bench.failover`` measures how many (README, Running on Sentinel)."""
+    min_replicas = 1
+    topology = two_replicas
+    options = {
+        "master_name": topology.master_name,
+        "key_prefix": prefix,
+        "min_replicas": min_replicas,
+        "min_replicas_timeout": 2.0,
+        "socket_timeout": 2.0,
+    }
+    queue = Queue("replicated")
+    returned: list[int] = []
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def publish() -> None:
+        with Connection(topology.broker_url(), transport_options=options) as conn:
+            producer = conn.Producer()
+            n = 0
+            while not stop.is_set():
+                try:
+                    producer.publish(
+                        {"n": n},
+                        routing_key=queue.name,
+                        declare=[queue],
+                        retry=True,
+                        retry_policy=RETRY,
+                    )
+                except Exception as exc:  # counted: a publish that did not return is no claim
+                    failed.append(type(exc).__name__)
+                else:
+                    returned.append(n)
+                n += 1
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    wait_until(lambda: len(returned) >= 300 or None, 30, "300 confirmed publishes")
+    old = topology.master_port()
+    with topology.replicas_lagging(0.5):
+        topology.server_on(old).kill()  # at whatever moment the publisher is in
+    topology.wait_for_failover(old)
+    at_failover = len(returned)
+    wait_until(lambda: len(returned) >= at_failover + 300 or None, 60, "publishing resumed")
+    stop.set()
+    publisher.join(30)
+    assert not publisher.is_alive()
+
+    received = drain(topology, options, queue)
+    lost = sorted(set(returned) - set(received))
+    assert lost == [], f"{len(lost)} confirmed publishes lost: {lost[:20]} ({failed=})"
+
+
+RETRY = {"max_retries": 60, "interval_start": 0.1, "interval_step": 0.1, "interval_max": 0.5}
+
+
+def drain(topology: SentinelTopology, options: dict[str, object], queue: Queue) -> list[int]:
+    """Every message left in ``queue``, read by a consumer through the sentinels."""
+    received: list[int] = []
+
+    def on_message(body: dict[str, int], message: Message) -> None:
+        received.append(body["n"])
+        message.ack()
+
+    with (
+        Connection(topology.broker_url(), transport_options=options) as conn,
+        conn.Consumer([queue], callbacks=[on_message], prefetch_count=500),
+    ):
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 2.0:
+            before = len(received)
+            with contextlib.suppress(TimeoutError, socket.timeout):
+                conn.drain_events(timeout=0.5)
+            if len(received) > before:
+                idle_since = time.monotonic()
+    return received
