@@ -65,12 +65,12 @@ class Bindings(Queues):
     def declare_exchange(self, exchange: str, kind: str) -> None:
         """Record ``exchange``'s type (direct, topic, fanout) for every process."""
         with translated_errors(f"declare exchange {exchange!r}"):
-            self.client.hset(exchanges_key(self.prefix), exchange, kind)
+            self.client.hset(exchanges_key(self.global_prefix), exchange, kind)
 
     def exchange_type(self, exchange: str) -> str | None:
         """The type ``exchange`` was declared with by any process, or None."""
         with translated_errors(f"read exchange {exchange!r}"):
-            kind = self.client.hget(exchanges_key(self.prefix), exchange)
+            kind = self.client.hget(exchanges_key(self.global_prefix), exchange)
         return None if kind is None else text(kind)
 
     def bind(self, exchange: str, binding: Binding, ttl_ms: int | None = None) -> None:
@@ -80,16 +80,16 @@ class Bindings(Queues):
             pipe = self.client.pipeline(transaction=True)
             # Registered (as kombu's default type, unless declared) so that unbind_queue finds
             # every exchange that has bindings without scanning the keyspace.
-            pipe.hsetnx(exchanges_key(self.prefix), exchange, "direct")
-            pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), expires)
-            pipe.incr(bindings_version_key(self.prefix, exchange))
+            pipe.hsetnx(exchanges_key(self.global_prefix), exchange, "direct")
+            pipe.hset(bindings_key(self.global_prefix, exchange), binding.encode(), expires)
+            pipe.incr(bindings_version_key(self.global_prefix, exchange))
             pipe.execute()
 
     def unbind(self, exchange: str, binding: Binding) -> None:
         with translated_errors(f"unbind {binding.queue!r} from {exchange!r}"):
             pipe = self.client.pipeline(transaction=True)
-            pipe.hdel(bindings_key(self.prefix, exchange), binding.encode())
-            pipe.incr(bindings_version_key(self.prefix, exchange))
+            pipe.hdel(bindings_key(self.global_prefix, exchange), binding.encode())
+            pipe.incr(bindings_version_key(self.global_prefix, exchange))
             pipe.execute()
 
     def unbind_queue(self, queue: str) -> None:
@@ -98,16 +98,18 @@ class Bindings(Queues):
         Rare (a queue deleted); it walks the registry of exchanges, never the keyspace: no
         SCAN, so an ACL user needs no keyspace-wide command and sees no other app's keys."""
         with translated_errors(f"unbind {queue!r}"):
-            exchanges = sorted(text(e) for e in self.client.hkeys(exchanges_key(self.prefix)))
+            exchanges = sorted(
+                text(e) for e in self.client.hkeys(exchanges_key(self.global_prefix))
+            )
             pipe = self.client.pipeline(transaction=False)
             for exchange in exchanges:
-                pipe.hkeys(bindings_key(self.prefix, exchange))
+                pipe.hkeys(bindings_key(self.global_prefix, exchange))
             for exchange, fields in zip(exchanges, pipe.execute(), strict=True):
                 mine = [f for f in fields if _binding_queue(f) == queue]
                 if mine:
                     tx = self.client.pipeline(transaction=True)
-                    tx.hdel(bindings_key(self.prefix, exchange), *mine)
-                    tx.incr(bindings_version_key(self.prefix, exchange))
+                    tx.hdel(bindings_key(self.global_prefix, exchange), *mine)
+                    tx.incr(bindings_version_key(self.global_prefix, exchange))
                     tx.execute()
 
     def refresh_bindings(self, bindings: Mapping[str, Mapping[Binding, int]]) -> None:
@@ -122,7 +124,9 @@ class Bindings(Queues):
             exchanges: list[str] = []
             for exchange, group in bindings.items():
                 for binding, ttl_ms in group.items():
-                    pipe.hset(bindings_key(self.prefix, exchange), binding.encode(), now + ttl_ms)
+                    pipe.hset(
+                        bindings_key(self.global_prefix, exchange), binding.encode(), now + ttl_ms
+                    )
                     exchanges.append(exchange)
             added = {
                 exchange for exchange, new in zip(exchanges, pipe.execute(), strict=True) if new
@@ -130,7 +134,7 @@ class Bindings(Queues):
             if added:
                 pipe = self.client.pipeline(transaction=False)
                 for exchange in sorted(added):
-                    pipe.incr(bindings_version_key(self.prefix, exchange))
+                    pipe.incr(bindings_version_key(self.global_prefix, exchange))
                 pipe.execute()
 
     def table(self, exchange: str) -> Table:
@@ -138,16 +142,16 @@ class Bindings(Queues):
 
         Expired ones are removed with their queues; a field that is not a binding (written by
         hand, or by another program) is skipped and logged, never routed to."""
-        key = bindings_key(self.prefix, exchange)
+        key = bindings_key(self.global_prefix, exchange)
         now = self.now_ms()
         with translated_errors(f"read bindings of {exchange!r}"):
             # Every publisher comes here (about once per binding_cache_ttl): a good moment to
             # look for queues unused past their ``expires``, in the same round trip.
             pipe = self.client.pipeline(transaction=True)
-            pipe.get(bindings_version_key(self.prefix, exchange))
+            pipe.get(bindings_version_key(self.global_prefix, exchange))
             pipe.hgetall(key)
             pipe.zrangebyscore(
-                expiring_key(self.prefix),
+                expiring_key(self.global_prefix),
                 "-inf",
                 f"({now}",
                 start=0,
@@ -179,7 +183,7 @@ class Bindings(Queues):
 
     def _expire_binding(self, exchange: str, binding: Binding) -> None:
         """Remove an expired binding and its queue, unless a consumer renewed it meanwhile."""
-        key = bindings_key(self.prefix, exchange)
+        key = bindings_key(self.global_prefix, exchange)
         field = binding.encode()
         with (
             translated_errors(f"expire binding of {binding.queue!r}"),
@@ -192,7 +196,7 @@ class Bindings(Queues):
                     return
                 pipe.multi()
                 pipe.hdel(key, field)
-                pipe.incr(bindings_version_key(self.prefix, exchange))
+                pipe.incr(bindings_version_key(self.global_prefix, exchange))
                 pipe.execute()
             except redis.WatchError:
                 return  # changed under us: it was renewed (or removed); look again next time

@@ -11,6 +11,12 @@ Sentinel URLs take kombu's form, one URL per sentinel joined by ``;``:
 ``a`` with the rest left unparsed in ``hostname``, and keeps every ``;`` part in ``alt``: the
 sentinels come from there. The URL's credentials, database and TLS are the data nodes' (as in
 kombu); the sentinels' own come from the ``sentinel_kwargs`` transport option.
+
+Redis Cluster URLs list startup nodes in one URL, comma-separated (the Sentinel form's ``;``
+would have kombu try them one by one as separate brokers):
+``celery-msg+cluster://[user:password@]host:port[,host:port...][/0]`` (``celery-msgs+cluster://``
+for TLS). Any node will do: the client learns the others and the slot map from it. Cluster has
+no ``SELECT``, so a database other than 0 is refused.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -34,6 +41,7 @@ from .options import TransportOptions
 TLS_SCHEME = "celery-msgs"
 DEFAULT_PORT = 6379
 SENTINEL = "sentinel"
+CLUSTER = "cluster"
 DEFAULT_SENTINEL_PORT = 26379
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -195,6 +203,75 @@ def sentinel_params(
     return list(address.sentinels), params
 
 
+@dataclass(frozen=True)
+class ClusterAddress:
+    """The startup nodes of a Redis Cluster, and how to log in to its nodes."""
+
+    nodes: tuple[tuple[str, int], ...]
+    data: BrokerAddress
+
+
+def cluster_address(client: Any) -> ClusterAddress | None:
+    """The nodes of a ``kombu.Connection`` with a ``celery-msg+cluster://`` URL, else None."""
+    transport = str(client.transport_cls)
+    rest = str(client.hostname or "")
+    if transport.endswith(f"+{CLUSTER}"):
+        raise ConfigurationError(
+            "broker URL: a Cluster URL lists its nodes in one URL, comma-separated: "
+            "celery-msg+cluster://host1:port,host2:port (not ';')"
+        )
+    if not rest.startswith(f"{CLUSTER}://"):
+        return None
+    netloc, _, path = rest.removeprefix(f"{CLUSTER}://").partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if database(path) != 0:
+        raise ConfigurationError(
+            f"broker URL: Redis Cluster has only database 0 (no SELECT), got /{path} in "
+            f"{CLUSTER}://...: drop the path or use /0 (keep apps apart with the prefix option)"
+        )
+    nodes: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        parsed = urlsplit(f"//{part.strip()}")
+        try:
+            port = parsed.port or DEFAULT_PORT
+        except ValueError:
+            port = -1
+        if not parsed.hostname or port < 0:
+            raise ConfigurationError(
+                f"broker URL: every node of a Cluster URL must be host[:port], got {part!r}"
+            )
+        nodes.append((parsed.hostname, port))
+    return ClusterAddress(
+        nodes=tuple(nodes),
+        data=BrokerAddress(
+            scheme=transport,
+            userid=unquote(user) if user else None,
+            password=unquote(password) if password else None,
+            ssl=client.ssl,
+        ),
+    )
+
+
+def cluster_client(address: ClusterAddress, options: TransportOptions, retry: Retry) -> redis.Redis:
+    """redis-py's cluster client for ``address``.
+
+    It follows ``MOVED`` / ``ASK`` by itself (the command did not run where it was refused, so
+    sending it again is safe) but, with ``retry`` at 0, never resends a command after a
+    connection error: the reply of a script may have been lost after it ran. Typed as
+    ``redis.Redis``, whose command methods it shares; what differs (multi-key commands,
+    transactions, BLPOP on several slots) is done per slot by the broker
+    (:mod:`celery_msg.slots`).
+    """
+    if options.master_name is not None:
+        raise ConfigurationError("master_name: only used with a celery-msg+sentinel:// broker URL")
+    params = redis_params(address.data, options)
+    del params["host"], params["port"], params["db"]
+    startup = [ClusterNode(host, port) for host, port in address.nodes]  # type: ignore[no-untyped-call]
+    cluster = RedisCluster(startup_nodes=startup, retry=retry, **params)
+    return cast(redis.Redis, cluster)
+
+
 def redis_client(client: Any, options: TransportOptions) -> tuple[redis.Redis, str]:
     """The redis-py client for a ``kombu.Connection``, and where it points (for messages).
 
@@ -206,6 +283,10 @@ def redis_client(client: Any, options: TransportOptions) -> tuple[redis.Redis, s
     crash.
     """
     retry = Retry(NoBackoff(), 0)
+    cluster = cluster_address(client)
+    if cluster is not None:
+        where = "cluster " + ",".join(f"{host}:{port}" for host, port in cluster.nodes)
+        return cluster_client(cluster, options, retry), where
     sentinel = sentinel_address(client)
     if sentinel is None:
         if options.master_name is not None:

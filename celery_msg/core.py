@@ -20,13 +20,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
 
 import redis
 
 from .bindings import Binding, Bindings, Route, Table
-from .errors import ReplicationTimeout, StaleRoute
+from .errors import ConfigurationError, PartialFanout, ReplicationTimeout, StaleRoute
 from .keys import QueueKeys, bindings_version_key, wake_key
 from .leases import Delivery, Lease, ReserveRequest, Round
 from .lookup import (
@@ -54,6 +55,7 @@ from .redisio import (
     translated_errors,
 )
 from .scripts import MISSING_BODY_GROUP, Code
+from .slots import global_prefix, is_cluster, plan
 from .transitions import (
     UNROUTED,
     Ack,
@@ -62,6 +64,7 @@ from .transitions import (
     Extend,
     Promote,
     Publish,
+    Published,
     Purge,
     Reclaim,
     Requeue,
@@ -128,9 +131,17 @@ class Broker(Lookups, Bindings):
         replication: Replication | None = None,
     ) -> None:
         self.client = client
+        #: A Redis Cluster: work over several queues is split per slot (:mod:`.slots`).
+        self.cluster = is_cluster(client)
+        if self.cluster and replication is not None:
+            raise ConfigurationError(
+                "min_replicas: not supported on a Redis Cluster yet (WAIT counts the writes of "
+                "one connection, and a round trip there spans several nodes)"
+            )
         #: ``min_replicas``: every script call waits for replicas to confirm it.
         self.replication = replication
         self.prefix = prefix
+        self.global_prefix = global_prefix(prefix, self.cluster)
         self.lease_ms = lease_ms
         self.reclaim_batch = reclaim_batch
         self.max_deliveries = max_deliveries
@@ -221,6 +232,8 @@ class Broker(Lookups, Bindings):
             lock_until_ms=lock_until_ms if unique else 0,
         )
         publish = self.scripts.publish
+        if self.cluster:
+            return self._publish_on_cluster(queue, args, route).key
         try:
             raw = self._publisher.execute(
                 publish.script, head + b"".join(bulk(arg) for arg in args)
@@ -236,6 +249,30 @@ class Broker(Lookups, Bindings):
         if route is not None and reply.code == Code.STALE_ROUTE:
             raise StaleRoute(route.exchange, [queue])
         return reply.key
+
+    def _route_is_current(self, route: Route) -> bool:
+        """On a Cluster: whether ``route``'s bindings version is still the exchange's.
+
+        The version key is global, in another slot than the queue, so publish.lua cannot read
+        it; it is read just before the publish instead. A change of the bindings between that
+        read and the publish is not caught: the publish then counts as made before the change.
+        """
+        with translated_errors(f"read bindings version of {route.exchange!r}"):
+            raw = self.client.get(bindings_version_key(self.global_prefix, route.exchange))
+        try:
+            return int(raw or 0) == route.version
+        except ValueError:
+            return False
+
+    def _publish_on_cluster(
+        self, queue: str, args: Sequence[Any], route: Route | None
+    ) -> Published:
+        """A publish on a Cluster: the route checked first, then publish.lua without the
+        version key (see :meth:`_route_is_current`)."""
+        if route is not None and not self._route_is_current(route):
+            raise StaleRoute(route.exchange, [queue])
+        with translated_errors(f"publish to {queue!r}"):
+            return self.scripts.publish.run(self.keys(queue).publish, args)
 
     def publish_once(
         self, queue: str, message_id: str, payload: bytes | str, band: int, *, due_ms: int = 0
@@ -269,7 +306,7 @@ class Broker(Lookups, Bindings):
         keys = self.keys(queue).publish
         if route is None:
             return keys
-        return (*keys, bindings_version_key(self.prefix, route.exchange))
+        return (*keys, bindings_version_key(self.global_prefix, route.exchange))
 
     def _publish_head(
         self, head_key: str | tuple[str, str], queue: str, route: Route | None
@@ -309,6 +346,8 @@ class Broker(Lookups, Bindings):
             lock_until_ms=0,
         )
         publish = self.scripts.publish
+        if self.cluster:
+            return self._publish_many_on_cluster(list(queues), args, route)
         with translated_errors(f"publish to {len(queues)} queues"):
             raw = self.run_scripts(
                 [(publish.script, self._publish_keys(q, route), args) for q in queues]
@@ -321,6 +360,26 @@ class Broker(Lookups, Bindings):
             if refused:
                 raise StaleRoute(route.exchange, refused)
         return [r.key for r in replies]
+
+    def _publish_many_on_cluster(
+        self, queues: list[str], args: Sequence[Any], route: Route | None
+    ) -> list[str]:
+        """A fan-out on a Cluster: one publish per queue (each its own slot), in order.
+
+        Not atomic across shards: if one fails, the queues before it have the message and the
+        error says so (:class:`PartialFanout`), instead of a half-done fan-out passing as a
+        failed one (or as a success)."""
+        if route is not None and not self._route_is_current(route):
+            raise StaleRoute(route.exchange, queues)
+        keys: list[str] = []
+        for i, queue in enumerate(queues):
+            try:
+                keys.append(self._publish_on_cluster(queue, args, None).key)
+            except Exception as exc:
+                if not keys:
+                    raise
+                raise PartialFanout(queues[:i], queues[i:], exc) from exc
+        return keys
 
     def promote(self, queue: str, limit: int | None = None) -> int:
         """Move due scheduled messages of ``queue`` to its back; returns how many. Consumers
@@ -339,7 +398,8 @@ class Broker(Lookups, Bindings):
         order: Literal["fair", "strict"] = "fair",
         start: int = 0,
     ) -> list[Delivery]:
-        """Lease up to ``count`` messages from ``queues`` in one script call.
+        """Lease up to ``count`` messages from ``queues`` in one script call (on a Cluster, one
+        per slot: see :mod:`celery_msg.slots`).
 
         Expired leases of those queues are reclaimed and due scheduled messages promoted
         first. With ``order="strict"`` earlier
@@ -347,7 +407,19 @@ class Broker(Lookups, Bindings):
         beginning with ``queues[start]``.
         """
         request = ReserveRequest(list(queues), count, consumer, order, start)
-        with translated_errors(f"reserve from {list(queues)!r}"):
+        first, followers = plan(request, self.cluster)
+        out: list[Delivery] = []
+        for sub in first:
+            out.extend(self._reserve_one(sub))
+        for sub in followers:
+            want = request.count - len(out)
+            if want <= 0:
+                break
+            out.extend(self._reserve_one(replace(sub, count=want)))
+        return out
+
+    def _reserve_one(self, request: ReserveRequest) -> list[Delivery]:
+        with translated_errors(f"reserve from {request.queues!r}"):
             reply = self.scripts.reserve.run(
                 self._reserve_keys(request), self._reserve_args(request)
             )
@@ -356,17 +428,21 @@ class Broker(Lookups, Bindings):
     def settle_and_reserve(
         self, acks: Sequence[Lease], requests: Sequence[ReserveRequest]
     ) -> Round:
-        """Ack ``acks`` and serve every request in a single round trip (a consumer's hot path)."""
+        """Ack ``acks`` and serve every request in a single round trip (a consumer's hot path;
+        on a Cluster, requests over queues on several slots may take more, see
+        :mod:`celery_msg.slots`)."""
         by_queue = group_by_queue(acks)
         wanted = [r for r in requests if r.count > 0 and r.queues]
         if not by_queue and not wanted:
             return Round([[] for _ in requests], [], None)
+        plans = {id(r): plan(r, self.cluster) for r in wanted}
         ack, reserve = self.scripts.ack, self.scripts.reserve
         calls: list[ScriptCall] = [
             (ack.script, self.keys(queue).all, ack.args(_held(group)))
             for queue, group in by_queue.items()
         ]
-        calls.extend((reserve.script, self._reserve_keys(r), self._reserve_args(r)) for r in wanted)
+        subs = [sub for r in wanted for sub in plans[id(r)][0]]
+        calls.extend((reserve.script, self._reserve_keys(r), self._reserve_args(r)) for r in subs)
         with translated_errors("ack and reserve"):
             try:
                 results = self.script_replies(calls)
@@ -386,18 +462,49 @@ class Broker(Lookups, Bindings):
             if not (request.count > 0 and request.queues):
                 out.append([])
                 continue
-            raw = next(served)
-            if isinstance(raw, redis.ResponseError):
-                deliveries, due = self._reserve_around_broken(request, raw, broken)
-            else:
-                reply = reserve.reply(raw)
-                deliveries, due = _deliveries(request, reply), reply.next_due_ms
+            first, followers = plans[id(request)]
+            deliveries: list[Delivery] = []
+            dues: list[int] = []
+            for sub in first:
+                got, due = self._served(sub, next(served), broken)
+                deliveries.extend(got)
+                dues.append(due)
+            for sub in followers:
+                want = request.count - len(deliveries)
+                if want <= 0:
+                    break
+                got, due = self._reserve_remainder(replace(sub, count=want), broken)
+                deliveries.extend(got)
+                dues.append(due)
             out.append(deliveries)
-            if due and (soonest is None or due < soonest):
-                soonest = due
+            for due in dues:
+                if due and (soonest is None or due < soonest):
+                    soonest = due
         for queue, error in broken.items():
             self._report_broken(queue, error)
         return Round(out, lost, soonest)
+
+    def _served(
+        self, request: ReserveRequest, raw: Any, broken: dict[str, str]
+    ) -> tuple[list[Delivery], int]:
+        """One reserve reply of a round: its deliveries and the next due time."""
+        if isinstance(raw, redis.ResponseError):
+            return self._reserve_around_broken(request, raw, broken)
+        reply = self.scripts.reserve.reply(raw)
+        return _deliveries(request, reply), reply.next_due_ms
+
+    def _reserve_remainder(
+        self, request: ReserveRequest, broken: dict[str, str]
+    ) -> tuple[list[Delivery], int]:
+        """A Cluster's follow-up reserve on one slot (what the first calls left unfilled)."""
+        reserve = self.scripts.reserve
+        call = (reserve.script, self._reserve_keys(request), self._reserve_args(request))
+        with translated_errors(f"reserve from {request.queues!r}"):
+            try:
+                [raw] = self.script_replies([call])
+            except ReplicationTimeout as exc:
+                [raw] = self._unconfirmed(exc)
+        return self._served(request, raw, broken)
 
     def _reserve_around_broken(
         self, request: ReserveRequest, error: redis.ResponseError, broken: dict[str, str]

@@ -62,6 +62,19 @@ class StaleRoute(CeleryMsgError):
         self.refused = refused
 
 
+class PartialFanout(CeleryMsgError):
+    """A publish to several queues on a Redis Cluster stored the message in some of them only
+    (a shard failed mid-way: a fan-out across shards is not atomic). ``stored`` have it,
+    ``failed`` do not; publishing again to ``failed`` only completes it."""
+
+    def __init__(self, stored: list[str], failed: list[str], cause: BaseException) -> None:
+        super().__init__(
+            f"publish to several queues stored in {stored!r} but not in {failed!r}: {cause}"
+        )
+        self.stored = stored
+        self.failed = failed
+
+
 class MessageNotFound(CeleryMsgError, LookupError):
     """No message with that ID exists in any known queue (it may have been acked)."""
 

@@ -35,6 +35,11 @@ class Queues:
 
     client: redis.Redis
     prefix: str
+    #: The prefix of the global keys (registry, exchanges, bindings): see :mod:`.slots`.
+    global_prefix: str
+    #: On a Redis Cluster a queue's keys and the global keys are in different slots, so the
+    #: writes that touch both cannot be one transaction (see :meth:`declare`, :meth:`delete`).
+    cluster: bool
     clock: Callable[[], float]
     _keys: dict[str, QueueKeys]
 
@@ -62,17 +67,21 @@ class Queues:
         args = arguments or QueueArguments()
         keys = self.keys(queue)
         with translated_errors(f"declare queue {queue!r}"):
-            pipe = self.client.pipeline(transaction=True)
+            # On a Cluster not one transaction: the registry is written last, so a queue is
+            # listed only once its arguments are stored.
+            pipe = self.client.pipeline(transaction=not self.cluster)
             pipe.hgetall(keys.args)
             pipe.delete(keys.args)
             stored = args.to_redis()
             if stored:
                 pipe.hset(keys.args, mapping=stored)  # type: ignore[arg-type]
             if args.expires_ms is None:
-                pipe.zrem(expiring_key(self.prefix), queue)
+                pipe.zrem(expiring_key(self.global_prefix), queue)
             else:
-                pipe.zadd(expiring_key(self.prefix), {queue: self.now_ms() + args.expires_ms})
-            pipe.sadd(queues_key(self.prefix), queue)
+                pipe.zadd(
+                    expiring_key(self.global_prefix), {queue: self.now_ms() + args.expires_ms}
+                )
+            pipe.sadd(queues_key(self.global_prefix), queue)
             before = QueueArguments.from_redis(pipe.execute()[0])
         if before != args and before != QueueArguments():
             logger.info("queue %s redeclared with arguments %s (were %s)", queue, args, before)
@@ -91,7 +100,7 @@ class Queues:
         with translated_errors(f"touch {len(expiring)} queues"):
             pipe = self.client.pipeline(transaction=False)
             for queue, expires_ms in expiring.items():
-                pipe.zadd(expiring_key(self.prefix), {queue: now + expires_ms}, xx=True)
+                pipe.zadd(expiring_key(self.global_prefix), {queue: now + expires_ms}, xx=True)
             pipe.execute()
 
     def expire_queues(self, limit: int = EXPIRE_QUEUES_BATCH) -> list[str]:
@@ -104,7 +113,7 @@ class Queues:
             due = cast(
                 list[bytes],
                 self.client.zrangebyscore(
-                    expiring_key(self.prefix),
+                    expiring_key(self.global_prefix),
                     "-inf",
                     f"({self.now_ms()}",
                     start=0,
@@ -117,7 +126,7 @@ class Queues:
     def expire_queue_if_unused(self, queue: str) -> bool:
         """Delete ``queue`` if it is still unused past its expiry (a consumer may have touched
         it, or another process deleted it, since it was found)."""
-        registry = expiring_key(self.prefix)
+        registry = expiring_key(self.global_prefix)
         with (
             translated_errors(f"expire queue {queue!r}"),
             self.client.pipeline(transaction=True) as pipe,
@@ -128,10 +137,17 @@ class Queues:
                 if deadline is None or deadline >= self.now_ms():
                     return False
                 pipe.multi()
-                self._delete_in(pipe, queue)
+                if self.cluster:
+                    # The queue's keys are in another slot: take it out of the registries in
+                    # the transaction (a touch from now on is a no-op), then delete its keys.
+                    self._unregister_in(pipe, queue)
+                else:
+                    self._delete_in(pipe, queue)
                 pipe.execute()
             except redis.WatchError:
                 return False  # touched (or deleted) meanwhile: look again next time
+            if self.cluster:
+                self.client.delete(*self.keys(queue).all)
         logger.info("queue %s expired: unused for longer than its expires; deleted", queue)
         return True
 
@@ -142,7 +158,7 @@ class Queues:
         """The registered queue names, and how many registered names were skipped because
         they are not UTF-8 (written by something else: a bad migration, a buggy tool)."""
         with translated_errors("list queues"):
-            raw = self.client.smembers(queues_key(self.prefix))
+            raw = self.client.smembers(queues_key(self.global_prefix))
         names: list[str] = []
         for name in raw:
             try:
@@ -158,7 +174,7 @@ class Queues:
 
     def exists(self, queue: str) -> bool:
         with translated_errors(f"check queue {queue!r}"):
-            return bool(self.client.sismember(queues_key(self.prefix), queue))
+            return bool(self.client.sismember(queues_key(self.global_prefix), queue))
 
     def size(self, queue: str) -> int:
         """Number of READY messages (what kombu and Celery call the queue's size)."""
@@ -196,11 +212,18 @@ class Queues:
     def delete(self, queue: str) -> None:
         """Remove ``queue`` with everything in it, leased and dead messages included."""
         with translated_errors(f"delete {queue!r}"):
-            pipe = self.client.pipeline(transaction=True)
+            pipe = self.client.pipeline(transaction=not self.cluster)
             self._delete_in(pipe, queue)
             pipe.execute()
 
     def _delete_in(self, pipe: Any, queue: str) -> None:
-        pipe.delete(*self.keys(queue).all)
-        pipe.srem(queues_key(self.prefix), queue)
-        pipe.zrem(expiring_key(self.prefix), queue)
+        if self.cluster:
+            for key in self.keys(queue).all:  # a Cluster pipeline sends no multi-key DEL
+                pipe.delete(key)
+        else:
+            pipe.delete(*self.keys(queue).all)
+        self._unregister_in(pipe, queue)
+
+    def _unregister_in(self, pipe: Any, queue: str) -> None:
+        pipe.srem(queues_key(self.global_prefix), queue)
+        pipe.zrem(expiring_key(self.global_prefix), queue)
