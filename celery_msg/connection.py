@@ -12,11 +12,12 @@ Sentinel URLs take kombu's form, one URL per sentinel joined by ``;``:
 sentinels come from there. The URL's credentials, database and TLS are the data nodes' (as in
 kombu); the sentinels' own come from the ``sentinel_kwargs`` transport option.
 
-Redis Cluster URLs list startup nodes in one URL, comma-separated (the Sentinel form's ``;``
-would have kombu try them one by one as separate brokers):
-``celery-msg+cluster://[user:password@]host:port[,host:port...][/0]`` (``celery-msgs+cluster://``
-for TLS). Any node will do: the client learns the others and the slot map from it. Cluster has
-no ``SELECT``, so a database other than 0 is refused.
+Redis Cluster URLs take the Sentinel form, one URL per startup node joined by ``;``:
+``celery-msg+cluster://[user:password@]host:port[/0];celery-msg+cluster://host2:port``
+(``celery-msgs+cluster://`` for TLS; commas inside one part are read too, but Celery's banner
+cannot print such a URL). Any node will do: the client learns the others and the slot map from
+it, and kombu failing over to the next ``;`` part reads the same nodes. Cluster has no
+``SELECT``, so a database other than 0 is refused.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .errors import ConfigurationError
+from .errors import BrokerConnectionError, ConfigurationError
 from .options import TransportOptions
 
 TLS_SCHEME = "celery-msgs"
@@ -214,34 +216,33 @@ class ClusterAddress:
 def cluster_address(client: Any) -> ClusterAddress | None:
     """The nodes of a ``kombu.Connection`` with a ``celery-msg+cluster://`` URL, else None."""
     transport = str(client.transport_cls)
-    rest = str(client.hostname or "")
     if transport.endswith(f"+{CLUSTER}"):
-        raise ConfigurationError(
-            "broker URL: a Cluster URL lists its nodes in one URL, comma-separated: "
-            "celery-msg+cluster://host1:port,host2:port (not ';')"
-        )
-    if not rest.startswith(f"{CLUSTER}://"):
+        # kombu failed over to another ';' part and parsed it whole (see registration.py).
+        transport = transport.removesuffix(f"+{CLUSTER}")
+    elif not str(client.hostname or "").startswith(f"{CLUSTER}://"):
         return None
-    netloc, _, path = rest.removeprefix(f"{CLUSTER}://").partition("/")
-    userinfo, _, hosts = netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    if database(path) != 0:
-        raise ConfigurationError(
-            f"broker URL: Redis Cluster has only database 0 (no SELECT), got /{path} in "
-            f"{CLUSTER}://...: drop the path or use /0 (keep apps apart with the prefix option)"
-        )
+    urls: Sequence[str] = client.alt or [client.hostname]
     nodes: list[tuple[str, int]] = []
-    for part in hosts.split(","):
-        parsed = urlsplit(f"//{part.strip()}")
-        try:
-            port = parsed.port or DEFAULT_PORT
-        except ValueError:
-            port = -1
-        if not parsed.hostname or port < 0:
+    first = None
+    for url in urls:
+        part = url[url.index("+") + 1 :] if "+" in url.split("://", 1)[0] else url
+        scheme, _, rest = part.partition("://")
+        netloc, _, path = rest.partition("/")
+        userinfo, _, hosts = netloc.rpartition("@")
+        if scheme != CLUSTER or not hosts:
             raise ConfigurationError(
-                f"broker URL: every node of a Cluster URL must be host[:port], got {part!r}"
+                f"broker URL: every ';' part of a Cluster URL must be "
+                f"celery-msg+cluster://host:port, got {url!r}"
             )
-        nodes.append((parsed.hostname, port))
+        if database(path) != 0:
+            raise ConfigurationError(
+                f"broker URL: Redis Cluster has only database 0 (no SELECT), got /{path} in "
+                f"{url!r}: drop the path or use /0 (keep apps apart with the prefix option)"
+            )
+        for host in hosts.split(","):
+            nodes.append(_node(host, url))
+        first = first or userinfo
+    user, _, password = (first or "").partition(":")
     return ClusterAddress(
         nodes=tuple(nodes),
         data=BrokerAddress(
@@ -251,6 +252,19 @@ def cluster_address(client: Any) -> ClusterAddress | None:
             ssl=client.ssl,
         ),
     )
+
+
+def _node(host: str, url: str) -> tuple[str, int]:
+    parsed = urlsplit(f"//{host.strip()}")
+    try:
+        port = parsed.port or DEFAULT_PORT
+    except ValueError:
+        port = -1
+    if not parsed.hostname or port < 0:
+        raise ConfigurationError(
+            f"broker URL: every node of a Cluster URL must be host[:port], got {host!r} in {url!r}"
+        )
+    return parsed.hostname, port
 
 
 def cluster_client(address: ClusterAddress, options: TransportOptions, retry: Retry) -> redis.Redis:
@@ -268,7 +282,12 @@ def cluster_client(address: ClusterAddress, options: TransportOptions, retry: Re
     params = redis_params(address.data, options)
     del params["host"], params["port"], params["db"]
     startup = [ClusterNode(host, port) for host, port in address.nodes]  # type: ignore[no-untyped-call]
-    cluster = RedisCluster(startup_nodes=startup, retry=retry, **params)
+    try:
+        # Connects at once: it reads the slot map from the first node that answers.
+        cluster = RedisCluster(startup_nodes=startup, retry=retry, **params)
+    except RedisClusterException as exc:
+        nodes = ",".join(f"{host}:{port}" for host, port in address.nodes)
+        raise BrokerConnectionError(f"cannot reach the Redis Cluster at {nodes}: {exc}") from exc
     return cast(redis.Redis, cluster)
 
 

@@ -55,6 +55,7 @@ from .redisio import (
     translated_errors,
 )
 from .scripts import MISSING_BODY_GROUP, Code
+from .shardwait import ShardWaiter
 from .slots import global_prefix, is_cluster, plan
 from .transitions import (
     UNROUTED,
@@ -152,10 +153,14 @@ class Broker(Lookups, Bindings):
         self._publisher = DedicatedConnection(client, replication)
         self._broken_reported: dict[str, float] = {}
         self._unconfirmed_reported = 0.0
+        self._shard_waiter: ShardWaiter | None = None
 
     def close(self) -> None:
         """Give back the connection kept for publishing (the pool stays the caller's)."""
         self._publisher.close()
+        if self._shard_waiter is not None:
+            self._shard_waiter.close()
+            self._shard_waiter = None
 
     # -- scripts: every state change is one call of a script ----------------------------
 
@@ -711,12 +716,24 @@ class Broker(Lookups, Bindings):
             time.sleep(timeout)
             return False
         with translated_errors(f"wait on {list(queues)!r}"):
+            if self.cluster:
+                waiter = self.shard_waiter()
+                return waiter.watch(keys) or waiter.wait(timeout)
             return self.client.blpop(keys, timeout=timeout) is not None
+
+    def shard_waiter(self) -> ShardWaiter:
+        """On a Cluster: this broker's sharded subscriptions (see :mod:`.shardwait`)."""
+        if self._shard_waiter is None:
+            self._shard_waiter = ShardWaiter(self.client)
+        return self._shard_waiter
 
     def wake(self, consumer: str) -> None:
         """End ``consumer``'s :meth:`wait` (its wake key expires after a minute if unread)."""
         key = wake_key(self.prefix, consumer)
         with translated_errors(f"wake consumer {consumer!r}"):
+            if self.cluster:
+                self.client.spublish(key, 1)  # its waiter listens (sharded pub/sub)
+                return
             pipe = self.client.pipeline(transaction=False)
             pipe.lpush(key, 1)
             pipe.expire(key, 60)

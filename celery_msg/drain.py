@@ -30,6 +30,7 @@ from .errors import BrokerConnectionError
 from .eventloop import EventLoopDrain
 from .holdings import log_lost
 from .options import TransportOptions
+from .shardwait import ShardWaiter
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,11 @@ class DrainLoop:
         (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
         self.unregister_from_event_loop(connection, loop)
         self._event_loop = EventLoopDrain(self, loop)
-        if self.broker.replication is None:
+        if self.broker.replication is None and not self.broker.cluster:
             # With min_replicas an ack must be confirmed before it counts as done: acks are
             # then written and confirmed one turn at a time (no writer that does not wait).
+            # On a Cluster the writer's one connection cannot reach every node: acks ride on
+            # the rounds there.
             self.ack_sender = AckSender(self.broker, on_lost=lambda lost: log_lost(lost, "ack"))
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
@@ -258,6 +261,11 @@ class DrainLoop:
         if not queues:
             return []
         return self.broker.wait_keys(queues, consumer=self.consumer_id)
+
+    def shard_waiter(self) -> ShardWaiter | None:
+        """On a Redis Cluster, the broker's sharded subscriptions (the event loop waits on
+        them instead of a BLPOP); None on one server."""
+        return self.broker.shard_waiter() if self.broker.cluster else None
 
     def _consumable_queues(self) -> list[str]:
         queues = [

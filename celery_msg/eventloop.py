@@ -20,6 +20,10 @@ leases; the next due time of a scheduled message (learned from each round) is a 
 to the millisecond. A pipe (``kick``) wakes the loop when work is left after a pump (acks made by
 a solo task inside the pump) or when another thread freed prefetch room.
 
+On a Redis Cluster a BLPOP may only name keys of one slot, so the wait is the broker's sharded
+subscriptions instead (:mod:`celery_msg.shardwait`: a connection per node, each socket
+registered with the hub), and ``sweep_interval`` is a hub timer.
+
 Errors: a lost connection raises :class:`BrokerConnectionError` out of the hub, which Celery
 treats as a connection error: it closes the connection (:meth:`EventLoopDrain.close`) and
 reconnects.
@@ -39,6 +43,7 @@ import redis
 from .core import REDIS_CONNECTION_ERRORS
 from .errors import BrokerConnectionError
 from .options import TransportOptions
+from .shardwait import ShardWaiter
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +94,9 @@ class Drainable(Protocol):
         """Keys to BLPOP on (wake key + signals of the consumable queues); ``[]`` when no
         channel may take a message (prefetch full, or nothing consumed)."""
 
+    def shard_waiter(self) -> ShardWaiter | None:
+        """On a Redis Cluster, the sharded subscriptions to wait on instead of a BLPOP."""
+
     def deliver_round(self) -> bool:
         """One round trip: buffered acks + reserve for every consumable channel."""
 
@@ -108,10 +116,15 @@ class EventLoopDrain:
     def __init__(self, target: Drainable, loop: Any) -> None:
         self.target = target
         self.loop = loop
-        pool = target.redis.connection_pool
-        # Not from the pool: a connection with a blocking command in flight must not be lent.
-        self.conn: Any = pool.connection_class(**pool.connection_kwargs)
+        self.shards = target.shard_waiter()
+        self.conn: Any = None
+        if self.shards is None:
+            pool = target.redis.connection_pool
+            # Not from the pool: a connection with a blocking command in flight must not be lent.
+            self.conn = pool.connection_class(**pool.connection_kwargs)
         self._fd: int | None = None
+        self._fds: list[int] = []
+        self._sweep_entry: Any = None
         self._armed_keys: frozenset[str] | None = None
         self._armed_at = 0.0
         self._interrupted = False
@@ -144,17 +157,30 @@ class EventLoopDrain:
             self.kick()
 
     def on_readable(self, fileno: int) -> None:
-        """The BLPOP answered (a marker, or its timeout): run a round and re-arm."""
-        if fileno != self._fd:
+        """The BLPOP answered (a marker, or its timeout): run a round and re-arm. On a Cluster:
+        a node sent something on the subscriptions."""
+        if fileno != self._fd and fileno not in self._fds:
             return
         self._disarm()
         try:
-            self.conn.read_response()
+            if self.shards is not None:
+                self.shards.drain()
+            else:
+                self.conn.read_response()
         except _IO_ERRORS as exc:
-            self.conn.disconnect()
+            if self.conn is not None:
+                self.conn.disconnect()
             raise BrokerConnectionError(f"waiting for messages: Redis unreachable: {exc}") from exc
         self._needs_round = True
         self.pump()
+
+    def on_sweep(self) -> None:
+        """On a Cluster, ``sweep_interval`` passed without a message (BLPOP's timeout)."""
+        self._sweep_entry = None
+        self._disarm()
+        self._needs_round = True
+        if not self._closed:
+            self.pump()
 
     def on_kick(self) -> None:
         """Someone asked for one more pump (see :meth:`kick`)."""
@@ -220,7 +246,7 @@ class EventLoopDrain:
             keys = target.wait_keys()
             if keys:
                 self._arm(keys)
-        elif time.monotonic() - self._armed_at > self._silence_limit:
+        elif self.shards is None and time.monotonic() - self._armed_at > self._silence_limit:
             self._drop_connection()
             raise BrokerConnectionError(
                 f"waiting for messages: no reply from Redis within {self._silence_limit:.0f}s"
@@ -262,6 +288,9 @@ class EventLoopDrain:
 
     def _arm(self, keys: list[str]) -> None:
         """Send a BLPOP on ``keys`` and watch its socket."""
+        if self.shards is not None:
+            self._arm_shards(keys)
+            return
         try:
             self.conn.send_command("BLPOP", *keys, self.target.options.sweep_interval)
         except _IO_ERRORS as exc:
@@ -276,15 +305,40 @@ class EventLoopDrain:
         self._interrupted = False
         self.loop.add_reader(self._fd, self.on_readable, self._fd)
 
+    def _arm_shards(self, keys: list[str]) -> None:
+        """On a Cluster: listen to ``keys`` as sharded channels, watch every node's socket."""
+        assert self.shards is not None
+        try:
+            added = self.shards.watch(keys)
+        except _IO_ERRORS as exc:
+            raise BrokerConnectionError(f"waiting for messages: Redis unreachable: {exc}") from exc
+        self._fds = self.shards.fds()
+        for fd in self._fds:
+            self.loop.add_reader(fd, self.on_readable, fd)
+        self._armed_keys = frozenset(keys)
+        self._armed_at = time.monotonic()
+        self._interrupted = False
+        self._sweep_entry = self.loop.call_later(self.target.options.sweep_interval, self.on_sweep)
+        if added:
+            # What was published before the new subscriptions came in unannounced: look.
+            self._needs_round = True
+            self.kick()
+
     def _disarm(self) -> None:
         if self._fd is not None:
             self._remove_reader(self._fd, self.on_readable)
-        self._fd = None
+        for fd in self._fds:
+            self._remove_reader(fd, self.on_readable)
+        if self._sweep_entry is not None:
+            self._sweep_entry.cancel()
+        self._fd = self._sweep_entry = None
+        self._fds = []
         self._armed_keys = None
 
     def _drop_connection(self) -> None:
         self._disarm()
-        self.conn.disconnect()
+        if self.conn is not None:
+            self.conn.disconnect()
 
     def _remove_reader(self, fd: int, callback: Any) -> None:
         """Unregister ``fd`` only while it is still ours: after a hub reset the number may
@@ -320,8 +374,9 @@ class EventLoopDrain:
                 entry.cancel()
         self._due_entry = self._ack_entry = None
         self._disarm()
-        with contextlib.suppress(*_IO_ERRORS):
-            self.conn.disconnect()
+        if self.conn is not None:
+            with contextlib.suppress(*_IO_ERRORS):
+                self.conn.disconnect()
         with self._kick_lock:  # a pool thread's kick must not write into a reused fd
             for fd in (self._kick_r, self._kick_w):
                 with contextlib.suppress(OSError):

@@ -26,15 +26,19 @@ SCHEMES = ("celery-msg", "celery-msgs")
 #: to parse (:func:`celery_msg.connection.sentinel_address`), but when it fails over to the next
 #: ``;`` part it parses that one whole, as transport ``a+b``: so these are aliases too.
 SENTINEL_SCHEMES = ("celery-msg+sentinel", "celery-msgs+sentinel")
+#: Redis Cluster URLs (:func:`celery_msg.connection.cluster_address`): the nodes are one URL,
+#: comma-separated, so kombu reads them as transport ``celery-msg`` too; registered so that the
+#: start-up check knows the scheme.
+CLUSTER_SCHEMES = ("celery-msg+cluster", "celery-msgs+cluster")
 #: Every broker URL scheme that selects celery-msg.
-URL_SCHEMES = SCHEMES + SENTINEL_SCHEMES
+URL_SCHEMES = SCHEMES + SENTINEL_SCHEMES + CLUSTER_SCHEMES
 TRANSPORT = "celery_msg.transport:Transport"
 _lock = threading.Lock()
 
 
 def register_schemes(kombu_transport: ModuleType) -> None:
-    """``celery-msg://``, ``celery-msgs://`` (TLS) and their ``+sentinel`` forms select our
-    transport."""
+    """``celery-msg://``, ``celery-msgs://`` (TLS) and their ``+sentinel`` / ``+cluster`` forms
+    select our transport."""
     for scheme in URL_SCHEMES:
         kombu_transport.TRANSPORT_ALIASES.setdefault(scheme, TRANSPORT)
 

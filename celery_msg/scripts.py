@@ -77,7 +77,7 @@ def _lua_map(mapping: dict[str, str]) -> str:
     return "{" + ", ".join(f"{key} = '{value}'" for key, value in mapping.items()) + "}"
 
 
-def _preamble() -> str:
+def _preamble(shard_signal: bool) -> str:
     codes = "\n".join(f"local {code.name} = {code.value}" for code in Code)
     stats = "\n".join(f"local STAT_{c.name} = '{c.value}'" for c in Counter)
     reasons = "\n".join(
@@ -94,21 +94,31 @@ def _preamble() -> str:
         f"local ARG_MESSAGE_TTL = '{QueueArg.MESSAGE_TTL}'\n"
         f"local ARG_MAX_LENGTH = '{QueueArg.MAX_LENGTH}'\n"
         f"local ARG_MAX = {max(MAX_MS, MAX_LENGTH)}\n"
+        f"local SHARD_SIGNAL = {'true' if shard_signal else 'false'}\n"
     )
 
 
 @cache
-def source(name: str) -> str:
-    """The full text sent to Redis for script ``name``: preamble, includes expanded."""
+def source(name: str, *, shard_signal: bool = False) -> str:
+    """The full text sent to Redis for script ``name``: preamble, includes expanded.
+
+    ``shard_signal`` (on a Redis Cluster): a queue's wake-up marker is a sharded pub/sub
+    message (``SPUBLISH`` on the channel named like its ``signal`` key, so in its slot) instead
+    of the marker list, since a consumer cannot BLPOP keys of several slots at once but can
+    listen to the channels of all of them (:mod:`celery_msg.shardwait`)."""
     if name not in SCRIPT_NAMES:
         raise KeyError(f"no such script: {name}")
     body = _INCLUDE.sub(lambda m: _read(m.group(1)), _read(f"{name}.lua"))
-    return _preamble() + body
+    return _preamble(shard_signal) + body
 
 
 @cache
 def _names_by_sha() -> dict[str, str]:
-    return {hashlib.sha1(source(n).encode()).hexdigest(): n for n in SCRIPT_NAMES}
+    return {
+        hashlib.sha1(source(n, shard_signal=shard).encode()).hexdigest(): n
+        for n in SCRIPT_NAMES
+        for shard in (False, True)
+    }
 
 
 _WHERE = re.compile(r"script: ([0-9a-f]{40}), on @user_script:(\d+)")

@@ -12,7 +12,7 @@ promote the replica. Timings are short on purpose: a master is declared down aft
         options = {"master_name": topo.master_name}
 
     with ClusterTopology("redis", masters=3, replicas=1) as cluster:
-        url = cluster.broker_url()   # celery-msg+cluster://127.0.0.1:P1,127.0.0.1:P2,...
+        url = cluster.broker_url()   # celery-msg+cluster://127.0.0.1:P1;...
 """
 
 from __future__ import annotations
@@ -432,9 +432,9 @@ class ClusterTopology:
         return [n for n in self.nodes if n.running and self._role(n) == "master"]
 
     def broker_url(self, scheme: str = "celery-msg") -> str:
-        """``celery-msg+cluster://127.0.0.1:P1,127.0.0.1:P2,...``: every node a startup node."""
-        hosts = ",".join(f"{HOST}:{n.port}" for n in self.nodes)
-        return f"{scheme}+cluster://{hosts}"
+        """``celery-msg+cluster://127.0.0.1:P1;celery-msg+cluster://127.0.0.1:P2;...``: every
+        node a startup node."""
+        return ";".join(f"{scheme}+cluster://{HOST}:{n.port}" for n in self.nodes)
 
     def client(self) -> redis.RedisCluster:
         """A plain redis-py cluster client (for test setup and assertions)."""

@@ -22,6 +22,7 @@ from redis.commands.core import Script
 
 from .redisio import Replication, run_scripts
 from .scripts import Code, source
+from .slots import is_cluster
 
 R = TypeVar("R")
 
@@ -53,7 +54,9 @@ class Transition(Generic[R]):
     def __init__(self, client: redis.Redis, replication: Replication | None = None) -> None:
         self.client = client
         self.replication = replication
-        self.script: Script = client.register_script(source(self.name))
+        self.script: Script = client.register_script(
+            source(self.name, shard_signal=is_cluster(client))
+        )
 
     def reply(self, raw: Any) -> R:
         raise NotImplementedError

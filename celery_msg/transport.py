@@ -536,7 +536,9 @@ class Transport(DrainLoop, LeaseRenewal, virtual.Transport):  # type: ignore[mis
     # -- connection ------------------------------------------------------------------------
 
     def establish_connection(self) -> Any:
-        params = self.redis.connection_pool.connection_kwargs
+        # A Cluster client has no pool of its own (one per node), nor a database.
+        pool = getattr(self.redis, "connection_pool", None)
+        params = pool.connection_kwargs if pool is not None else {}
         try:
             self.redis.ping()
         except redis.AuthenticationError as exc:

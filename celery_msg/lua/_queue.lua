@@ -64,9 +64,15 @@ local function count(q, field, n)
   add(q.stats, field, n)
 end
 
--- The marker list holds at most one element: pushed only when empty.
+-- The marker list holds at most one element: pushed only when empty. On a Redis Cluster
+-- (SHARD_SIGNAL) a sharded pub/sub message on the channel named like the list instead: a
+-- consumer listens to the channels of queues on several slots (see celery_msg/shardwait.py).
 local function signal(q)
-  if redis.call('LLEN', q.signal) == 0 then redis.call('LPUSH', q.signal, '1') end
+  if SHARD_SIGNAL then
+    redis.call('SPUBLISH', q.signal, '1')
+  elseif redis.call('LLEN', q.signal) == 0 then
+    redis.call('LPUSH', q.signal, '1')
+  end
 end
 
 -- Back to the front of its band, at its publish position among the others that came back.

@@ -13,11 +13,30 @@ from celery_msg.leases import ReserveRequest
 from celery_msg.slots import GLOBAL_TAG, global_prefix, plan, queue_slot
 
 
+URL = "celery-msg+cluster://al:s%40c@h1:7000/0;celery-msg+cluster://h2:7001;celery-msg+cluster://h3"
+
+
 def test_a_cluster_url_lists_its_nodes_and_the_credentials_of_the_data_nodes():
-    address = cluster_address(Connection("celery-msg+cluster://al:s%40c@h1:7000,h2:7001,h3/0"))
+    address = cluster_address(Connection(URL))
     assert address is not None
     assert address.nodes == (("h1", 7000), ("h2", 7001), ("h3", 6379))
     assert (address.data.userid, address.data.password) == ("al", "s@c")
+
+
+def test_the_form_kombu_switches_to_on_failover_reads_the_same_nodes():
+    conn = Connection(URL)
+    conn.switch(conn.alt[1])
+    assert conn.transport_cls == "celery-msg+cluster"
+    address = cluster_address(conn)
+    assert address is not None
+    assert address.nodes == (("h1", 7000), ("h2", 7001), ("h3", 6379))
+    assert address.data.password == "s@c"
+
+
+def test_commas_inside_one_part_are_nodes_too():
+    address = cluster_address(Connection("celery-msg+cluster://h1:7000,h2:7001"))
+    assert address is not None
+    assert address.nodes == (("h1", 7000), ("h2", 7001))
 
 
 def test_a_plain_url_is_not_a_cluster_url():
@@ -31,7 +50,7 @@ def test_a_database_other_than_0_is_refused_as_cluster_has_no_select(url):
 
 
 def test_a_bad_node_is_refused_by_name():
-    with pytest.raises(ConfigurationError, match="h2:port"):
+    with pytest.raises(ConfigurationError, match="'h2:port'"):
         cluster_address(Connection("celery-msg+cluster://h1:7000,h2:port"))
 
 

@@ -1,0 +1,166 @@
+"""Celery on celery-msg through a Redis Cluster (issue 11): three masters started by the test
+from the same server binary, queues whose slots live on different masters, real workers.
+Results and the task event list live on the session's plain server, so every execution is
+counted outside the broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from celery_helpers import HOSTNAME, Stack, StackFactory, stack_factory, wait_until
+from kombu import Connection
+
+from celery_msg.broadcast import stable_name
+from celery_msg.connection import redis_client
+from celery_msg.core import Broker
+from celery_msg.errors import ConfigurationError
+from celery_msg.options import TransportOptions
+from celery_msg.slots import queue_slot
+from celery_msg.topologies import ClusterTopology
+
+if TYPE_CHECKING:
+    from conftest import Server
+
+pytestmark = pytest.mark.slow
+
+#: Three queues whose slots are served by three different masters of an evenly split cluster
+#: (15495, 3300 and 7365; checked by every test that relies on it).
+QUEUES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def cluster(server: Server) -> Iterator[ClusterTopology]:
+    with ClusterTopology(server.kind, masters=3) as topo:
+        yield topo
+
+
+def cluster_broker(cluster: ClusterTopology, prefix: str) -> Broker:
+    client, _ = redis_client(Connection(cluster.broker_url()), TransportOptions())
+    return Broker(client, prefix=prefix)
+
+
+def masters_of(cluster: ClusterTopology, queues: tuple[str, ...] | list[str]) -> set[int]:
+    return {cluster.master_for_slot(queue_slot(q)).port for q in queues}
+
+
+@pytest.fixture
+def make_stack(
+    server: Server, prefix: str, tmp_path: Path, cluster: ClusterTopology
+) -> Iterator[StackFactory]:
+    with stack_factory(server.url, prefix, tmp_path) as make:
+
+        def make_on_cluster(**settings: object) -> Stack:
+            stack = make(broker_url_override=cluster.broker_url(), **settings)
+            stack.broker = cluster_broker(cluster, prefix)  # counts read from the cluster
+            return stack
+
+        yield make_on_cluster
+
+
+def test_a_database_other_than_0_is_refused_by_name(cluster: ClusterTopology):
+    with pytest.raises(ConfigurationError, match="only database 0"):
+        redis_client(Connection(cluster.broker_url() + "/1"), TransportOptions())
+
+
+def test_a_broker_reserves_fairly_from_queues_on_three_shards(
+    cluster: ClusterTopology, prefix: str
+):
+    assert len(masters_of(cluster, QUEUES)) == 3
+    broker = cluster_broker(cluster, prefix)
+    for queue in QUEUES:
+        broker.declare(queue)
+        for i in range(3):
+            broker.publish(queue, f"{queue}{i}", "{}", 0)
+    got = broker.reserve(list(QUEUES), 6, "me", start=1)
+    # One from each queue in turn, beginning with b: b, c, a, b, c, a.
+    assert sorted(d.key for d in got) == ["a0", "a1", "b0", "b1", "c0", "c1"]
+    assert broker.ack([]) == []
+    assert [broker.counts(q)["reserved"] for q in QUEUES] == [2, 2, 2]
+    strict = broker.reserve(["c", "a", "b"], 2, "me", order="strict")
+    assert [d.key for d in strict] == ["c2", "a2"]  # c drained first, then a
+    assert broker.ack(got + strict) == []
+    assert [broker.counts(q)["reserved"] for q in QUEUES] == [0, 0, 0]
+    assert sorted(broker.queues()) == sorted(QUEUES)
+
+
+def test_a_waiting_consumer_wakes_within_milliseconds_for_any_shard(
+    cluster: ClusterTopology, prefix: str
+):
+    broker, publisher = cluster_broker(cluster, prefix), cluster_broker(cluster, prefix)
+    for queue in QUEUES:
+        broker.declare(queue)
+    broker.wait(list(QUEUES), 0.01, consumer="me")  # subscribes (one connection per node)
+    assert len(broker.shard_waiter().fds()) == 3
+    for queue in QUEUES:
+        assert not broker.wait(list(QUEUES), 0.05, consumer="me")  # nothing published
+        published = time.monotonic()
+        publisher.publish(queue, f"m-{queue}", "{}", 0)
+        assert broker.wait(list(QUEUES), 10.0, consumer="me")
+        assert time.monotonic() - published < 0.5
+    publisher.wake("me")
+    assert broker.wait(list(QUEUES), 10.0, consumer="me")
+
+
+def test_a_worker_consumes_queues_on_three_shards_and_wakes_at_once(make_stack: StackFactory):
+    # A sweep far longer than the test's patience: only the wake-ups can deliver in time.
+    stack = make_stack(sweep_interval=20.0)
+    record = stack.task("record_now")
+    worker = stack.worker(queues=QUEUES, pool="threads", concurrency=2)
+    results = [record.apply_async((f"{q}{i}",), queue=q) for q in QUEUES for i in range(10)]
+    assert sorted(r.get(timeout=30) for r in results) == sorted(
+        f"{q}{i}" for q in QUEUES for i in range(10)
+    )
+    assert set(Counter(e.label for e in stack.events("start")).values()) == {1}
+    for queue in QUEUES:
+        # Idle now; a task on each shard in turn starts well within the sweep interval.
+        sent = time.time()
+        one = record.apply_async((f"late-{queue}",), queue=queue)
+        assert one.get(timeout=10) == f"late-{queue}"
+        [start] = [e for e in stack.events("start") if e.label == f"late-{queue}"]
+        assert start.time - sent < 2.0
+    for queue in QUEUES:
+        stack.settled(queue)
+    assert worker.running
+
+
+def test_broadcast_reaches_workers_whose_queues_are_on_different_shards(
+    make_stack: StackFactory, cluster: ClusterTopology
+):
+    stack = make_stack(broadcast="cache")
+    names: list[str] = []
+    taken: set[int] = set()
+    while len(names) < 2:
+        name = f"bc-{uuid.uuid4().hex[:6]}"
+        port = cluster.master_for_slot(queue_slot(stable_name("cache", f"{name}@{HOSTNAME}"))).port
+        if port not in taken:
+            taken.add(port)
+            names.append(name)
+    workers = [stack.worker(name, queues=("celery", "cache")) for name in names]
+    for label in ("x", "y"):
+        stack.task("record_now").apply_async((label,), queue="cache")
+    stack.wait_for_events("finish", 4, timeout=20)
+    runs = Counter((e.worker, e.label) for e in stack.events("start"))
+    assert runs == {(w.nodename, label): 1 for w in workers for label in ("x", "y")}
+    for worker in workers:
+        stack.settled(stable_name("cache", worker.nodename))
+
+
+def test_dead_letters_and_the_cli_on_a_cluster(make_stack: StackFactory):
+    stack = make_stack(policies="", max_deliveries=0)
+    worker = stack.worker(queues=QUEUES)
+    results = [stack.task("fatal").apply_async((f"f-{q}",), queue=q) for q in QUEUES]
+    for result in results:
+        with pytest.raises(Exception):  # noqa: B017 (whatever the task raised)
+            result.get(timeout=20)
+    wait_until(
+        lambda: [stack.broker.counts(q)["dead"] for q in QUEUES] == [1, 1, 1] or None,
+        20,
+        "one dead letter per queue",
+    )
+    assert worker.running
