@@ -9,74 +9,21 @@ exception types or ages. Every test checks exit codes and the broker's state aft
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
-from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, wait_until
+from celery_helpers import Stack, wait_until
+from cli_helpers import CELERY, CLI, explain
 
 from celery_msg.core import Broker, Lease
 from celery_msg.deadletters import DeadLetters
 
 if TYPE_CHECKING:
     from conftest import Server
-
-
-#: The venv's own ``celery`` script (next to the interpreter running the tests).
-CELERY = Path(sys.executable).with_name("celery")
-#: Seconds one CLI call may take (it imports Celery and the app, then does a few round trips).
-CLI_TIMEOUT = 60.0
-
-
-class CLI:
-    """Runs ``celery -A celery_app.worker msg ...`` with the environment a worker of ``stack``
-    gets (see :meth:`celery_helpers.Worker.start`)."""
-
-    def __init__(self, stack: Stack) -> None:
-        pythonpath = [str(REPO_ROOT), str(INTEGRATION_DIR)]
-        if os.environ.get("PYTHONPATH"):
-            pythonpath.append(os.environ["PYTHONPATH"])
-        self.env = {
-            **os.environ,
-            **stack.environ,
-            "PYTHONPATH": os.pathsep.join(pythonpath),
-            "PYTHONUNBUFFERED": "1",
-            # rich folds cells to the terminal width: keep task ids on one line.
-            "COLUMNS": "250",
-        }
-
-    def __call__(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        argv = [str(CELERY), "-A", "celery_app.worker", "msg", *args]
-        return subprocess.run(
-            argv,
-            cwd=REPO_ROOT,
-            env=self.env,
-            input=input,
-            stdin=subprocess.DEVNULL if input is None else None,
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT,
-        )
-
-    def ok(self, *args: str, input: str | None = None) -> str:
-        """Run; assert exit code 0; return stdout."""
-        done = self(*args, input=input)
-        assert done.returncode == 0, _explain(done)
-        return done.stdout
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.ok(*args, "--json"))
-
-
-def _explain(done: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
 
 
 @pytest.fixture
@@ -233,7 +180,7 @@ def test_list_filters_by_queue_task_exception_reason_and_age(stack: Stack, cli: 
     ]
 
     bad = cli("dlq", "list", "--older-than", "soon")
-    assert bad.returncode == 2, _explain(bad)
+    assert bad.returncode == 2, explain(bad)
     assert "not a duration" in bad.stderr
     assert snapshot(stack, DEFAULT_QUEUE, SECOND_QUEUE) == before
 
@@ -272,7 +219,7 @@ def test_show_of_an_unknown_or_no_longer_dead_id_fails(stack: Stack, cli: CLI):
 
     for missing in ("no-such-id", ready):
         done = cli("dlq", "show", missing)
-        assert done.returncode == 1, _explain(done)
+        assert done.returncode == 1, explain(done)
         assert "no dead message" in done.stderr
     assert stack.broker.counts(DEFAULT_QUEUE) == {
         "ready": 1,
@@ -320,7 +267,7 @@ def test_replaying_the_same_id_twice_enqueues_it_once(stack: Stack, cli: CLI):
     }
     again = cli("dlq", "replay", task_id, "--yes")
 
-    assert again.returncode == 1, _explain(again)
+    assert again.returncode == 1, explain(again)
     assert "no dead message" in again.stderr
     counts = stack.settled(DEFAULT_QUEUE, ready=1)
     assert counts["dead"] == 0
@@ -415,16 +362,16 @@ def test_without_yes_on_a_closed_stdin_nothing_is_done(stack: Stack, cli: CLI, v
 
     done = cli("dlq", verb, "--all")
 
-    assert done.returncode == 1, _explain(done)
+    assert done.returncode == 1, explain(done)
     assert f"{verb} 1 dead messages?" in done.stderr and "Aborted" in done.stderr
     assert snapshot(stack, DEFAULT_QUEUE) == before
 
     refused = cli("dlq", verb, "--all", input="n\n")
-    assert refused.returncode == 1, _explain(refused)
+    assert refused.returncode == 1, explain(refused)
     assert snapshot(stack, DEFAULT_QUEUE) == before
 
     confirmed = cli("dlq", verb, "--all", input="y\n")
-    assert confirmed.returncode == 0, _explain(confirmed)
+    assert confirmed.returncode == 0, explain(confirmed)
     assert stack.broker.counts(DEFAULT_QUEUE)["dead"] == 0
 
 
@@ -438,7 +385,7 @@ def test_replay_or_purge_without_ids_filters_or_all_is_a_usage_error(
 
     done = cli("dlq", verb, *extra)
 
-    assert done.returncode == 2, _explain(done)
+    assert done.returncode == 2, explain(done)
     assert "name message ids, give a filter, or pass --all" in done.stderr
     assert done.stdout == ""
     assert snapshot(stack, DEFAULT_QUEUE) == before
@@ -675,7 +622,7 @@ def test_a_non_json_dead_record_or_a_non_utf8_queue_name_is_counted_not_a_traceb
 
     for args in (("dlq", "list"), ("dlq", "list", "--json"), ("inspect", good)):
         done = cli(*args)
-        assert done.returncode == 0, _explain(done)
+        assert done.returncode == 0, explain(done)
         assert "Traceback" not in done.stderr
         assert "unreadable record(s)" in done.stderr
     rows = cli.json("dlq", "list")
@@ -698,7 +645,7 @@ def test_inspect_shows_a_message_whose_fields_are_corrupted_and_skips_a_broken_q
 
     done = cli("inspect", task_id, "--json")
 
-    assert done.returncode == 0, _explain(done)
+    assert done.returncode == 0, explain(done)
     assert "Traceback" not in done.stderr
     [instance] = json.loads(done.stdout)["instances"]
     assert (instance["state"], instance["deliveries"], instance["priority"]) == ("READY", 0, None)
@@ -714,7 +661,7 @@ def test_a_wrong_password_is_reported_as_an_authentication_error(
 
     done = cli("dlq", "list")
 
-    assert done.returncode == 1, _explain(done)
+    assert done.returncode == 1, explain(done)
     assert "AuthenticationFailed" in done.stderr
     assert "unreachable" not in done.stderr
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from celery_helpers import HOSTNAME, Stack, StackFactory, stack_factory, wait_until
+from cli_helpers import CLI
 from kombu import Connection
 
 from celery_msg.broadcast import stable_name
@@ -152,15 +153,32 @@ def test_broadcast_reaches_workers_whose_queues_are_on_different_shards(
 
 
 def test_dead_letters_and_the_cli_on_a_cluster(make_stack: StackFactory):
-    stack = make_stack(policies="", max_deliveries=0)
+    """Tasks failing on three shards: every dead-letter store is listed, looked up and
+    replayed by the CLI across the shards, and the replayed tasks run (and die) again."""
+    stack = make_stack()
     worker = stack.worker(queues=QUEUES)
-    results = [stack.task("fatal").apply_async((f"f-{q}",), queue=q) for q in QUEUES]
+    results = [stack.task("fail").apply_async((f"f-{q}",), queue=q) for q in QUEUES]
     for result in results:
-        with pytest.raises(Exception):  # noqa: B017 (whatever the task raised)
+        with pytest.raises(ValueError):
             result.get(timeout=20)
-    wait_until(
-        lambda: [stack.broker.counts(q)["dead"] for q in QUEUES] == [1, 1, 1] or None,
-        20,
-        "one dead letter per queue",
+    for queue in QUEUES:
+        stack.settled(queue, dead=1)
+    cli = CLI(stack)
+    listed = cli.json("dlq", "list")
+    assert sorted((r["queue"], r["id"]) for r in listed) == sorted(
+        (q, r.id) for q, r in zip(QUEUES, results, strict=True)
     )
+    shown = cli.json("inspect", results[2].id)
+    assert [i["state"] for i in shown["instances"]] == ["DEAD"]
+
+    assert cli.ok("dlq", "replay", "--all", "--yes").strip().startswith("replayed 3")
+    # Counted by each shard's own counters: replayed once, dead twice (they failed again).
+    wait_until(
+        lambda: all(stack.broker.stats(q).get("dead") == 2 for q in QUEUES) or None,
+        20,
+        "the replayed tasks failed again",
+    )
+    for queue in QUEUES:
+        assert stack.broker.stats(queue)["replayed"] == 1
+        stack.settled(queue, dead=1)
     assert worker.running

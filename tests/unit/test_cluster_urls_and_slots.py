@@ -12,7 +12,6 @@ from celery_msg.errors import ConfigurationError
 from celery_msg.leases import ReserveRequest
 from celery_msg.slots import GLOBAL_TAG, global_prefix, plan, queue_slot
 
-
 URL = "celery-msg+cluster://al:s%40c@h1:7000/0;celery-msg+cluster://h2:7001;celery-msg+cluster://h3"
 
 
