@@ -427,6 +427,30 @@ class ClusterTopology:
                 return node
         raise ServerError(f"no running master serves slot {slot}")
 
+    def migrate_slot(self, slot: int, target: ClusterNodeProcess, batch: int = 10) -> int:
+        """Move ``slot`` to ``target`` as ``redis-cli --cluster reshard`` does (SETSLOT
+        IMPORTING / MIGRATING, MIGRATE in batches, SETSLOT NODE on every master), while
+        clients go on using it: they get ``ASK`` during the move and ``MOVED`` after. Returns
+        how many keys moved."""
+        source = self.master_for_slot(slot)
+        if source is target:
+            raise ServerError(f"slot {slot} is already on node {target.port}")
+        source_id, target_id = source.node_id(), target.node_id()
+        moved = 0
+        with source.client() as src, target.client() as dst:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+            for node in [target, source, *(m for m in self.masters if m not in (source, target))]:
+                with node.client() as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return moved
+
     @property
     def masters(self) -> list[ClusterNodeProcess]:
         return [n for n in self.nodes if n.running and self._role(n) == "master"]

@@ -5,6 +5,7 @@ counted outside the broker."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
@@ -181,4 +182,39 @@ def test_dead_letters_and_the_cli_on_a_cluster(make_stack: StackFactory):
     for queue in QUEUES:
         assert stack.broker.stats(queue)["replayed"] == 1
         stack.settled(queue, dead=1)
+    assert worker.running
+
+
+def test_a_busy_queue_keeps_flowing_while_its_slot_moves_to_another_master(
+    make_stack: StackFactory, cluster: ClusterTopology
+):
+    """Resharding under load: tasks published before, during and after the move of queue a's
+    slot (ASK while keys move, MOVED after) each run exactly once, and the queue ends empty on
+    its new master."""
+    # A sweep longer than the test: after the move the worker must be woken where the slot
+    # went (the old node ends its subscription; it subscribes on the new one).
+    stack = make_stack(lease_timeout=5.0, sweep_interval=30.0)
+    record = stack.task("record_now")
+    worker = stack.worker(queues=("a",), pool="threads", concurrency=2)
+    slot = queue_slot("a")
+    source = cluster.master_for_slot(slot)
+    target = next(m for m in cluster.masters if m is not source)
+    before = [record.apply_async((f"b{i}",), queue="a") for i in range(30)]
+    moved: list[int] = []
+    moving = threading.Thread(
+        target=lambda: moved.append(cluster.migrate_slot(slot, target, batch=2))
+    )
+    moving.start()
+    during = []
+    while moving.is_alive():
+        during.append(record.apply_async((f"d{len(during)}",), queue="a"))
+    moving.join()
+    assert cluster.master_for_slot(slot) is target
+    assert moved and moved[0] > 0 and during  # keys moved while tasks were being published
+    after = [record.apply_async((f"a{i}",), queue="a") for i in range(30)]
+    results = [*before, *during, *after]
+    assert len([r.get(timeout=60) for r in results]) == len(results)
+    runs = Counter(e.task for e in stack.events("start"))
+    assert {runs[r.id] for r in results} == {1}
+    stack.settled("a", timeout=10)
     assert worker.running
