@@ -296,5 +296,10 @@ def _evalsha_all(
     if replication is not None:
         pipe.execute_command(*replication.command)  # type: ignore[no-untyped-call]
     results = list(pipe.execute(raise_on_error=False))
+    for reply in results:
+        # A Cluster pipeline hands back a node's connection error as a reply, like an error
+        # reply: it is not one (the calls to that node may or may not have run).
+        if isinstance(reply, BaseException) and not isinstance(reply, redis.ResponseError):
+            raise reply
     waited = results.pop() if replication is not None else None
     return results, waited

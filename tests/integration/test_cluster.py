@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import redis
 from celery_helpers import HOSTNAME, Stack, StackFactory, stack_factory, wait_until
 from cli_helpers import CLI
 from kombu import Connection
@@ -24,6 +25,7 @@ from celery_msg.core import Broker
 from celery_msg.errors import ConfigurationError
 from celery_msg.options import TransportOptions
 from celery_msg.slots import queue_slot
+from celery_msg.testing import ServerError
 from celery_msg.topologies import ClusterTopology
 
 if TYPE_CHECKING:
@@ -218,3 +220,48 @@ def test_a_busy_queue_keeps_flowing_while_its_slot_moves_to_another_master(
     assert {runs[r.id] for r in results} == {1}
     stack.settled("a", timeout=10)
     assert worker.running
+
+
+@pytest.fixture
+def replicated_cluster(server: Server) -> Iterator[ClusterTopology]:
+    with ClusterTopology(server.kind, masters=3, replicas=1) as topo:
+        yield topo
+
+
+def test_tasks_keep_flowing_when_a_cluster_master_is_killed_and_its_replica_takes_over(
+    server: Server, prefix: str, tmp_path: Path, replicated_cluster: ClusterTopology
+):
+    """The master of queue a's slot is SIGKILLed mid-stream: its replica is promoted, the worker
+    and the publisher find it, and every task published before (replicated first) and after
+    runs; the ones not running at the kill exactly once."""
+    cluster = replicated_cluster
+    with stack_factory(server.url, prefix, tmp_path) as make:
+        stack = make(
+            broker_url_override=cluster.broker_url(), lease_timeout=3.0, sweep_interval=0.25
+        )
+        record = stack.task("record_now")
+        worker = stack.worker(queues=QUEUES, pool="threads", concurrency=2)
+        assert record.apply_async(("warm",), queue="a").get(timeout=20) == "warm"
+        before = [record.apply_async((f"b{i}",), queue=q) for i in range(10) for q in QUEUES]
+        slot = queue_slot("a")
+        victim = cluster.master_for_slot(slot)
+        with victim.client() as client:
+            assert int(client.execute_command("WAIT", 1, 5000)) >= 1
+        victim.kill()
+        wait_until(
+            lambda: _served_by_another(cluster, slot, victim) or None, 30, "a replica promoted"
+        )
+        after = [record.apply_async((f"a{i}",), queue=q) for i in range(10) for q in QUEUES]
+        results = [*before, *after]
+        assert len([r.get(timeout=60) for r in results]) == len(results)
+        runs = Counter(e.task for e in stack.events("start"))
+        assert all(runs[r.id] >= 1 for r in before)
+        assert {runs[r.id] for r in after} == {1}
+        assert worker.running
+
+
+def _served_by_another(cluster: ClusterTopology, slot: int, old: object) -> bool:
+    try:
+        return cluster.master_for_slot(slot) is not old
+    except (ServerError, redis.RedisError, OSError):  # the cluster is reconfiguring
+        return False
