@@ -194,17 +194,14 @@ class Broker(Lookups, Bindings):
             head = self._publish_heads[head_key]
         except KeyError:
             head = self._publish_head(head_key, queue, route)
-        now = self.now_ms()
-        due = due_ms if due_ms > now else 0
-        args = Publish.args(
-            message_id=message_id,
-            payload=payload,
-            band=band,
-            due_ms=due,
+        args = self._publish_args(
+            message_id,
+            payload,
+            band,
+            due_ms,
             unique=unique,
-            route_version=UNROUTED if route is None else route.version,
-            now_ms=now,
-            lock_until_ms=lock_until_ms if unique else 0,
+            route=route,
+            lock_until_ms=lock_until_ms,
         )
         publish = self.scripts.publish
         try:
@@ -228,18 +225,7 @@ class Broker(Lookups, Bindings):
     ) -> bool:
         """A unique publish (see :meth:`publish`) that says whether it stored the message
         (False: ``message_id`` was still pending in ``queue``). For tools, not the hot path."""
-        now = self.now_ms()
-        due = due_ms if due_ms > now else 0
-        args = Publish.args(
-            message_id=message_id,
-            payload=payload,
-            band=band,
-            due_ms=due,
-            unique=True,
-            route_version=UNROUTED,
-            now_ms=now,
-            lock_until_ms=0,
-        )
+        args = self._publish_args(message_id, payload, band, due_ms, unique=True)
         with translated_errors(f"publish to {queue!r}"):
             return self.scripts.publish.run(self._publish_keys(queue, None), args).stored
 
@@ -250,6 +236,30 @@ class Broker(Lookups, Bindings):
             return 0
         with translated_errors(f"unlock {len(message_ids)} ids in {queue!r}"):
             return self.scripts.unlock.run(self.keys(queue).all, Unlock.args(message_ids))
+
+    def _publish_args(
+        self,
+        message_id: str,
+        payload: bytes | str,
+        band: int,
+        due_ms: int,
+        *,
+        unique: bool = False,
+        route: Route | None = None,
+        lock_until_ms: int = 0,
+    ) -> tuple[Any, ...]:
+        """publish.lua's ARGV: a due time already past is now; a lock only for a unique one."""
+        now = self.now_ms()
+        return Publish.args(
+            message_id=message_id,
+            payload=payload,
+            band=band,
+            due_ms=due_ms if due_ms > now else 0,
+            unique=unique,
+            route_version=UNROUTED if route is None else route.version,
+            now_ms=now,
+            lock_until_ms=lock_until_ms if unique else 0,
+        )
 
     def _publish_keys(self, queue: str, route: Route | None) -> tuple[str, ...]:
         keys = self.keys(queue).publish
@@ -283,17 +293,7 @@ class Broker(Lookups, Bindings):
         are raised together as :class:`StaleRoute` (the others were stored)."""
         if not queues:
             return []
-        now = self.now_ms()
-        args = Publish.args(
-            message_id=message_id,
-            payload=payload,
-            band=band,
-            due_ms=due_ms if due_ms > now else 0,
-            unique=False,
-            route_version=UNROUTED if route is None else route.version,
-            now_ms=now,
-            lock_until_ms=0,
-        )
+        args = self._publish_args(message_id, payload, band, due_ms, route=route)
         publish = self.scripts.publish
         with translated_errors(f"publish to {len(queues)} queues"):
             raw = self.run_scripts(
