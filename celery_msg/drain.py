@@ -99,9 +99,7 @@ class DrainLoop:
         (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
         self.unregister_from_event_loop(connection, loop)
         self._event_loop = EventLoopDrain(self, loop)
-        self.ack_sender = AckSender(
-            self.broker, loop=loop, on_lost=lambda lost: log_lost(lost, "ack")
-        )
+        self.ack_sender = AckSender(self.broker, on_lost=lambda lost: log_lost(lost, "ack"))
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
         sender, self.ack_sender = self.ack_sender, None
@@ -173,6 +171,11 @@ class DrainLoop:
 
     def flush_acks(self) -> None:
         self._flush_acks()
+
+    def write_acks(self) -> None:
+        """Write the acks the loop thread made since the last call (see celery_msg.acks)."""
+        if self.ack_sender is not None:
+            self.ack_sender.flush()
 
     def next_due_ms(self) -> int | None:
         return self._next_due_ms

@@ -53,10 +53,7 @@ KOMBU_IGNORED: Mapping[str, str] = {
         "twice); kombu and Celery reconnect with their own backoff"
     ),
     "reauth_check_interval": "streaming credential providers are not supported",
-    "master_name": "Redis Sentinel is not supported",
-    "min_other_sentinels": "Redis Sentinel is not supported",
-    "sentinel_kwargs": "Redis Sentinel is not supported",
-    "sentinel_fanout_compat": "Redis Sentinel is not supported",
+    "sentinel_fanout_compat": "broadcast queues are kept per binding under key_prefix",
 }
 
 #: kombu's name for ``key_prefix``.
@@ -118,6 +115,14 @@ class TransportOptions:
     client_name: str | None = None
     #: Seconds between client-side health checks of pooled connections.
     health_check_interval: float = 25.0
+    #: Redis Sentinel (``celery-msg+sentinel://`` URLs): the name of the monitored master.
+    master_name: str | None = None
+    #: Sentinel: keyword arguments for the connections to the sentinels themselves (e.g.
+    #: ``{"password": ...}``, ``{"username": ..., "password": ...}``); the URL's credentials
+    #: are the data nodes'.
+    sentinel_kwargs: Mapping[str, Any] | None = None
+    #: Sentinel: a master address is trusted only if this many other sentinels also see it.
+    min_other_sentinels: int = 0
     #: Ack, retry and dead-letter policies (:class:`celery_msg.Policies`); set by
     #: :func:`celery_msg.configure` from the app's ``msg_policies`` setting.
     policies: Policies = field(default_factory=Policies)
@@ -162,6 +167,17 @@ class TransportOptions:
         if "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigurationError("key_prefix: must not contain '{' or '}' (Cluster hash tags)")
         check.instance_of("policies", self.policies, Policies, "a celery_msg.Policies")
+        if self.master_name is not None and (
+            not isinstance(self.master_name, str) or not self.master_name
+        ):
+            raise ConfigurationError(
+                f"master_name: must be a non-empty string, got {self.master_name!r}"
+            )
+        if self.sentinel_kwargs is not None:
+            check.instance_of(
+                "sentinel_kwargs", self.sentinel_kwargs, Mapping, "a mapping of keyword arguments"
+            )
+        check.int_at_least("min_other_sentinels", self.min_other_sentinels, 0)
 
     @property
     def lease_ms(self) -> int:

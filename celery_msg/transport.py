@@ -39,10 +39,8 @@ from amqp.protocol import queue_declare_ok_t
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import JSONEncoder, loads
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from .connection import BrokerAddress, redis_params
+from .connection import redis_client
 from .core import (
     REDIS_CONNECTION_ERRORS,
     Binding,
@@ -447,7 +445,8 @@ class Channel(virtual.Channel):
             if sender is None:
                 self.holdings.buffer_ack_or_log(tag)
             else:
-                self.holdings.ack_through(tag, sender.send)
+                # Written before the loop hands over another message or polls again.
+                self.holdings.ack_through(tag, sender.add)
             return
         if self.holdings.ack_now(tag):
             self.transport.wake_if_waiting()
@@ -520,11 +519,7 @@ class Transport(DrainLoop, LeaseRenewal, virtual.Transport):  # type: ignore[mis
         self.options = TransportOptions.from_mapping(client.transport_options or {})
         super().__init__(client, **kwargs)
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # No retries inside redis-py: a script whose reply was lost must not silently run twice
-        # (a second publish, a second fetch), and outages must surface at once so that kombu and
-        # Celery reconnect with their own backoff.
-        params = redis_params(BrokerAddress.from_kombu(client), self.options)
-        self.redis = redis.Redis(**params, retry=Retry(NoBackoff(), 0))
+        self.redis, self.where = redis_client(client, self.options)
         self.broker = Broker(
             self.redis,
             prefix=self.options.key_prefix,
@@ -553,9 +548,7 @@ class Transport(DrainLoop, LeaseRenewal, virtual.Transport):  # type: ignore[mis
                 f"Redis refused the broker URL's database {params.get('db')!r}: {exc}"
             ) from exc
         except REDIS_CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(
-                f"cannot reach Redis at {params.get('host')}:{params.get('port')}: {exc}"
-            ) from exc
+            raise BrokerConnectionError(f"cannot reach Redis at {self.where}: {exc}") from exc
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
