@@ -8,12 +8,13 @@ stores its arguments; a queue declared with ``expires`` is deleted once unused p
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import redis
 
-from .keys import Counter, QueueKeys, expiring_key, queues_key
+from .keys import Counter, QueueKeys, expiring_key, queues_key, wake_key
 from .queueargs import QueueArguments
 from .redisio import text, translated_errors
 
@@ -204,3 +205,34 @@ class Queues:
         pipe.delete(*self.keys(queue).all)
         pipe.srem(queues_key(self.prefix), queue)
         pipe.zrem(expiring_key(self.prefix), queue)
+
+    # -- waiting: the wake-up markers a publish pushes, and a consumer's own wake key ---
+
+    def wait_keys(self, queues: Sequence[str], *, consumer: str | None = None) -> list[str]:
+        """What a consumer blocks on: its own wake key (``consumer``), then the wake-up marker
+        of each of ``queues`` (a publish pushes it)."""
+        keys = [] if consumer is None else [wake_key(self.prefix, consumer)]
+        keys.extend(self.keys(q).signal for q in queues)
+        return keys
+
+    def wait(self, queues: Sequence[str], timeout: float, *, consumer: str | None = None) -> bool:
+        """Block until something may be ready in ``queues``, ``consumer`` is woken
+        (:meth:`wake`), or ``timeout`` seconds pass.
+
+        Costs nothing while waiting: one BLPOP on the wake-up markers. True when woken.
+        """
+        keys = self.wait_keys(queues, consumer=consumer)
+        if not keys:
+            time.sleep(timeout)
+            return False
+        with translated_errors(f"wait on {list(queues)!r}"):
+            return self.client.blpop(keys, timeout=timeout) is not None
+
+    def wake(self, consumer: str) -> None:
+        """End ``consumer``'s :meth:`wait` (its wake key expires after a minute if unread)."""
+        key = wake_key(self.prefix, consumer)
+        with translated_errors(f"wake consumer {consumer!r}"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.lpush(key, 1)
+            pipe.expire(key, 60)
+            pipe.execute()
