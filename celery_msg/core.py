@@ -16,7 +16,6 @@ with a fencing token) -> ACKED (gone) | READY again (requeued, or its lease expi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,7 +27,7 @@ import redis
 
 from .bindings import Binding, Bindings, Route, Table
 from .errors import ConfigurationError, PartialFanout, ReplicationTimeout, StaleRoute
-from .keys import QueueKeys, bindings_version_key, wake_key
+from .keys import QueueKeys, bindings_version_key, failure_record, record_json
 from .leases import Delivery, Lease, ReserveRequest, Round
 from .lookup import (
     UNREADABLE_RECORD,
@@ -224,17 +223,14 @@ class Broker(Lookups, Bindings):
             head = self._publish_heads[head_key]
         except KeyError:
             head = self._publish_head(head_key, queue, route)
-        now = self.now_ms()
-        due = due_ms if due_ms > now else 0
-        args = Publish.args(
-            message_id=message_id,
-            payload=payload,
-            band=band,
-            due_ms=due,
+        args = self._publish_args(
+            message_id,
+            payload,
+            band,
+            due_ms,
             unique=unique,
-            route_version=UNROUTED if route is None else route.version,
-            now_ms=now,
-            lock_until_ms=lock_until_ms if unique else 0,
+            route=route,
+            lock_until_ms=lock_until_ms,
         )
         publish = self.scripts.publish
         if self.cluster:
@@ -284,18 +280,7 @@ class Broker(Lookups, Bindings):
     ) -> bool:
         """A unique publish (see :meth:`publish`) that says whether it stored the message
         (False: ``message_id`` was still pending in ``queue``). For tools, not the hot path."""
-        now = self.now_ms()
-        due = due_ms if due_ms > now else 0
-        args = Publish.args(
-            message_id=message_id,
-            payload=payload,
-            band=band,
-            due_ms=due,
-            unique=True,
-            route_version=UNROUTED,
-            now_ms=now,
-            lock_until_ms=0,
-        )
+        args = self._publish_args(message_id, payload, band, due_ms, unique=True)
         with translated_errors(f"publish to {queue!r}"):
             return self.scripts.publish.run(self._publish_keys(queue, None), args).stored
 
@@ -306,6 +291,30 @@ class Broker(Lookups, Bindings):
             return 0
         with translated_errors(f"unlock {len(message_ids)} ids in {queue!r}"):
             return self.scripts.unlock.run(self.keys(queue).all, Unlock.args(message_ids))
+
+    def _publish_args(
+        self,
+        message_id: str,
+        payload: bytes | str,
+        band: int,
+        due_ms: int,
+        *,
+        unique: bool = False,
+        route: Route | None = None,
+        lock_until_ms: int = 0,
+    ) -> tuple[Any, ...]:
+        """publish.lua's ARGV: a due time already past is now; a lock only for a unique one."""
+        now = self.now_ms()
+        return Publish.args(
+            message_id=message_id,
+            payload=payload,
+            band=band,
+            due_ms=due_ms if due_ms > now else 0,
+            unique=unique,
+            route_version=UNROUTED if route is None else route.version,
+            now_ms=now,
+            lock_until_ms=lock_until_ms if unique else 0,
+        )
 
     def _publish_keys(self, queue: str, route: Route | None) -> tuple[str, ...]:
         keys = self.keys(queue).publish
@@ -339,17 +348,7 @@ class Broker(Lookups, Bindings):
         are raised together as :class:`StaleRoute` (the others were stored)."""
         if not queues:
             return []
-        now = self.now_ms()
-        args = Publish.args(
-            message_id=message_id,
-            payload=payload,
-            band=band,
-            due_ms=due_ms if due_ms > now else 0,
-            unique=False,
-            route_version=UNROUTED if route is None else route.version,
-            now_ms=now,
-            lock_until_ms=0,
-        )
+        args = self._publish_args(message_id, payload, band, due_ms, route=route)
         publish = self.scripts.publish
         if self.cluster:
             return self._publish_many_on_cluster(list(queues), args, route)
@@ -624,7 +623,7 @@ class Broker(Lookups, Bindings):
         a human sentence; ``extra`` adds JSON-serialisable fields.
         """
         now = self.now_ms()
-        record = _record_json(reason, detail, now, extra)
+        record = record_json(reason, detail, now, extra)
         with translated_errors(f"dead-letter {lease.key!r} in {lease.queue!r}"):
             args = DeadLetter.args(now_ms=now, key=lease.key, token=lease.token, record=record)
             code = self.scripts.dead_letter.run(self.keys(lease.queue).all, args)
@@ -645,7 +644,7 @@ class Broker(Lookups, Bindings):
         """Store a copy of a message that is no longer leased (acked on receipt, or acked on a
         time limit) as dead, with a record as :meth:`dead_letter` writes; returns its key."""
         now = self.now_ms()
-        record = _record_json(reason, detail, now, extra)
+        record = record_json(reason, detail, now, extra)
         with translated_errors(f"dead-letter a copy of {message_id!r} in {queue!r}"):
             args = Bury.args(
                 now_ms=now,
@@ -697,64 +696,6 @@ class Broker(Lookups, Bindings):
         with translated_errors(f"reclaim in {queue!r}"):
             args = Reclaim.args(now_ms=self.now_ms(), limit=batch)
             return self.scripts.reclaim.run(self.keys(queue).all, args)
-
-    def wait_keys(self, queues: Sequence[str], *, consumer: str | None = None) -> list[str]:
-        """What a consumer blocks on: its own wake key (``consumer``), then the wake-up marker
-        of each of ``queues`` (a publish pushes it)."""
-        keys = [] if consumer is None else [wake_key(self.prefix, consumer)]
-        keys.extend(self.keys(q).signal for q in queues)
-        return keys
-
-    def wait(self, queues: Sequence[str], timeout: float, *, consumer: str | None = None) -> bool:
-        """Block until something may be ready in ``queues``, ``consumer`` is woken
-        (:meth:`wake`), or ``timeout`` seconds pass.
-
-        Costs nothing while waiting: one BLPOP on the wake-up markers. True when woken.
-        """
-        keys = self.wait_keys(queues, consumer=consumer)
-        if not keys:
-            time.sleep(timeout)
-            return False
-        with translated_errors(f"wait on {list(queues)!r}"):
-            if self.cluster:
-                waiter = self.shard_waiter()
-                return waiter.watch(keys) or waiter.wait(timeout)
-            return self.client.blpop(keys, timeout=timeout) is not None
-
-    def shard_waiter(self) -> ShardWaiter:
-        """On a Cluster: this broker's sharded subscriptions (see :mod:`.shardwait`)."""
-        if self._shard_waiter is None:
-            self._shard_waiter = ShardWaiter(self.client)
-        return self._shard_waiter
-
-    def wake(self, consumer: str) -> None:
-        """End ``consumer``'s :meth:`wait` (its wake key expires after a minute if unread)."""
-        key = wake_key(self.prefix, consumer)
-        with translated_errors(f"wake consumer {consumer!r}"):
-            if self.cluster:
-                self.client.spublish(key, 1)  # its waiter listens (sharded pub/sub)
-                return
-            pipe = self.client.pipeline(transaction=False)
-            pipe.lpush(key, 1)
-            pipe.expire(key, 60)
-            pipe.execute()
-
-
-def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[str, Any]:
-    """The JSON record kept with a dead message: why, and when it first and last failed.
-
-    ``first_failure`` comes from ``extra`` when the message failed before (its retries);
-    otherwise this failure is the first.
-    """
-    record: dict[str, Any] = {"reason": reason, "detail": detail, "time": now_ms}
-    record.update(extra)
-    record.setdefault("first_failure", now_ms)
-    record["last_failure"] = now_ms
-    return record
-
-
-def _record_json(reason: str, detail: str, now_ms: int, extra: Mapping[str, Any]) -> str:
-    return json.dumps(failure_record(reason, detail, now_ms, **extra), default=str)
 
 
 def _deliveries(request: ReserveRequest, reply: ReserveReply) -> list[Delivery]:

@@ -48,9 +48,12 @@ expires after a minute).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
+from typing import Any
 
 QUEUE_KEY_PARTS: tuple[str, ...] = (
     "ready",
@@ -235,3 +238,21 @@ def expiring_key(prefix: str) -> str:
 
 def wake_key(prefix: str, consumer: str) -> str:
     return f"{prefix}wake:{consumer}"
+
+
+def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[str, Any]:
+    """The JSON record kept with a dead message: why, and when it first and last failed.
+
+    ``first_failure`` comes from ``extra`` when the message failed before (its retries);
+    otherwise this failure is the first.
+    """
+    record: dict[str, Any] = {"reason": reason, "detail": detail, "time": now_ms}
+    record.update(extra)
+    record.setdefault("first_failure", now_ms)
+    record["last_failure"] = now_ms
+    return record
+
+
+def record_json(reason: str, detail: str, now_ms: int, extra: Mapping[str, Any]) -> str:
+    """The record as stored (JSON; anything not serialisable as its text)."""
+    return json.dumps(failure_record(reason, detail, now_ms, **extra), default=str)

@@ -8,14 +8,16 @@ stores its arguments; a queue declared with ``expires`` is deleted once unused p
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import redis
 
-from .keys import Counter, QueueKeys, expiring_key, queues_key
+from .keys import Counter, QueueKeys, expiring_key, queues_key, wake_key
 from .queueargs import QueueArguments
 from .redisio import text, translated_errors
+from .shardwait import ShardWaiter
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Queues:
     #: On a Redis Cluster a queue's keys and the global keys are in different slots, so the
     #: writes that touch both cannot be one transaction (see :meth:`declare`, :meth:`delete`).
     cluster: bool
+    _shard_waiter: ShardWaiter | None
     clock: Callable[[], float]
     _keys: dict[str, QueueKeys]
 
@@ -227,3 +230,48 @@ class Queues:
     def _unregister_in(self, pipe: Any, queue: str) -> None:
         pipe.srem(queues_key(self.global_prefix), queue)
         pipe.zrem(expiring_key(self.global_prefix), queue)
+
+    # -- waiting: the wake-up markers a publish pushes, and a consumer's own wake key ---
+
+    def wait_keys(self, queues: Sequence[str], *, consumer: str | None = None) -> list[str]:
+        """What a consumer blocks on: its own wake key (``consumer``), then the wake-up marker
+        of each of ``queues`` (a publish pushes it). On a Cluster they name sharded pub/sub
+        channels (see :mod:`.shardwait`)."""
+        keys = [] if consumer is None else [wake_key(self.prefix, consumer)]
+        keys.extend(self.keys(q).signal for q in queues)
+        return keys
+
+    def wait(self, queues: Sequence[str], timeout: float, *, consumer: str | None = None) -> bool:
+        """Block until something may be ready in ``queues``, ``consumer`` is woken
+        (:meth:`wake`), or ``timeout`` seconds pass.
+
+        Costs nothing while waiting: one BLPOP on the wake-up markers (on a Cluster, the
+        sharded subscriptions, one connection per node). True when woken.
+        """
+        keys = self.wait_keys(queues, consumer=consumer)
+        if not keys:
+            time.sleep(timeout)
+            return False
+        with translated_errors(f"wait on {list(queues)!r}"):
+            if self.cluster:
+                waiter = self.shard_waiter()
+                return waiter.watch(keys) or waiter.wait(timeout)
+            return self.client.blpop(keys, timeout=timeout) is not None
+
+    def shard_waiter(self) -> ShardWaiter:
+        """On a Cluster: this broker's sharded subscriptions, made on first use."""
+        if self._shard_waiter is None:
+            self._shard_waiter = ShardWaiter(self.client)
+        return self._shard_waiter
+
+    def wake(self, consumer: str) -> None:
+        """End ``consumer``'s :meth:`wait` (its wake key expires after a minute if unread)."""
+        key = wake_key(self.prefix, consumer)
+        with translated_errors(f"wake consumer {consumer!r}"):
+            if self.cluster:
+                self.client.spublish(key, 1)  # its waiter listens (sharded pub/sub)
+                return
+            pipe = self.client.pipeline(transaction=False)
+            pipe.lpush(key, 1)
+            pipe.expire(key, 60)
+            pipe.execute()

@@ -46,8 +46,10 @@ class SentinelProcess(ServerProcess):
         quorum: int,
         down_after_ms: int,
         master_password: str | None = None,
+        password: str | None = None,
+        config: Sequence[str] = (),
     ) -> None:
-        super().__init__(kind)
+        super().__init__(kind, password=password, config=config)
         self.master_name = master_name
         self.master_port = master_port
         self.quorum = quorum
@@ -69,6 +71,10 @@ class SentinelProcess(ServerProcess):
         ]
         if self.master_password is not None:
             lines.append(f"sentinel auth-pass {name} {self.master_password}")
+        if self.password is not None:
+            # Sentinels talk to each other with the same password.
+            lines += [f"requirepass {self.password}", f"sentinel sentinel-pass {self.password}"]
+        lines += self.extra_config
         return lines
 
 
@@ -85,8 +91,17 @@ class SentinelTopology:
         down_after_ms: int = 1000,
         appendonly: bool = False,
         config: Sequence[str] = (),
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        sentinel_config: Sequence[str] = (),
     ) -> None:
+        """``password``: the data nodes' default user (replicas and sentinels use it too);
+        ``config`` lines go to every data node (e.g. an ACL ``user`` line), ``sentinel_config``
+        to every sentinel; ``sentinel_password`` protects the sentinels themselves."""
         self.kind: ServerKind = kind
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self._sentinel_config = tuple(sentinel_config)
         self.master_name = master_name
         self.down_after_ms = down_after_ms
         self._replica_count = replicas
@@ -98,11 +113,19 @@ class SentinelTopology:
 
     def start(self, timeout: float = 20.0) -> Self:
         try:
-            master = ServerProcess(self.kind, appendonly=self._appendonly, config=self._config)
+            auth = () if self.password is None else (f"masterauth {self.password}",)
+            master = ServerProcess(
+                self.kind,
+                appendonly=self._appendonly,
+                password=self.password,
+                config=(*self._config, *auth),
+            )
             self.servers.append(master.start())
             for _ in range(self._replica_count):
-                config = (*self._config, f"replicaof {HOST} {master.port}")
-                replica = ServerProcess(self.kind, appendonly=self._appendonly, config=config)
+                config = (*self._config, *auth, f"replicaof {HOST} {master.port}")
+                replica = ServerProcess(
+                    self.kind, appendonly=self._appendonly, password=self.password, config=config
+                )
                 self.servers.append(replica.start())
             for _ in range(self._sentinel_count):
                 sentinel = SentinelProcess(
@@ -111,6 +134,9 @@ class SentinelTopology:
                     master_port=master.port,
                     quorum=self._sentinel_count // 2 + 1,
                     down_after_ms=self.down_after_ms,
+                    master_password=self.password,
+                    password=self.sentinel_password,
+                    config=self._sentinel_config,
                 )
                 self.sentinels.append(sentinel.start())
             self.wait_until_settled(timeout)
@@ -202,8 +228,10 @@ class SentinelTopology:
     @contextlib.contextmanager
     def replicas_lagging(self, seconds: float) -> Iterator[None]:
         """Stop every replica (SIGSTOP) for ``seconds``, then run the body, then resume them:
-        a master that keeps acknowledging writes its replicas do not have (a network hiccup),
-        and whatever the body does to it happens before they catch up."""
+        a master that keeps acknowledging writes its replicas do not have, and whatever the
+        body does to it (a SIGKILL) happens before they catch up. What the master had already
+        sent waits in the kernel's socket buffers and still reaches a stopped replica, so a
+        short lag with little traffic may lose nothing; a longer one loses the rest."""
         master = self.master_port()
         replicas = [s for s in self.servers if s.port != master and s.running]
         for replica in replicas:

@@ -16,15 +16,15 @@ list, default ``redis,valkey``); ids carry the major version, e.g. ``[redis7]``/
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast, get_args
+from typing import Any
 from uuid import uuid4
 
 import pytest
 import redis
 import trustme
+from server_kinds import KINDS, TLS_KINDS
 
 from celery_msg.testing import (
     ServerError,
@@ -34,19 +34,6 @@ from celery_msg.testing import (
     binary_version,
     find_server_binary,
 )
-
-
-def _kinds_from_env(variable: str, default: str) -> list[ServerKind]:
-    raw = os.environ.get(variable, default)
-    kinds = [k.strip() for k in raw.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(get_args(ServerKind)))
-    if unknown:
-        raise pytest.UsageError(f"{variable}={raw!r}: unknown kinds {unknown}; use redis,valkey")
-    return [cast(ServerKind, k) for k in kinds]
-
-
-KINDS = _kinds_from_env("CELERY_MSG_TEST_SERVERS", "redis,valkey")
-TLS_KINDS = _kinds_from_env("CELERY_MSG_TLS_SERVERS", "redis")
 
 
 @functools.cache

@@ -26,11 +26,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery_helpers import READY_TIMEOUT, REPO_ROOT, Worker, wait_until
-from conftest import KINDS, Server
+from server_kinds import KINDS
+
+if TYPE_CHECKING:
+    from conftest import Server
 
 SITE_DIR = REPO_ROOT / "example_project" / "django_site"
 #: CELERY_BROKER_TRANSPORT_OPTIONS["lease_timeout"] in the site's settings.

@@ -15,13 +15,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import celery._state
 import pytest
 import redis
 from celery_helpers import REPO_ROOT, Worker, wait_until
-from conftest import KINDS, Server
+from server_kinds import KINDS
+
+if TYPE_CHECKING:
+    from conftest import Server
 
 APP_DIR = REPO_ROOT / "example_project" / "flask_app"
 LEASE_TIMEOUT = 2.0

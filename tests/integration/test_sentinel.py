@@ -21,6 +21,7 @@ from kombu import Connection, Queue
 from kombu.message import Message
 
 from celery_msg.core import Broker
+from celery_msg.errors import AuthenticationFailed
 from celery_msg.topologies import SentinelTopology
 
 if TYPE_CHECKING:
@@ -212,6 +213,10 @@ RETRY = {"max_retries": 60, "interval_start": 0.1, "interval_step": 0.1, "interv
 
 def drain(topology: SentinelTopology, options: dict[str, object], queue: Queue) -> list[int]:
     """Every message left in ``queue``, read by a consumer through the sentinels."""
+    return drain_url(topology.broker_url(), options, queue)
+
+
+def drain_url(url: str, options: dict[str, object], queue: Queue) -> list[int]:
     received: list[int] = []
 
     def on_message(body: dict[str, int], message: Message) -> None:
@@ -219,7 +224,7 @@ def drain(topology: SentinelTopology, options: dict[str, object], queue: Queue) 
         message.ack()
 
     with (
-        Connection(topology.broker_url(), transport_options=options) as conn,
+        Connection(url, transport_options=options) as conn,
         conn.Consumer([queue], callbacks=[on_message], prefetch_count=500),
     ):
         idle_since = time.monotonic()
@@ -230,3 +235,42 @@ def drain(topology: SentinelTopology, options: dict[str, object], queue: Queue) 
             if len(received) > before:
                 idle_since = time.monotonic()
     return received
+
+
+def test_acl_users_on_the_sentinels_and_on_the_data_nodes(server: Server, prefix: str):
+    """The URL's user is the data nodes' (as in kombu); the sentinels' own user comes from the
+    ``sentinel_kwargs`` transport option."""
+    with SentinelTopology(
+        server.kind,
+        password="replication-pw",
+        config=["user app on >app-pw ~* &* +@all"],
+        sentinel_password="sentinels-pw",
+        sentinel_config=["user watcher on >watcher-pw +@all"],
+    ) as topology:
+        url = ";".join(
+            f"celery-msg+sentinel://app:app-pw@127.0.0.1:{s.port}/0" for s in topology.sentinels
+        )
+        options: dict[str, object] = {
+            "master_name": topology.master_name,
+            "key_prefix": prefix,
+            "sentinel_kwargs": {"username": "watcher", "password": "watcher-pw"},
+        }
+        queue = Queue("acl")
+        with Connection(url, transport_options=options) as conn:
+            producer = conn.Producer()
+            for n in range(10):
+                producer.publish({"n": n}, routing_key=queue.name, declare=[queue])
+        assert sorted(drain_url(url, options, queue)) == list(range(10))
+        # The data nodes need the URL's user; the sentinels need theirs.
+        no_user = url.replace("app:app-pw@", "")
+        with (
+            Connection(no_user, transport_options=options) as conn,
+            pytest.raises(AuthenticationFailed, match="credentials"),
+        ):
+            conn.ensure_connection(max_retries=1)
+        anonymous = {**options, "sentinel_kwargs": {}}
+        with (
+            Connection(url, transport_options=anonymous) as conn,
+            pytest.raises(Exception, match="sentinels"),
+        ):
+            conn.ensure_connection(max_retries=1)

@@ -29,23 +29,9 @@ from typing import Any
 import pytest
 import redis
 
+from celery_msg import transitions as tr
 from celery_msg.keys import QUEUE_KEY_PARTS, QueueKeys
 from celery_msg.scripts import BAND, MID
-from celery_msg.transitions import (
-    UNROUTED,
-    Ack,
-    DeadLetter,
-    Extend,
-    Promote,
-    Publish,
-    Purge,
-    Reclaim,
-    Requeue,
-    Reserve,
-    ReserveReply,
-    Scripts,
-    Unlock,
-)
 
 #: The fixed clock of these tests (ms).
 NOW = 1_000_000
@@ -77,7 +63,7 @@ def _score(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def deliveries(reply: ReserveReply) -> list[tuple[int, str, int, int, str]]:
+def deliveries(reply: tr.ReserveReply) -> list[tuple[int, str, int, int, str]]:
     """reserve's reply as ``(group, key, token, delivery count, payload)`` tuples."""
     return [(m.group, m.key, m.token, m.deliveries, _text(m.payload)) for m in reply.messages]
 
@@ -91,7 +77,7 @@ class Lab:
     front = staticmethod(front)
     order = staticmethod(order)
 
-    def __init__(self, client: redis.Redis, scripts: Scripts, keys: QueueKeys) -> None:
+    def __init__(self, client: redis.Redis, scripts: tr.Scripts, keys: QueueKeys) -> None:
         self.client = client
         self.scripts = scripts
         self.keys = keys
@@ -241,13 +227,13 @@ class Lab:
     ) -> tuple[str, int]:
         """publish.lua's whole reply: (message key, 1 if stored else 0). Not routed through an
         exchange: no bindings version (ARGV[6] empty)."""
-        args = Publish.args(
+        args = tr.Publish.args(
             message_id=message_id,
             payload=payload,
             band=band,
             due_ms=due,
             unique=unique,
-            route_version=UNROUTED,
+            route_version=tr.UNROUTED,
             now_ms=now,
             lock_until_ms=lock_until,
         )
@@ -255,14 +241,14 @@ class Lab:
         return reply.key, reply.code
 
     def unlock(self, *ids: str) -> int:
-        return self.scripts.unlock.run(self.keys.all, Unlock.args(ids))
+        return self.scripts.unlock.run(self.keys.all, tr.Unlock.args(ids))
 
     def next_due(self, *, now: int = NOW, count: int = 0) -> int:
         """The last entry of reserve's reply: the earliest due time still scheduled, or 0."""
         return self.reserve_reply(now=now, count=count).next_due_ms
 
     def promote(self, *, now: int = NOW, limit: int = 100) -> int:
-        return self.scripts.promote.run(self.keys.all, Promote.args(now_ms=now, limit=limit))
+        return self.scripts.promote.run(self.keys.all, tr.Promote.args(now_ms=now, limit=limit))
 
     def add_scheduled(self, key: str, body: str, *, due: int, band: int = 0, seq: int = 0) -> None:
         """A SCHEDULED message, published as sequence number ``seq`` of ``band``."""
@@ -272,33 +258,10 @@ class Lab:
         pipe.hset(self.keys.order, key, back(band, seq))
         pipe.execute()
 
-    def reserve(
-        self,
-        *,
-        now: int = NOW,
-        lease: int = LEASE,
-        count: int = 1,
-        consumer: str = "c1",
-        mode: str = "fair",
-        start: int = 0,
-        reclaim_limit: int = 100,
-        max_deliveries: int = 0,
-        others: Sequence[Lab] = (),
-    ) -> list[tuple[int, str, int, int, str]]:
-        """Reserve from this queue (group 0), then ``others`` (groups 1, 2, ...)."""
-        return deliveries(
-            self.reserve_reply(
-                now=now,
-                lease=lease,
-                count=count,
-                consumer=consumer,
-                mode=mode,
-                start=start,
-                reclaim_limit=reclaim_limit,
-                max_deliveries=max_deliveries,
-                others=others,
-            )
-        )
+    def reserve(self, **kwargs: Any) -> list[tuple[int, str, int, int, str]]:
+        """Reserve from this queue (group 0), then ``others`` (groups 1, 2, ...): the messages
+        of :meth:`reserve_reply` (same keyword arguments) as tuples."""
+        return deliveries(self.reserve_reply(**kwargs))
 
     def reserve_reply(
         self,
@@ -312,12 +275,12 @@ class Lab:
         reclaim_limit: int = 100,
         max_deliveries: int = 0,
         others: Sequence[Lab] = (),
-    ) -> ReserveReply:
+    ) -> tr.ReserveReply:
         """reserve.lua's whole typed reply (the messages and the next due time)."""
         keys = list(self.keys.all)
         for lab in others:
             keys.extend(lab.keys.all)
-        args = Reserve.args(
+        args = tr.Reserve.args(
             now_ms=now,
             lease_ms=lease,
             count=count,
@@ -330,34 +293,34 @@ class Lab:
         return self.scripts.reserve.run(keys, args)
 
     def ack(self, *pairs: tuple[str, int]) -> list[int]:
-        return self.scripts.ack.run(self.keys.all, Ack.args(pairs))
+        return self.scripts.ack.run(self.keys.all, tr.Ack.args(pairs))
 
     def extend(self, *pairs: tuple[str, int], now: int = NOW, lease: int = LEASE) -> list[int]:
-        args = Extend.args(now_ms=now, lease_ms=lease, held=pairs)
+        args = tr.Extend.args(now_ms=now, lease_ms=lease, held=pairs)
         return self.scripts.extend.run(self.keys.all, args)
 
     def requeue(self, *pairs: tuple[str, int], uncount: bool = False) -> list[int]:
-        args = Requeue.args(uncount=uncount, held=pairs)
+        args = tr.Requeue.args(uncount=uncount, held=pairs)
         return self.scripts.requeue.run(self.keys.all, args)
 
     def dead_letter(self, key: str, token: int, reason: str, *, now: int = NOW) -> int:
-        args = DeadLetter.args(now_ms=now, key=key, token=token, record=reason)
+        args = tr.DeadLetter.args(now_ms=now, key=key, token=token, record=reason)
         return self.scripts.dead_letter.run(self.keys.all, args)
 
     def reclaim(self, *, now: int = NOW, limit: int = 100) -> int:
-        return self.scripts.reclaim.run(self.keys.all, Reclaim.args(now_ms=now, limit=limit))
+        return self.scripts.reclaim.run(self.keys.all, tr.Reclaim.args(now_ms=now, limit=limit))
 
     def purge(self, limit: int) -> int:
-        return self.scripts.purge.run(self.keys.all, Purge.args(limit=limit))
+        return self.scripts.purge.run(self.keys.all, tr.Purge.args(limit=limit))
 
 
 @pytest.fixture
-def scripts(redis_client: redis.Redis) -> Scripts:
-    return Scripts(redis_client)
+def scripts(redis_client: redis.Redis) -> tr.Scripts:
+    return tr.Scripts(redis_client)
 
 
 @pytest.fixture
-def make_lab(redis_client: redis.Redis, scripts: Scripts, prefix: str) -> Callable[[str], Lab]:
+def make_lab(redis_client: redis.Redis, scripts: tr.Scripts, prefix: str) -> Callable[[str], Lab]:
     """Build a :class:`Lab` for queue ``name`` under this test's prefix."""
 
     def make(name: str) -> Lab:
