@@ -143,6 +143,24 @@ def tls_params(given: Mapping[str, Any] | bool | None) -> dict[str, Any]:
     return {"ssl": True, "ssl_cert_reqs": reqs, **tls}
 
 
+def _parts(client: Any, kind: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """For a ``kombu.Connection`` whose URL is ``<transport>+<kind>://...`` (``;`` parts): the
+    transport, and each part as given and without ``<transport>+``; None for other URLs.
+
+    kombu reads ``a+b://`` as transport ``a`` with the rest left unparsed in ``hostname``, and
+    keeps every ``;`` part in ``alt``; when it fails over to another part it parses that one
+    whole, as transport ``a+b`` (see registration.py)."""
+    transport = str(client.transport_cls)
+    if transport.endswith(f"+{kind}"):
+        transport = transport.removesuffix(f"+{kind}")
+    elif not str(client.hostname or "").startswith(f"{kind}://"):
+        return None
+    urls: Sequence[str] = client.alt or [client.hostname]
+    return transport, [
+        (url, url[url.index("+") + 1 :] if "+" in url.split("://", 1)[0] else url) for url in urls
+    ]
+
+
 @dataclass(frozen=True)
 class SentinelAddress:
     """Where the sentinels are, and how to reach the master they name (the data node)."""
@@ -153,17 +171,13 @@ class SentinelAddress:
 
 def sentinel_address(client: Any) -> SentinelAddress | None:
     """The sentinels of a ``kombu.Connection`` with a ``celery-msg+sentinel://`` URL, else None."""
-    transport = str(client.transport_cls)
-    if transport.endswith(f"+{SENTINEL}"):
-        # kombu failed over to another ';' part and parsed it whole (see registration.py).
-        transport = transport.removesuffix(f"+{SENTINEL}")
-    elif not str(client.hostname or "").startswith(f"{SENTINEL}://"):
+    found = _parts(client, SENTINEL)
+    if found is None:
         return None
-    urls: Sequence[str] = client.alt or [client.hostname]
+    transport, parts = found
     sentinels: list[tuple[str, int]] = []
     first = None
-    for url in urls:
-        part = url[url.index("+") + 1 :] if "+" in url.split("://", 1)[0] else url
+    for url, part in parts:
         parsed = urlsplit(part)
         if parsed.scheme != SENTINEL or not parsed.hostname:
             raise ConfigurationError(
@@ -215,17 +229,13 @@ class ClusterAddress:
 
 def cluster_address(client: Any) -> ClusterAddress | None:
     """The nodes of a ``kombu.Connection`` with a ``celery-msg+cluster://`` URL, else None."""
-    transport = str(client.transport_cls)
-    if transport.endswith(f"+{CLUSTER}"):
-        # kombu failed over to another ';' part and parsed it whole (see registration.py).
-        transport = transport.removesuffix(f"+{CLUSTER}")
-    elif not str(client.hostname or "").startswith(f"{CLUSTER}://"):
+    found = _parts(client, CLUSTER)
+    if found is None:
         return None
-    urls: Sequence[str] = client.alt or [client.hostname]
+    transport, parts = found
     nodes: list[tuple[str, int]] = []
     first = None
-    for url in urls:
-        part = url[url.index("+") + 1 :] if "+" in url.split("://", 1)[0] else url
+    for url, part in parts:
         scheme, _, rest = part.partition("://")
         netloc, _, path = rest.partition("/")
         userinfo, _, hosts = netloc.rpartition("@")

@@ -78,7 +78,28 @@ class SentinelProcess(ServerProcess):
         return lines
 
 
-class SentinelTopology:
+class _Topology:
+    """Started on ``with``, every process closed on the way out (whatever happened)."""
+
+    def start(self, timeout: float = 20.0) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SentinelTopology(_Topology):
     """One master, ``replicas`` replicas and ``sentinels`` sentinels (quorum: a majority)."""
 
     def __init__(
@@ -254,17 +275,6 @@ class SentinelTopology:
         self.sentinels.clear()
         self.servers.clear()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _field(state: Any, name: str) -> Any:
     """A field of a ``SENTINEL MASTER`` reply (a dict with bytes keys, or text ones)."""
@@ -314,7 +324,7 @@ class ClusterNodeProcess(ServerProcess):
             return _str(client.execute_command("CLUSTER", "MYID"))
 
 
-class ClusterTopology:
+class ClusterTopology(_Topology):
     """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, the slots split
     evenly between the masters.
 
@@ -497,17 +507,6 @@ class ClusterTopology:
         for node in self.nodes:
             node.close()
         self.nodes.clear()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _replicate(node: ServerProcess, master_id: str) -> bool:
