@@ -29,6 +29,7 @@ from .errors import (
     ScriptError,
 )
 from .scripts import where
+from .slots import is_cluster
 
 #: redis-py errors that mean "the connection, not the command, failed".
 REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -271,8 +272,9 @@ def script_replies(
     results, waited = _evalsha_all(client, calls, replication)
     missing = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
     if missing:
-        for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
-            script.sha = text(client.script_load(script.script))
+        for i in missing:
+            script, keys, _ = calls[i]
+            load_script(client, script, keys)
         replies, waited_again = _evalsha_all(client, [calls[i] for i in missing], replication)
         for i, reply in zip(missing, replies, strict=True):
             results[i] = reply
@@ -283,6 +285,28 @@ def script_replies(
     if replication is not None:
         replication.check(waited, f"{len(calls)} script calls", results)
     return results
+
+
+def load_script(client: redis.Redis, script: Script, keys: Sequence[str]) -> None:
+    """Load ``script`` where a call with ``keys`` runs: on a Cluster only the node of their
+    slot (redis-py's own reload goes to every master, and fails while any one is down)."""
+    if is_cluster(client) and keys:
+        node = client.get_node_from_key(keys[0])  # type: ignore[attr-defined]
+        sha = client.execute_command("SCRIPT", "LOAD", script.script, target_nodes=node)  # type: ignore[no-untyped-call]
+    else:
+        sha = client.script_load(script.script)
+    if text(sha) != script.sha:
+        raise redis.exceptions.NoScriptError(f"SCRIPT LOAD gave another SHA for {script.sha}")
+
+
+def evalsha(client: redis.Redis, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    """One ``EVALSHA``, the script loaded where it runs if that node lacks it (see
+    :func:`load_script`): what ``Script.__call__`` does, but right on a Cluster."""
+    try:
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        load_script(client, script, keys)
+        return client.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def _evalsha_all(

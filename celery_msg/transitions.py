@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import redis
 from redis.commands.core import Script
 
-from .redisio import Replication, run_scripts
+from .redisio import Replication, evalsha, run_scripts
 from .scripts import Code, source
 from .slots import is_cluster
 
@@ -66,7 +66,7 @@ class Transition(Generic[R]):
         ``replication``, its WAIT in the same round trip (a :class:`ReplicationTimeout` then
         carries the raw reply)."""
         if self.replication is None:
-            return self.reply(self.script(keys=keys, args=args))
+            return self.reply(evalsha(self.client, self.script, keys, args))
         [raw] = run_scripts(self.client, [(self.script, keys, args)], self.replication)
         return self.reply(raw)
 

@@ -22,7 +22,7 @@ from kombu import Connection
 from celery_msg.broadcast import stable_name
 from celery_msg.connection import redis_client
 from celery_msg.core import Broker
-from celery_msg.errors import ConfigurationError
+from celery_msg.errors import BrokerConnectionError, ConfigurationError, PartialFanout
 from celery_msg.options import TransportOptions
 from celery_msg.slots import queue_slot
 from celery_msg.testing import ServerError
@@ -265,3 +265,22 @@ def _served_by_another(cluster: ClusterTopology, slot: int, old: object) -> bool
         return cluster.master_for_slot(slot) is not old
     except (ServerError, redis.RedisError, OSError):  # the cluster is reconfiguring
         return False
+
+
+def test_a_fan_out_that_a_dead_shard_cuts_short_says_which_queues_have_the_message(
+    server: Server, prefix: str
+):
+    """Not atomic across shards, but never silent: the queues before the dead shard have the
+    message, and the error names them and the ones that do not."""
+    with ClusterTopology(server.kind, masters=3) as cluster:
+        broker = cluster_broker(cluster, prefix)
+        for queue in QUEUES:
+            broker.declare(queue)
+        cluster.master_for_slot(queue_slot("c")).kill()
+        with pytest.raises(PartialFanout) as caught:
+            broker.publish_many(["a", "b", "c"], "m1", "{}", 0)
+        assert (caught.value.stored, caught.value.failed) == (["a", "b"], ["c"])
+        assert [broker.counts(q)["ready"] for q in ("a", "b")] == [1, 1]
+        with pytest.raises(BrokerConnectionError):
+            broker.publish_many(["c", "a"], "m2", "{}", 0)  # the first failed: nothing stored
+        assert [broker.counts(q)["ready"] for q in ("a", "b")] == [1, 1]
