@@ -19,11 +19,13 @@ from celery_helpers import HOSTNAME, Stack, StackFactory, stack_factory, wait_un
 from cli_helpers import CLI
 from kombu import Connection
 
+from celery_msg.bindings import Binding
 from celery_msg.broadcast import stable_name
 from celery_msg.connection import redis_client
 from celery_msg.core import Broker
-from celery_msg.errors import BrokerConnectionError, ConfigurationError, PartialFanout
+from celery_msg.errors import BrokerConnectionError, ConfigurationError, PartialFanout, StaleRoute
 from celery_msg.options import TransportOptions
+from celery_msg.queueargs import QueueArguments
 from celery_msg.slots import queue_slot
 from celery_msg.testing import ServerError
 from celery_msg.topologies import ClusterTopology
@@ -284,3 +286,27 @@ def test_a_fan_out_that_a_dead_shard_cuts_short_says_which_queues_have_the_messa
         with pytest.raises(BrokerConnectionError):
             broker.publish_many(["c", "a"], "m2", "{}", 0)  # the first failed: nothing stored
         assert [broker.counts(q)["ready"] for q in ("a", "b")] == [1, 1]
+
+
+def test_bindings_and_an_unused_queue_expire_across_shards(cluster: ClusterTopology, prefix: str):
+    """The global keys (registry, bindings, their versions, expiring queues) share one slot, the
+    queues are elsewhere: a binding change still refuses a stale route, and a queue unused past
+    its ``expires`` is deleted with its keys on its own shard."""
+    now = [1_000.0]
+    client, _ = redis_client(Connection(cluster.broker_url()), TransportOptions())
+    broker = Broker(client, prefix=prefix, clock=lambda: now[0])
+    broker.declare("a", QueueArguments(expires_ms=1000))
+    broker.declare("b")
+    broker.bind("ex", Binding("k", "", "a"))
+    route = broker.table("ex").route
+    assert route is not None
+    broker.publish("a", "m1", "{}", 0, route=route)
+    broker.bind("ex", Binding("k", "", "b"))
+    with pytest.raises(StaleRoute):
+        broker.publish("a", "m2", "{}", 0, route=route)
+    assert broker.counts("a")["ready"] == 1
+
+    now[0] += 2.0
+    assert broker.expire_queues() == ["a"]
+    assert sorted(broker.queues()) == ["b"]
+    assert client.exists(*broker.keys("a").all) == 0
