@@ -26,7 +26,7 @@ from typing import Any, Literal
 import redis
 
 from .bindings import Binding, Bindings, Route, Table
-from .errors import ConfigurationError, PartialFanout, ReplicationTimeout, StaleRoute
+from .errors import PartialFanout, ReplicationTimeout, StaleRoute
 from .keys import QueueKeys, bindings_version_key, failure_record, record_json
 from .leases import Delivery, Lease, ReserveRequest, Round
 from .lookup import (
@@ -133,11 +133,6 @@ class Broker(Lookups, Bindings):
         self.client = client
         #: A Redis Cluster: work over several queues is split per slot (:mod:`.slots`).
         self.cluster = is_cluster(client)
-        if self.cluster and replication is not None:
-            raise ConfigurationError(
-                "min_replicas: not supported on a Redis Cluster yet (WAIT counts the writes of "
-                "one connection, and a round trip there spans several nodes)"
-            )
         #: ``min_replicas``: every script call waits for replicas to confirm it.
         self.replication = replication
         self.prefix = prefix

@@ -269,6 +269,8 @@ def script_replies(
     """:func:`run_scripts`, but an error reply stays in the list (one broken queue must not
     keep the calls of the others from being read); connection errors still raise, and so does
     a :class:`ReplicationTimeout` (carrying the replies)."""
+    if replication is not None and is_cluster(client):
+        return _replicated_on_cluster(client, calls, replication)
     results, waited = _evalsha_all(client, calls, replication)
     missing = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
     if missing:
@@ -284,6 +286,43 @@ def script_replies(
             waited = waited_again
     if replication is not None:
         replication.check(waited, f"{len(calls)} script calls", results)
+    return results
+
+
+#: How many times a Cluster call refused with MOVED is sent again after reading the slot map.
+MOVED_ATTEMPTS = 3
+
+
+def _replicated_on_cluster(
+    client: redis.Redis, calls: Sequence[ScriptCall], replication: Replication
+) -> list[Any]:
+    """:func:`script_replies` with ``min_replicas`` on a Cluster: ``WAIT`` counts the writes of
+    its own connection, so the calls go to each node's own client (grouped by the node of
+    their slot), each group pipelined with its ``WAIT``. A call refused with ``MOVED`` (the slot
+    moved) ran nowhere: it is sent again once the slot map is read again. Every node's
+    ``WAIT`` must confirm; a shortfall raises one :class:`ReplicationTimeout` with all replies."""
+    results: list[Any] = [None] * len(calls)
+    pending = list(range(len(calls)))
+    short: ReplicationTimeout | None = None
+    for _ in range(MOVED_ATTEMPTS):
+        by_node: dict[str, list[int]] = {}
+        for i in pending:
+            node = client.get_node_from_key(calls[i][1][0])  # type: ignore[attr-defined]
+            by_node.setdefault(node.name, []).append(i)
+        for name, indices in by_node.items():
+            node_client = client.get_node(node_name=name).redis_connection  # type: ignore[attr-defined]
+            try:
+                replies = script_replies(node_client, [calls[i] for i in indices], replication)
+            except ReplicationTimeout as exc:
+                replies, short = list(exc.results), exc
+            for i, reply in zip(indices, replies, strict=True):
+                results[i] = reply
+        pending = [i for i in pending if isinstance(results[i], redis.exceptions.MovedError)]
+        if not pending:
+            break
+        client.nodes_manager.initialize()  # type: ignore[attr-defined]
+    if short is not None:
+        raise ReplicationTimeout(str(short), short.confirmed, results)
     return results
 
 

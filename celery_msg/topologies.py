@@ -465,6 +465,18 @@ class ClusterTopology(_Topology):
                 return node
         raise ServerError(f"no running master serves slot {slot}")
 
+    def replicas_of(self, master: ServerProcess) -> list[ClusterNodeProcess]:
+        """The running nodes that replicate ``master``."""
+        found = []
+        for node in self.nodes:
+            if node is master or not node.running:
+                continue
+            with node.client() as client:
+                info = client.info("replication")
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == master.port:
+                found.append(node)
+        return found
+
     def migrate_slot(self, slot: int, target: ClusterNodeProcess, batch: int = 10) -> int:
         """Move ``slot`` to ``target`` as ``redis-cli --cluster reshard`` does (SETSLOT
         IMPORTING / MIGRATING, MIGRATE in batches, SETSLOT NODE on every master), while

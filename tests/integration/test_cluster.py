@@ -5,6 +5,8 @@ counted outside the broker."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -19,11 +21,18 @@ from celery_helpers import HOSTNAME, Stack, StackFactory, stack_factory, wait_un
 from cli_helpers import CLI
 from kombu import Connection
 
+from celery_msg.api import queue_counts
 from celery_msg.bindings import Binding
 from celery_msg.broadcast import stable_name
 from celery_msg.connection import redis_client
 from celery_msg.core import Broker
-from celery_msg.errors import BrokerConnectionError, ConfigurationError, PartialFanout, StaleRoute
+from celery_msg.errors import (
+    BrokerConnectionError,
+    ConfigurationError,
+    PartialFanout,
+    ReplicationTimeout,
+    StaleRoute,
+)
 from celery_msg.options import TransportOptions
 from celery_msg.queueargs import QueueArguments
 from celery_msg.slots import queue_slot
@@ -168,6 +177,8 @@ def test_dead_letters_and_the_cli_on_a_cluster(make_stack: StackFactory):
             result.get(timeout=20)
     for queue in QUEUES:
         stack.settled(queue, dead=1)
+    counts = queue_counts(stack.app)  # the look-up API, across the shards
+    assert {q: counts[q]["dead"] for q in QUEUES} == {"a": 1, "b": 1, "c": 1}
     cli = CLI(stack)
     listed = cli.json("dlq", "list")
     assert sorted((r["queue"], r["id"]) for r in listed) == sorted(
@@ -310,3 +321,28 @@ def test_bindings_and_an_unused_queue_expire_across_shards(cluster: ClusterTopol
     assert broker.expire_queues() == ["a"]
     assert sorted(broker.queues()) == ["b"]
     assert client.exists(*broker.keys("a").all) == 0
+
+
+def test_min_replicas_waits_on_the_shard_that_took_the_write(
+    server: Server, prefix: str, replicated_cluster: ClusterTopology
+):
+    """``WAIT`` counts one connection's writes, so on a Cluster each node's calls go with their
+    own ``WAIT``: a lagging replica fails a publish to its master's queue, and only that one."""
+    cluster = replicated_cluster
+    options = TransportOptions(min_replicas=1, min_replicas_timeout=0.3)
+    client, _ = redis_client(Connection(cluster.broker_url()), options)
+    broker = Broker(client, prefix=prefix, replication=options.replication)
+    for queue in QUEUES:
+        broker.declare(queue)
+    assert [broker.publish(q, f"m-{q}", "{}", 0) for q in QUEUES] == ["m-a", "m-b", "m-c"]
+    [lagging] = cluster.replicas_of(cluster.master_for_slot(queue_slot("a")))
+    os.kill(lagging.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(ReplicationTimeout):
+            broker.publish("a", "late-a", "{}", 0)
+        assert broker.publish("b", "late-b", "{}", 0) == "late-b"
+        got = broker.reserve(["b", "c"], 10, "me")
+        assert sorted(d.key for d in got) == ["late-b", "m-b", "m-c"]
+    finally:
+        os.kill(lagging.pid, signal.SIGCONT)
+    assert broker.ack(got) == []
