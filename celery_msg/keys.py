@@ -35,7 +35,10 @@ uniq       ZSET    message id -> until when (ms) a unique publish of that id is 
                    dropped, dead-lettered)
 =========  ======  ===================================================================
 
-Global keys (no hash tag; only the bindings version is read by a script): ``<prefix>queues``
+Global keys (no hash tag on one server, one of their own on a Redis Cluster, ``<prefix>{:global}:``
+as :mod:`celery_msg.slots` says, so that their transactions stay in one slot; only the bindings
+version is read by a script, and on a Cluster not even that: see ``Broker._route_is_current``):
+``<prefix>queues``
 (SET of queue names), ``<prefix>exchanges`` (HASH exchange -> type, so that a publisher that
 never declared an exchange still routes by its type), ``<prefix>bindings:<exchange>`` (HASH
 binding -> expiry ms, 0 = permanent), ``<prefix>bindings-version:<exchange>`` (STRING counter,
