@@ -10,6 +10,7 @@ from __future__ import annotations
 from kombu.transport import TRANSPORT_ALIASES
 
 from .app import configure
+from .bulk import BulkPublishError, bulk
 from .errors import (
     AuthenticationFailed,
     BrokerConnectionError,
@@ -33,6 +34,7 @@ connect_worker_checks()
 __all__ = [
     "AuthenticationFailed",
     "BrokerConnectionError",
+    "BulkPublishError",
     "CeleryMsgError",
     "ConfigurationError",
     "DeadLetter",
@@ -48,5 +50,6 @@ __all__ = [
     "ScriptError",
     "Unique",
     "__version__",
+    "bulk",
     "configure",
 ]

@@ -175,6 +175,18 @@ class Route:
     version: int
 
 
+class Outgoing(NamedTuple):
+    """One message on its way into one queue: the arguments of :meth:`Broker.publish`."""
+
+    queue: str
+    message_id: str
+    payload: bytes | str
+    band: int
+    due_ms: int
+    unique: bool
+    lock_until_ms: int
+
+
 class Table(NamedTuple):
     """An exchange's live bindings, read at one bindings version (None: the stored version is
     not a number; such a table is routed with unguarded and never cached)."""
@@ -620,6 +632,28 @@ class Broker:
         if route is not None and int(reply[1]) == Code.STALE_ROUTE:
             raise StaleRoute(route.exchange, [queue])
         return _text(reply[0])
+
+    def pack_publish(self, out: Outgoing, route: Route | None, *, unique: bool) -> bytes:
+        """The ``EVALSHA`` of :meth:`publish` for ``out``, packed for a pipeline of many
+        (:mod:`celery_msg.bulk`). ``unique`` overrides ``out.unique`` (a resend is unique, so
+        a message whose reply was lost is not stored twice)."""
+        head_key = out.queue if route is None else (out.queue, route.exchange)
+        try:
+            head = self._publish_heads[head_key]
+        except KeyError:
+            head = self._publish_head(head_key, out.queue, route)
+        now = self.now_ms()
+        args = (
+            out.message_id,
+            out.payload,
+            out.band,
+            out.due_ms if out.due_ms > now else 0,
+            1 if unique else 0,
+            _UNROUTED if route is None else route.version,
+            now,
+            out.lock_until_ms if unique else 0,
+        )
+        return head + b"".join(_bulk(arg) for arg in args)
 
     def publish_once(
         self, queue: str, message_id: str, payload: bytes | str, band: int, *, due_ms: int = 0
