@@ -276,6 +276,11 @@ class Buffer:
         self._route(_Message(channel, message, exchange, key), fresh=False)
         if len(self._pending) >= self.batch:
             self._write()
+            # Redis lost the script (restarted, or it is new there): reloaded; they go again
+            # with the next batch. Lost replies and stale routes wait for the flush.
+            again = self._again
+            self._pending.extend(e for e in again if e.outcome is Outcome.NO_SCRIPT)
+            self._again = [e for e in again if e.outcome is not Outcome.NO_SCRIPT]
 
     def _route(self, origin: _Message, *, fresh: bool) -> None:
         channel = origin.channel
@@ -350,7 +355,7 @@ def uses_celery_msg(app: Celery) -> bool:
 
 @contextmanager
 def bulk(
-    app: Celery, *, batch: int = DEFAULT_BATCH, retry_policy: RetryPolicy | None = None
+    app: Celery, batch: int = DEFAULT_BATCH, retry_policy: RetryPolicy | None = None
 ) -> Iterator[Buffer]:
     """Buffer every task this thread publishes inside the block (any Celery API: ``delay``,
     ``apply_async``, ``send_task``, groups, chords, chunks) and send them in pipelined batches
