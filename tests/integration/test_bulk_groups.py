@@ -1,0 +1,105 @@
+"""Groups, chunks and chord headers publish in bulk once ``configure()`` ran: pinned against
+Celery's own code paths (``group._apply_tasks``), and run through a real ``celery worker``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from celery import chord, group
+from celery.signals import after_task_publish, before_task_publish
+from celery_app.settings import DEFAULT_QUEUE
+from celery_app.tasks import runs_key
+from celery_helpers import Stack, stack_factory
+
+from celery_msg.bulk import bulk_buffer
+
+if TYPE_CHECKING:
+    from conftest import Server
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture
+def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
+    with stack_factory(server.url, prefix, tmp_path) as make:
+        yield make
+
+
+@pytest.fixture
+def published() -> Iterator[list[tuple[str, bool]]]:
+    """(signal, whether a bulk block was open) for every task publish of this test."""
+    seen: list[tuple[str, bool]] = []
+
+    def before(sender: Any = None, headers: Any = None, **kwargs: Any) -> None:
+        seen.append(("before", bulk_buffer({"headers": {"task": sender}}) is not None))
+
+    def after(sender: Any = None, **kwargs: Any) -> None:
+        seen.append(("after", bulk_buffer({"headers": {"task": sender}}) is not None))
+
+    before_task_publish.connect(before, weak=False)
+    after_task_publish.connect(after, weak=False)
+    yield seen
+    before_task_publish.disconnect(before)
+    after_task_publish.disconnect(after)
+
+
+def in_bulk(seen: list[tuple[str, bool]], n: int) -> bool:
+    """Every one of ``n`` tasks sent both signals, each inside a bulk block."""
+    return seen == [("before", True), ("after", True)] * n
+
+
+def test_a_groups_tasks_are_published_inside_a_bulk_block_by_celerys_own_code(
+    make_stack: StackFactory, published: list[tuple[str, bool]]
+):
+    stack = make_stack()
+    add = stack.task("add")
+    result = group(add.s(i, i) for i in range(30)).apply_async()
+    assert in_bulk(published, 30)
+    # All stored when apply_async returned, under the ids of the group's results.
+    stored = stack.redis.hkeys(stack.broker.keys(DEFAULT_QUEUE).body)
+    assert sorted(k.decode() for k in stored) == sorted(r.id for r in result.results)
+
+
+def test_chunks_and_a_chord_header_are_published_inside_a_bulk_block(
+    make_stack: StackFactory, published: list[tuple[str, bool]]
+):
+    stack = make_stack()
+    add, tsum = stack.task("add"), stack.task("tsum")
+    add.chunks([(i, i) for i in range(20)], 5).apply_async()
+    assert in_bulk(published, 4)
+    published.clear()
+    chord(add.s(i, i) for i in range(10))(tsum.s())
+    assert in_bulk(published, 10)  # the body is sent by the worker when the header is done
+    assert stack.broker.counts(DEFAULT_QUEUE)["ready"] == 14
+
+
+def test_an_app_not_configured_publishes_its_groups_one_by_one(
+    make_stack: StackFactory, published: list[tuple[str, bool]]
+):
+    stack = make_stack(configure=False)
+    group(stack.task("add").s(i, i) for i in range(3)).apply_async()
+    assert published == [("before", False), ("after", False)] * 3
+
+
+def test_a_group_of_10000_tasks_runs_every_task_once_through_a_real_worker(
+    make_stack: StackFactory,
+):
+    stack = make_stack(prefetch_multiplier=100)
+    result = group(stack.task("counted").s(i) for i in range(10_000)).apply_async()
+    stack.worker()
+    assert result.get(timeout=180) == list(range(10_000))
+    runs = {k.decode(): int(v) for k, v in stack.redis.hgetall(runs_key(stack.settings)).items()}
+    assert runs == {r.id: 1 for r in result.results}
+    stack.settled(DEFAULT_QUEUE, timeout=30)
+
+
+def test_a_chord_of_bulk_published_tasks_completes(make_stack: StackFactory):
+    stack = make_stack()
+    add, tsum = stack.task("add"), stack.task("tsum")
+    stack.worker()
+    assert chord(add.s(i, i) for i in range(200))(tsum.s()).get(timeout=60) == 2 * sum(range(200))
+    chunked = add.chunks([(i, 1) for i in range(100)], 10).apply_async()
+    assert sum(sum(part) for part in chunked.get(timeout=60)) == sum(range(100)) + 100
