@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from . import celery_e2e, chaos, eta, idle, latency, long_task, raw, recovery
+from . import bulk, celery_e2e, chaos, eta, idle, latency, long_task, raw, recovery
 from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, median, summarize
 
 Results = dict[str, dict[str, Any]]
@@ -66,6 +66,27 @@ def run_e2e(bench: Bench) -> Results:
                     f"{out['publish']:,.0f}/s, worker {out['tasks_per_s']:,.0f} tasks/s "
                     f"(startup {out['startup_s']:.1f} s)"
                 )
+    return _summaries(values, "tasks/s")
+
+
+def run_bulk(bench: Bench) -> Results:
+    """Enqueue rates (bench/bulk.py); kombu's one figure per shape is the ratio's base for both
+    of ours (with and without bulk), measured in the same run."""
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in range(1, bench.settings.runs + 1):
+        for transport in _order(run):
+            out = bulk.run(bench, transport)
+            log(
+                f"bulk run {run} {LABELS[transport]:>11}: "
+                + ", ".join(f"{name} {rate:,.0f}/s" for name, rate in out.items())
+            )
+            if transport == OURS:
+                for name, rate in out.items():
+                    values[f"enqueue_{name}"][OURS].append(rate)
+            else:
+                for name in ("group", "delay"):
+                    values[f"enqueue_{name}"][KOMBU].append(out[name])
+                    values[f"enqueue_{name}_bulk"][KOMBU].append(out[name])
     return _summaries(values, "tasks/s")
 
 
@@ -297,4 +318,5 @@ GROUPS: dict[str, Callable[[Bench], Results]] = {
     "eta": run_eta,
     "chaos": run_chaos,
     "memory": run_memory,
+    "bulk": run_bulk,
 }

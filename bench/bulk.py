@@ -1,0 +1,68 @@
+"""Enqueue rates with bulk publishing: a 10,000-task group, and N ``.delay()`` calls inside a
+``celery_msg.bulk`` block, against the same without bulk and against kombu's redis transport.
+
+Each figure is tasks/s from the first publish to the return of ``apply_async`` (a group) or the
+end of the block (delays): at that point Redis holds every message (for kombu's transport and
+for a publish outside a block, each ``publish`` returns when Redis has its message). The app is
+connected and its queue declared outside the timing; the server is emptied between figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from celery import group
+
+import celery_msg
+from celery_msg import canvas
+
+from .common import OURS, Bench
+from .tasks import make_app
+
+
+def _timed(bench: Bench, transport: str, n: int, body: Callable[..., None], **kw: bool) -> float:
+    bench.flush()
+    app = make_app(bench.broker_url(transport))
+    try:
+        if not kw.get("bulk_groups", True):
+            canvas.uninstall(app)
+        task = app.tasks["bench.noop"]
+        task.delay(0)  # connect and declare outside the timing
+        started = time.perf_counter()
+        body(app, task, n)
+        elapsed = time.perf_counter() - started
+    finally:
+        app.close()
+        bench.flush()
+    return n / elapsed
+
+
+def _group(app: object, task: object, n: int) -> None:
+    group(task.s(i) for i in range(n)).apply_async()  # type: ignore[attr-defined]
+
+
+def _delays(app: object, task: object, n: int) -> None:
+    for i in range(n):
+        task.delay(i)  # type: ignore[attr-defined]
+
+
+def _delays_in_block(app: object, task: object, n: int) -> None:
+    with celery_msg.bulk(app):  # type: ignore[arg-type]
+        _delays(app, task, n)
+
+
+def run(bench: Bench, transport: str) -> dict[str, float]:
+    """The figures of one transport: ours with and without bulk, kombu's as it is."""
+    groups, delays = bench.settings.bulk_group_n, bench.settings.bulk_delay_n
+    if transport != OURS:
+        return {
+            "group": _timed(bench, transport, groups, _group),
+            "delay": _timed(bench, transport, delays, _delays),
+        }
+    return {
+        "group_bulk": _timed(bench, transport, groups, _group),
+        "group": _timed(bench, transport, groups, _group, bulk_groups=False),
+        "delay_bulk": _timed(bench, transport, delays, _delays_in_block),
+        "delay": _timed(bench, transport, delays, _delays),
+    }
