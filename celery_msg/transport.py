@@ -318,6 +318,17 @@ class Channel(virtual.Channel):
                 fresh = True
         raise StaleRoute(exchange, [])  # bindings changing faster than we can read them
 
+    def _inplace_augment_message(
+        self, message: dict[str, Any], exchange: str, routing_key: str
+    ) -> None:
+        """kombu's, without the ``uuid4`` delivery tag it stores in every message: each
+        delivery gets a tag of its own (:meth:`_accept`), so the stored one was never read; it
+        cost a few µs of every publish and 60 bytes of every waiting message."""
+        message["body"], encoding = self.encode_body(message["body"], self.body_encoding)
+        props = message["properties"]
+        props["body_encoding"] = encoding
+        props["delivery_info"].update(exchange=exchange, routing_key=routing_key)
+
     def route(
         self, exchange: str, routing_key: str, *, fresh: bool = False
     ) -> tuple[list[str], Route | None, bool]:
