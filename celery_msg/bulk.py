@@ -22,7 +22,11 @@ goes out at once, as outside any block, even on the same connection or channel: 
 on a connection of its own and only reads the channel's routing table.
 
 Only Celery task messages (a ``task`` header) are buffered: remote control, events and replies
-go out at once, so a ``celery inspect`` inside the block still gets its answers.
+go out at once, so a ``celery inspect`` inside the block still gets its answers. An exception
+inside the block still sends what was published before it (as without the block).
+
+kombu's own ``Producer.batch()`` (kombu >= 5.7) uses the same buffer (:class:`PublishBatch`),
+for every message of that producer.
 """
 
 from __future__ import annotations
@@ -342,10 +346,38 @@ class Buffer:
             self._pending = failed  # what the next flush (a retry) sends
             raise BulkPublishError([entry.unsent() for entry in failed], self)
 
+    def discard(self) -> None:
+        """Forget the messages not written yet (a batch already written may be stored)."""
+        self._pending.clear()
+
     def close(self) -> None:
         """Give the connections back (after a flush; a retry takes new ones)."""
         for sender in self._senders.values():
             sender.close()
+
+
+class PublishBatch:
+    """kombu's publish batch protocol (``Producer.batch()``, kombu >= 5.7) on celery-msg: the
+    producer's publishes are buffered and sent as a bulk block's are, every message confirmed
+    one by one. kombu's contract on an exception inside ``Producer.batch()``: what was not
+    sent yet is discarded (a bulk block sends it instead)."""
+
+    def __init__(self, channel: Channel, max_size: int) -> None:
+        self.channel = channel
+        self._buffer = Buffer(max_size, RetryPolicy())
+
+    def publish(self, message: dict[str, Any], exchange: str, routing_key: str, **_: Any) -> None:
+        self.channel.prepare_for_publish(message, exchange, routing_key)
+        self._buffer.add(self.channel, message, exchange, routing_key)
+
+    def flush(self) -> None:
+        self._buffer.flush()
+
+    def discard(self) -> None:
+        self._buffer.discard()
+
+    def close(self) -> None:
+        self._buffer.close()
 
 
 def uses_celery_msg(app: Celery) -> bool:

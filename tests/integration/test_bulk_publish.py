@@ -195,3 +195,36 @@ def test_a_bulk_that_cannot_reach_redis_names_its_messages_and_a_retry_stores_ea
     assert stack.broker.stats(DEFAULT_QUEUE).get("duplicates", 0) == 0
     error.retry()  # again: a no-op (each already stored)
     assert stored_keys(stack) == sorted([first, *ids])
+
+
+def test_kombus_producer_batch_is_sent_as_a_bulk_and_each_message_stored_once(stack: Stack):
+    declare(stack, "batched")
+    with stack.app.connection_for_write() as conn:
+        producer = Producer(conn.default_channel)
+        assert producer.supports_batch_publish
+        with producer.batch(max_size=50):
+            for i in range(120):
+                producer.publish({"i": i}, routing_key="batched", message_id=f"b{i}")
+                if i == 10:
+                    assert stored_keys(stack, "batched") == []
+    assert stored_keys(stack, "batched") == sorted(f"b{i}" for i in range(120))
+
+
+def test_an_exception_inside_kombus_producer_batch_discards_what_was_not_sent(stack: Stack):
+    declare(stack, "batched")
+    with stack.app.connection_for_write() as conn:
+        producer = Producer(conn.default_channel)
+        with pytest.raises(KeyError), producer.batch(max_size=50):
+            for i in range(10):
+                producer.publish({"i": i}, routing_key="batched", message_id=f"b{i}")
+            raise KeyError("boom")
+    assert stored_keys(stack, "batched") == []
+
+
+def test_an_exception_inside_a_bulk_block_still_sends_what_was_published(stack: Stack):
+    # As without the block: a task published before the error is in Redis after it.
+    declare(stack)
+    with pytest.raises(KeyError), celery_msg.bulk(stack.app):
+        sent = stack.task("add").delay(1, 1).id
+        raise KeyError("boom")
+    assert stored_keys(stack) == [sent]
