@@ -1,5 +1,7 @@
 """Enqueue rates with bulk publishing: a 10,000-task group, and N ``.delay()`` calls inside a
-``celery_msg.bulk`` block, against the same without bulk and against kombu's redis transport.
+``celery_msg.bulk`` block, against the same without bulk and against kombu's redis transport,
+each also inside kombu's own ``Producer.batch()`` (kombu >= 5.7: pipelined LPUSHes; Celery does
+not use it by itself, the caller passes the batch's producer to every ``apply_async``).
 
 Each figure is tasks/s from the first publish to the return of ``apply_async`` (a group) or the
 end of the block (delays): at that point Redis holds every message (for kombu's transport and
@@ -25,7 +27,7 @@ def _timed(bench: Bench, transport: str, n: int, body: Callable[..., None], **kw
     bench.flush()
     app = make_app(bench.broker_url(transport))
     try:
-        if not kw.get("bulk_groups", True):
+        if not kw.get("bulk_groups", True) and transport == OURS:
             canvas.uninstall(app)
         task = app.tasks["bench.noop"]
         task.delay(0)  # connect and declare outside the timing
@@ -52,17 +54,29 @@ def _delays_in_block(app: object, task: object, n: int) -> None:
         _delays(app, task, n)
 
 
+def _group_in_batch(app: object, task: object, n: int) -> None:
+    with app.producer_or_acquire() as producer, producer.batch():  # type: ignore[attr-defined]
+        group(task.s(i) for i in range(n)).apply_async(producer=producer)  # type: ignore[attr-defined]
+
+
+def _delays_in_batch(app: object, task: object, n: int) -> None:
+    with app.producer_or_acquire() as producer, producer.batch():  # type: ignore[attr-defined]
+        for i in range(n):
+            task.apply_async((i,), producer=producer)  # type: ignore[attr-defined]
+
+
 def run(bench: Bench, transport: str) -> dict[str, float]:
-    """The figures of one transport: ours with and without bulk, kombu's as it is."""
+    """The figures of one transport: each shape as it is, and in kombu's ``Producer.batch()``
+    (kombu >= 5.7; the caller passes its producer to every publish); ours also without bulk
+    groups and inside a ``celery_msg.bulk`` block."""
     groups, delays = bench.settings.bulk_group_n, bench.settings.bulk_delay_n
-    if transport != OURS:
-        return {
-            "group": _timed(bench, transport, groups, _group),
-            "delay": _timed(bench, transport, delays, _delays),
-        }
-    return {
-        "group_bulk": _timed(bench, transport, groups, _group),
+    figures = {
         "group": _timed(bench, transport, groups, _group, bulk_groups=False),
-        "delay_bulk": _timed(bench, transport, delays, _delays_in_block),
+        "group_batch": _timed(bench, transport, groups, _group_in_batch, bulk_groups=False),
         "delay": _timed(bench, transport, delays, _delays),
+        "delay_batch": _timed(bench, transport, delays, _delays_in_batch),
     }
+    if transport == OURS:
+        figures["group_bulk"] = _timed(bench, transport, groups, _group)
+        figures["delay_bulk"] = _timed(bench, transport, delays, _delays_in_block)
+    return figures
