@@ -49,9 +49,14 @@ def _delays(app: object, task: object, n: int) -> None:
         task.delay(i)  # type: ignore[attr-defined]
 
 
+#: The longest a message waited in the process in the last timed block (s): the window.
+_window: list[float] = [0.0]
+
+
 def _delays_in_block(app: object, task: object, n: int) -> None:
-    with celery_msg.bulk(app):  # type: ignore[arg-type]
+    with celery_msg.bulk(app) as buffer:  # type: ignore[arg-type]
         _delays(app, task, n)
+    _window[0] = buffer.longest_wait
 
 
 def _group_in_batch(app: object, task: object, n: int) -> None:
@@ -79,4 +84,5 @@ def run(bench: Bench, transport: str) -> dict[str, float]:
     if transport == OURS:
         figures["group_bulk"] = _timed(bench, transport, groups, _group)
         figures["delay_bulk"] = _timed(bench, transport, delays, _delays_in_block)
+        figures["window_ms"] = _window[0] * 1000
     return figures

@@ -99,6 +99,7 @@ ROWS = (
         _ratio_at_least(3),
     ),
     Row("enqueue_delay", ".delay(), one by one", _rate),
+    Row("bulk_window_ms", "bulk block: longest a task waited in the process", _ms),
     Row("enqueue_delay_batch", "apply_async(producer=p), both in Producer.batch()", _rate),
     Row("e2e_prefork", "Celery e2e, -P prefork -c 2", _rate, ">= 1.1x", _ratio_at_least(1.1)),
     Row("idle_worker", "idle worker CPU (prefork -c 2)", _pct, "< 1 %", lambda o, k, r: o < 1),

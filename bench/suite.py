@@ -76,14 +76,18 @@ def run_bulk(bench: Bench) -> Results:
     for run in range(1, bench.settings.runs + 1):
         for transport in _order(run):
             out = bulk.run(bench, transport)
-            rates = ", ".join(f"{name} {rate:,.0f}/s" for name, rate in out.items())
+            rates = ", ".join(f"{name} {rate:,.0f}" for name, rate in out.items())
             log(f"bulk run {run} {LABELS[transport]:>11}: {rates}")
             for name, rate in out.items():
-                values[f"enqueue_{name}"][transport].append(rate)
+                if name == "window_ms":
+                    values["bulk_window_ms"][transport].append(rate)
+                else:
+                    values[f"enqueue_{name}"][transport].append(rate)
             if transport == KOMBU:
                 for name in ("group", "delay"):
                     values[f"enqueue_{name}_bulk"][KOMBU].append(out[name])
-    return _summaries(values, "tasks/s")
+    window = _summaries({"bulk_window_ms": values.pop("bulk_window_ms", {})}, "ms")
+    return {**_summaries(values, "tasks/s"), **window}
 
 
 def run_idle(bench: Bench) -> Results:

@@ -273,10 +273,16 @@ class Buffer:
         self._pending: list[_Entry] = []
         self._again: list[_Entry] = []
         self._senders: dict[int, _Sender] = {}
+        self._oldest = 0.0
+        #: The longest a message of this buffer waited in the process before it was written
+        #: (seconds): the window the block opens (the guarantee moves to the block's edge).
+        self.longest_wait = 0.0
 
     def add(self, channel: Channel, message: dict[str, Any], exchange: str, key: str) -> None:
         """Route ``message`` as :meth:`Channel.basic_publish` would and buffer it for each of
         its queues; a full batch is written at once."""
+        if not self._pending:
+            self._oldest = time.monotonic()
         self._route(_Message(channel, message, exchange, key), fresh=False)
         if len(self._pending) >= self.batch:
             self._write()
@@ -304,6 +310,8 @@ class Buffer:
         """Write the pending entries, one pipelined batch per broker, each broker's batch in
         flight read first."""
         pending, self._pending = self._pending, []
+        if pending:
+            self.longest_wait = max(self.longest_wait, time.monotonic() - self._oldest)
         batches: dict[int, list[_Entry]] = {}
         for entry in pending:
             broker = entry.origin.channel.broker

@@ -71,8 +71,8 @@ def test_tasks_wait_in_the_process_until_a_batch_fills_or_the_block_ends(stack: 
         wait_until(lambda: len(stored_keys(stack)) == 100 or None, 5, "the first batch")
         stack.task("add").delay(100, 100)
         assert len(stored_keys(stack)) == 100
-        assert buffer is not None
     assert len(stored_keys(stack)) == 101
+    assert 0 < buffer.longest_wait < 60  # the first task waited for 99 more
 
 
 def test_another_thread_publishes_at_once_on_the_same_app(stack: Stack):
