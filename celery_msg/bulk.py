@@ -158,12 +158,18 @@ class _Entry:
 
 class _Sender:
     """Pipelined publish scripts on one connection of one broker: writes a batch, reads its
-    replies one by one (so a dropped link tells exactly which were confirmed)."""
+    replies one by one (so a dropped link tells exactly which were confirmed).
+
+    The first batch on a connection (a new one, or after it dropped: Redis may have restarted
+    and lost its scripts) starts with ``SCRIPT LOAD`` of the publish script in the same
+    pipeline, so no batch is refused for want of it and no round trip is added."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._conn: Any = None
         self._in_flight: list[_Entry] = []
+        self._fresh = True  # the next write is the first on its connection
+        self._loading = False  # a SCRIPT LOAD reply is due before the batch's replies
 
     def write(self, entries: Sequence[_Entry]) -> list[_Entry]:
         """Send ``entries`` after reading the replies of the batch in flight (Redis ran it
@@ -174,10 +180,15 @@ class _Sender:
         pack = self.broker.pack_publish
         packed = [pack(e.out, e.route, unique=e.unique()) for e in entries]
         try:
-            self._connection().send_packed_command(packed, check_health=False)
+            conn = self._connection()
+            if self._fresh:
+                script = self.broker.scripts.publish.script
+                packed[:0] = conn.pack_command("SCRIPT", "LOAD", script)
+            conn.send_packed_command(packed, check_health=False)
         except REDIS_CONNECTION_ERRORS as exc:
             self._lost(entries, exc)
             return again + list(entries)
+        self._loading, self._fresh = self._fresh, False
         self._in_flight = list(entries)
         return again
 
@@ -186,6 +197,15 @@ class _Sender:
         send (stale route, script not loaded, reply lost, error reply)."""
         entries, self._in_flight = self._in_flight, []
         again: list[_Entry] = []
+        if self._loading:
+            self._loading = False
+            try:
+                self._conn.read_response()
+            except redis.ResponseError:
+                pass  # refused (ACL?): the EVALSHAs say so, each in its reply
+            except REDIS_CONNECTION_ERRORS as exc:
+                self._lost(entries, exc)
+                return list(entries)
         for i, entry in enumerate(entries):
             try:
                 reply = self._conn.read_response()
@@ -212,9 +232,11 @@ class _Sender:
     def _connection(self) -> Any:
         if self._conn is None:
             self._conn = self.broker.client.connection_pool.get_connection()
+            self._fresh = True
         elif _stale(self._conn):
             # Closed by the server while idle, with nothing in flight: reconnecting is safe.
             self._conn.disconnect()
+            self._fresh = True
         return self._conn
 
     def _load_script(self) -> None:
@@ -227,6 +249,7 @@ class _Sender:
         for entry in entries:
             entry.outcome, entry.maybe_stored = Outcome.LOST, True
             entry.detail = f"Redis unreachable ({exc}); it may be stored"
+        self._fresh, self._loading = True, False
         if self._conn is not None:
             self._conn.disconnect()
 
