@@ -27,7 +27,7 @@ from typing import Any
 from celery import Celery
 from celery.canvas import group
 
-from .bulk import bulk, uses_celery_msg
+from .bulk_publish import bulk, uses_celery_msg
 
 logger = logging.getLogger(__name__)
 

@@ -3,29 +3,17 @@ Celery's own code paths (``group._apply_tasks``), and run through a real ``celer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from celery import chord, group
 from celery.signals import after_task_publish, before_task_publish
 from celery_app.settings import DEFAULT_QUEUE
 from celery_app.tasks import runs_key
-from celery_helpers import Stack, stack_factory
+from celery_helpers import StackFactory
 
-from celery_msg.bulk import bulk_buffer
-
-if TYPE_CHECKING:
-    from conftest import Server
-
-StackFactory = Callable[..., Stack]
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
+from celery_msg.bulk_publish import bulk_buffer
 
 
 @pytest.fixture

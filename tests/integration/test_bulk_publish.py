@@ -17,18 +17,10 @@ from kombu import Exchange, Producer, Queue
 
 import celery_msg
 from bench.proxy import TcpProxy
-from celery_msg.bulk import BulkPublishError, RetryPolicy, bulk_buffer
+from celery_msg.bulk_publish import BulkPublishError, RetryPolicy, bulk_buffer
 
 if TYPE_CHECKING:
     from conftest import Server
-
-StackFactory = Callable[..., Stack]
-
-
-@pytest.fixture
-def stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[Stack]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make()
 
 
 @pytest.fixture
