@@ -108,7 +108,7 @@ class BulkPublishError(CeleryMsgError):
             self._buffer.close()
 
 
-class Outcome(Enum):
+class Status(Enum):
     """What is known of one message in one queue."""
 
     PENDING = "not sent yet"
@@ -138,7 +138,7 @@ class _Entry:
     out: Outgoing
     route: Route | None
     origin: _Message
-    outcome: Outcome = Outcome.PENDING
+    status: Status = Status.PENDING
     #: True once a send of it may have stored it (its reply was lost): send it unique then.
     maybe_stored: bool = False
     detail: str = ""
@@ -152,7 +152,7 @@ class _Entry:
         return not (isinstance(headers, dict) and headers.get("retries"))
 
     def unsent(self) -> Unsent:
-        reason = self.outcome.value + (f": {self.detail}" if self.detail else "")
+        reason = self.status.value + (f": {self.detail}" if self.detail else "")
         return Unsent(self.out.message_id, self.out.queue, reason)
 
 
@@ -210,22 +210,22 @@ class _Sender:
             try:
                 reply = self._conn.read_response()
             except redis.exceptions.NoScriptError:
-                entry.outcome = Outcome.NO_SCRIPT
+                entry.status = Status.NO_SCRIPT
                 again.append(entry)
                 continue
             except redis.ResponseError as exc:
-                entry.outcome, entry.detail = Outcome.REFUSED, str(exc)
+                entry.status, entry.detail = Status.REFUSED, str(exc)
                 again.append(entry)
                 continue
             except REDIS_CONNECTION_ERRORS as exc:
                 self._lost(entries[i:], exc)
                 return again + list(entries[i:])
             if int(reply[1]) == Code.STALE_ROUTE:
-                entry.outcome = Outcome.STALE
+                entry.status = Status.STALE
                 again.append(entry)
             else:  # 1: stored; 0: a unique publish found it stored already
-                entry.outcome = Outcome.STORED
-        if any(e.outcome is Outcome.NO_SCRIPT for e in again):
+                entry.status = Status.STORED
+        if any(e.status is Status.NO_SCRIPT for e in again):
             self._load_script()
         return again
 
@@ -247,7 +247,7 @@ class _Sender:
 
     def _lost(self, entries: Sequence[_Entry], exc: BaseException) -> None:
         for entry in entries:
-            entry.outcome, entry.maybe_stored = Outcome.LOST, True
+            entry.status, entry.maybe_stored = Status.LOST, True
             entry.detail = f"Redis unreachable ({exc}); it may be stored"
         self._fresh, self._loading = True, False
         if self._conn is not None:
@@ -312,8 +312,8 @@ class Buffer:
             # Redis lost the script (restarted, or it is new there): reloaded; they go again
             # with the next batch. Lost replies and stale routes wait for the flush.
             again = self._again
-            self._pending.extend(e for e in again if e.outcome is Outcome.NO_SCRIPT)
-            self._again = [e for e in again if e.outcome is not Outcome.NO_SCRIPT]
+            self._pending.extend(e for e in again if e.status is Status.NO_SCRIPT)
+            self._again = [e for e in again if e.status is not Status.NO_SCRIPT]
 
     def _route(self, origin: _Message, *, fresh: bool) -> None:
         channel = origin.channel
@@ -357,20 +357,20 @@ class Buffer:
             if not self._again:
                 break
             again, self._again = self._again, []
-            kinds = {entry.outcome for entry in again}
+            kinds = {entry.status for entry in again}
             for entry in again:
-                if entry.outcome is Outcome.STALE and routed < ROUTE_ATTEMPTS:
+                if entry.status is Status.STALE and routed < ROUTE_ATTEMPTS:
                     entry.origin.queues.discard(entry.out.queue)  # nothing stored there
                     self._route(entry.origin, fresh=True)
-                elif (entry.outcome is Outcome.NO_SCRIPT and reloads < ROUTE_ATTEMPTS) or (
-                    entry.outcome is Outcome.LOST and attempt < self.policy.max_retries
+                elif (entry.status is Status.NO_SCRIPT and reloads < ROUTE_ATTEMPTS) or (
+                    entry.status is Status.LOST and attempt < self.policy.max_retries
                 ):
                     self._pending.append(entry)
                 else:
                     failed.append(entry)
-            routed += Outcome.STALE in kinds
-            reloads += Outcome.NO_SCRIPT in kinds
-            if Outcome.LOST in kinds and attempt < self.policy.max_retries:
+            routed += Status.STALE in kinds
+            reloads += Status.NO_SCRIPT in kinds
+            if Status.LOST in kinds and attempt < self.policy.max_retries:
                 time.sleep(self.policy.wait(attempt))
                 attempt += 1
         if failed:
