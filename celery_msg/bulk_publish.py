@@ -267,12 +267,12 @@ class RetryPolicy:
     """How a flush sends again the messages whose reply was lost (the fields of Celery's
     ``task_publish_retry_policy``): up to ``max_retries`` rounds, waiting ``interval_start``
     seconds before the first, ``interval_step`` more before each next, at most
-    ``interval_max``."""
+    ``interval_max`` (defaults: Celery's)."""
 
     max_retries: int = 3
     interval_start: float = 0.0
     interval_step: float = 0.2
-    interval_max: float = 0.2
+    interval_max: float = 1.0
 
     @classmethod
     def of(cls, app: Celery) -> RetryPolicy:
