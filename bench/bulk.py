@@ -19,11 +19,14 @@ from celery import group
 import celery_msg
 from celery_msg import canvas
 
-from .common import OURS, Bench
+from .common import KOMBU, OURS, Bench
 from .tasks import make_app
 
 
-def _timed(bench: Bench, transport: str, n: int, body: Callable[..., None], **kw: bool) -> float:
+def _timed(
+    bench: Bench, transport: str, n: int, body: Callable[..., None], **kw: bool
+) -> tuple[float, float]:
+    """(tasks/s, client CPU µs per task) of ``body`` publishing ``n`` tasks."""
     bench.flush()
     app = make_app(bench.broker_url(transport))
     try:
@@ -31,13 +34,15 @@ def _timed(bench: Bench, transport: str, n: int, body: Callable[..., None], **kw
             canvas.uninstall(app)
         task = app.tasks["bench.noop"]
         task.delay(0)  # connect and declare outside the timing
+        cpu = time.process_time()
         started = time.perf_counter()
         body(app, task, n)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
     finally:
         app.close()
         bench.flush()
-    return n / elapsed
+    return n / elapsed, cpu / n * 1e6
 
 
 def _group(app: object, task: object, n: int) -> None:
@@ -54,7 +59,7 @@ _window: list[float] = [0.0]
 
 
 def _delays_in_block(app: object, task: object, n: int) -> None:
-    with celery_msg.bulk(app) as buffer:  # type: ignore[arg-type]
+    with celery_msg.bulk(app) as buffer:
         _delays(app, task, n)
     _window[0] = buffer.longest_wait
 
@@ -70,19 +75,35 @@ def _delays_in_batch(app: object, task: object, n: int) -> None:
             task.apply_async((i,), producer=producer)  # type: ignore[attr-defined]
 
 
-def run(bench: Bench, transport: str) -> dict[str, float]:
-    """The figures of one transport: each shape as it is, and in kombu's ``Producer.batch()``
-    (kombu >= 5.7; the caller passes its producer to every publish); ours also without bulk
-    groups and inside a ``celery_msg.bulk`` block."""
-    groups, delays = bench.settings.bulk_group_n, bench.settings.bulk_delay_n
-    figures = {
-        "group": _timed(bench, transport, groups, _group, bulk_groups=False),
-        "group_batch": _timed(bench, transport, groups, _group_in_batch, bulk_groups=False),
-        "delay": _timed(bench, transport, delays, _delays),
-        "delay_batch": _timed(bench, transport, delays, _delays_in_batch),
-    }
-    if transport == OURS:
-        figures["group_bulk"] = _timed(bench, transport, groups, _group)
-        figures["delay_bulk"] = _timed(bench, transport, delays, _delays_in_block)
-        figures["window_ms"] = _window[0] * 1000
-    return figures
+#: (figure, transport, body, bulk groups on) per shape, run back to back in this order (the
+#: order flips from run to run), so that a load spike on the shared machine falls on a shape's
+#: figures alike. Kombu's plain figure is the base of both of ours (as is, and bulk).
+SHAPES: dict[str, list[tuple[str, str, Callable[..., None], bool]]] = {
+    "group": [
+        ("group_bulk", OURS, _group, True),
+        ("group", KOMBU, _group, False),
+        ("group", OURS, _group, False),
+        ("group_batch", KOMBU, _group_in_batch, False),
+        ("group_batch", OURS, _group_in_batch, False),
+    ],
+    "delay": [
+        ("delay_bulk", OURS, _delays_in_block, True),
+        ("delay", KOMBU, _delays, False),
+        ("delay", OURS, _delays, False),
+        ("delay_batch", KOMBU, _delays_in_batch, False),
+        ("delay_batch", OURS, _delays_in_batch, False),
+    ],
+}
+
+
+def run(bench: Bench, run_number: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """One run: figure -> transport -> (tasks/s, client CPU µs per task); ours also
+    ``window_ms``: the longest a task waited in the process inside the bulk block."""
+    sizes = {"group": bench.settings.bulk_group_n, "delay": bench.settings.bulk_delay_n}
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for shape, steps in SHAPES.items():
+        for figure, transport, body, bulk_groups in steps if run_number % 2 else steps[::-1]:
+            rate_cpu = _timed(bench, transport, sizes[shape], body, bulk_groups=bulk_groups)
+            out.setdefault(figure, {})[transport] = rate_cpu
+    out["window_ms"] = {OURS: (_window[0] * 1000, 0.0)}
+    return out

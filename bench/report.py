@@ -55,6 +55,10 @@ def _count(v: float) -> str:
     return f"{v:.0f}"
 
 
+def _us(v: float) -> str:
+    return f"{v:,.0f} µs"
+
+
 def _per(v: float) -> str:
     return f"{v:.2f}"
 
@@ -99,6 +103,8 @@ ROWS = (
         _ratio_at_least(3),
     ),
     Row("enqueue_delay", ".delay(), one by one", _rate),
+    Row("enqueue_group_bulk_cpu_us", "client CPU per task: group, ours bulk vs kombu", _us),
+    Row("enqueue_delay_bulk_cpu_us", "client CPU per task: .delay(), ours bulk vs kombu", _us),
     Row("bulk_window_ms", "bulk block: longest a task waited in the process", _ms),
     Row("enqueue_delay_batch", "apply_async(producer=p), both in Producer.batch()", _rate),
     Row("e2e_prefork", "Celery e2e, -P prefork -c 2", _rate, ">= 1.1x", _ratio_at_least(1.1)),
