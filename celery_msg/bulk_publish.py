@@ -35,11 +35,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis
 
@@ -62,6 +62,8 @@ ROUTE_ATTEMPTS = 5
 
 _local = threading.local()
 
+T = TypeVar("T")
+
 
 def bulk_buffer(message: dict[str, Any]) -> Buffer | None:
     """The open block's buffer if this thread is inside one and ``message`` is a task; the
@@ -71,6 +73,12 @@ def bulk_buffer(message: dict[str, Any]) -> Buffer | None:
         return None
     headers = message.get("headers")
     return buffer if isinstance(headers, dict) and "task" in headers else None
+
+
+def current_buffer() -> Buffer | None:
+    """The buffer of the bulk block open in this thread, if any."""
+    buffer: Buffer | None = getattr(_local, "buffer", None)
+    return buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +304,7 @@ class Buffer:
         self._pending: list[_Entry] = []
         self._again: list[_Entry] = []
         self._senders: dict[int, _Sender] = {}
+        self._held: dict[int, tuple[Any, Callable[[Any], None]]] = {}
         self._oldest = 0.0
         #: The longest a message of this buffer waited in the process before it was written
         #: (seconds): the window the block opens (the guarantee moves to the block's edge).
@@ -381,10 +390,25 @@ class Buffer:
         """Forget the messages not written yet (a batch already written may be stored)."""
         self._pending.clear()
 
+    def hold(self, owner: object, acquire: Callable[[], T], release: Callable[[T], None]) -> T:
+        """A resource of ``owner`` kept for the block's life (an app's producer: every
+        ``.delay()`` in the block would take one from the pool and give it back), taken on
+        first use and released when the block closes."""
+        held = self._held.get(id(owner))
+        if held is None:
+            resource = acquire()
+            self._held[id(owner)] = (resource, release)
+            return resource
+        return cast(T, held[0])
+
     def close(self) -> None:
-        """Give the connections back (after a flush; a retry takes new ones)."""
+        """Give the connections and held resources back (after a flush; a retry takes new
+        connections)."""
         for sender in self._senders.values():
             sender.close()
+        held, self._held = self._held, {}
+        for resource, release in held.values():
+            release(resource)
 
 
 class PublishBatch:

@@ -1,6 +1,11 @@
-"""Groups publish in bulk: once :func:`celery_msg.configure` ran for an app, every
-``group(...).apply_async()`` of it (so also ``chunks``, ``starmap`` over a group, and the header
-of a ``chord``) publishes its tasks inside one :func:`celery_msg.bulk` block.
+"""Celery's side of bulk publishing, installed by :func:`celery_msg.configure`.
+
+1. Groups publish in bulk: every ``group(...).apply_async()`` of a configured app (so also
+   ``chunks``, ``starmap`` over a group, and the header of a ``chord``) publishes its tasks
+   inside one :func:`celery_msg.bulk` block.
+2. Inside a block, the app's ``producer_or_acquire()`` (what ``Task.apply_async`` /
+   ``send_task`` call to get a producer) hands out one producer of the app's pool, held for
+   the block's life, instead of taking one from the pool and giving it back per task.
 
 The hook is Celery's ``group._apply_tasks``: the generator ``group.apply_async`` exhausts (with
 ``list``) to publish the group's tasks one by one with one producer, after freezing them (ids,
@@ -11,9 +16,10 @@ changes no step of Celery's own: every task is still built and published by
 messages reach Redis: in pipelined batches, all of them before ``apply_async`` returns.
 
 What this relies on is pinned by ``tests/integration/test_bulk_groups.py`` (a group's, a
-chunk's and a chord header's tasks are published inside the block, in Celery's own code): an
-upgrade that renames or stops using ``_apply_tasks`` fails those tests, and :func:`install`
-logs a warning instead of wrapping something else.
+chunk's and a chord header's tasks are published inside the block, in Celery's own code; the
+tasks of a block take one producer from the pool): an upgrade that renames or stops using
+``_apply_tasks`` or ``producer_or_acquire`` fails those tests, and :func:`install` logs a
+warning instead of wrapping something else.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 from celery import Celery
 from celery.canvas import group
 
-from .bulk_publish import bulk, uses_celery_msg
+from .bulk_publish import bulk, current_buffer, uses_celery_msg
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,9 @@ _MARK = "__celery_msg_bulk__"
 
 
 def install(app: Celery) -> None:
-    """Publish ``app``'s groups in bulk (wraps ``group._apply_tasks`` once per process)."""
+    """Publish ``app``'s groups in bulk (wraps ``group._apply_tasks`` once per process) and
+    hold one producer per bulk block (wraps ``app.producer_or_acquire``)."""
+    _hold_producer(app)
     original = getattr(group, "_apply_tasks", None)
     if original is None:
         logger.warning(
@@ -49,6 +57,31 @@ def install(app: Celery) -> None:
         wrapped = _bulk_apply_tasks(original)
         setattr(wrapped, _MARK, True)
         group._apply_tasks = wrapped
+
+
+def _hold_producer(app: Celery) -> None:
+    original = app.producer_or_acquire
+    if getattr(original, _MARK, False):
+        return
+
+    def producer_or_acquire(producer: Any = None) -> Any:
+        if producer is None:
+            buffer = current_buffer()
+            if buffer is not None:
+                producer = buffer.hold(app, _acquire(app), _release)
+        return original(producer)
+
+    setattr(producer_or_acquire, _MARK, True)
+    app.producer_or_acquire = producer_or_acquire
+
+
+def _acquire(app: Celery) -> Any:
+    timeout = app.conf.broker_pool_acquire_timeout
+    return lambda: app.producer_pool.acquire(block=True, timeout=timeout)
+
+
+def _release(producer: Any) -> None:
+    producer.release()
 
 
 def uninstall(app: Celery) -> None:

@@ -13,6 +13,7 @@ from celery_app.settings import DEFAULT_QUEUE
 from celery_app.tasks import runs_key
 from celery_helpers import StackFactory
 
+import celery_msg
 from celery_msg.bulk_publish import bulk_buffer
 
 
@@ -91,3 +92,28 @@ def test_a_chord_of_bulk_published_tasks_completes(make_stack: StackFactory):
     assert chord(add.s(i, i) for i in range(200))(tsum.s()).get(timeout=60) == 2 * sum(range(200))
     chunked = add.chunks([(i, 1) for i in range(100)], 10).apply_async()
     assert sum(sum(part) for part in chunked.get(timeout=60)) == sum(range(100)) + 100
+
+
+def test_the_tasks_of_a_block_take_one_producer_from_the_apps_pool(make_stack: StackFactory):
+    # Celery's send_task takes a producer from the pool per task (producer_or_acquire) unless
+    # given one; inside a block the configured app hands out one, held for the block's life.
+    stack = make_stack()
+    add, pool = stack.task("add"), stack.app.producer_pool
+    add.delay(0, 0)  # the pool is made and connected outside the count
+    taken: list[object] = []
+    acquire = pool.acquire
+
+    def counting_acquire(*args: Any, **kwargs: Any) -> Any:
+        taken.append(producer := acquire(*args, **kwargs))
+        return producer
+
+    pool.acquire = counting_acquire
+    with celery_msg.bulk(stack.app):
+        for i in range(20):
+            add.delay(i, i)
+        group(add.s(i, i) for i in range(5)).apply_async()
+    assert len(taken) == 1
+    for i in range(3):
+        add.delay(i, i)
+    assert len(taken) == 4  # outside a block: one per task, as Celery does
+    assert stack.broker.counts(DEFAULT_QUEUE)["ready"] == 1 + 25 + 3
