@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import redis
 
@@ -101,6 +101,18 @@ __all__ = [
 
 #: Seconds between two log lines about the same broken queue.
 BROKEN_REPORT_INTERVAL = 60.0
+
+
+class Outgoing(NamedTuple):
+    """One message on its way into one queue: the arguments of :meth:`Broker.publish`."""
+
+    queue: str
+    message_id: str
+    payload: bytes | str
+    band: int
+    due_ms: int
+    unique: bool
+    lock_until_ms: int
 
 
 class Broker(Lookups, Bindings):
@@ -232,6 +244,26 @@ class Broker(Lookups, Bindings):
         if route is not None and reply.code == Code.STALE_ROUTE:
             raise StaleRoute(route.exchange, [queue])
         return reply.key
+
+    def pack_publish(self, out: Outgoing, route: Route | None, *, unique: bool) -> bytes:
+        """The ``EVALSHA`` of :meth:`publish` for ``out``, packed for a pipeline of many
+        (:mod:`celery_msg.bulk_publish`). ``unique`` overrides ``out.unique`` (a resend is
+        unique, so a message whose reply was lost is not stored twice)."""
+        head_key = out.queue if route is None else (out.queue, route.exchange)
+        try:
+            head = self._publish_heads[head_key]
+        except KeyError:
+            head = self._publish_head(head_key, out.queue, route)
+        args = self._publish_args(
+            out.message_id,
+            out.payload,
+            out.band,
+            out.due_ms,
+            unique=unique,
+            route=route,
+            lock_until_ms=out.lock_until_ms,
+        )
+        return head + b"".join(bulk(arg) for arg in args)
 
     def publish_once(
         self, queue: str, message_id: str, payload: bytes | str, band: int, *, due_ms: int = 0
