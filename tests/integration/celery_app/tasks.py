@@ -244,6 +244,20 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
         record(settings, "start", task=self.request.id, worker=self.request.hostname)
         os.kill(os.getpid(), signal.SIGKILL)
 
+    @app.task(name="traced", shared=False, bind=True)
+    def traced(self: Task, fail_times: int, label: str = "") -> int:
+        """As ``attempt``, recording the W3C ``traceparent`` header the run sees as its label
+        (read as OpenTelemetry's Celery instrumentation reads it: an attribute of the request)."""
+        run = runs_so_far(settings, self.request.id) + 1
+        seen = str(getattr(self.request, "traceparent", None))
+        where = {"task": self.request.id, "label": seen, "worker": self.request.hostname}
+        record(settings, "start", token=str(run), **where)
+        if run <= fail_times:
+            record(settings, "fail", token=str(run), **where)
+            raise Transient(f"run {run} of {label}")
+        record(settings, "finish", token=str(run), **where)
+        return run
+
     @app.task(name="record_eta", shared=False, bind=True)
     def record_eta(self: Task, label: str = "") -> str:
         """Records a start and a finish, with the task's ``eta`` (ISO 8601) as the token."""
