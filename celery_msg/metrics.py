@@ -125,7 +125,7 @@ class QueueCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """The families, without samples: registering the collector reads nothing."""
-        return _Families().all()
+        return families()
 
     def collect(self) -> Iterable[Metric]:
         started = time.perf_counter()
@@ -144,6 +144,11 @@ class QueueCollector(Collector):
         families.duration.add_metric([], time.perf_counter() - started)
         families.round_trips.add_metric([], snap.round_trips)
         return families.all()
+
+
+def families() -> list[Metric]:
+    """Every metric family the collector exports, without samples (for docs and tests)."""
+    return _Families().all()
 
 
 class _Families:
