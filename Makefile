@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m celery_msg.demo $(ARGS)
+	$(BIN)/python -m example_project.demo $(ARGS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(ARGS)
@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check celery_msg tests bench example_project
 	$(BIN)/ruff format --check celery_msg tests bench example_project
-	$(BIN)/mypy celery_msg
+	$(BIN)/mypy celery_msg example_project/demo
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench $(ARGS)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from celery_msg.servers import ServerProcess
+from celery_msg.testing import ServerProcess
 
 from . import report
 from .common import Bench, Settings

@@ -49,7 +49,7 @@ import redis
 from celery import Celery
 
 from celery_msg.api import queue_counts
-from celery_msg.servers import ServerProcess
+from celery_msg.testing import ServerProcess
 
 from .common import KOMBU, OURS, Bench, new_prefix
 from .proxy import TcpProxy

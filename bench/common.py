@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 import celery_msg  # noqa: F401  (registers the celery-msg:// scheme with kombu)
-from celery_msg.servers import ServerProcess
+from celery_msg.testing import ServerProcess
 
 OURS = "celery-msg"
 KOMBU = "redis"

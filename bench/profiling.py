@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
-from celery_msg.servers import ServerProcess
+from celery_msg.testing import ServerProcess
 
 from . import raw
 from .common import OURS, TRANSPORTS, Bench, Settings

@@ -2,14 +2,17 @@
 
 Importing this package registers the ``celery-msg://`` and ``celery-msgs://`` (TLS) URL schemes
 with kombu, so that ``broker_url = "celery-msg://localhost:6379/0"`` selects
-:class:`celery_msg.transport.Transport`.
+:class:`celery_msg.transport.Transport`, and connects the worker start-up checks.
+
+It imports neither kombu nor Celery itself (:mod:`celery_msg.registration` acts when they are
+loaded) and loads :func:`configure` on first use: ``import celery_msg.core`` stays free of them.
 """
 
 from __future__ import annotations
 
-from kombu.transport import TRANSPORT_ALIASES
+from typing import TYPE_CHECKING, Any
 
-from .app import configure
+from . import registration
 from .errors import (
     AuthenticationFailed,
     BrokerConnectionError,
@@ -22,13 +25,23 @@ from .errors import (
     ScriptError,
 )
 from .policy import DeadLetter, Exponential, Fixed, Policies, Policy, Retry, Unique
-from .startup import connect_worker_checks
+
+if TYPE_CHECKING:
+    from .app import configure
 
 __version__ = "0.1.0"
 
-TRANSPORT_ALIASES.setdefault("celery-msg", "celery_msg.transport:Transport")
-TRANSPORT_ALIASES.setdefault("celery-msgs", "celery_msg.transport:Transport")
-connect_worker_checks()
+registration.install()
+
+
+def __getattr__(name: str) -> Any:
+    """``configure`` lives in the Celery layer: import it (and Celery) only when asked for."""
+    if name == "configure":
+        from .app import configure
+
+        return configure
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AuthenticationFailed",

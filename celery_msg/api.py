@@ -15,18 +15,18 @@ from celery import Celery
 from .core import Broker, MessageInfo
 from .deadletters import DeadFilter, DeadLetters, DeadMessage
 from .errors import ConfigurationError
+from .outcome import broker_of
 
 
 @contextmanager
 def broker_for(app: Celery) -> Iterator[Broker]:
     """The :class:`~celery_msg.core.Broker` of ``app``'s celery-msg connection."""
     with app.connection_for_write() as conn:
-        transport = conn.transport
-        broker = getattr(transport, "broker", None)
-        if not isinstance(broker, Broker):
+        broker = broker_of(conn)
+        if broker is None:
             raise ConfigurationError(
                 f"broker_url of app {app.main!r} does not use celery-msg:// "
-                f"(transport is {type(transport).__module__})"
+                f"(transport is {type(conn.transport).__module__})"
             )
         yield broker
 

@@ -29,11 +29,11 @@ from kombu.utils.encoding import safe_repr
 
 from .broadcast import name_broadcast_queues
 from .control import install_scheduled
-from .core import Broker
 from .counters import Counter
 from .errors import PoisonMessage
 from .headers import expires_ms
 from .options import TransportOptions
+from .outcome import broker_of, channel_of, mark_dead_letter, mark_drop, outcome_of
 from .policy import Policies, Resolved, policies_from
 from .startup import check_configure
 from .transport import Transport
@@ -79,16 +79,6 @@ def configure(app: Celery, *, policies: Policies | None = None, **transport_opti
 def _uses_celery_msg(app: Celery) -> bool:
     url = app.conf.broker_url or ""
     return str(url).startswith(("celery-msg://", "celery-msgs://"))
-
-
-def _mark(message: Any, reason: str, detail: str) -> None:
-    """Tell the transport why the coming reject dead-letters this message."""
-    message.dead_letter_reason = (reason, detail)
-
-
-def _broker_of(message: Any) -> Broker | None:
-    broker = getattr(getattr(getattr(message, "channel", None), "transport", None), "broker", None)
-    return broker if isinstance(broker, Broker) else None
 
 
 def app_policies(app: Celery) -> Policies:
@@ -159,19 +149,19 @@ class Consumer(CeleryConsumer):
         return transport if isinstance(transport, Transport) else None
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        _mark(message, "undecodable", f"{type(exc).__name__}: {exc}")
+        mark_dead_letter(message, "undecodable", f"{type(exc).__name__}: {exc}")
         self._log_and_reject(message, "cannot decode message body")
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        _mark(message, "no-task-headers", "message has no task name in headers or body")
+        mark_dead_letter(message, "no-task-headers", "message has no task name in headers or body")
         super().on_unknown_message(body, message)
 
     def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        _mark(message, "unknown-task", f"task not registered on this worker: {exc}")
+        mark_dead_letter(message, "unknown-task", f"task not registered on this worker: {exc}")
         super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        _mark(message, "invalid-task", f"{type(exc).__name__}: {exc}")
+        mark_dead_letter(message, "invalid-task", f"{type(exc).__name__}: {exc}")
         super().on_invalid_task(body, message, exc)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
@@ -183,7 +173,7 @@ class Consumer(CeleryConsumer):
         def on_task_received(message: Any) -> Any:
             content_type = message.content_type
             if accept and content_type not in accept:
-                _mark(
+                mark_dead_letter(
                     message,
                     "content-type-not-accepted",
                     f"content type {content_type!r} is not in accept_content",
@@ -192,7 +182,7 @@ class Consumer(CeleryConsumer):
             headers = message.headers if isinstance(message.headers, dict) else {}
             task = headers.get("task")
             if task is not None and not isinstance(task, str):
-                _mark(message, "invalid-task", f"task name {task!r} is not a string")
+                mark_dead_letter(message, "invalid-task", f"task name {task!r} is not a string")
                 return self._log_and_reject(message, "invalid task name")
             queue = (message.delivery_info or {}).get("queue")
             policy = self.policies.resolve(task, queue)
@@ -201,10 +191,10 @@ class Consumer(CeleryConsumer):
             if policy.ack == "early":
                 # At most once: the ack is in Redis before the task can start. Celery acks when
                 # the pool accepts the task, which for prefork is after the child started it.
-                settle_now = getattr(message.channel, "settle_ack", None)
-                if settle_now is not None:
-                    settle_now(message.delivery_tag, now=True)
-                    message.settled = True
+                channel = channel_of(message)
+                if channel is not None:
+                    channel.settle_ack(message.delivery_tag, now=True)
+                    outcome_of(message).settled = True
             strategies.mode = policy.ack
             try:
                 return handler(message)
@@ -216,7 +206,7 @@ class Consumer(CeleryConsumer):
                 # the message comes back to end the next one: dead-letter it instead.
                 if message.acknowledged:
                     raise
-                _mark(message, "invalid-task", f"{type(exc).__name__}: {exc}")
+                mark_dead_letter(message, "invalid-task", f"{type(exc).__name__}: {exc}")
                 logger.exception("task %s[%s] cannot be run", task, headers.get("id"))
                 return self._log_and_reject(message, "malformed task message")
             finally:
@@ -232,7 +222,7 @@ class Consumer(CeleryConsumer):
         expires = expires_ms(headers)
         if expires is None or expires > time.time() * 1000:
             return False
-        broker = _broker_of(message)
+        broker = broker_of(message)
         if broker is not None and queue is not None:
             broker.count(queue, Counter.EXPIRED)
             if headers.get("id"):
@@ -241,7 +231,9 @@ class Consumer(CeleryConsumer):
         if not (dead_letter.enabled and dead_letter.expired):
             return False
         task_id = headers.get("id")
-        _mark(message, "expired", f"expired at {headers.get('expires')}, before it could run")
+        mark_dead_letter(
+            message, "expired", f"expired at {headers.get('expires')}, before it could run"
+        )
         logger.warning("task %s[%s] expired; dead-lettered", headers.get("task"), task_id)
         message.reject(requeue=False)
         if task_id:
@@ -257,9 +249,9 @@ class Consumer(CeleryConsumer):
         headers = message.headers if isinstance(message.headers, dict) else {}
         detail = f"delivered {deliveries - 1} times without an ack"
         if policy.dead_letter.enabled:
-            _mark(message, "poison", detail)
+            mark_dead_letter(message, "poison", detail)
         else:
-            message.drop_on_reject = True
+            mark_drop(message)
         logger.error(
             "task %s[%s] is poison (%s); %s",
             headers.get("task"),
@@ -269,7 +261,7 @@ class Consumer(CeleryConsumer):
         )
         message.reject(requeue=False)
         task_id = headers.get("id")
-        broker = _broker_of(message)
+        broker = broker_of(message)
         queue = (message.delivery_info or {}).get("queue")
         if task_id and broker is not None and queue:
             broker.unlock(queue, [str(task_id)])  # never to run again: may be sent again

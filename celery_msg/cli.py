@@ -341,7 +341,7 @@ def inspect_message(ctx: click.Context, message_id: str, as_json: bool) -> None:
     try:
         with broker_for(app) as broker:
             _, unreadable = broker.queue_registry()
-            found = broker.lookup(message_id)
+            found, skipped = broker.search(message_id)
     except CeleryMsgError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     result = _result_state(app, message_id)
@@ -354,6 +354,7 @@ def inspect_message(ctx: click.Context, message_id: str, as_json: bool) -> None:
             }
         )
         _report_unreadable(unreadable)
+        _report_skipped(skipped)
         return
     console = Console()
     console.print(f"[bold]message[/bold] {message_id}   [bold]result[/bold] {result or '-'}")
@@ -364,6 +365,13 @@ def inspect_message(ctx: click.Context, message_id: str, as_json: bool) -> None:
         for line in history(info, ascending):
             console.print(f"  {line}", markup=False, highlight=False)
     _report_unreadable(unreadable)
+    _report_skipped(skipped)
+
+
+def _report_skipped(skipped: dict[str, str]) -> None:
+    """Queues a search could not read (their keys are corrupted): named, not a traceback."""
+    for queue, error in skipped.items():
+        click.echo(f"skipped queue {queue!r}: it cannot be read ({error})", err=True)
 
 
 def priority_of(info: MessageInfo, ascending: bool = False) -> int | None:
@@ -378,9 +386,10 @@ def history(info: MessageInfo, ascending: bool = False) -> list[str]:
     headers = decode_message(info.payload or b"").get("headers")
     headers = headers if isinstance(headers, dict) else {}
     first_served = "lower" if ascending else "higher"
+    priority = priority_of(info, ascending)
     lines = [
-        f"published as {info.key} (priority {priority_of(info, ascending)} of 0-255, "
-        f"{first_served} served first)"
+        f"published as {info.key} (priority {'unreadable' if priority is None else priority} "
+        f"of 0-255, {first_served} served first)"
     ]
     retries = _int(headers.get("retries"))
     if retries:

@@ -25,7 +25,7 @@ from celery.worker.control import Panel
 from kombu.utils.json import loads
 
 from .core import Broker, ScheduledMessage
-from .transport import Transport
+from .outcome import broker_of
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +143,6 @@ def _arguments(
 
 def _text_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def broker_of(connection: Any) -> Broker | None:
-    """The :class:`Broker` behind a kombu connection, or None when it is not celery-msg."""
-    transport = getattr(connection, "transport", None)
-    return transport.broker if isinstance(transport, Transport) else None
 
 
 def install_scheduled(consumer_type: type[Any]) -> None:

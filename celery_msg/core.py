@@ -139,6 +139,13 @@ class MessageInfo:
     payload: bytes | None
 
 
+class Search(NamedTuple):
+    """What :meth:`Broker.search` found, and the queues it could not read (name -> error)."""
+
+    found: list[MessageInfo]
+    skipped: dict[str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class ScheduledMessage:
     """A message waiting in a queue's schedule, as :meth:`Broker.scheduled` lists it."""
@@ -727,12 +734,12 @@ class Broker:
         self, acks: Sequence[Lease], requests: Sequence[ReserveRequest]
     ) -> Round:
         """Ack ``acks`` and serve every request in a single round trip (a consumer's hot path)."""
-        by_queue = _group(acks)
+        by_queue = group_by_queue(acks)
         wanted = [r for r in requests if r.count > 0 and r.queues]
         if not by_queue and not wanted:
             return Round([[] for _ in requests], [], None)
         calls: list[ScriptCall] = [
-            (self.scripts.ack, self.keys(queue).all, _pairs(group))
+            (self.scripts.ack, self.keys(queue).all, lease_pairs(group))
             for queue, group in by_queue.items()
         ]
         calls.extend(
@@ -844,16 +851,19 @@ class Broker:
         self, leases: Iterable[Lease], run: Script, what: str, head: list[Any]
     ) -> list[Lease]:
         """Run a per-message script over leases, one call per queue, pipelined if several."""
-        by_queue = _group(leases)
+        by_queue = group_by_queue(leases)
         if not by_queue:
             return []
         with translated_errors(f"{what} {sum(map(len, by_queue.values()))} messages"):
             if len(by_queue) == 1:
                 ((queue, group),) = by_queue.items()
-                results = [run(keys=self.keys(queue).all, args=head + _pairs(group))]
+                results = [run(keys=self.keys(queue).all, args=head + lease_pairs(group))]
             else:
                 results = self.run_scripts(
-                    [(run, self.keys(q).all, head + _pairs(group)) for q, group in by_queue.items()]
+                    [
+                        (run, self.keys(q).all, head + lease_pairs(group))
+                        for q, group in by_queue.items()
+                    ]
                 )
         return _lost(by_queue.values(), results)
 
@@ -920,13 +930,25 @@ class Broker:
 
         Acked messages leave no trace, so an empty list means acked, purged or never published.
         """
-        found: list[MessageInfo] = []
+        return self.search(message_id, queues).found
+
+    def search(self, message_id: str, queues: Sequence[str] | None = None) -> Search:
+        """:meth:`lookup`, saying which queues could not be read: when searching every queue,
+        one whose keys are corrupted (a wrong type) is skipped and named, not raised, so it
+        cannot hide the others; a queue asked for by name still raises."""
+        result = Search([], {})
         for queue in self.queues() if queues is None else queues:
-            for key in self._keys_of(queue, message_id):
-                info = self.info(queue, key)
-                if info is not None:
-                    found.append(info)
-        return found
+            try:
+                for key in self._keys_of(queue, message_id):
+                    info = self.info(queue, key)
+                    if info is not None:
+                        result.found.append(info)
+            except ScriptError as exc:
+                if queues is not None:
+                    raise
+                logger.warning("look-up skipped queue %r: %s", queue, exc)
+                result.skipped[queue] = str(exc)
+        return result
 
     def get(self, message_id: str, queues: Sequence[str] | None = None) -> MessageInfo:
         """The newest stored instance of ``message_id``; raises :class:`MessageNotFound`."""
@@ -949,12 +971,12 @@ class Broker:
             # A key that is some other id's duplicate slot is not this id's message.
             keys = [message_id] if stored and not is_dup_key else []
             for field, owner_id in self.client.hscan_iter(k.dups, match=pattern):
-                if _text(owner_id) == message_id:
-                    keys.append(_text(field))
+                if _lenient_text(owner_id) == message_id:
+                    keys.append(_lenient_text(field))
             if len(keys) < 2:
                 return keys
             scores = self.client.hmget(k.order, keys)
-        seq = {key: int(float(s or 0)) % BAND for key, s in zip(keys, scores, strict=True)}
+        seq = {key: _sequence(s) for key, s in zip(keys, scores, strict=True)}
         return sorted(keys, key=seq.__getitem__)
 
     def info(self, queue: str, key: str) -> MessageInfo | None:
@@ -1183,18 +1205,49 @@ def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo |
     else:
         return None
     return MessageInfo(
-        id=key if dup_of is None else _text(dup_of),
+        id=key if dup_of is None else _lenient_text(dup_of),
         key=key,
         queue=queue,
         state=state,
-        deliveries=int(deliv or 0),
-        priority_band=None if order is None else int(float(order)) // BAND,
-        owner=None if owner is None else _text(owner),
+        deliveries=_count_field(deliv) or 0,
+        priority_band=None if order is None else _band_field(order),
+        owner=None if owner is None else _lenient_text(owner),
         lease_deadline=None if leased is None else float(leased) / 1000.0,
         due=None if due is None else float(due) / 1000.0,
         dead_reason=None if reason is None else dead_record(reason),
         payload=body,
     )
+
+
+def _count_field(raw: Any) -> int | None:
+    """A counter read from a hash field; None when it is not a number (a corrupted field must
+    not break a look-up or a listing: the message is shown, the count is not)."""
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def _sequence(raw: Any) -> int:
+    """Publish sequence of a stored order (0 when missing or not a number)."""
+    try:
+        return int(float(raw or 0)) % BAND
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _band_field(raw: Any) -> int | None:
+    """The priority band of a stored order (a number); None when it is not one."""
+    try:
+        return int(float(raw)) // BAND
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _lenient_text(value: bytes | str) -> str:
+    """Text of a field another program may have written: bytes that are not UTF-8 are shown
+    escaped rather than raising."""
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
 #: Reason given to a dead-letter record that is not a JSON object (written by something else).
@@ -1246,7 +1299,8 @@ def _deliveries(request: ReserveRequest, flat: list[Any]) -> list[Delivery]:
     return out
 
 
-def _group(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
+def group_by_queue(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
+    """Leases per queue: one script call settles one queue's (its keys share a slot)."""
     by_queue: dict[str, list[Lease]] = {}
     for lease in leases:
         by_queue.setdefault(lease.queue, []).append(lease)
@@ -1260,7 +1314,8 @@ def _lost(groups: Iterable[list[Lease]], results: Sequence[Any]) -> list[Lease]:
     return lost
 
 
-def _pairs(leases: Iterable[Lease]) -> list[Any]:
+def lease_pairs(leases: Iterable[Lease]) -> list[Any]:
+    """The ARGV of the per-message scripts: key, token, key, token, ..."""
     out: list[Any] = []
     for lease in leases:
         out.append(lease.key)

@@ -76,9 +76,14 @@ class Holdings:
                 del self._leases[tag]
             self._acks = [lease for lease in self._acks if lease.queue != queue]
 
-    def forget(self, lost: Iterable[Lease]) -> None:
-        """Drop leases the server says are lost: nobody may settle them any more."""
+    def forget(self, lost: Iterable[Lease]) -> list[Lease]:
+        """Drop leases the server says are lost: nobody may settle them any more. Returns the
+        ones this book still held or had buffered: a lease settled meanwhile (an ack written
+        while its renewal was in flight) was not lost, and is not reported."""
         gone = set(lost)
         with self._lock:
+            dropped = [lease for lease in self._leases.values() if lease in gone]
             for tag in [t for t, lease in self._leases.items() if lease in gone]:
                 del self._leases[tag]
+            dropped.extend(lease for lease in self._acks if lease in gone)
+        return dropped

@@ -11,8 +11,9 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from . import validate as check
 from .errors import ConfigurationError
 from .policy import Policies
 
@@ -122,72 +123,45 @@ class TransportOptions:
     policies: Policies = field(default_factory=Policies)
 
     def __post_init__(self) -> None:
-        _positive("lease_timeout", self.lease_timeout)
-        _positive("sweep_interval", self.sweep_interval)
-        _positive("binding_ttl", self.binding_ttl)
-        _non_negative("binding_cache_ttl", self.binding_cache_ttl)
-        _non_negative("health_check_interval", self.health_check_interval)
-        if self.socket_timeout is not None:
-            _positive("socket_timeout", self.socket_timeout)
-        if self.socket_connect_timeout is not None:
-            _positive("socket_connect_timeout", self.socket_connect_timeout)
-        if not isinstance(self.socket_keepalive, bool):
+        for name in ("lease_timeout", "sweep_interval", "binding_ttl"):
+            check.positive_number(name, getattr(self, name), SECONDS_UNIT)
+        for name in ("binding_cache_ttl", "health_check_interval"):
+            check.non_negative_number(name, getattr(self, name), SECONDS_UNIT)
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            if getattr(self, name) is not None:
+                check.positive_number(name, getattr(self, name), SECONDS_UNIT)
+        if self.lease_timeout < 0.001:
             raise ConfigurationError(
-                f"socket_keepalive must be True or False, got {self.socket_keepalive!r}"
+                f"lease_timeout: must be at least 0.001 seconds, got {self.lease_timeout!r}"
             )
-        if self.socket_keepalive_options is not None and not isinstance(
-            self.socket_keepalive_options, Mapping
-        ):
-            raise ConfigurationError(
-                "socket_keepalive_options must be a mapping of socket options, "
-                f"got {self.socket_keepalive_options!r}"
+        check.boolean("socket_keepalive", self.socket_keepalive)
+        if self.socket_keepalive_options is not None:
+            check.instance_of(
+                "socket_keepalive_options",
+                self.socket_keepalive_options,
+                Mapping,
+                "a mapping of socket options",
             )
-        if self.max_connections is not None and (
-            not _is_int(self.max_connections) or self.max_connections < 1
-        ):
-            raise ConfigurationError(
-                f"max_connections must be an integer >= 1 or None, got {self.max_connections!r}"
-            )
+        check.int_at_least("max_connections", self.max_connections, 1, optional=True)
         if self.client_name is not None and (
             not isinstance(self.client_name, str) or not self.client_name or " " in self.client_name
         ):
             raise ConfigurationError(
-                f"client_name must be a non-empty string without spaces, got {self.client_name!r}"
+                f"client_name: must be a non-empty string without spaces, got {self.client_name!r}"
             )
-        for name in ("fetch_batch", "reclaim_batch"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.lease_timeout < 0.001:
-            raise ConfigurationError(
-                f"lease_timeout must be at least 0.001 seconds, got {self.lease_timeout!r}"
-            )
-        if not _is_int(self.max_deliveries) or self.max_deliveries < 0:
-            raise ConfigurationError(
-                f"max_deliveries must be an integer >= 0, got {self.max_deliveries!r}"
-            )
-        if not _is_int(self.default_priority) or not 0 <= self.default_priority <= 255:
-            raise ConfigurationError(
-                f"default_priority must be an integer in 0..255, got {self.default_priority!r}"
-            )
-        if self.queue_order not in ("fair", "strict"):
-            raise ConfigurationError(
-                f"queue_order must be 'fair' or 'strict', got {self.queue_order!r}"
-            )
-        if self.priority_order not in ("desc", "asc"):
-            raise ConfigurationError(
-                f"priority_order must be 'desc' or 'asc', got {self.priority_order!r}"
-            )
+        check.int_at_least("fetch_batch", self.fetch_batch, 1)
+        check.int_at_least("reclaim_batch", self.reclaim_batch, 1)
+        check.int_at_least("max_deliveries", self.max_deliveries, 0)
+        check.int_between("default_priority", self.default_priority, 0, 255)
+        check.one_of("queue_order", self.queue_order, get_args(QueueOrder))
+        check.one_of("priority_order", self.priority_order, get_args(PriorityOrder))
         if not isinstance(self.key_prefix, str) or not self.key_prefix:
             raise ConfigurationError(
-                f"key_prefix must be a non-empty string, got {self.key_prefix!r}"
-            )
-        if not isinstance(self.policies, Policies):
-            raise ConfigurationError(
-                f"policies must be a celery_msg.Policies, got {type(self.policies).__name__}"
+                f"key_prefix: must be a non-empty string, got {self.key_prefix!r}"
             )
         if "{" in self.key_prefix or "}" in self.key_prefix:
-            raise ConfigurationError("key_prefix must not contain '{' or '}' (Cluster hash tags)")
+            raise ConfigurationError("key_prefix: must not contain '{' or '}' (Cluster hash tags)")
+        check.instance_of("policies", self.policies, Policies, "a celery_msg.Policies")
 
     @property
     def lease_ms(self) -> int:
@@ -234,7 +208,7 @@ class TransportOptions:
                     stacklevel=2,
                 )
         for name in SECONDS:
-            if name in values and _is_int(values[name]):
+            if name in values and check.is_int(values[name]):
                 values[name] = float(values[name])
         return cls(**values)
 
@@ -254,19 +228,9 @@ SECONDS = (
 )
 
 
+#: How a time option's error names its unit.
+SECONDS_UNIT = " (seconds)"
+
+
 def to_ms(seconds: float) -> int:
     return round(seconds * 1000)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive(name: str, value: object) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ConfigurationError(f"{name} must be a number > 0 (seconds), got {value!r}")
-
-
-def _non_negative(name: str, value: object) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-        raise ConfigurationError(f"{name} must be a number >= 0 (seconds), got {value!r}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal, TypeAlias, get_args
 
+from . import validate as check
 from .errors import ConfigurationError
 
 AckMode = Literal["early", "late", "on_success"]
@@ -33,25 +34,6 @@ ACK_MODES: tuple[str, ...] = get_args(AckMode)
 
 
 _RNG = random.Random()
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    """A finite int or float (not a bool): NaN and infinity have no place in a schedule."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_number(name: str, value: object) -> None:
-    if not _is_number(value) or not value > 0:  # type: ignore[operator]
-        raise ConfigurationError(f"{name}: must be a number > 0, got {value!r}")
-
-
-def _non_negative_number(name: str, value: object) -> None:
-    if not _is_number(value) or value < 0:  # type: ignore[operator]
-        raise ConfigurationError(f"{name}: must be a number >= 0, got {value!r}")
 
 
 class _Checked:
@@ -74,7 +56,7 @@ class Fixed(_Checked):
     seconds: float = 10.0
 
     def _check(self) -> None:
-        _non_negative_number("seconds", self.seconds)
+        check.non_negative_number("seconds", self.seconds)
 
     def delay(self, retries: int, rng: random.Random) -> float:
         return float(self.seconds)
@@ -94,14 +76,11 @@ class Exponential(_Checked):
     jitter: Jitter | None = "full"
 
     def _check(self) -> None:
-        _positive_number("base", self.base)
-        _non_negative_number("cap", self.cap)
-        if not _is_number(self.factor) or self.factor < 1:
+        check.positive_number("base", self.base)
+        check.non_negative_number("cap", self.cap)
+        if not check.is_number(self.factor) or self.factor < 1:
             raise ConfigurationError(f"factor: must be a number >= 1, got {self.factor!r}")
-        if self.jitter not in (None, "full", "equal"):
-            raise ConfigurationError(
-                f"jitter: must be 'full', 'equal' or None, got {self.jitter!r}"
-            )
+        check.one_of("jitter", self.jitter, get_args(Jitter), optional=True)
 
     def ceiling(self, retries: int) -> float:
         """The delay before jitter: never more than ``cap``, never less for more retries."""
@@ -140,10 +119,7 @@ class Retry(_Checked):
     give_up_on: tuple[type[BaseException], ...] = ()
 
     def _check(self) -> None:
-        if not _is_int(self.max_retries) or self.max_retries < 0:
-            raise ConfigurationError(
-                f"max_retries: must be an integer >= 0, got {self.max_retries!r}"
-            )
+        check.int_at_least("max_retries", self.max_retries, 0)
         if not isinstance(self.backoff, Fixed | Exponential) and not callable(self.backoff):
             raise ConfigurationError(
                 f"backoff: must be Fixed, Exponential or a callable, got {self.backoff!r}"
@@ -170,7 +146,7 @@ class Retry(_Checked):
         if isinstance(backoff, Fixed | Exponential):
             return backoff.delay(retries, rng or _RNG)
         seconds = backoff(retries)
-        if not _is_number(seconds) or seconds < 0:
+        if not check.is_number(seconds) or seconds < 0:
             raise ConfigurationError(
                 f"backoff callable returned {seconds!r} for {retries} retries; "
                 "it must return seconds >= 0"
@@ -195,15 +171,11 @@ class DeadLetter(_Checked):
     expired: bool = True
 
     def _check(self) -> None:
-        for name in ("enabled", "expired"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigurationError(f"{name}: must be True or False")
-        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
-            raise ConfigurationError(
-                f"max_length: must be an integer >= 1 or None, got {self.max_length!r}"
-            )
+        check.boolean("enabled", self.enabled)
+        check.boolean("expired", self.expired)
+        check.int_at_least("max_length", self.max_length, 1, optional=True)
         if self.max_age is not None:
-            _positive_number("max_age", self.max_age)
+            check.positive_number("max_age", self.max_age)
 
 
 UniqueUntil = Literal["success", "start"]
@@ -230,11 +202,8 @@ class Unique(_Checked):
     ttl: float = DEFAULT_UNIQUE_TTL
 
     def _check(self) -> None:
-        if self.until is not None and self.until not in UNIQUE_UNTIL:
-            raise ConfigurationError(
-                f"until: must be one of {', '.join(UNIQUE_UNTIL)} or None, got {self.until!r}"
-            )
-        _positive_number("ttl", self.ttl)
+        check.one_of("until", self.until, UNIQUE_UNTIL, optional=True)
+        check.positive_number("ttl", self.ttl)
 
 
 @dataclass(frozen=True)
@@ -258,23 +227,15 @@ class Policy(_Checked):
     unique: bool | Unique | None = None
 
     def _check(self) -> None:
-        if self.ack is not None and self.ack not in ACK_MODES:
-            raise ConfigurationError(
-                f"ack: must be one of {', '.join(ACK_MODES)} or None, got {self.ack!r}"
-            )
-        if self.max_deliveries is not None and (
-            not _is_int(self.max_deliveries) or self.max_deliveries < 0
-        ):
-            raise ConfigurationError(
-                f"max_deliveries: must be an integer >= 0, got {self.max_deliveries!r}"
-            )
-        if self.retry is not None and not isinstance(self.retry, Retry):
-            raise ConfigurationError(f"retry: must be a Retry, got {self.retry!r}")
-        if self.dead_letter is not None and not isinstance(self.dead_letter, DeadLetter):
-            raise ConfigurationError(f"dead_letter: must be a DeadLetter, got {self.dead_letter!r}")
-        if self.unique is not None and not isinstance(self.unique, bool | Unique):
-            raise ConfigurationError(
-                f"unique: must be True, False, a Unique or None, got {self.unique!r}"
+        check.one_of("ack", self.ack, ACK_MODES, optional=True)
+        check.int_at_least("max_deliveries", self.max_deliveries, 0, optional=True)
+        if self.retry is not None:
+            check.instance_of("retry", self.retry, Retry, "a Retry")
+        if self.dead_letter is not None:
+            check.instance_of("dead_letter", self.dead_letter, DeadLetter, "a DeadLetter")
+        if self.unique is not None:
+            check.instance_of(
+                "unique", self.unique, (bool, Unique), "True, False, a Unique or None"
             )
 
     def over(self, lower: Policy) -> Policy:

@@ -6,9 +6,10 @@ policies but not our consumer refuses to start, naming the fix, and one that use
 ``celery-msg://`` without ``configure()`` says so. A URL close to ours (``celery_msg://``,
 ``celerymsg://``) fails with "did you mean" instead of kombu's ``No such transport: ''``.
 
-The worker checks are Celery signal handlers, connected when :mod:`celery_msg` is imported; the
-``celery`` command imports it for every sub-command (our ``celery.commands`` entry point), so
-they run even when the app module never imports :mod:`celery_msg`.
+The worker checks are Celery signal handlers, connected when :mod:`celery_msg` is imported (by
+:mod:`celery_msg.registration`, as soon as Celery is); the ``celery`` command imports it for every
+sub-command (our ``celery.commands`` entry point), so they run even when the app module never
+imports :mod:`celery_msg`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 from kombu.utils.imports import symbol_by_name
 
 from .errors import ConfigurationError
 from .policy import Policies, policies_from
+from .registration import SCHEMES
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("celery-msg", "celery-msgs")
 _SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.\-_]*)://")
 #: What people type for ours: the package name, no dash, a ``+redis`` suffix.
 _NORMALISE = re.compile(r"[^a-z]")
@@ -188,7 +189,7 @@ def _redacted(url: object) -> str:
     return re.sub(r"://([^@/]*)@", "://***@", str(url or ""))
 
 
-def _on_worker_init(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
+def on_worker_init(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
     """``celeryd_init``: refuse to start, before connecting, when the app would lose messages."""
     app = getattr(instance, "app", None)
     if app is None:
@@ -200,7 +201,7 @@ def _on_worker_init(sender: Any = None, instance: Any = None, **kwargs: Any) -> 
         raise SystemExit(2)
 
 
-def _on_worker_setup(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
+def on_worker_setup(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
     """``celeryd_after_setup``: the queues are known (``-Q``), tasks registered, logging set."""
     app = getattr(instance, "app", None)
     if app is None:
@@ -208,11 +209,3 @@ def _on_worker_setup(sender: Any = None, instance: Any = None, **kwargs: Any) ->
     queues = [str(q.name) for q in app.amqp.queues.consume_from.values()]
     for text in startup_warnings(app, queues):
         logger.warning("celery-msg: %s", text)
-
-
-def connect_worker_checks() -> None:
-    """Connect the worker start-up checks (idempotent: Celery dedupes by dispatch uid)."""
-    signals.celeryd_init.connect(_on_worker_init, weak=False, dispatch_uid="celery_msg.init")
-    signals.celeryd_after_setup.connect(
-        _on_worker_setup, weak=False, dispatch_uid="celery_msg.setup"
-    )

@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import consumers
+from .acks import AckSender
 from .connection import BrokerAddress, redis_params
 from .core import (
     REDIS_CONNECTION_ERRORS,
@@ -70,6 +71,7 @@ from .holdings import Holdings
 from .keys import wake_key
 from .messages import band_of, message_id
 from .options import TransportOptions, to_ms
+from .outcome import read_outcome
 from .policy import Unique, unique_for
 from .queueargs import QueueArguments
 from .renewer import Renewer
@@ -86,28 +88,23 @@ class QoS(virtual.QoS):
     restore_at_shutdown = True
 
     def ack(self, delivery_tag: str) -> None:
-        message = self._delivered.get(delivery_tag)
-        if not getattr(message, "settled", False):  # else acked in Redis on receipt already
-            self.channel.settle_ack(delivery_tag)
+        if not read_outcome(self._delivered.get(delivery_tag)).settled:
+            self.channel.settle_ack(delivery_tag)  # else acked in Redis on receipt already
         super().ack(delivery_tag)
         self.channel.transport.note_room()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        message = self._delivered.get(delivery_tag)
-        if getattr(message, "settled", False):
+        outcome = read_outcome(self._delivered.get(delivery_tag))
+        if outcome.settled:
             pass  # acked in Redis on receipt (ack mode early): nothing left to settle
         elif requeue:
             self.channel.settle_requeue(delivery_tag)
-        elif getattr(message, "drop_on_reject", False):
+        elif outcome.drop:
             # Its policy keeps no dead letters: the worker recorded the failure; drop it.
             self.channel.settle_ack(delivery_tag)
         else:
-            record = getattr(message, "dead_letter_reason", None) or (
-                "rejected",
-                "the consumer rejected the message without requeue",
-            )
-            reason, detail, *extra = record
-            self.channel.settle_dead(delivery_tag, reason, detail, **(extra[0] if extra else {}))
+            record = outcome.rejected
+            self.channel.settle_dead(delivery_tag, record.reason, record.detail, **record.extra)
         self._quick_ack(delivery_tag)
         self.channel.transport.note_room()
 
@@ -492,12 +489,20 @@ class Channel(virtual.Channel):
     # -- settling --------------------------------------------------------------------------
 
     def settle_ack(self, tag: str, now: bool = False) -> None:
-        """Ack a delivery. From the consuming thread the ack rides on its next fetch (same
-        round trip) or the renewer's next round; from pool threads, or with ``now`` (an
-        at-most-once ack, written before the task may start), it is written at once."""
+        """Ack a delivery. In an event loop (a Celery worker) the loop thread writes it at once
+        without waiting for the reply (:mod:`celery_msg.acks`); a plain ``drain_events``
+        consumer's ack rides on its next fetch (same round trip) or the renewer's next round;
+        from pool threads, or with ``now`` (an at-most-once ack, written before the task may
+        start), it is written at once and confirmed."""
         if not now and self.transport.in_drain_thread():
-            if not self.holdings.buffer_ack(tag):
-                _log_ignored(tag, "ack")
+            sender = self.transport.ack_sender
+            if sender is None:
+                if not self.holdings.buffer_ack(tag):
+                    _log_ignored(tag, "ack")
+            else:
+                lease = self._release(tag, "ack")
+                if lease is not None:
+                    sender.send([lease])
             return
         lease = self._release(tag, "ack")
         if lease is not None:
@@ -680,6 +685,8 @@ class Transport(virtual.Transport):
         self._next_due_ms: int | None = None
         self._next_trim = 0.0
         self._event_loop: EventLoopDrain | None = None
+        #: The event loop's ack writer (None outside an event loop).
+        self.ack_sender: AckSender | None = None
         self._room = False
 
     # -- connection ------------------------------------------------------------------------
@@ -724,7 +731,12 @@ class Transport(virtual.Transport):
         self._holding = True
 
     def _take_acks(self) -> list[Lease]:
-        return [lease for channel in self.channels for lease in channel.holdings.take_acks()]
+        """Buffered acks of every channel, and (in the loop thread) the ack writer's acks that
+        met a connection error."""
+        acks = [lease for channel in self.channels for lease in channel.holdings.take_acks()]
+        if self.ack_sender is not None and self.in_drain_thread():
+            acks.extend(self.ack_sender.take_unconfirmed())
+        return acks
 
     def _flush_acks(self) -> None:
         acks = self._take_acks()
@@ -774,9 +786,7 @@ class Transport(virtual.Transport):
         held = [lease for channel in channels for lease in channel.holdings.renewable()]
         lost = self.broker.extend(held)
         if lost:
-            _log_lost(lost, "renew")
-            for channel in channels:
-                channel.holdings.forget(lost)
+            _log_lost([lease for c in channels for lease in c.holdings.forget(lost)], "renew")
         # Renewed while any channel consumes the queue, whichever channel bound it.
         consumed = {queue for channel in channels for queue in channel._active_queues}
         bindings = self.ephemeral.live(consumed)
@@ -813,11 +823,27 @@ class Transport(virtual.Transport):
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         """Drain inside ``loop`` (a kombu ``Hub``): Celery's worker calls this on every
         (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
-        if self._event_loop is not None:
-            self._event_loop.close()
+        self.unregister_from_event_loop(connection, loop)
         self._event_loop = EventLoopDrain(self, loop)
+        self.ack_sender = AckSender(
+            self.broker, loop=loop, on_lost=lambda lost: _log_lost(lost, "ack")
+        )
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
+        sender, self.ack_sender = self.ack_sender, None
+        if sender is not None:
+            sender.close()
+            unconfirmed = sender.take_unconfirmed()
+            if unconfirmed:
+                try:
+                    _log_lost(self.broker.ack(unconfirmed), "ack")
+                except BrokerConnectionError as exc:
+                    logger.warning(
+                        "could not confirm %d acks (%s): if they did not reach Redis, their "
+                        "messages come back when their leases expire",
+                        len(unconfirmed),
+                        exc,
+                    )
         if self._event_loop is not None:
             self._event_loop.close()
             self._event_loop = None
@@ -868,6 +894,9 @@ class Transport(virtual.Transport):
         return self._holding
 
     def has_buffered_acks(self) -> bool:
+        sender = self.ack_sender
+        if sender is not None and sender.has_unconfirmed():
+            return True
         return any(channel.holdings.has_acks() for channel in self.channels)
 
     def flush_acks(self) -> None:

@@ -37,8 +37,9 @@ from celery.worker.request import Request
 from kombu.utils.imports import symbol_by_name
 from kombu.utils.json import dumps
 
-from .core import Broker
 from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER
+from .messages import band_of
+from .outcome import broker_of, mark_dead_letter, mark_drop, transport_of
 from .policy import AckMode, Policies, Resolved, unique_for
 
 logger = logging.getLogger(__name__)
@@ -227,8 +228,8 @@ def _unlock_on_success(task: Task, policies: Policies) -> None:
             return
         # The app's pool: one connection per process, reused (not one built per task).
         with task.app.pool.acquire(block=True) as connection:
-            broker = getattr(connection.transport, "broker", None)
-            if isinstance(broker, Broker):
+            broker = broker_of(connection)
+            if broker is not None:
                 broker.unlock(queue, [request.id])
     except Exception:
         logger.exception("task %s: could not unlock its unique id", task.name)
@@ -255,9 +256,8 @@ class PolicyRequest(Request):
         :func:`_unlock_on_success`)."""
         try:
             message = self.message
-            transport: Any = getattr(getattr(message, "channel", None), "transport", None)
-            broker = getattr(transport, "broker", None)
-            if not isinstance(broker, Broker):
+            transport = transport_of(message)
+            if transport is None:
                 return
             queue = (message.delivery_info or {}).get("queue")
             headers = message.headers if isinstance(message.headers, dict) else {}
@@ -265,7 +265,7 @@ class PolicyRequest(Request):
                 transport.options.policies, self.task.name, queue, headers.get(UNIQUE_HEADER)
             )
             if unique is not None and unique.until == "start" and queue:
-                broker.unlock(queue, [self.id])
+                transport.broker.unlock(queue, [self.id])
         except Exception:
             logger.exception("task %s[%s]: could not unlock its unique id", self.task.name, self.id)
 
@@ -297,9 +297,8 @@ class PolicyRequest(Request):
         if isinstance(exc, (TaskRevokedError, Terminated, *_CONTROL_FLOW)):
             return
         message = self.message
-        channel: Any = getattr(message, "channel", None)
-        transport: Any = getattr(channel, "transport", None)
-        if not isinstance(getattr(transport, "broker", None), Broker):
+        transport = transport_of(message)
+        if transport is None:
             return  # not a celery-msg connection
         if isinstance(exc, WorkerLostError) and self._not_final(exc):
             return
@@ -316,7 +315,7 @@ class PolicyRequest(Request):
                 self.id,
                 detail,
             )
-            message.drop_on_reject = True
+            mark_drop(message)
             transport.broker.unlock(queue, [self.id])  # failed for good: may be sent again
             return
         extra: dict[str, Any] = {
@@ -331,7 +330,7 @@ class PolicyRequest(Request):
             extra["first_failure"] = int(first)
         if settled == "reject":
             # Celery rejects it without requeue: the transport moves it, atomically.
-            message.dead_letter_reason = ("failed", detail, extra)
+            mark_dead_letter(message, "failed", detail, **extra)
         else:
             # Acked (ack mode early, or a time limit in mode late): keep a copy.
             payload = message.serializable()
@@ -339,7 +338,9 @@ class PolicyRequest(Request):
                 queue,
                 self.id,
                 dumps(payload),
-                band=channel._band(payload),
+                band=band_of(
+                    payload, transport.options.default_priority, transport.options.priority_order
+                ),
                 deliveries=int(message.delivery_info.get("delivery_count") or 1),
                 reason="failed",
                 detail=detail,

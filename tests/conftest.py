@@ -26,7 +26,7 @@ import pytest
 import redis
 import trustme
 
-from celery_msg.servers import (
+from celery_msg.testing import (
     ServerError,
     ServerKind,
     ServerProcess,

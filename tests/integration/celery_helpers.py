@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self
 
 import redis
 from celery import Celery
 from celery_app.settings import DEFAULT_QUEUE, Settings
 from celery_app.tasks import create_app
+from waiting import wait_until as wait_until
 
 from celery_msg.core import Broker
 
@@ -39,25 +40,9 @@ READY_TIMEOUT = 30.0
 #: Lines of each worker's log printed at teardown (pytest shows them only for failed tests).
 LOG_TAIL_LINES = 150
 
-T = TypeVar("T")
-
 
 class WorkerError(AssertionError):
     """A worker did not start, or did not exit when it should; the message has its log tail."""
-
-
-def wait_until(
-    probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
-) -> T:
-    """Poll ``probe`` until it returns something other than None/False; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Worker:
@@ -339,6 +324,10 @@ class Stack:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+#: ``make(**settings)`` of :func:`stack_factory` (the ``make_stack`` fixture).
+StackFactory = Callable[..., "Stack"]
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Self
 import redis
 from kombu import Connection, Exchange, Queue
 from kombu.message import Message
+from waiting import wait_until as wait_until
 
 import celery_msg  # noqa: F401  (registers the celery-msg:// scheme)
 from celery_msg.core import Broker
@@ -100,18 +101,6 @@ def ack_now(message: Message) -> None:
     acker.join()
     if failures:
         raise failures[0]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 class Receiver:

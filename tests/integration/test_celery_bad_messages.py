@@ -6,24 +6,16 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import Stack, stack_factory, wait_until
+from celery_helpers import Stack, wait_until
 
 from celery_msg.core import MessageInfo, State
 
 if TYPE_CHECKING:
-    from conftest import Server
-
-
-@pytest.fixture
-def stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[Stack]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make()
+    pass
 
 
 def test_bad_messages_are_dead_lettered_with_their_reason_and_the_worker_keeps_running(

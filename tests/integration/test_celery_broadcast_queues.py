@@ -7,31 +7,22 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import Stack, stack_factory
+from celery_helpers import Stack, StackFactory
 
 from celery_msg.broadcast import stable_name
 
 if TYPE_CHECKING:
-    from conftest import Server
+    pass
 
-StackFactory = Callable[..., Stack]
 
 #: The broadcast exchange of the test app (``Broadcast(BROADCAST)`` in ``task_queues``).
 BROADCAST = "cache"
 #: A worker consumes the default queue and the broadcast one (``-Q celery,cache``: by alias).
 QUEUES = (DEFAULT_QUEUE, BROADCAST)
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 def broadcast(stack: Stack, label: str) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import Stack, stack_factory, wait_until
+from celery_helpers import StackFactory, stack_factory, wait_until
 
 from celery_msg.core import State
 from celery_msg.errors import PoisonMessage
@@ -20,17 +20,10 @@ from celery_msg.errors import PoisonMessage
 if TYPE_CHECKING:
     from conftest import Server
 
-StackFactory = Callable[..., Stack]
 
 #: Seconds Redis is down: within redis-py's own reconnect retries, or long enough that the
 #: consumer loses its connection and Celery reconnects (and leases of running tasks expire).
 SHORT_OUTAGE, LONG_OUTAGE = 1.5, 8.0
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 @pytest.mark.slow
@@ -231,3 +224,35 @@ def test_tasks_sent_before_during_and_after_a_redis_restart_all_complete(
         stack.settled(DEFAULT_QUEUE, timeout=15)
         if outage == LONG_OUTAGE:
             assert worker.log().count("Connected to celery-msg://") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", ["solo", "prefork", "threads"])
+def test_a_sigkill_reruns_only_the_running_task_not_the_finished_prefetched_ones(
+    make_stack: StackFactory, pool: Literal["solo", "prefork", "threads"]
+):
+    """Acks are written when a task finishes, not with the next fetch: a solo worker runs its
+    whole prefetched batch inline before it fetches again, and used to lose those acks (each
+    finished task ran again after a SIGKILL: 3.9 per kill in bench/chaos.py)."""
+    lease = 6.0  # the renewer (every lease/3) must not be what writes the acks in time
+    stack = make_stack(lease_timeout=lease, sweep_interval=0.25, prefetch_multiplier=4)
+    sleeper = stack.task("sleep_then_record")
+    quick = [sleeper.delay(0.05, f"q{i}") for i in range(3)]
+    slow = sleeper.delay(4.0, "slow")
+    # Concurrency 1: one reserve round takes all four, and they run one after another.
+    doomed = stack.worker(pool=pool, concurrency=1)
+    stack.wait_for_tasks("start", [slow.id], timeout=20)
+    counts = wait_until(
+        lambda: (c := stack.broker.counts(DEFAULT_QUEUE))["reserved"] == 1 and c,
+        0.5,
+        "only the running task still reserved (the finished ones acked)",
+        interval=0.01,
+    )
+    assert counts == {"ready": 0, "reserved": 1, "scheduled": 0, "dead": 0}
+    doomed.kill()
+
+    stack.worker(pool="threads", concurrency=2)
+    assert slow.get(timeout=lease + 20) == "slow"
+    stack.settled(DEFAULT_QUEUE)
+    runs = Counter(e.task for e in stack.events("start"))
+    assert runs == Counter({**{r.id: 1 for r in quick}, slow.id: 2})

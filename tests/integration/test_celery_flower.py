@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import pytest
-from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, stack_factory, wait_until
+from celery_helpers import (
+    INTEGRATION_DIR,
+    REPO_ROOT,
+    Stack,
+    StackFactory,
+    wait_until,
+)
 
-from celery_msg.servers import free_port
+from celery_msg.testing import free_port
 
 if TYPE_CHECKING:
-    from conftest import Server
+    pass
 
-StackFactory = Callable[..., Stack]
 
 #: The message TTL (seconds) Celery gives an events consumer's queue (``event_queue_ttl``).
 EVENT_TTL = 5.0
@@ -114,12 +119,6 @@ class Flower:
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self.kill()
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 @pytest.fixture

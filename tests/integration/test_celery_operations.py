@@ -16,19 +16,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, Worker, stack_factory
+from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, StackFactory, Worker, stack_factory
 
 if TYPE_CHECKING:
     from conftest import Server
 
-StackFactory = Callable[..., Stack]
 
 #: Seconds a reply may take; kombu's worker answers in milliseconds even while busy.
 REPLY_TIMEOUT = 2.0
@@ -289,12 +287,6 @@ def _named_transcript(transcript: Transcript, ids: dict[str, str]) -> Transcript
 
 
 # -- the tests ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 @pytest.fixture(scope="module")

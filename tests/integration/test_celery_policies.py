@@ -10,9 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -20,27 +18,20 @@ from celery.exceptions import WorkerLostError
 from celery_app.errors import Fatal, Transient
 from celery_app.policies import EARLY_QUEUE, LATE_QUEUE, ON_SUCCESS_QUEUE
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import Stack, stack_factory, wait_until
+from celery_helpers import Stack, StackFactory, wait_until
 
 from celery_msg.deadletters import DeadFilter, DeadLetters, DeadMessage
 from celery_msg.errors import PoisonMessage
 
 if TYPE_CHECKING:
-    from conftest import Server
+    pass
 
-StackFactory = Callable[..., Stack]
 
 #: Short leases where a redelivery after a crash is awaited.
 LEASE, SWEEP = 2.0, 0.25
 #: A prefork pool fails the job of a dead child after this (Celery's default: 10 s).
 LOST_WAIT = 0.5
 ACK_QUEUES = (EARLY_QUEUE, LATE_QUEUE, ON_SUCCESS_QUEUE)
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 def dead_letters(stack: Stack, queue: str) -> list[DeadMessage]:
@@ -59,11 +50,11 @@ def test_early_ack_a_task_that_kills_its_solo_worker_is_not_run_again(make_stack
     result = stack.task("kill_once").apply_async(("early",), queue=EARLY_QUEUE)
     first = stack.worker(queues=[EARLY_QUEUE])
     assert first.wait_exit(10) == -9  # SIGKILLed by its own task
-    stack.worker(queues=[EARLY_QUEUE])
-    # Long enough for an unacked lease to expire and be redelivered to the second worker.
-    time.sleep(LEASE + SWEEP + 2.0)
-    assert len(runs(stack, result.id)) == 1, stack.logs()
+    # Acked before it ran: no lease is left for a second worker to be handed once it expires.
     stack.settled(EARLY_QUEUE)
+    assert stack.broker.lookup(result.id) == []
+    assert stack.broker.stats(EARLY_QUEUE).get("acked") == 1
+    assert len(runs(stack, result.id)) == 1, stack.logs()
 
 
 def test_late_ack_a_failure_is_dead_lettered_by_an_atomic_move_and_the_result_is_failure(
@@ -109,7 +100,13 @@ def test_the_same_task_behaves_per_the_ack_mode_of_its_queue_when_its_pool_child
         with pytest.raises(WorkerLostError):
             results[queue].get(timeout=15)
         assert results[queue].state == "FAILURE"
-    time.sleep(LEASE + SWEEP + 1.0)  # a lease left behind would have been redelivered by now
+    # No lease left behind in any queue (so nothing can be redelivered), then the runs.
+    stack.settled(ON_SUCCESS_QUEUE)
+    for queue in (EARLY_QUEUE, LATE_QUEUE):
+        stack.settled(queue, dead=1)
+        [dead] = dead_letters(stack, queue)
+        assert (dead.id, dead.reason) == (results[queue].id, "failed")
+        assert dead.exc_type == "billiard.exceptions.WorkerLostError", dead
     assert Counter(e.label for e in stack.events("start")) == {
         EARLY_QUEUE: 1,
         LATE_QUEUE: 1,
@@ -117,13 +114,6 @@ def test_the_same_task_behaves_per_the_ack_mode_of_its_queue_when_its_pool_child
     }, stack.logs()
     assert [e.label for e in stack.events("finish")] == [ON_SUCCESS_QUEUE]
     assert worker.running
-
-    stack.settled(ON_SUCCESS_QUEUE)
-    for queue in (EARLY_QUEUE, LATE_QUEUE):
-        stack.settled(queue, dead=1)
-        [dead] = dead_letters(stack, queue)
-        assert (dead.id, dead.reason) == (results[queue].id, "failed")
-        assert dead.exc_type == "billiard.exceptions.WorkerLostError", dead
     # early stored a copy of an acked message, late moved the leased one.
     assert stack.broker.stats(EARLY_QUEUE).get("acked", 0) == 1
     assert stack.broker.stats(LATE_QUEUE).get("acked", 0) == 0
@@ -198,8 +188,7 @@ def test_a_task_that_always_fails_runs_max_retries_plus_one_then_is_dead_lettere
     with pytest.raises(Transient):
         result.get(timeout=15)
     assert result.state == "FAILURE"
-    stack.settled(queue, dead=1)
-    time.sleep(0.5)  # longer than the backoff: a fourth run would have started
+    stack.settled(queue, dead=1)  # dead-lettered, nothing left queued: no fourth run can come
     fails = runs(stack, result.id, "fail")
     assert len(runs(stack, result.id)) == 3 and len(fails) == 3
     [dead] = dead_letters(stack, queue)
@@ -219,8 +208,7 @@ def test_an_exception_in_give_up_on_is_not_retried_and_is_dead_lettered_at_once(
     result = stack.task("fatal").apply_async(("x",), queue=LATE_QUEUE)
     with pytest.raises(Fatal):
         result.get(timeout=10)
-    stack.settled(LATE_QUEUE, dead=1)
-    time.sleep(0.5)  # longer than the backoff
+    stack.settled(LATE_QUEUE, dead=1)  # dead at once, nothing queued for a retry
     assert len(runs(stack, result.id)) == 1
     [dead] = dead_letters(stack, LATE_QUEUE)
     assert (dead.id, dead.reason, dead.retries) == (result.id, "failed", 0)
@@ -236,9 +224,9 @@ def test_a_task_with_celerys_own_autoretry_for_is_retried_by_celery_only(
     result = stack.task("autoretry").delay("a")
     with pytest.raises(Transient):
         result.get(timeout=15)
-    time.sleep(1.0)  # several backoffs of either mechanism
-    assert len(runs(stack, result.id)) == 3, stack.events()
+    # Dead-lettered, nothing queued or scheduled: neither mechanism has a retry left to run.
     stack.settled(DEFAULT_QUEUE, dead=1)
+    assert len(runs(stack, result.id)) == 3, stack.events()
 
 
 # -- expired messages ------------------------------------------------------------------------

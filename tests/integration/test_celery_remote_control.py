@@ -6,23 +6,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from celery_helpers import Stack, stack_factory
+from celery_helpers import StackFactory
 
 if TYPE_CHECKING:
-    from conftest import Server
-
-StackFactory = Callable[..., Stack]
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
+    pass
 
 
 def pidbox_queue(nodename: str) -> str:

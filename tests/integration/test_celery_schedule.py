@@ -6,30 +6,20 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import Stack, stack_factory
+from celery_helpers import Stack, StackFactory
 
 if TYPE_CHECKING:
-    from conftest import Server
+    pass
 
-StackFactory = Callable[..., Stack]
 
 COUNT = 20
 #: How late (seconds) a due task may start on a loaded 2-core machine.
 LATE = 1.0
 LEASE, SWEEP = 2.0, 0.25
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 def _eta(token: str) -> float:

@@ -5,28 +5,13 @@ to the trace it started in. Each run records the header it saw (a side effect in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-import pytest
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import Stack, stack_factory
+from celery_helpers import StackFactory
 
 from celery_msg.deadletters import DeadFilter, DeadLetters
 
-if TYPE_CHECKING:
-    from conftest import Server
-
-StackFactory = Callable[..., Stack]
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACESTATE = "vendor=opaque"
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 def test_traceparent_survives_countdown_retries_dead_letter_and_replay(make_stack: StackFactory):

@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
-from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, stack_factory, wait_until
+from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, wait_until
 
 from celery_msg.core import Broker, Lease
 from celery_msg.deadletters import DeadLetters
@@ -28,23 +28,11 @@ from celery_msg.deadletters import DeadLetters
 if TYPE_CHECKING:
     from conftest import Server
 
-StackFactory = Callable[..., Stack]
 
 #: The venv's own ``celery`` script (next to the interpreter running the tests).
 CELERY = Path(sys.executable).with_name("celery")
 #: Seconds one CLI call may take (it imports Celery and the app, then does a few round trips).
 CLI_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
-
-
-@pytest.fixture
-def stack(make_stack: StackFactory) -> Stack:
-    return make_stack()
 
 
 class CLI:
@@ -694,6 +682,28 @@ def test_a_non_json_dead_record_or_a_non_utf8_queue_name_is_counted_not_a_traceb
     assert {r["id"]: r["reason"] for r in rows} == {good: "failed", bad: "unreadable-record"}
     assert "2 unreadable record(s)" in cli("dlq", "list").stderr  # the record and the name
     assert cli.ok("dlq", "purge", "--reason", "unreadable-record", "--yes").startswith("purged 1")
+
+
+def test_inspect_shows_a_message_whose_fields_are_corrupted_and_skips_a_broken_queue(
+    stack: Stack, cli: CLI
+):
+    task_id = stack.task("add").delay(1, 2).id  # no worker running: READY
+    keys = stack.broker.keys(DEFAULT_QUEUE)
+    stack.redis.hset(keys.deliv, task_id, "many")
+    stack.redis.hset(keys.order, task_id, "not a number")
+    stack.redis.hset(keys.owner, task_id, b"\xff\xfe")
+    # Another queue whose duplicate index is not even a hash (a bad migration).
+    stack.broker.declare("broken")
+    stack.redis.set(stack.broker.keys("broken").dups, "oops")
+
+    done = cli("inspect", task_id, "--json")
+
+    assert done.returncode == 0, _explain(done)
+    assert "Traceback" not in done.stderr
+    [instance] = json.loads(done.stdout)["instances"]
+    assert (instance["state"], instance["deliveries"], instance["priority"]) == ("READY", 0, None)
+    assert stack.broker.get(task_id).owner == "\\xff\\xfe"
+    assert "skipped queue 'broken'" in done.stderr
 
 
 def test_a_wrong_password_is_reported_as_an_authentication_error(

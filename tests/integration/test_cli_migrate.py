@@ -6,24 +6,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
 from celery import Celery
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
-from celery_helpers import Stack, stack_factory
+from celery_helpers import Stack
 from test_cli import CLI
 
 if TYPE_CHECKING:
     from conftest import Server
-
-
-@pytest.fixture
-def stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[Stack]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make()
 
 
 @pytest.fixture

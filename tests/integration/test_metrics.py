@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, stack_factory, wait_until
+from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack, StackFactory, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,16 +33,9 @@ from celery_msg.snapshot import QueueKind
 if TYPE_CHECKING:
     from conftest import Server
 
-StackFactory = Callable[..., Stack]
 CELERY = Path(sys.executable).with_name("celery")
 #: Sample key: (metric sample name, frozenset of label items).
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
-    with stack_factory(server.url, prefix, tmp_path) as make:
-        yield make
 
 
 def parse(text: str) -> Samples:

@@ -15,7 +15,7 @@ from kombu_helpers import Receiver, broker, connect, direct_queue, ids_of, publi
 
 from celery_msg import BrokerConnectionError, ConfigurationError
 from celery_msg.core import State
-from celery_msg.servers import free_port
+from celery_msg.testing import free_port
 
 if TYPE_CHECKING:
     from conftest import Server

@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -36,20 +36,6 @@ LEASE = FAST["lease_timeout"]
 SWEEP = FAST["sweep_interval"]
 #: Scheduling slack on a loaded 2-core machine.
 SLACK = 0.8
-
-
-@pytest.fixture
-def consumer_process(server: Server, prefix: str) -> Iterator[Callable[..., ConsumerProcess]]:
-    started: list[ConsumerProcess] = []
-
-    def start(queue: str, **options: Any) -> ConsumerProcess:
-        process = ConsumerProcess(server, prefix, queue, **{**FAST, **options})
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.close()
 
 
 def _only(look: Broker, message_id: str, queue: str) -> MessageInfo:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import pytest
 from kombu import Connection, Exchange
 from kombu.message import Message
 from kombu_helpers import (
@@ -71,20 +70,6 @@ class TimedReceiver(Receiver):
     def _on_message(self, body: Any, message: Message) -> None:
         self.arrived.setdefault(message.headers["id"], time.time())
         super()._on_message(body, message)
-
-
-@pytest.fixture
-def consumer_process(server: Server, prefix: str) -> Iterator[Callable[..., ConsumerProcess]]:
-    started: list[ConsumerProcess] = []
-
-    def start(queue: str, **options: Any) -> ConsumerProcess:
-        process = ConsumerProcess(server, prefix, queue, **{**FAST, **options})
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.close()
 
 
 # -- due times -------------------------------------------------------------------------------

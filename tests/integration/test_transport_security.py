@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from conftest import Server
 
-    from celery_msg.servers import TLSFiles
+    from celery_msg.testing import TLSFiles
 
 NEWS = Exchange("news", type="fanout")
 

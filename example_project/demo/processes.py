@@ -20,10 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import celery_msg
-
-#: The Flask example, in a clone of the repository (``make demo`` runs from one).
-FLASK_APP = Path(celery_msg.__file__).resolve().parent.parent / "example_project" / "flask_app"
+#: The Flask example, next to this demo in a clone of the repository (``make demo`` runs there).
+FLASK_APP = Path(__file__).resolve().parent.parent / "flask_app"
 QUEUES = ("emails", "reports", "webhooks", "default", "cache")
 
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from celery_msg import servers
-from celery_msg.servers import (
+from celery_msg import testing
+from celery_msg.testing import (
     FORBIDDEN_PORT,
     ServerBinaryNotFound,
     ServerProcess,
@@ -117,8 +117,8 @@ def test_start_retries_on_a_port_taken_by_another_process(
         squatter.listen()
         taken = squatter.getsockname()[1]
         ports = iter([taken])
-        real_free_port = servers.free_port
-        monkeypatch.setattr(servers, "free_port", lambda: next(ports, None) or real_free_port())
+        real_free_port = testing.free_port
+        monkeypatch.setattr(testing, "free_port", lambda: next(ports, None) or real_free_port())
 
         srv = server_factory()
 

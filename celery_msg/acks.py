@@ -1,0 +1,210 @@
+"""Acks written the moment a task finishes, replies read later: the crash window is one write.
+
+Why: an ack that waits for company (the next fetch, a 2 ms timer) is an ack a SIGKILL can still
+take away, and its task then runs again elsewhere although it finished. A solo worker runs a
+whole prefetched batch inline before its loop fetches again, so it lost up to a batch of acks
+per kill (3.9 re-runs per SIGKILL against kombu's 0.1). Waiting for Redis's reply to each ack
+instead would cost a round trip per task (~100 us of a ~600 us solo task here).
+
+How: the event-loop thread writes each ack's ``EVALSHA`` to a connection of its own as soon as
+the task is settled, and does not wait. Once ``send`` returns, the command is in the kernel's
+socket buffer: it reaches Redis even if the process is SIGKILLed the next instant (a killed
+process's queued bytes are still sent; only unread *incoming* data makes Linux reset a socket,
+and Redis has taken the command long before its reply could arrive). The replies are read when
+the socket turns readable (the hub watches it) or, at the latest, when the consumer closes.
+
+What a reply can say:
+* OK / LEASE_LOST per delivery, as for a synchronous ack (lost ones are logged);
+* NOSCRIPT (Redis restarted, ``SCRIPT FLUSH``): the script is loaded again and only those acks
+  are sent again;
+* another error (a corrupted queue): logged, and those leases are given up; they expire and
+  come back, as when the consumer dies.
+A connection error leaves the acks in flight unconfirmed: they are handed back to the caller
+(:meth:`AckSender.take_unconfirmed`), which writes them with its next round trip, through the
+same error handling as any other round (a reconnect when Redis is gone). An ack that did land
+before the error is then refused as lost: logged, harmless (the message is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .core import REDIS_CONNECTION_ERRORS, Broker, Lease, group_by_queue, lease_pairs, pack_evalsha
+from .scripts import Code
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait for one reply when all of them must be read (closing, a full buffer).
+REPLY_TIMEOUT = 5.0
+
+#: Most acks sent but not yet confirmed before :meth:`AckSender.send` reads replies itself: a
+#: Redis that stops answering must not make the buffer grow without bound.
+MAX_IN_FLIGHT = 10_000
+
+_IO_ERRORS: tuple[type[BaseException], ...] = (*REDIS_CONNECTION_ERRORS, OSError)
+
+
+class AckSender:
+    """One consumer's acks on a connection of their own, pipelined without waiting.
+
+    Used from the event-loop thread only (the thread that settles deliveries in a Celery
+    worker); other threads ack synchronously.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        loop: Any = None,
+        on_lost: Callable[[list[Lease]], None] | None = None,
+    ) -> None:
+        self.broker = broker
+        pool = broker.client.connection_pool
+        # Not from the pool: replies stay unread on it between calls.
+        self.conn: Any = pool.connection_class(**pool.connection_kwargs)
+        self._in_flight: deque[list[Lease]] = deque()
+        self._in_flight_count = 0
+        self._unconfirmed: list[Lease] = []
+        self._fd: int | None = None
+        self._loop = loop
+        self._on_lost = on_lost
+
+    @property
+    def in_flight(self) -> int:
+        """Acks sent whose reply was not read yet."""
+        return self._in_flight_count
+
+    def send(self, leases: list[Lease]) -> None:
+        """Write the acks of ``leases`` now; never raises for a connection error (the acks are
+        then kept for :meth:`take_unconfirmed`)."""
+        if not leases:
+            return
+        if self._in_flight_count >= MAX_IN_FLIGHT:
+            self.read_replies(block=True)
+        groups = list(group_by_queue(leases).items())
+        ack = self.broker.scripts.ack
+        packed = [pack_evalsha(ack, self.broker.keys(q).all, lease_pairs(g)) for q, g in groups]
+        try:
+            if self.conn._sock is None:
+                self._connect()
+            self.conn.send_packed_command(packed, check_health=False)
+        except _IO_ERRORS as exc:
+            logger.debug("ack connection failed while sending: %s", exc)
+            self._unconfirmed.extend(leases)
+            self._fail()
+            return
+        for _, group in groups:
+            self._in_flight.append(group)
+            self._in_flight_count += len(group)
+        self._watch()
+
+    def read_replies(self, block: bool = False) -> None:
+        """Read the replies that arrived (``block``: all of them, waiting for each)."""
+        resend: list[Lease] = []
+        lost: list[Lease] = []
+        while self._in_flight:
+            try:
+                if not self.conn.can_read(timeout=REPLY_TIMEOUT if block else 0):
+                    if block:
+                        raise redis.TimeoutError(f"no ack reply within {REPLY_TIMEOUT:.0f}s")
+                    break
+                reply = self.conn.read_response()
+            except redis.exceptions.NoScriptError:
+                resend.extend(self._pop())
+                continue
+            except redis.ResponseError as exc:
+                group = self._pop()
+                logger.error(
+                    "queue %s: ack of %d messages failed: %s; their leases expire and they "
+                    "come back",
+                    group[0].queue,
+                    len(group),
+                    exc,
+                )
+                continue
+            except _IO_ERRORS as exc:
+                logger.debug("ack connection failed while reading: %s", exc)
+                self._fail()
+                break
+            group = self._pop()
+            codes = reply if isinstance(reply, list) else []
+            if len(codes) != len(group):
+                logger.error("ack of %d messages: unexpected reply %r", len(group), reply)
+                continue
+            lost.extend(lease for lease, code in zip(group, codes, strict=True) if code != Code.OK)
+        if lost and self._on_lost is not None:
+            self._on_lost(lost)
+        if resend:
+            self._reload_script()
+            self.send(resend)
+
+    def has_unconfirmed(self) -> bool:
+        return bool(self._unconfirmed)
+
+    def take_unconfirmed(self) -> list[Lease]:
+        """Acks that met a connection error: their caller writes them again."""
+        taken, self._unconfirmed = self._unconfirmed, []
+        return taken
+
+    def close(self) -> None:
+        """Read every outstanding reply (unconfirmed acks stay for :meth:`take_unconfirmed`),
+        then close the connection."""
+        self.read_replies(block=True)
+        self._unwatch()
+        with contextlib.suppress(*_IO_ERRORS):
+            self.conn.disconnect()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _pop(self) -> list[Lease]:
+        group = self._in_flight.popleft()
+        self._in_flight_count -= len(group)
+        return group
+
+    def _fail(self) -> None:
+        """The connection broke: everything in flight is unconfirmed; connect anew next time."""
+        while self._in_flight:
+            self._unconfirmed.extend(self._pop())
+        self._unwatch()
+        with contextlib.suppress(*_IO_ERRORS):
+            self.conn.disconnect()
+
+    def _connect(self) -> None:
+        """Connect, and load the ack script first: a NOSCRIPT reply would otherwise wait,
+        unread, for as long as the loop is busy (a solo worker running a long task), and
+        its acks with it. A new connection is what a Redis restart leads to."""
+        self.conn.connect()
+        script = self.broker.scripts.ack
+        self.conn.send_command("SCRIPT", "LOAD", script.script)
+        self.conn.read_response()
+
+    def _reload_script(self) -> None:
+        """Load the ack script again, on a pooled connection: this one may have replies
+        outstanding. A failure shows up as the resent acks' own error."""
+        with contextlib.suppress(*_IO_ERRORS, redis.ResponseError):
+            self.broker.client.script_load(self.broker.scripts.ack.script)
+
+    def _watch(self) -> None:
+        """Have the event loop read replies whenever the (possibly new) socket is readable."""
+        sock = self.conn._sock
+        fd = None if sock is None else sock.fileno()
+        if fd != self._fd:
+            self._unwatch()
+            self._fd = fd
+            if fd is not None and self._loop is not None:
+                self._loop.add_reader(fd, self.read_replies)
+
+    def _unwatch(self) -> None:
+        """Stop watching our socket, unless its number already belongs to somebody else."""
+        fd, self._fd = self._fd, None
+        if fd is None or self._loop is None:
+            return
+        registered = self._loop.readers.get(fd)
+        if registered is not None and registered[0] == self.read_replies:
+            self._loop.remove_reader(fd)

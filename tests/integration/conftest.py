@@ -1,0 +1,46 @@
+"""Fixtures shared by the integration tests (servers and ``prefix``: tests/conftest.py).
+
+- ``make_stack``: ``make_stack(**settings)`` builds a :class:`celery_helpers.Stack` (settings on
+  this test's server and key prefix, a client app, a Broker, workers) closed after the test.
+- ``stack``: one such stack with the default settings.
+- ``consumer_process``: ``start(queue, **options)`` runs a kombu consumer in a child process
+  (fast leases) that the test can SIGKILL or SIGSTOP; all are closed after the test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from celery_helpers import Stack, StackFactory, stack_factory
+from kombu_helpers import FAST, ConsumerProcess
+
+if TYPE_CHECKING:
+    from conftest import Server
+
+
+@pytest.fixture
+def make_stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[StackFactory]:
+    with stack_factory(server.url, prefix, tmp_path) as make:
+        yield make
+
+
+@pytest.fixture
+def stack(make_stack: StackFactory) -> Stack:
+    return make_stack()
+
+
+@pytest.fixture
+def consumer_process(server: Server, prefix: str) -> Iterator[Callable[..., ConsumerProcess]]:
+    started: list[ConsumerProcess] = []
+
+    def start(queue: str, **options: Any) -> ConsumerProcess:
+        process = ConsumerProcess(server, prefix, queue, **{**FAST, **options})
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
