@@ -290,3 +290,24 @@ def test_registering_the_collector_reads_nothing(fresh_server: Server, prefix: s
 
     names = {name for name, _ in parse(generate_latest(registry).decode())}
     assert names == {"celery_msg_up"}
+
+
+def test_once_prints_the_metrics_and_exits(stack: Stack):
+    stack.broker.declare(DEFAULT_QUEUE)
+    stack.broker.publish(DEFAULT_QUEUE, "m", b"{}", 0)
+    pythonpath = os.pathsep.join([str(REPO_ROOT), str(INTEGRATION_DIR)])
+    argv = [str(CELERY), "-A", "celery_app.worker", "msg", "metrics", "--once"]
+
+    done = subprocess.run(
+        argv,
+        cwd=REPO_ROOT,
+        env={**os.environ, **stack.environ, "PYTHONPATH": pythonpath},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    samples = of_queue(parse(done.stdout), DEFAULT_QUEUE)
+    assert samples["celery_msg_messages{state=ready}"] == 1
+    assert samples["celery_msg_published_total"] == 1
