@@ -22,6 +22,7 @@ from .errors import (
     MessageNotFound,
     PermissionDenied,
     PoisonMessage,
+    ReplicationTimeout,
     ScriptError,
 )
 from .policy import DeadLetter, Exponential, Fixed, Policies, Policy, Retry, Unique
@@ -57,6 +58,7 @@ __all__ = [
     "PoisonMessage",
     "Policies",
     "Policy",
+    "ReplicationTimeout",
     "Retry",
     "ScriptError",
     "Unique",

@@ -6,12 +6,15 @@ whole prefetched batch inline before its loop fetches again, so it lost up to a 
 per kill (3.9 re-runs per SIGKILL against kombu's 0.1). Waiting for Redis's reply to each ack
 instead would cost a round trip per task (~100 us of a ~600 us solo task here).
 
-How: the event-loop thread writes each ack's ``EVALSHA`` to a connection of its own as soon as
-the task is settled, and does not wait. Once ``send`` returns, the command is in the kernel's
-socket buffer: it reaches Redis even if the process is SIGKILLed the next instant (a killed
-process's queued bytes are still sent; only unread *incoming* data makes Linux reset a socket,
-and Redis has taken the command long before its reply could arrive). The replies are read when
-the socket turns readable (the hub watches it) or, at the latest, when the consumer closes.
+How: the event-loop thread collects the acks Celery makes while it handles one batch of events
+(a prefork result, a solo task's return) and writes them, one ``EVALSHA`` per queue, on a
+connection of its own before it does anything that takes time: before the next message is
+handed over (a solo worker runs it inline) and before the loop polls again. It does not wait for
+the reply. Once written, the command is in the kernel's socket buffer: it reaches Redis even if
+the process is SIGKILLed the next instant (a killed process's queued bytes are still sent; only
+unread *incoming* data makes Linux reset a socket, and Redis has taken the command long before
+its reply could arrive). Replies are read, without blocking, on every turn of the loop (no
+wake-up of their own), and all of them when the consumer closes.
 
 What a reply can say:
 * OK / LEASE_LOST per delivery, as for a synchronous ack (lost ones are logged);
@@ -61,7 +64,6 @@ class AckSender:
         self,
         broker: Broker,
         *,
-        loop: Any = None,
         on_lost: Callable[[list[Lease]], None] | None = None,
     ) -> None:
         self.broker = broker
@@ -71,14 +73,29 @@ class AckSender:
         self._in_flight: deque[list[Lease]] = deque()
         self._in_flight_count = 0
         self._unconfirmed: list[Lease] = []
-        self._fd: int | None = None
-        self._loop = loop
+        self._buffered: list[Lease] = []
         self._on_lost = on_lost
 
     @property
     def in_flight(self) -> int:
         """Acks sent whose reply was not read yet."""
         return self._in_flight_count
+
+    def add(self, leases: list[Lease]) -> None:
+        """Keep acks for the next :meth:`flush` (within the same turn of the loop)."""
+        self._buffered.extend(leases)
+
+    def pending(self) -> bool:
+        """Whether acks wait for :meth:`flush`, or replies to be read."""
+        return bool(self._buffered or self._in_flight)
+
+    def flush(self) -> None:
+        """Write the kept acks, then read whatever replies have arrived (without waiting)."""
+        if self._buffered:
+            leases, self._buffered = self._buffered, []
+            self.send(leases)
+        if self._in_flight:
+            self.read_replies()
 
     def send(self, leases: list[Lease]) -> None:
         """Write the acks of ``leases`` now; never raises for a connection error (the acks are
@@ -88,7 +105,7 @@ class AckSender:
         if self._in_flight_count >= MAX_IN_FLIGHT:
             self.read_replies(block=True)
         groups = list(group_by_queue(leases).items())
-        ack = self.broker.scripts.ack
+        ack = self.broker.scripts.ack.script
         packed = [pack_evalsha(ack, self.broker.keys(q).all, lease_pairs(g)) for q, g in groups]
         try:
             if self.conn._sock is None:
@@ -102,7 +119,6 @@ class AckSender:
         for _, group in groups:
             self._in_flight.append(group)
             self._in_flight_count += len(group)
-        self._watch()
 
     def read_replies(self, block: bool = False) -> None:
         """Read the replies that arrived (``block``: all of them, waiting for each)."""
@@ -153,10 +169,10 @@ class AckSender:
         return taken
 
     def close(self) -> None:
-        """Read every outstanding reply (unconfirmed acks stay for :meth:`take_unconfirmed`),
-        then close the connection."""
+        """Write the kept acks and read every outstanding reply (unconfirmed acks stay for
+        :meth:`take_unconfirmed`), then close the connection."""
+        self.flush()
         self.read_replies(block=True)
-        self._unwatch()
         with contextlib.suppress(*_IO_ERRORS):
             self.conn.disconnect()
 
@@ -171,7 +187,6 @@ class AckSender:
         """The connection broke: everything in flight is unconfirmed; connect anew next time."""
         while self._in_flight:
             self._unconfirmed.extend(self._pop())
-        self._unwatch()
         with contextlib.suppress(*_IO_ERRORS):
             self.conn.disconnect()
 
@@ -180,7 +195,7 @@ class AckSender:
         unread, for as long as the loop is busy (a solo worker running a long task), and
         its acks with it. A new connection is what a Redis restart leads to."""
         self.conn.connect()
-        script = self.broker.scripts.ack
+        script = self.broker.scripts.ack.script
         self.conn.send_command("SCRIPT", "LOAD", script.script)
         self.conn.read_response()
 
@@ -188,23 +203,4 @@ class AckSender:
         """Load the ack script again, on a pooled connection: this one may have replies
         outstanding. A failure shows up as the resent acks' own error."""
         with contextlib.suppress(*_IO_ERRORS, redis.ResponseError):
-            self.broker.client.script_load(self.broker.scripts.ack.script)
-
-    def _watch(self) -> None:
-        """Have the event loop read replies whenever the (possibly new) socket is readable."""
-        sock = self.conn._sock
-        fd = None if sock is None else sock.fileno()
-        if fd != self._fd:
-            self._unwatch()
-            self._fd = fd
-            if fd is not None and self._loop is not None:
-                self._loop.add_reader(fd, self.read_replies)
-
-    def _unwatch(self) -> None:
-        """Stop watching our socket, unless its number already belongs to somebody else."""
-        fd, self._fd = self._fd, None
-        if fd is None or self._loop is None:
-            return
-        registered = self._loop.readers.get(fd)
-        if registered is not None and registered[0] == self.read_replies:
-            self._loop.remove_reader(fd)
+            self.broker.client.script_load(self.broker.scripts.ack.script.script)

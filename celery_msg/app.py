@@ -29,9 +29,9 @@ from kombu.utils.encoding import safe_repr
 
 from .broadcast import name_broadcast_queues
 from .control import install_scheduled
-from .counters import Counter
 from .errors import PoisonMessage
 from .headers import expires_ms
+from .keys import Counter, Reason
 from .options import TransportOptions
 from .outcome import broker_of, channel_of, mark_dead_letter, mark_drop, outcome_of
 from .policy import Policies, Resolved, policies_from
@@ -149,19 +149,21 @@ class Consumer(CeleryConsumer):
         return transport if isinstance(transport, Transport) else None
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        mark_dead_letter(message, "undecodable", f"{type(exc).__name__}: {exc}")
+        mark_dead_letter(message, Reason.UNDECODABLE, f"{type(exc).__name__}: {exc}")
         self._log_and_reject(message, "cannot decode message body")
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        mark_dead_letter(message, "no-task-headers", "message has no task name in headers or body")
+        mark_dead_letter(
+            message, Reason.NO_TASK_HEADERS, "message has no task name in headers or body"
+        )
         super().on_unknown_message(body, message)
 
     def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        mark_dead_letter(message, "unknown-task", f"task not registered on this worker: {exc}")
+        mark_dead_letter(message, Reason.UNKNOWN_TASK, f"task not registered on this worker: {exc}")
         super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        mark_dead_letter(message, "invalid-task", f"{type(exc).__name__}: {exc}")
+        mark_dead_letter(message, Reason.INVALID_TASK, f"{type(exc).__name__}: {exc}")
         super().on_invalid_task(body, message, exc)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
@@ -175,14 +177,16 @@ class Consumer(CeleryConsumer):
             if accept and content_type not in accept:
                 mark_dead_letter(
                     message,
-                    "content-type-not-accepted",
+                    Reason.CONTENT_TYPE_NOT_ACCEPTED,
                     f"content type {content_type!r} is not in accept_content",
                 )
                 return self._log_and_reject(message, "content type not accepted")
             headers = message.headers if isinstance(message.headers, dict) else {}
             task = headers.get("task")
             if task is not None and not isinstance(task, str):
-                mark_dead_letter(message, "invalid-task", f"task name {task!r} is not a string")
+                mark_dead_letter(
+                    message, Reason.INVALID_TASK, f"task name {task!r} is not a string"
+                )
                 return self._log_and_reject(message, "invalid task name")
             queue = (message.delivery_info or {}).get("queue")
             policy = self.policies.resolve(task, queue)
@@ -206,7 +210,7 @@ class Consumer(CeleryConsumer):
                 # the message comes back to end the next one: dead-letter it instead.
                 if message.acknowledged:
                     raise
-                mark_dead_letter(message, "invalid-task", f"{type(exc).__name__}: {exc}")
+                mark_dead_letter(message, Reason.INVALID_TASK, f"{type(exc).__name__}: {exc}")
                 logger.exception("task %s[%s] cannot be run", task, headers.get("id"))
                 return self._log_and_reject(message, "malformed task message")
             finally:
@@ -232,7 +236,7 @@ class Consumer(CeleryConsumer):
             return False
         task_id = headers.get("id")
         mark_dead_letter(
-            message, "expired", f"expired at {headers.get('expires')}, before it could run"
+            message, Reason.EXPIRED, f"expired at {headers.get('expires')}, before it could run"
         )
         logger.warning("task %s[%s] expired; dead-lettered", headers.get("task"), task_id)
         message.reject(requeue=False)
@@ -249,7 +253,7 @@ class Consumer(CeleryConsumer):
         headers = message.headers if isinstance(message.headers, dict) else {}
         detail = f"delivered {deliveries - 1} times without an ack"
         if policy.dead_letter.enabled:
-            mark_dead_letter(message, "poison", detail)
+            mark_dead_letter(message, Reason.POISON, detail)
         else:
             mark_drop(message)
         logger.error(

@@ -18,11 +18,10 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from .core import UNREADABLE_RECORD, Broker, MessageInfo, ScriptCall, State, translated_errors
+from .core import UNREADABLE_RECORD, Broker, MessageInfo, State
 from .errors import MessageNotFound
-from .scripts import Code
 
 
 @dataclass(frozen=True)
@@ -148,19 +147,11 @@ class DeadLetters:
                     yield message
 
     def _scan(self, queue: str, batch: int) -> Iterator[DeadMessage]:
-        dead_key = self.broker.keys(queue).dead
         last: float | None = None
         while True:
             # Page by score (the time of death), so that replays and purges between two pages
             # do not make us skip anything.
-            low = "-inf" if last is None else f"({last}"
-            with translated_errors(f"list dead letters of {queue!r}"):
-                page = cast(
-                    list[tuple[bytes, float]],
-                    self.broker.client.zrangebyscore(
-                        dead_key, low, "+inf", start=0, num=batch, withscores=True
-                    ),
-                )
+            page = self.broker.dead_page(queue, last, batch)
             if not page:
                 return
             yield from self._dead(queue, self._names([key for key, _ in page]))
@@ -168,9 +159,8 @@ class DeadLetters:
                 return
             last = page[-1][1]
             # Several messages may share the last score: fetch the rest of that score at once.
-            with translated_errors(f"list dead letters of {queue!r}"):
-                same = cast(list[bytes], self.broker.client.zrangebyscore(dead_key, last, last))
             seen = {key for key, _ in page}
+            same = self.broker.dead_at(queue, last)
             yield from self._dead(queue, self._names([key for key in same if key not in seen]))
 
     def _names(self, raw: list[bytes]) -> list[str]:
@@ -231,7 +221,7 @@ class DeadLetters:
         progress: Callable[[int], None] | None,
         batch: int,
     ) -> int:
-        script = self.broker.scripts.replay if what == "replay" else self.broker.scripts.discard
+        settle = self.broker.replay_dead if what == "replay" else self.broker.discard_dead
         done = 0
         pending: dict[str, list[str]] = {}
 
@@ -240,9 +230,7 @@ class DeadLetters:
             keys = pending.pop(queue, [])
             if not keys:
                 return
-            with translated_errors(f"{what} {len(keys)} dead letters of {queue!r}"):
-                codes = script(keys=self.broker.keys(queue).all, args=keys)
-            done += sum(1 for code in codes if int(code) == Code.OK)
+            done += settle(queue, keys)
             if progress is not None:
                 progress(len(keys))
 
@@ -260,14 +248,7 @@ class DeadLetters:
         One round trip for every queue; returns how many dead messages were dropped."""
         if not retention:
             return 0
-        now = self.broker.now_ms()
-        trim = self.broker.scripts.trim_dead
-        calls: list[ScriptCall] = [
-            (trim, self.broker.keys(queue).all, [now, max_len, max_age_ms, limit])
-            for queue, (max_len, max_age_ms) in retention.items()
-        ]
-        with translated_errors("trim dead-letter stores"):
-            return sum(int(n) for n in self.broker.run_scripts(calls))
+        return self.broker.trim_dead(retention, limit)
 
 
 def decode_message(payload: bytes) -> dict[str, Any]:

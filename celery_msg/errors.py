@@ -24,6 +24,20 @@ class BrokerConnectionError(CeleryMsgError, ConnectionError):
     """Redis cannot be reached, or the connection dropped mid-command."""
 
 
+class ReplicationTimeout(CeleryMsgError):
+    """Fewer replicas than ``min_replicas`` confirmed a write within ``min_replicas_timeout``.
+
+    The write happened on the master; it is lost if the master fails before it reaches a
+    replica. A publisher gets this error (the publish is not confirmed: do not assume it is
+    durable); a consumer logs it and goes on (``results`` holds the replies it then uses: a
+    lost reserve or ack only means a redelivery)."""
+
+    def __init__(self, message: str, confirmed: int, results: list[object] | None = None) -> None:
+        super().__init__(message)
+        self.confirmed = confirmed
+        self.results: list[object] = results or []
+
+
 class LeaseLost(CeleryMsgError):
     """A consumer tried to ack, reject or renew a delivery whose lease it no longer holds.
 

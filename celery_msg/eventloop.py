@@ -8,10 +8,12 @@ timers share one non-blocking loop, and nothing waits for anything else.
 How (kombu's redis transport does the same with BRPOP): one Redis connection of our own, out of
 the shared pool, carries a ``BLPOP`` on the wake-up markers (the signal list of each consumed
 queue and this consumer's wake key); it is *sent*, and its socket registered with the hub. When
-the reply arrives, :meth:`EventLoopDrain.pump` runs one synchronous round on the pool (buffered
-acks + reserve, one round trip), hands the reserved messages to kombu and sends the next BLPOP.
-The same ``pump`` runs on every hub tick, so an ack made by the loop thread (a prefork result, a
-solo task) reaches Redis before the loop sleeps again, and room freed in prefetch is used at once.
+the reply arrives, :meth:`EventLoopDrain.pump` runs one synchronous round on the pool (reserve,
+with any buffered acks, one round trip), hands the reserved messages to kombu and sends the next
+BLPOP. The same ``pump`` runs on every hub tick, so room freed in prefetch is used at once. Acks
+made by the loop thread (a prefork result, a solo task) do not wait for it: the transport writes
+each at once on a connection of its own (:mod:`celery_msg.acks`); only acks that met a
+connection error are buffered here, to ride on the next round.
 
 Timers: the BLPOP's own timeout is ``sweep_interval``, so an idle consumer still reclaims expired
 leases; the next due time of a scheduled message (learned from each round) is a hub timer, exact
@@ -44,9 +46,8 @@ logger = logging.getLogger(__name__)
 #: and a round a hair early would find nothing due yet and schedule itself again.
 DUE_MARGIN = 0.001
 
-#: Seconds buffered acks may wait for company when the round they would ride on could refill
-#: less than half the prefetch: a busy prefork worker then pays one round trip per few tasks,
-#: not per task, and an ack still reaches Redis within milliseconds.
+#: Seconds buffered acks (those that met a connection error on the ack writer) may wait for
+#: company when the round they would ride on could refill less than half the prefetch.
 ACK_DELAY = 0.002
 
 #: Seconds a sent BLPOP may stay unanswered beyond its own timeout before the connection is
@@ -73,6 +74,10 @@ class Drainable(Protocol):
 
     def flush_acks(self) -> None:
         """Write the buffered acks now."""
+
+    def write_acks(self) -> None:
+        """Write the acks the loop thread made since the last call, without waiting for the
+        reply: before a message is handed over (solo runs it inline) and before polling."""
 
     def room_for_a_batch(self) -> bool:
         """Whether a channel with a prefetch limit may take at least half of it."""
@@ -180,6 +185,7 @@ class EventLoopDrain:
         """Do whatever is due now; cheap when nothing is."""
         target = self.target
         target.start_draining()
+        target.write_acks()
         if target.holding():
             # Warm shutdown: acks still go out, nothing more is delivered; what was reserved
             # goes back when the connection closes.
@@ -204,6 +210,7 @@ class EventLoopDrain:
             again = self._round()
         while not target.holding() and target.deliver_one():
             again = True
+            target.write_acks()  # a solo task ran inline: its ack goes before the next
         if again:
             # Iterate again before sleeping: the hub's poll timeout was computed before this
             # tick, so a timer set now (ours, or Celery's for a task with an ETA, even a due

@@ -1,4 +1,10 @@
-"""What one consumer channel holds: its leases by delivery tag, and acks not yet written.
+"""What one consumer channel holds, and how it lets go: delivery tag -> lease -> settlement.
+
+A channel hands kombu a delivery tag; the lease behind it (queue, key, fencing token) lives
+here until the delivery is settled: acked (now, through the event loop's ack writer, or buffered
+to ride on the next round trip), requeued, dead-lettered or restored. Settling takes the lease
+out of the book first, so each delivery is settled at most once whichever thread gets there
+first; a tag whose lease was lost is logged, never settled.
 
 Three threads touch it: the consumer thread (reserves, delivers, acks a solo task), pool
 threads (ack prefork tasks) and the renewer (renews everything, flushes buffered acks). One
@@ -7,16 +13,23 @@ lock, and no method that hands out the live collections.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
-from .core import Lease
+from .core import Broker, Lease
+from .errors import BrokerConnectionError
+
+logger = logging.getLogger(__name__)
 
 
 class Holdings:
     """Leases held by one channel, and acks buffered to ride on the next round trip."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._acks: list[Lease] = []
@@ -87,3 +100,95 @@ class Holdings:
                 del self._leases[tag]
             dropped.extend(lease for lease in self._acks if lease in gone)
         return dropped
+
+    # -- settlement ------------------------------------------------------------------------
+
+    def release(self, tag: str, action: str) -> Lease | None:
+        """:meth:`settle`, logging a tag whose lease was lost (nothing to settle)."""
+        lease = self.settle(tag)
+        if lease is None:
+            log_ignored(tag, action)
+        return lease
+
+    def buffer_ack_or_log(self, tag: str) -> None:
+        if not self.buffer_ack(tag):
+            log_ignored(tag, "ack")
+
+    def ack_through(self, tag: str, send: Callable[[list[Lease]], Any]) -> None:
+        """Hand the ack to a writer that sends it without waiting (the event loop's)."""
+        lease = self.release(tag, "ack")
+        if lease is not None:
+            send([lease])
+
+    def ack_now(self, tag: str) -> bool:
+        """Write the ack and wait for it; True when there was a lease to ack."""
+        lease = self.release(tag, "ack")
+        if lease is None:
+            return False
+        log_lost(self.broker.ack([lease]), "ack")
+        return True
+
+    def requeue(self, tag: str) -> None:
+        lease = self.release(tag, "requeue")
+        if lease is not None:
+            log_lost(self.broker.requeue([lease]), "requeue")
+
+    def dead_letter(self, tag: str, reason: str, detail: str, **extra: Any) -> None:
+        lease = self.release(tag, "dead-letter")
+        if lease is None:
+            return
+        if self.broker.dead_letter(lease, reason, detail, **extra):
+            logger.warning(
+                "queue %s message %s dead-lettered: %s: %s", lease.queue, lease.key, reason, detail
+            )
+        else:
+            log_lost([lease], "dead-letter")
+
+    def restore(self, tags: Iterable[str], crashed: Collection[str]) -> None:
+        """Back to the front of their queues, uncounted (never started, or a clean close),
+        except ``crashed`` ones (handling them raised): those count as a delivery, so
+        ``max_deliveries`` ends a crash loop."""
+        tags = list(tags)
+        plain = [tag for tag in tags if tag not in crashed]
+        log_lost(self.broker.requeue(self.settle_many(plain), uncount=True), "restore")
+        leases = self.settle_many([tag for tag in tags if tag in crashed])
+        if leases:
+            for lease in leases:
+                logger.warning(
+                    "queue %s message %s: its handling raised; back in the queue, counted as a "
+                    "delivery",
+                    lease.queue,
+                    lease.key,
+                )
+            log_lost(self.broker.requeue(leases), "restore")
+
+    def flush_acks(self) -> None:
+        """Write the buffered acks (at close: an unreachable Redis is logged, not raised)."""
+        acks = self.take_acks()
+        try:
+            log_lost(self.broker.ack(acks), "ack")
+        except BrokerConnectionError as exc:
+            logger.warning("could not flush %d acks at close: %s", len(acks), exc)
+
+    def requeue_all(self) -> None:
+        """Everything still held back to its queue, uncounted (a channel closing)."""
+        leftovers = self.take_all()
+        if leftovers:
+            with contextlib.suppress(BrokerConnectionError):
+                self.broker.requeue(leftovers, uncount=True)
+
+
+def log_ignored(tag: str, action: str) -> None:
+    logger.warning("delivery %s: %s ignored, its lease was lost", tag, action)
+
+
+def log_lost(lost: list[Lease], action: str) -> None:
+    for lease in lost:
+        logger.warning(
+            "queue %s message %s: %s refused, lease lost (token %d): it was presumed dead and "
+            "redelivered, or purged",
+            lease.queue,
+            lease.key,
+            action,
+            lease.token,
+        )

@@ -17,12 +17,12 @@ owner      HASH    message key -> consumer holding the current lease
 seq        STRING  counter: back-of-queue sequence numbers and fencing tokens
 signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
-reason     HASH    message key -> why it was dead-lettered (JSON)
-stats      HASH    counters (``celery_msg.counters.Counter``): published, delivered,
-                   redelivered, acked, requeued, reclaimed, promoted, retried, dead and
-                   ``dead:<reason>``, replayed, lease_lost, duplicates, expired (message TTL,
-                   or Celery's ``expires`` header), dropped (``max_length``: the head gave way
-                   to a new message), dead_trimmed
+reason     HASH    message key -> why it was dead-lettered (JSON; its ``reason``: ``Reason``)
+stats      HASH    counters (``Counter``): published, delivered, redelivered, acked,
+                   requeued, reclaimed, promoted, retried, dead and ``dead:<reason>``,
+                   lease_lost, duplicates, expired (message TTL, or Celery's ``expires``
+                   header), dropped (``max_length``: the head gave way to a new message),
+                   replayed, dead_trimmed (dead-letter retention)
 dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
 sched      ZSET    message key -> due time (ms): ETA / countdown / retry messages not yet due
 alias      HASH    message id -> its newest ``id/<n>`` key (for unique publishes)
@@ -35,14 +35,13 @@ uniq       ZSET    message id -> until when (ms) a unique publish of that id is 
                    succeeded, or failed for good) or when the message goes (purged, expired,
                    dropped, dead-lettered)
 born       HASH    message key -> when it was enqueued (ms): published, or promoted from
-                   the schedule (due); read for the age of the oldest ready message (metrics)
+                   the schedule (its due time); read for the age of the oldest ready message
 =========  ======  ===================================================================
 
 One more key per queue is written by consumers, never by a script (so it is not in ``KEYS``):
 
-=========  ======  ===================================================================
 consumers  ZSET    consumer id -> until when (ms) it counts as attached: a live consumer's
-                   renewer refreshes it every round (see ``Broker.heartbeat``)
+                   renewer refreshes it every round (see ``celery_msg.consumers``)
 =========  ======  ===================================================================
 
 Global keys (no hash tag; only the bindings version is read by a script): ``<prefix>queues``
@@ -59,6 +58,7 @@ expires after a minute).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 
 QUEUE_KEY_PARTS: tuple[str, ...] = (
@@ -85,6 +85,64 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
 
 #: Keys of a queue that no script takes (written by Python alone), deleted with the queue.
 SIDE_KEY_PARTS: tuple[str, ...] = ("consumers",)
+
+
+class Counter(StrEnum):
+    """The fields of a queue's ``stats`` hash. The scripts get them as ``STAT_<NAME>`` from the
+    generated preamble, so Python and Lua count under the same names."""
+
+    #: stored by publish (a new message; a refused duplicate is ``duplicates``)
+    PUBLISHED = "published"
+    #: handed to a consumer under a lease (every delivery, first or not)
+    DELIVERED = "delivered"
+    #: deliveries of a message delivered before (its lease expired, it was requeued)
+    REDELIVERED = "redelivered"
+    ACKED = "acked"
+    #: given back by its consumer (reject with requeue, a warm shutdown, a lost connection)
+    REQUEUED = "requeued"
+    #: leases that expired and went back to ready (the consumer died or hung)
+    RECLAIMED = "reclaimed"
+    #: scheduled messages (ETA, countdown, retry) that fell due and became ready
+    PROMOTED = "promoted"
+    #: publishes of a Celery retry (the message's ``retries`` header is above 0)
+    RETRIED = "retried"
+    #: dead-lettered, for any reason (``dead:<reason>`` counts each reason apart)
+    DEAD = "dead"
+    #: acks, renewals, requeues and dead-letterings refused: the lease was no longer held
+    LEASE_LOST = "lease_lost"
+    #: unique publishes refused: the id was still pending or locked (deduplicated)
+    DUPLICATES = "duplicates"
+    #: removed unserved: past their message TTL or Celery's ``expires``
+    EXPIRED = "expired"
+    #: dropped from the head of a queue over its ``max_length``
+    DROPPED = "dropped"
+    #: dead messages put back into their queue
+    REPLAYED = "replayed"
+    #: dead messages removed by the dead-letter store's retention
+    DEAD_TRIMMED = "dead_trimmed"
+
+
+class Reason(StrEnum):
+    """Why a message is dead (the ``reason`` of its record). The scripts write two of them
+    (``REASON_POISON``, ``REASON_MISSING_BODY``, from the generated preamble); the others are
+    the Celery layer's and the transport's."""
+
+    #: The task failed for good (retries exhausted, or not retried).
+    FAILED = "failed"
+    #: Delivered more than ``max_deliveries`` times without an ack.
+    POISON = "poison"
+    #: Its ``expires`` passed before it could run.
+    EXPIRED = "expired"
+    #: The body could not be decoded.
+    UNDECODABLE = "undecodable"
+    #: Rejected without requeue, with no reason given.
+    REJECTED = "rejected"
+    #: A ready id whose body was gone (written by something else).
+    MISSING_BODY = "missing-body"
+    NO_TASK_HEADERS = "no-task-headers"
+    UNKNOWN_TASK = "unknown-task"
+    INVALID_TASK = "invalid-task"
+    CONTENT_TYPE_NOT_ACCEPTED = "content-type-not-accepted"
 
 
 #: The Redis type of each part, as ``TYPE`` names it. Every script checks the keys it is given
@@ -134,12 +192,44 @@ PUBLISH_KEY_PARTS: tuple[str, ...] = (
 )
 
 
+class _Part:
+    """A key of a queue named after its part (``keys.ready`` is ``<base>ready``): declared in
+    the class, so that go-to-definition and mypy see every part; a typo is an AttributeError."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.part = name
+
+    def __get__(self, keys: QueueKeys, owner: type | None = None) -> str:
+        return keys.base + self.part
+
+
 @dataclass(frozen=True)
 class QueueKeys:
     """The keys of one queue, in script ``KEYS`` order."""
 
     queue: str
     prefix: str
+
+    ready = _Part()
+    leased = _Part()
+    body = _Part()
+    order = _Part()
+    deliv = _Part()
+    token = _Part()
+    owner = _Part()
+    seq = _Part()
+    signal = _Part()
+    dead = _Part()
+    reason = _Part()
+    stats = _Part()
+    dups = _Part()
+    sched = _Part()
+    alias = _Part()
+    args = _Part()
+    ttl = _Part()
+    uniq = _Part()
+    born = _Part()
+    consumers = _Part()  # a side key (SIDE_KEY_PARTS): not in ``all``
 
     @cached_property
     def base(self) -> str:
@@ -161,11 +251,6 @@ class QueueKeys:
     def side(self) -> tuple[str, ...]:
         """The keys no script takes (``SIDE_KEY_PARTS``): deleted with the queue."""
         return tuple(self.base + part for part in SIDE_KEY_PARTS)
-
-    def __getattr__(self, part: str) -> str:
-        if part in QUEUE_KEY_PARTS or part in SIDE_KEY_PARTS:
-            return self.base + part
-        raise AttributeError(part)
 
 
 def queues_key(prefix: str) -> str:

@@ -44,8 +44,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .core import Broker
-from .counters import Counter
 from .errors import CeleryMsgError
+from .keys import Counter
 from .snapshot import CHUNK, QueueKind, QueueSnapshot, take
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 from . import validate as check
 from .errors import ConfigurationError
 from .policy import Policies
+from .redisio import Replication
 
 QueueOrder = Literal["fair", "strict"]
 PriorityOrder = Literal["desc", "asc"]
@@ -53,10 +54,7 @@ KOMBU_IGNORED: Mapping[str, str] = {
         "twice); kombu and Celery reconnect with their own backoff"
     ),
     "reauth_check_interval": "streaming credential providers are not supported",
-    "master_name": "Redis Sentinel is not supported",
-    "min_other_sentinels": "Redis Sentinel is not supported",
-    "sentinel_kwargs": "Redis Sentinel is not supported",
-    "sentinel_fanout_compat": "Redis Sentinel is not supported",
+    "sentinel_fanout_compat": "broadcast queues are kept per binding under key_prefix",
 }
 
 #: kombu's name for ``key_prefix``.
@@ -118,6 +116,20 @@ class TransportOptions:
     client_name: str | None = None
     #: Seconds between client-side health checks of pooled connections.
     health_check_interval: float = 25.0
+    #: Redis Sentinel (``celery-msg+sentinel://`` URLs): the name of the monitored master.
+    master_name: str | None = None
+    #: Sentinel: keyword arguments for the connections to the sentinels themselves (e.g.
+    #: ``{"password": ...}``, ``{"username": ..., "password": ...}``); the URL's credentials
+    #: are the data nodes'.
+    sentinel_kwargs: Mapping[str, Any] | None = None
+    #: Sentinel: a master address is trusted only if this many other sentinels also see it.
+    min_other_sentinels: int = 0
+    #: Replicas that must confirm every publish, ack and other state change (``WAIT``) before
+    #: it returns; 0 = do not wait (a master that fails may lose its last writes: see README).
+    min_replicas: int = 0
+    #: Seconds to wait for ``min_replicas`` confirmations before failing the publish (a
+    #: consumer logs it and goes on).
+    min_replicas_timeout: float = 1.0
     #: Ack, retry and dead-letter policies (:class:`celery_msg.Policies`); set by
     #: :func:`celery_msg.configure` from the app's ``msg_policies`` setting.
     policies: Policies = field(default_factory=Policies)
@@ -162,10 +174,30 @@ class TransportOptions:
         if "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigurationError("key_prefix: must not contain '{' or '}' (Cluster hash tags)")
         check.instance_of("policies", self.policies, Policies, "a celery_msg.Policies")
+        if self.master_name is not None and (
+            not isinstance(self.master_name, str) or not self.master_name
+        ):
+            raise ConfigurationError(
+                f"master_name: must be a non-empty string, got {self.master_name!r}"
+            )
+        if self.sentinel_kwargs is not None:
+            check.instance_of(
+                "sentinel_kwargs", self.sentinel_kwargs, Mapping, "a mapping of keyword arguments"
+            )
+        check.int_at_least("min_other_sentinels", self.min_other_sentinels, 0)
+        check.int_at_least("min_replicas", self.min_replicas, 0)
+        check.positive_number("min_replicas_timeout", self.min_replicas_timeout, SECONDS_UNIT)
 
     @property
     def lease_ms(self) -> int:
         return to_ms(self.lease_timeout)
+
+    @property
+    def replication(self) -> Replication | None:
+        """The ``WAIT`` every state change ends with, or None when ``min_replicas`` is 0."""
+        if not self.min_replicas:
+            return None
+        return Replication(self.min_replicas, max(1, to_ms(self.min_replicas_timeout)))
 
     @property
     def binding_ttl_ms(self) -> int:
@@ -225,6 +257,7 @@ SECONDS = (
     "socket_timeout",
     "socket_connect_timeout",
     "health_check_interval",
+    "min_replicas_timeout",
 )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from .core import Broker
+from .keys import Reason
 from .options import TransportOptions
 
 #: The one attribute of a kombu message that carries its :class:`Outcome`.
@@ -37,7 +38,7 @@ class DeadLetterRecord:
 
 
 #: What a reject without requeue records when the Celery layer said nothing.
-REJECTED = DeadLetterRecord("rejected", "the consumer rejected the message without requeue")
+REJECTED = DeadLetterRecord(Reason.REJECTED, "the consumer rejected the message without requeue")
 
 
 @dataclass

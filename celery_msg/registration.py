@@ -22,13 +22,20 @@ from types import ModuleType
 from typing import Any
 
 SCHEMES = ("celery-msg", "celery-msgs")
+#: Sentinel URLs. kombu reads ``a+b://`` as transport ``a`` with the rest left for the transport
+#: to parse (:func:`celery_msg.connection.sentinel_address`), but when it fails over to the next
+#: ``;`` part it parses that one whole, as transport ``a+b``: so these are aliases too.
+SENTINEL_SCHEMES = ("celery-msg+sentinel", "celery-msgs+sentinel")
+#: Every broker URL scheme that selects celery-msg.
+URL_SCHEMES = SCHEMES + SENTINEL_SCHEMES
 TRANSPORT = "celery_msg.transport:Transport"
 _lock = threading.Lock()
 
 
 def register_schemes(kombu_transport: ModuleType) -> None:
-    """``celery-msg://`` and ``celery-msgs://`` (TLS) select our transport."""
-    for scheme in SCHEMES:
+    """``celery-msg://``, ``celery-msgs://`` (TLS) and their ``+sentinel`` forms select our
+    transport."""
+    for scheme in URL_SCHEMES:
         kombu_transport.TRANSPORT_ALIASES.setdefault(scheme, TRANSPORT)
 
 

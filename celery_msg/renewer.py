@@ -1,18 +1,29 @@
-"""The background thread that keeps a live consumer's leases alive.
+"""Keeping a live consumer's leases alive: the background thread and what one round does.
 
 It is what turns a visibility timeout into a lease: while the process lives, everything it
 holds is renewed in one batched call per round, so a task may run for hours; when the process
-dies, renewal stops and the leases expire, so its messages come back within one lease.
+dies, renewal stops and the leases expire, so its messages come back within one lease. A round
+(:meth:`LeaseRenewal.renew`) also flushes buffered acks, keeps this consumer's ephemeral
+bindings and ``expires`` queues alive, trims the consumed queues' dead-letter stores and
+heartbeats on them (:mod:`celery_msg.consumers`: the consumers metrics count).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Protocol
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from .errors import BrokerConnectionError
-from .options import TransportOptions
+from . import consumers
+from .core import Broker
+from .deadletters import DeadLetters
+from .ephemeral import EphemeralBindings
+from .errors import BrokerConnectionError, CeleryMsgError
+from .holdings import log_lost
+from .options import TransportOptions, to_ms
 
 logger = logging.getLogger(__name__)
 
@@ -54,3 +65,96 @@ class Renewer(threading.Thread):
         self.stopped.set()
         if self is not threading.current_thread():
             self.join(timeout=self.target.options.socket_timeout or None)
+
+
+#: Seconds between two trims of the consumed queues' dead-letter stores (by the renewer).
+TRIM_INTERVAL = 60.0
+
+
+class LeaseRenewal:
+    """The renewal rounds of one connection (a mixin of the transport, which provides the
+    attributes below and the drain loop's ``_flush_acks``)."""
+
+    broker: Broker
+    options: TransportOptions
+    consumer_id: str
+    channels: list[Any]
+    ephemeral: EphemeralBindings
+    dead_letters: DeadLetters
+
+    #: The transport's (:class:`celery_msg.drain.DrainLoop`); declared, not defined, so that
+    #: the mixin order cannot hide the real one.
+    _flush_acks: Callable[[], None]
+
+    def _init_renewal(self) -> None:
+        self._renewer: Renewer | None = None
+        self._next_trim = 0.0
+        #: Queues this consumer heartbeats on (counted as attached to them).
+        self._attached: set[str] = set()
+
+    def _stop_renewer(self) -> None:
+        if self._renewer is not None:
+            self._renewer.stop()
+            self._renewer = None
+        with contextlib.suppress(CeleryMsgError):  # its heartbeats run out on their own
+            consumers.detach(self.broker, self.consumer_id, self._attached)
+        self._attached = set()
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or not self._renewer.is_alive():
+            # Counted as attached from the start, not from the renewer's first round; only
+            # metrics read it, so a failure here never stops consuming (the renewer retries).
+            try:
+                self._attach({q for c in self.channels for q in c._active_queues})
+            except CeleryMsgError as exc:
+                logger.warning("could not mark this consumer attached to its queues: %s", exc)
+            self._renewer = Renewer(self, self.consumer_id)
+            self._renewer.start()
+
+    def _attach(self, queues: set[str]) -> None:
+        """Heartbeat on the consumed ``queues`` (see :mod:`celery_msg.consumers`); leave the
+        ones no longer consumed."""
+        left = self._attached - queues
+        if left:
+            consumers.detach(self.broker, self.consumer_id, left)
+        consumers.heartbeat(self.broker, self.consumer_id, queues, self.options.lease_ms)
+        self._attached = set(queues)
+
+    def renew(self) -> None:
+        """One renewal round: flush buffered acks, renew leases, refresh bindings."""
+        channels = list(self.channels)
+        self._flush_acks()
+        held = [lease for channel in channels for lease in channel.holdings.renewable()]
+        lost = self.broker.extend(held)
+        if lost:
+            log_lost([lease for c in channels for lease in c.holdings.forget(lost)], "renew")
+        # Renewed while any channel consumes the queue, whichever channel bound it.
+        consumed = {queue for channel in channels for queue in channel._active_queues}
+        bindings = self.ephemeral.live(consumed)
+        if bindings:
+            self.broker.refresh_bindings(bindings)
+        expiring = {q: ms for channel in channels for q, ms in channel.expiring_queues().items()}
+        self.broker.touch(expiring)
+        self.broker.expire_queues()
+        queues = {queue for channel in channels for queue in channel._active_queues}
+        if queues and time.monotonic() >= self._next_trim:
+            # Retention is counted in days: once a minute is plenty.
+            self._next_trim = time.monotonic() + TRIM_INTERVAL
+            self.dead_letters.trim({queue: self._retention(queue) for queue in queues})
+        self._attach(queues)  # last: only metrics depend on it
+
+    def renew_interval(self) -> float:
+        """Seconds between renewal rounds: a third of the shortest of the lease, the binding
+        TTL and the ``expires`` of a consumed queue, so none runs out while this consumer
+        lives."""
+        shortest = min(self.options.lease_timeout, self.options.binding_ttl)
+        for channel in list(self.channels):
+            for ms in channel.expiring_queues().values():
+                shortest = min(shortest, ms / 1000.0)
+        return shortest / 3
+
+    def _retention(self, queue: str) -> tuple[int, int]:
+        """(most entries, most age in ms) of ``queue``'s dead-letter store; 0 = unbounded."""
+        policy = self.options.policies.resolve(None, queue).dead_letter
+        max_age = 0 if policy.max_age is None else to_ms(policy.max_age)
+        return policy.max_length or 0, max_age

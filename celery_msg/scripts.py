@@ -2,8 +2,9 @@
 
 Each script starts with a generated preamble that hands it the key layout and the return codes
 defined here, so Python and Lua never drift; ``--@include name.lua`` lines pull in shared helpers
-(Redis has no include of its own). Scripts are registered with ``register_script``: redis-py
-calls EVALSHA and falls back to loading the script after a server restart or SCRIPT FLUSH.
+(Redis has no include of its own). :mod:`celery_msg.transitions` registers each with
+``register_script`` (redis-py calls EVALSHA and loads the script again after a server restart or
+SCRIPT FLUSH) behind one typed wrapper per script.
 """
 
 from __future__ import annotations
@@ -14,11 +15,8 @@ import re
 from functools import cache
 from importlib import resources
 
-import redis
-from redis.commands.core import Script
-
 from .counters import REASON_MAX
-from .keys import KEY_TYPES, PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
+from .keys import KEY_TYPES, PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS, Counter, Reason
 from .queueargs import MAX_LENGTH, MAX_MS, QueueArg
 
 SCRIPT_NAMES: tuple[str, ...] = (
@@ -83,12 +81,16 @@ def _lua_map(mapping: dict[str, str]) -> str:
 
 def _preamble() -> str:
     codes = "\n".join(f"local {code.name} = {code.value}" for code in Code)
+    stats = "\n".join(f"local STAT_{c.name} = '{c.value}'" for c in Counter)
+    reasons = "\n".join(
+        f"local REASON_{r.name} = '{r.value}'" for r in (Reason.POISON, Reason.MISSING_BODY)
+    )
     return (
         f"local NK = {len(QUEUE_KEY_PARTS)}\n"
         f"local PARTS = {_lua_list(QUEUE_KEY_PARTS)}\n"
         f"local PUBLISH_PARTS = {_lua_list(PUBLISH_KEY_PARTS)}\n"
         f"local KIND = {_lua_map(KEY_TYPES)}\n"
-        f"{codes}\n"
+        f"{codes}\n{stats}\n{reasons}\n"
         f"local BAND = {BAND}\nlocal MID = {MID}\nlocal MISSING = {MISSING_BODY_GROUP}\n"
         f"local EXPIRE_BATCH = {EXPIRE_BATCH}\nlocal TRIM_BATCH = {TRIM_BATCH}\n"
         f"local ARG_MESSAGE_TTL = '{QueueArg.MESSAGE_TTL}'\n"
@@ -128,24 +130,3 @@ def where(error: str) -> str | None:
     number = int(match.group(2))
     text = lines[number - 1].strip() if 0 < number <= len(lines) else "?"
     return f"{name}.lua (as sent) line {number}: {text}"
-
-
-class Scripts:
-    """The registered scripts of one Redis client, one attribute per transition."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.publish: Script = client.register_script(source("publish"))
-        self.reserve: Script = client.register_script(source("reserve"))
-        self.ack: Script = client.register_script(source("ack"))
-        self.extend: Script = client.register_script(source("extend"))
-        self.requeue: Script = client.register_script(source("requeue"))
-        self.dead_letter: Script = client.register_script(source("dead_letter"))
-        self.reclaim: Script = client.register_script(source("reclaim"))
-        self.purge: Script = client.register_script(source("purge"))
-        self.promote: Script = client.register_script(source("promote"))
-        self.bury: Script = client.register_script(source("bury"))
-        self.replay: Script = client.register_script(source("replay"))
-        self.discard: Script = client.register_script(source("discard"))
-        self.trim_dead: Script = client.register_script(source("trim_dead"))
-        self.unlock: Script = client.register_script(source("unlock"))
-        self.oldest: Script = client.register_script(source("oldest"))

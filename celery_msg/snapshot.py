@@ -25,7 +25,9 @@ import redis
 
 from .broadcast import ANONYMOUS_NAME
 from .core import Broker, translated_errors
-from .counters import DEAD_REASON_PREFIX, Counter
+from .counters import DEAD_REASON_PREFIX
+from .keys import Counter
+from .transitions import Oldest
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def take(
 
 def _read(broker: Broker, queues: list[str], now_ms: int) -> tuple[list[Any], int]:
     """The raw replies for ``queues`` (errors in place) and the round trips they took."""
-    script = broker.scripts.oldest
+    script = broker.scripts.oldest.script
     trips = 0
     with translated_errors(f"snapshot of {len(queues)} queues"):
         for _ in range(2):  # a second time only after loading a script Redis had lost
@@ -174,8 +176,9 @@ def _read(broker: Broker, queues: list[str], now_ms: int) -> tuple[list[Any], in
                 pipe.hgetall(keys.stats)
                 pipe.zcount(keys.consumers, f"({now_ms}", "+inf")
                 pipe.zcount(keys.sched, "-inf", now_ms)
+                read = Oldest.keys(keys)
                 pipe.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", script.sha, 3, keys.ready, keys.born, keys.sched, now_ms
+                    "EVALSHA", script.sha, len(read), *read, *Oldest.args(now_ms=now_ms)
                 )
             replies = list(pipe.execute(raise_on_error=False))
             trips += 1

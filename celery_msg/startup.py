@@ -28,7 +28,7 @@ from kombu.utils.imports import symbol_by_name
 
 from .errors import ConfigurationError
 from .policy import Policies, policies_from
-from .registration import SCHEMES
+from .registration import SCHEMES, URL_SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def broker_scheme(url: object) -> str | None:
 
 def suggest_scheme(scheme: str | None) -> str | None:
     """Our scheme when ``scheme`` looks like a typo of it, else None (``redis`` is not one)."""
-    if scheme is None or scheme in SCHEMES:
+    if scheme is None or scheme in URL_SCHEMES:
         return None
     squashed = _NORMALISE.sub("", scheme.split("+", 1)[0])
     tls = squashed.endswith("msgs") or scheme.startswith("celery-msgs")
@@ -70,7 +70,7 @@ def check_broker_url(url: object) -> None:
 
 
 def uses_celery_msg(app: Celery) -> bool:
-    return broker_scheme(app.conf.broker_url) in SCHEMES
+    return broker_scheme(app.conf.broker_url) in URL_SCHEMES
 
 
 def has_policies(app: Celery) -> bool:

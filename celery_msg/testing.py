@@ -157,6 +157,9 @@ class ServerProcess:
     and is also what :meth:`client` (and so :attr:`version`) authenticates with.
     """
 
+    #: Command-line arguments after the config file (``--sentinel`` for a sentinel).
+    mode_args: tuple[str, ...] = ()
+
     def __init__(
         self,
         kind: ServerKind = "redis",
@@ -399,7 +402,7 @@ class ServerProcess:
         config.write_text("\n".join(self._config_lines()) + "\n")
         with self.log_path.open("wb" if fresh_log else "ab") as log:
             self._proc = subprocess.Popen(
-                [str(self.binary), str(config)],
+                [str(self.binary), str(config), *self.mode_args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,12 +1,15 @@
 """The kombu adapter: a virtual transport whose every broker operation is a core call.
 
-This is the only module that touches kombu's untyped virtual-transport classes; everything that
-knows Redis is in :mod:`celery_msg.core`. How kombu's contract maps onto the core:
+With :mod:`celery_msg.qos` (kombu's QoS) it is the only code that touches kombu's untyped
+virtual-transport classes; everything that knows Redis is in :mod:`celery_msg.core`, the drain
+loop in :mod:`celery_msg.drain`, the leases a channel holds in :mod:`celery_msg.holdings`, the
+renewal rounds in :mod:`celery_msg.renewer`. How kombu's contract maps onto the core:
 
 * ``basic_publish``             -> routing with the exchange's cached binding table, guarded by
   its bindings version; :meth:`Broker.publish` / :meth:`Broker.publish_many`
 * delivering (``drain_events``) -> :meth:`Broker.reserve`: the fetch *is* the lease
-* ``QoS.ack`` / ``QoS.reject``  -> ack, requeue (front of queue) or dead-letter, all fenced
+* ``QoS.ack`` / ``QoS.reject``  -> ack, requeue (front of queue) or dead-letter, all fenced,
+  as the Celery layer's :class:`~celery_msg.outcome.Outcome` says
 * ``QoS.restore_unacked``       -> requeue, without counting the delivery (unless handling it
   raised: then it counts, so ``max_deliveries`` ends a crash loop)
 * a background :class:`Renewer` keeps the leases of everything this connection holds alive,
@@ -16,21 +19,18 @@ The transport is asynchronous (``implements.asynchronous = True``): a Celery wor
 with its event loop and runs ``asynloop`` (see :mod:`celery_msg.eventloop`), so a busy prefork
 pool never keeps remote control waiting. Plain kombu consumers call
 :meth:`Transport.drain_events`, which blocks in one BLPOP on the wake-up markers of every consumed
-queue. Both share the same round (:meth:`Transport.deliver_round`), so an idle worker costs nothing
-either way.
+queue. Both share the same round (:meth:`~celery_msg.drain.DrainLoop.deliver_round`), so an idle
+worker costs nothing either way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
@@ -39,94 +39,46 @@ from amqp.protocol import queue_declare_ok_t
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import JSONEncoder, loads
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from . import consumers
-from .acks import AckSender
-from .connection import BrokerAddress, redis_params
+from .connection import redis_client
 from .core import (
     REDIS_CONNECTION_ERRORS,
     Binding,
     Broker,
     Delivery,
     Lease,
-    ReserveRequest,
     Route,
     Table,
 )
 from .deadletters import DeadLetters
+from .drain import DrainLoop
 from .ephemeral import EphemeralBindings
 from .errors import (
     AuthenticationFailed,
     BrokerConnectionError,
-    CeleryMsgError,
     ConfigurationError,
     ScriptError,
     StaleRoute,
 )
-from .eventloop import EventLoopDrain
-from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms, is_retry
+from .headers import UNIQUE_HEADER, due_ms, is_retry
 from .holdings import Holdings
-from .keys import wake_key
-from .messages import band_of, message_id
+from .messages import (
+    band_of,
+    checked_envelope,
+    message_id,
+    stamp_delivery,
+    stamp_first_failure,
+)
 from .options import TransportOptions, to_ms
-from .outcome import read_outcome
 from .policy import Unique, unique_for
+from .qos import QoS
 from .queueargs import QueueArguments
-from .renewer import Renewer
+from .renewer import LeaseRenewal
 
 logger = logging.getLogger(__name__)
 
 #: kombu's ``dumps`` builds a ``JSONEncoder`` per call; one instance gives the same output.
 dumps = JSONEncoder().encode
-
-
-class QoS(virtual.QoS):
-    """Prefetch accounting (kombu's) plus settlement of deliveries in Redis (ours)."""
-
-    restore_at_shutdown = True
-
-    def ack(self, delivery_tag: str) -> None:
-        if not read_outcome(self._delivered.get(delivery_tag)).settled:
-            self.channel.settle_ack(delivery_tag)  # else acked in Redis on receipt already
-        super().ack(delivery_tag)
-        self.channel.transport.note_room()
-
-    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        outcome = read_outcome(self._delivered.get(delivery_tag))
-        if outcome.settled:
-            pass  # acked in Redis on receipt (ack mode early): nothing left to settle
-        elif requeue:
-            self.channel.settle_requeue(delivery_tag)
-        elif outcome.drop:
-            # Its policy keeps no dead letters: the worker recorded the failure; drop it.
-            self.channel.settle_ack(delivery_tag)
-        else:
-            record = outcome.rejected
-            self.channel.settle_dead(delivery_tag, record.reason, record.detail, **record.extra)
-        self._quick_ack(delivery_tag)
-        self.channel.transport.note_room()
-
-    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
-        """Return every unacked delivery to the front of its queue, in one batched call."""
-        self._flush()
-        tags = [tag for tag in self._delivered if tag not in self._dirty]
-        self._delivered.clear()
-        try:
-            self.channel._restore_tags(tags)
-        except BrokerConnectionError as exc:
-            # Not lost: their leases expire and any live consumer reclaims them.
-            logger.warning(
-                "could not return %d unacked messages (%s); they come back when their "
-                "leases expire",
-                len(tags),
-                exc,
-            )
-        return []
-
-    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing to do: expired leases are reclaimed by every fetch."""
 
 
 class Channel(virtual.Channel):
@@ -146,7 +98,7 @@ class Channel(virtual.Channel):
         self.consumer_id = f"{connection.consumer_id}/{self.channel_id}"
         # kombu fills in `priority or default_priority` when publishing.
         self.default_priority = self.options.default_priority
-        self.holdings = Holdings()
+        self.holdings = Holdings(self.broker)
         self.ephemeral: EphemeralBindings = connection.ephemeral
         #: Queues declared with ``expires`` -> it (ms): a live consumer touches them.
         self._expires: dict[str, int] = {}
@@ -334,7 +286,7 @@ class Channel(virtual.Channel):
     def _put(
         self, queue: str, message: dict[str, Any], route: Route | None = None, **kwargs: Any
     ) -> None:
-        _stamp_first_failure(message, self.broker.now_ms)  # before dumps
+        stamp_first_failure(message, self.broker.now_ms)  # before dumps
         unique = self._unique(queue, message)
         self.broker.publish(
             queue,
@@ -458,7 +410,7 @@ class Channel(virtual.Channel):
         is checked here: the envelope's shape and that the body decodes with its encoding."""
         lease = Lease(delivery.queue, delivery.key, delivery.token)
         try:
-            payload = _checked_envelope(delivery.payload)
+            payload = checked_envelope(loads(delivery.payload))
             props = payload["properties"]
             self.decode_body(payload["body"], props.get("body_encoding"))
         except Exception as exc:
@@ -471,12 +423,7 @@ class Channel(virtual.Channel):
             self.broker.dead_letter(lease, "undecodable", f"{type(exc).__name__}: {exc}")
             return None
         tag = f"{delivery.token}@{delivery.queue}"
-        props["delivery_tag"] = tag
-        info = props["delivery_info"]
-        info["delivery_count"] = delivery.deliveries
-        info["queue"] = delivery.queue
-        info["message_key"] = delivery.key
-        payload["redelivered"] = info["redelivered"] = delivery.deliveries > 1
+        stamp_delivery(payload, tag, delivery.queue, delivery.key, delivery.deliveries)
         self.holdings.add(tag, lease)
         return payload
 
@@ -486,7 +433,7 @@ class Channel(virtual.Channel):
             raise ValueError(f"unknown body_encoding {encoding!r}")
         return super().decode_body(body, encoding)
 
-    # -- settling --------------------------------------------------------------------------
+    # -- settling (the leases themselves: holdings.py) ------------------------------------
 
     def settle_ack(self, tag: str, now: bool = False) -> None:
         """Ack a delivery. In an event loop (a Celery worker) the loop thread writes it at once
@@ -497,59 +444,28 @@ class Channel(virtual.Channel):
         if not now and self.transport.in_drain_thread():
             sender = self.transport.ack_sender
             if sender is None:
-                if not self.holdings.buffer_ack(tag):
-                    _log_ignored(tag, "ack")
+                self.holdings.buffer_ack_or_log(tag)
             else:
-                lease = self._release(tag, "ack")
-                if lease is not None:
-                    sender.send([lease])
+                # Written before the loop hands over another message or polls again.
+                self.holdings.ack_through(tag, sender.add)
             return
-        lease = self._release(tag, "ack")
-        if lease is not None:
-            _log_lost(self.broker.ack([lease]), "ack")
+        if self.holdings.ack_now(tag):
             self.transport.wake_if_waiting()
 
     def settle_requeue(self, tag: str) -> None:
         """Reject with requeue: back to the front of its band, the delivery counted."""
-        lease = self._release(tag, "requeue")
-        if lease is not None:
-            _log_lost(self.broker.requeue([lease]), "requeue")
+        self.holdings.requeue(tag)
 
     def settle_dead(self, tag: str, reason: str, detail: str, **extra: Any) -> None:
         """Reject without requeue: into the queue's dead-letter store, with a reason."""
-        lease = self._release(tag, "dead-letter")
-        if lease is None:
-            return
-        if self.broker.dead_letter(lease, reason, detail, **extra):
-            logger.warning(
-                "queue %s message %s dead-lettered: %s: %s", lease.queue, lease.key, reason, detail
-            )
-        else:
-            _log_lost([lease], "dead-letter")
-
-    def _release(self, tag: str, action: str) -> Lease | None:
-        lease = self.holdings.settle(tag)
-        if lease is None:
-            _log_ignored(tag, action)
-        return lease
+        self.holdings.dead_letter(tag, reason, detail, **extra)
 
     def _restore_tags(self, tags: list[str]) -> None:
         """Back to the front, uncounted (never started, or a clean close) unless handling it
         crashed the consumer."""
-        crashed = [tag for tag in tags if tag in self._crashed]
+        crashed = {tag for tag in tags if tag in self._crashed}
         self._crashed.difference_update(crashed)
-        plain = [tag for tag in tags if tag not in crashed]
-        _log_lost(self.broker.requeue(self.holdings.settle_many(plain), uncount=True), "restore")
-        if crashed:
-            leases = self.holdings.settle_many(crashed)
-            for lease in leases:
-                logger.warning(
-                    "queue %s message %s: its handling raised; back in the queue, counted as a "
-                    "delivery",
-                    lease.queue,
-                    lease.key,
-                )
-            _log_lost(self.broker.requeue(leases), "restore")
+        self.holdings.restore(tags, crashed)
 
     def _restore(self, message: Any) -> None:
         self._restore_tags([message.delivery_tag])
@@ -559,78 +475,22 @@ class Channel(virtual.Channel):
 
     def close(self) -> None:
         if not self.closed:
-            acks = self.holdings.take_acks()
-            try:
-                _log_lost(self.broker.ack(acks), "ack")
-            except BrokerConnectionError as exc:
-                logger.warning("could not flush %d acks at close: %s", len(acks), exc)
+            self.holdings.flush_acks()
         super().close()
         # Whatever was reserved but never handed to kombu goes back too.
         self._ready.clear()
-        leftovers = self.holdings.take_all()
-        if leftovers:
-            with contextlib.suppress(BrokerConnectionError):
-                self.broker.requeue(leftovers, uncount=True)
-
-
-def _checked_envelope(raw: bytes) -> dict[str, Any]:
-    """A stored kombu message, its shape checked (ValueError says what is wrong); a missing
-    ``delivery_info`` is added."""
-    payload = loads(raw)
-    if not isinstance(payload, dict) or "body" not in payload:
-        raise ValueError("not a kombu message (no body)")
-    props = payload.get("properties")
-    if not isinstance(props, dict):
-        raise ValueError("properties is not a mapping")
-    info = props.setdefault("delivery_info", {})
-    if not isinstance(info, dict):
-        raise ValueError("properties.delivery_info is not a mapping")
-    headers = payload.get("headers")
-    if headers is not None and not isinstance(headers, dict):
-        raise ValueError("headers is not a mapping")
-    for field in ("content-type", "content-encoding"):
-        if payload.get(field) is not None and not isinstance(payload[field], str):
-            raise ValueError(f"{field} is not a string")
-    return payload
-
-
-def _stamp_first_failure(message: dict[str, Any], now_ms: Callable[[], int]) -> None:
-    """A Celery retry carries the time of the task's first failure (Celery copies headers from
-    retry to retry), for the dead-letter record should its retries run out."""
-    headers = message.get("headers")
-    if headers and headers.get("retries"):
-        headers.setdefault(FIRST_FAILURE_HEADER, now_ms())
-
-
-def _log_ignored(tag: str, action: str) -> None:
-    logger.warning("delivery %s: %s ignored, its lease was lost", tag, action)
-
-
-def _log_lost(lost: list[Lease], action: str) -> None:
-    for lease in lost:
-        logger.warning(
-            "queue %s message %s: %s refused, lease lost (token %d): it was presumed dead and "
-            "redelivered, or purged",
-            lease.queue,
-            lease.key,
-            action,
-            lease.token,
-        )
+        self.holdings.requeue_all()
 
 
 #: How often one publish routes again after finding its binding table stale.
 ROUTE_ATTEMPTS = 5
 
-#: Seconds between two trims of the consumed queues' dead-letter stores (by the renewer).
-TRIM_INTERVAL = 60.0
 
-#: How long before a due time a consumer stops blocking in Redis and sleeps in the client:
-#: Redis ends a blocking command's timeout up to 1/hz (100 ms by default) late.
-DUE_SLACK = 0.1
+class Transport(DrainLoop, LeaseRenewal, virtual.Transport):  # type: ignore[misc]
+    """kombu transport for ``celery-msg://`` and ``celery-msgs://`` (TLS) URLs.
 
-
-class Transport(virtual.Transport):
-    """kombu transport for ``celery-msg://`` and ``celery-msgs://`` (TLS) URLs."""
+    Its drain loop is :class:`~celery_msg.drain.DrainLoop`, its renewal rounds
+    :class:`~celery_msg.renewer.LeaseRenewal`."""
 
     Channel = Channel
     default_port = 6379  # type: ignore[assignment]
@@ -660,34 +520,19 @@ class Transport(virtual.Transport):
         self.options = TransportOptions.from_mapping(client.transport_options or {})
         super().__init__(client, **kwargs)
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # No retries inside redis-py: a script whose reply was lost must not silently run twice
-        # (a second publish, a second fetch), and outages must surface at once so that kombu and
-        # Celery reconnect with their own backoff.
-        params = redis_params(BrokerAddress.from_kombu(client), self.options)
-        self.redis = redis.Redis(**params, retry=Retry(NoBackoff(), 0))
+        self.redis, self.where = redis_client(client, self.options)
         self.broker = Broker(
             self.redis,
             prefix=self.options.key_prefix,
             lease_ms=self.options.lease_ms,
             reclaim_batch=self.options.reclaim_batch,
             max_deliveries=self.options.max_deliveries,
+            replication=self.options.replication,
         )
         self.dead_letters = DeadLetters(self.broker)
         self.ephemeral = EphemeralBindings()
-        self.wake_key = wake_key(self.options.key_prefix, self.consumer_id)
-        self._drain_thread: int | None = None
-        self._waiting_for_room = False
-        self._renewer: Renewer | None = None
-        #: Queues this consumer heartbeats on (counted as attached to them).
-        self._attached: set[str] = set()
-        self._turn = 0
-        self._holding = False
-        self._next_due_ms: int | None = None
-        self._next_trim = 0.0
-        self._event_loop: EventLoopDrain | None = None
-        #: The event loop's ack writer (None outside an event loop).
-        self.ack_sender: AckSender | None = None
-        self._room = False
+        self._init_drain()
+        self._init_renewal()
 
     # -- connection ------------------------------------------------------------------------
 
@@ -705,302 +550,12 @@ class Transport(virtual.Transport):
                 f"Redis refused the broker URL's database {params.get('db')!r}: {exc}"
             ) from exc
         except REDIS_CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(
-                f"cannot reach Redis at {params.get('host')}:{params.get('port')}: {exc}"
-            ) from exc
+            raise BrokerConnectionError(f"cannot reach Redis at {self.where}: {exc}") from exc
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
         self.unregister_from_event_loop(connection, None)
-        if self._renewer is not None:
-            self._renewer.stop()
-            self._renewer = None
-        with contextlib.suppress(CeleryMsgError):  # its heartbeats run out on their own
-            consumers.detach(self.broker, self.consumer_id, self._attached)
-        self._attached = set()
+        self._stop_renewer()
         super().close_connection(connection)
         self.broker.close()
         self.redis.close()
-
-    def hold_deliveries(self) -> None:
-        """Deliver nothing more (a warm shutdown began); reserved messages go back at close.
-
-        Celery's loop drains once more after it sees the stop flag; without this, a solo
-        worker would start one more prefetched task while it is shutting down.
-        """
-        self._holding = True
-
-    def _take_acks(self) -> list[Lease]:
-        """Buffered acks of every channel, and (in the loop thread) the ack writer's acks that
-        met a connection error."""
-        acks = [lease for channel in self.channels for lease in channel.holdings.take_acks()]
-        if self.ack_sender is not None and self.in_drain_thread():
-            acks.extend(self.ack_sender.take_unconfirmed())
-        return acks
-
-    def _flush_acks(self) -> None:
-        acks = self._take_acks()
-        if acks:
-            _log_lost(self.broker.ack(acks), "ack")
-
-    def in_drain_thread(self) -> bool:
-        return self._drain_thread == threading.get_ident()
-
-    def wake_if_waiting(self) -> None:
-        """Wake the draining thread if it sleeps because prefetch was full (an ack freed room)."""
-        if self._event_loop is not None:
-            self._event_loop.kick()
-        elif self._waiting_for_room:
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.lpush(self.wake_key, 1)
-                pipe.expire(self.wake_key, 60)
-                pipe.execute()
-            except REDIS_CONNECTION_ERRORS:
-                pass
-
-    def _ensure_renewer(self) -> None:
-        if self._renewer is None or not self._renewer.is_alive():
-            # Counted as attached from the start, not from the renewer's first round; only
-            # metrics read it, so a failure here never stops consuming (the renewer retries).
-            try:
-                self._attach({q for c in self.channels for q in c._active_queues})
-            except CeleryMsgError as exc:
-                logger.warning("could not mark this consumer attached to its queues: %s", exc)
-            self._renewer = Renewer(self, self.consumer_id)
-            self._renewer.start()
-
-    def _attach(self, queues: set[str]) -> None:
-        """Heartbeat on the consumed ``queues`` (see :mod:`celery_msg.consumers`); leave the
-        ones no longer consumed."""
-        left = self._attached - queues
-        if left:
-            consumers.detach(self.broker, self.consumer_id, left)
-        consumers.heartbeat(self.broker, self.consumer_id, queues, self.options.lease_ms)
-        self._attached = set(queues)
-
-    def renew(self) -> None:
-        """One renewal round: flush buffered acks, renew leases, refresh bindings."""
-        channels = list(self.channels)
-        self._flush_acks()
-        held = [lease for channel in channels for lease in channel.holdings.renewable()]
-        lost = self.broker.extend(held)
-        if lost:
-            _log_lost([lease for c in channels for lease in c.holdings.forget(lost)], "renew")
-        # Renewed while any channel consumes the queue, whichever channel bound it.
-        consumed = {queue for channel in channels for queue in channel._active_queues}
-        bindings = self.ephemeral.live(consumed)
-        if bindings:
-            self.broker.refresh_bindings(bindings)
-        expiring = {q: ms for channel in channels for q, ms in channel.expiring_queues().items()}
-        self.broker.touch(expiring)
-        self.broker.expire_queues()
-        queues = {queue for channel in channels for queue in channel._active_queues}
-        if queues and time.monotonic() >= self._next_trim:
-            # Retention is counted in days: once a minute is plenty.
-            self._next_trim = time.monotonic() + TRIM_INTERVAL
-            self.dead_letters.trim({queue: self._retention(queue) for queue in queues})
-        self._attach(queues)  # last: only metrics depend on it
-
-    def renew_interval(self) -> float:
-        """Seconds between renewal rounds: a third of the shortest of the lease, the binding
-        TTL and the ``expires`` of a consumed queue, so none runs out while this consumer
-        lives."""
-        shortest = min(self.options.lease_timeout, self.options.binding_ttl)
-        for channel in list(self.channels):
-            for ms in channel.expiring_queues().values():
-                shortest = min(shortest, ms / 1000.0)
-        return shortest / 3
-
-    def _retention(self, queue: str) -> tuple[int, int]:
-        """(most entries, most age in ms) of ``queue``'s dead-letter store; 0 = unbounded."""
-        policy = self.options.policies.resolve(None, queue).dead_letter
-        max_age = 0 if policy.max_age is None else to_ms(policy.max_age)
-        return policy.max_length or 0, max_age
-
-    # -- draining --------------------------------------------------------------------------
-
-    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        """Drain inside ``loop`` (a kombu ``Hub``): Celery's worker calls this on every
-        (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
-        self.unregister_from_event_loop(connection, loop)
-        self._event_loop = EventLoopDrain(self, loop)
-        self.ack_sender = AckSender(
-            self.broker, loop=loop, on_lost=lambda lost: _log_lost(lost, "ack")
-        )
-
-    def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
-        sender, self.ack_sender = self.ack_sender, None
-        if sender is not None:
-            sender.close()
-            unconfirmed = sender.take_unconfirmed()
-            if unconfirmed:
-                try:
-                    _log_lost(self.broker.ack(unconfirmed), "ack")
-                except BrokerConnectionError as exc:
-                    logger.warning(
-                        "could not confirm %d acks (%s): if they did not reach Redis, their "
-                        "messages come back when their leases expire",
-                        len(unconfirmed),
-                        exc,
-                    )
-        if self._event_loop is not None:
-            self._event_loop.close()
-            self._event_loop = None
-
-    def on_readable(self, fileno: int) -> None:  # type: ignore[override]
-        """kombu's hook for a readable socket of this transport (the BLPOP in flight)."""
-        if self._event_loop is not None:
-            self._event_loop.on_readable(fileno)
-
-    def drain_events(  # type: ignore[override]
-        self, connection: Any, timeout: float | None = None
-    ) -> None:
-        """Deliver at least one message, or raise ``socket.timeout`` after ``timeout``."""
-        self.start_draining()
-        if self._holding:
-            self._flush_acks()
-            raise TimeoutError()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self.deliver_one():
-                return
-            if self.deliver_round() and self.deliver_one():
-                return
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise TimeoutError()
-            wait = self.options.sweep_interval
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            due_in = self._due_in()
-            if due_in is not None and due_in <= wait:
-                if due_in <= DUE_SLACK:
-                    # Too close for a blocking timeout: Redis checks those about every 100 ms
-                    # (hz 10), so BLPOP would wake up to that late. Sleep here instead.
-                    time.sleep(due_in)
-                    continue
-                wait = due_in - DUE_SLACK
-            self._wait(max(wait, 0.001))
-
-    # The draining half that both drain_events and the event loop use (eventloop.Drainable).
-
-    def start_draining(self) -> None:
-        """The calling thread is the consumer thread (its acks ride on the next round)."""
-        self._drain_thread = threading.get_ident()
-        self._ensure_renewer()
-
-    def holding(self) -> bool:
-        return self._holding
-
-    def has_buffered_acks(self) -> bool:
-        sender = self.ack_sender
-        if sender is not None and sender.has_unconfirmed():
-            return True
-        return any(channel.holdings.has_acks() for channel in self.channels)
-
-    def flush_acks(self) -> None:
-        self._flush_acks()
-
-    def next_due_ms(self) -> int | None:
-        return self._next_due_ms
-
-    def wake(self) -> None:
-        """End the wait of this consumer's BLPOP in flight (it watches the wake key)."""
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.lpush(self.wake_key, 1)
-            pipe.expire(self.wake_key, 60)
-            pipe.execute()
-        except REDIS_CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"waking the consumer: Redis unreachable: {exc}") from exc
-
-    def deliver_round(self) -> bool:
-        """One round trip: flush buffered acks and reserve for every consumable channel.
-
-        Reserving also reclaims expired leases of the queues, so an idle consumer, woken at
-        least every ``sweep_interval``, brings a dead consumer's messages back.
-        """
-        acks = self._take_acks()
-        channels = [c for c in self.channels if c.consumable()]
-        requests = [
-            ReserveRequest(
-                list(c._active_queues),
-                c.want(),
-                c.consumer_id,
-                self.options.queue_order,
-                c.next_start(),
-            )
-            for c in channels
-        ]
-        round_ = self.broker.settle_and_reserve(acks, requests)
-        _log_lost(round_.lost, "ack")
-        # Only a round that asked for messages learns when the next one is due; a full consumer
-        # must not wake early for messages it could not take anyway.
-        self._next_due_ms = round_.next_due_ms if requests else None
-        accepted = zip(channels, round_.deliveries, strict=True)
-        return sum(c.accept_all(d) for c, d in accepted) > 0
-
-    def _due_in(self) -> float | None:
-        """Seconds until the next scheduled message of the consumed queues falls due (the next
-        round then promotes and delivers it), or None when nothing is scheduled."""
-        if self._next_due_ms is None:
-            return None
-        return max(0.0, self._next_due_ms / 1000.0 - time.time())
-
-    def deliver_one(self) -> bool:
-        """Hand over one already reserved message, taking channels in turn."""
-        channels = list(self.channels)
-        for i in range(len(channels)):
-            channel = channels[(self._turn + i) % len(channels)]
-            if channel.deliver_one():
-                self._turn = (self._turn + i + 1) % len(channels)
-                return True
-        return False
-
-    def room_for_a_batch(self) -> bool:
-        """Whether a channel with a prefetch limit may take at least half of it: then a round
-        for buffered acks refills a worthwhile batch (channels without a limit, such as the
-        remote-control mailbox, are woken by their queue's signal instead)."""
-        for channel in self.channels:
-            limit = channel.qos.prefetch_count
-            if limit and channel._active_queues and channel.want() >= max(1, limit // 2):
-                return True
-        return False
-
-    def note_room(self) -> None:
-        """A delivery was settled, so prefetch has room again: the event loop looks (and is
-        woken when this runs in another thread, e.g. a threads pool)."""
-        self._room = True
-        if self._event_loop is not None and not self.in_drain_thread():
-            self._event_loop.kick()
-
-    def room_freed(self) -> bool:
-        room, self._room = self._room, False
-        return room
-
-    def wait_keys(self) -> list[str]:
-        """The keys to BLPOP on: this consumer's wake key and the signal of every queue a
-        channel may take a message from; ``[]`` when none may (prefetch full, no consumer)."""
-        queues = [
-            q
-            for c in self.channels
-            if c._active_queues and c.consumable()
-            for q in c._active_queues
-        ]
-        if not queues:
-            return []
-        return [self.wake_key] + [self.broker.keys(q).signal for q in dict.fromkeys(queues)]
-
-    def _wait(self, timeout: float) -> None:
-        """Sleep until a consumed queue may have something, an ack frees room, or timeout."""
-        keys = self.wait_keys() or [self.wake_key]
-        self._waiting_for_room = any(
-            channel._active_queues and not channel.consumable() for channel in self.channels
-        )
-        try:
-            self.redis.blpop(keys, timeout=timeout)
-        except REDIS_CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"waiting for messages: Redis unreachable: {exc}") from exc
-        finally:
-            self._waiting_for_room = False

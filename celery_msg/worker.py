@@ -38,6 +38,7 @@ from kombu.utils.imports import symbol_by_name
 from kombu.utils.json import dumps
 
 from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER
+from .keys import Reason
 from .messages import band_of
 from .outcome import broker_of, mark_dead_letter, mark_drop, transport_of
 from .policy import AckMode, Policies, Resolved, unique_for
@@ -330,7 +331,7 @@ class PolicyRequest(Request):
             extra["first_failure"] = int(first)
         if settled == "reject":
             # Celery rejects it without requeue: the transport moves it, atomically.
-            mark_dead_letter(message, "failed", detail, **extra)
+            mark_dead_letter(message, Reason.FAILED, detail, **extra)
         else:
             # Acked (ack mode early, or a time limit in mode late): keep a copy.
             payload = message.serializable()
@@ -342,7 +343,7 @@ class PolicyRequest(Request):
                     payload, transport.options.default_priority, transport.options.priority_order
                 ),
                 deliveries=int(message.delivery_info.get("delivery_count") or 1),
-                reason="failed",
+                reason=Reason.FAILED,
                 detail=detail,
                 **extra,
             )

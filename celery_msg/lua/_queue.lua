@@ -1,9 +1,10 @@
 -- Shared helpers, included at load time (see celery_msg/scripts.py); never run on its own.
 -- The generated preamble before this file defines NK (keys per queue), PARTS (their names, in
 -- KEYS order), PUBLISH_PARTS (the subset publish.lua takes), the return codes (OK, LEASE_LOST,
--- NOT_FOUND), the score constants (BAND, MID), the batch sizes of publish's TTL and length
--- enforcement (EXPIRE_BATCH, TRIM_BATCH) and the `args` fields (ARG_*), taken from Python so
--- the two never drift.
+-- NOT_FOUND), the stats counters (STAT_*, celery_msg.keys.Counter), the dead-letter reasons the
+-- scripts write (REASON_POISON, REASON_MISSING_BODY), the score constants (BAND, MID), the batch
+-- sizes of publish's TTL and length enforcement (EXPIRE_BATCH, TRIM_BATCH) and the `args`
+-- fields (ARG_*), taken from Python so the two never drift.
 --
 -- Ready scores: band * 2^44 + 2^43 + n for the back of a band (n, the publish sequence number,
 -- grows), band * 2^44 + n for its front (a requeued or reclaimed message keeps its n), so
@@ -72,8 +73,8 @@ end
 
 -- Count one dead-lettering of q: in all and for its reason.
 local function count_dead(q, reason, n)
-  count(q, 'dead', n)
-  count(q, 'dead:' .. reason, n)
+  count(q, STAT_DEAD, n)
+  count(q, STAT_DEAD .. ':' .. reason, n)
 end
 
 -- The marker list holds at most one element: pushed only when empty.
@@ -181,7 +182,7 @@ local function drop_expired(q, now, limit)
     unlock(q, key)
     erase(q, key)
   end
-  if #old > 0 then count(q, 'expired', #old) end
+  if #old > 0 then count(q, STAT_EXPIRED, #old) end
   return #old
 end
 
@@ -196,7 +197,7 @@ local function trim_to(q, max_length)
     unlock(q, key)
     erase(q, key)
   end
-  count(q, 'dropped', #head)
+  count(q, STAT_DROPPED, #head)
   return #head
 end
 
@@ -210,7 +211,7 @@ local function reclaim_expired(q, now, limit)
     enqueue_front(q, expired[i])
   end
   if #expired > 0 then
-    count(q, 'reclaimed', #expired)
+    count(q, STAT_RECLAIMED, #expired)
     signal(q)
   end
   return #expired
@@ -229,7 +230,7 @@ local function promote_due(q, now, limit)
   end
   local n = #due / 2
   if n > 0 then
-    count(q, 'promoted', n)
+    count(q, STAT_PROMOTED, n)
     signal(q)
   end
   return n

@@ -19,6 +19,6 @@ for i = 1, #ARGV, 2 do
   end
 end
 local acked = #codes - lost
-if acked > 0 then count(q, 'acked', acked) end
-if lost > 0 then count(q, 'lease_lost', lost) end
+if acked > 0 then count(q, STAT_ACKED, acked) end
+if lost > 0 then count(q, STAT_LEASE_LOST, lost) end
 return codes

@@ -11,7 +11,7 @@ local key = ARGV[2]
 local reason = reason_word(ARGV[5])
 if not reason then return redis.error_reply('dead_letter: ARGV[5] is not a reason word') end
 if not holds(q, key, ARGV[3]) then
-  count(q, 'lease_lost', 1)
+  count(q, STAT_LEASE_LOST, 1)
   return LEASE_LOST
 end
 release(q, key)

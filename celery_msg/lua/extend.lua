@@ -18,5 +18,5 @@ for i = 3, #ARGV, 2 do
     lost = lost + 1
   end
 end
-if lost > 0 then count(q, 'lease_lost', lost) end
+if lost > 0 then count(q, STAT_LEASE_LOST, lost) end
 return codes

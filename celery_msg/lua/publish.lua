@@ -47,7 +47,7 @@ if ARGV[5] == '1' then
     duplicate = pending(q, id) or (newest and pending(q, newest))
   end
   if duplicate then
-    count(q, 'duplicates', 1)
+    count(q, STAT_DUPLICATES, 1)
     return {id, 0}
   end
 end
@@ -59,8 +59,8 @@ local key, seq = store_new(q, id, ARGV[2])
 if ARGV[5] == '1' and lock_until > 0 then redis.call('ZADD', q.uniq, lock_until, id) end
 local score = tonumber(ARGV[3]) * BAND + MID + seq
 redis.call('HSET', q.order, key, score)
-count(q, 'published', 1)
-if ARGV[9] == '1' then count(q, 'retried', 1) end
+count(q, STAT_PUBLISHED, 1)
+if ARGV[9] == '1' then count(q, STAT_RETRIED, 1) end
 if ttl then
   drop_expired(q, now, EXPIRE_BATCH)
   redis.call('ZADD', q.ttl, math.max(now, due) + ttl, key)

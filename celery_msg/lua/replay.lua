@@ -22,7 +22,7 @@ for i = 1, #ARGV do
   end
 end
 if replayed > 0 then
-  count(q, 'replayed', replayed)
+  count(q, STAT_REPLAYED, replayed)
   signal(q)
 end
 return codes

@@ -24,8 +24,8 @@ for _, key in ipairs(held) do
   enqueue_front(q, key)
 end
 if #held > 0 then
-  count(q, 'requeued', #held)
+  count(q, STAT_REQUEUED, #held)
   signal(q)
 end
-if #codes > #held then count(q, 'lease_lost', #codes - #held) end
+if #codes > #held then count(q, STAT_LEASE_LOST, #codes - #held) end
 return codes

@@ -53,13 +53,13 @@ local function deliver(g, key)
     forget(q, key)
     redis.call('ZADD', q.dead, now, key)
     redis.call('HSET', q.reason, key, cjson.encode({
-      reason = 'missing-body',
+      reason = REASON_MISSING_BODY,
       detail = 'listed as ready but its body is gone',
       time = now,
       first_failure = now,
       last_failure = now,
     }))
-    count_dead(q, 'missing-body', 1)
+    count_dead(q, REASON_MISSING_BODY, 1)
     out[#out + 1] = MISSING
     out[#out + 1] = key
     out[#out + 1] = 0
@@ -72,7 +72,7 @@ local function deliver(g, key)
     if deadline and deadline < now then
       unlock(q, key)
       erase(q, key)
-      count(q, 'expired', 1)
+      count(q, STAT_EXPIRED, 1)
       return
     end
     redis.call('ZREM', q.ttl, key)
@@ -82,18 +82,18 @@ local function deliver(g, key)
     unlock(q, key)
     redis.call('ZADD', q.dead, now, key)
     redis.call('HSET', q.reason, key, cjson.encode({
-      reason = 'poison',
+      reason = REASON_POISON,
       detail = 'delivered ' .. delivered .. ' times without an ack',
       time = now,
       first_failure = now,
       last_failure = now,
     }))
-    count_dead(q, 'poison', 1)
+    count_dead(q, REASON_POISON, 1)
     return
   end
   delivered = add(q.deliv, key, 1)
-  count(q, 'delivered', 1)
-  if delivered > 1 then count(q, 'redelivered', 1) end
+  count(q, STAT_DELIVERED, 1)
+  if delivered > 1 then count(q, STAT_REDELIVERED, 1) end
   local token = redis.call('INCR', q.seq)
   redis.call('ZADD', q.leased, now + lease_ms, key)
   redis.call('HSET', q.token, key, token)

@@ -26,5 +26,5 @@ for _, key in ipairs(victims) do
   redis.call('HDEL', q.reason, key)
   forget(q, key)
 end
-if #victims > 0 then count(q, 'dead_trimmed', #victims) end
+if #victims > 0 then count(q, STAT_DEAD_TRIMMED, #victims) end
 return #victims

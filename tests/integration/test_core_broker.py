@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from pinned import LEASE_MS, T0, Clock
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -30,27 +31,6 @@ from celery_msg.keys import QueueKeys, bindings_key
 
 if TYPE_CHECKING:
     from conftest import Server  # tests/conftest.py
-
-T0 = 1_000.0  # seconds; the broker's clock starts here
-LEASE_MS = 30_000
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(T0)
-
-
-@pytest.fixture
-def broker(redis_client: redis.Redis, prefix: str, clock: Clock) -> Broker:
-    return Broker(redis_client, prefix=prefix, lease_ms=LEASE_MS, clock=clock)
 
 
 def _lease(broker: Broker, queue: str, consumer: str = "c1", count: int = 1) -> list[Lease]:

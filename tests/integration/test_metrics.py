@@ -215,11 +215,6 @@ def _text(collector: QueueCollector) -> Samples:
     return parse(generate_latest(registry).decode())
 
 
-@pytest.fixture
-def broker(redis_client: redis.Redis, prefix: str) -> Broker:
-    return Broker(redis_client, prefix=prefix)
-
-
 def test_dead_letters_counted_before_reasons_were_are_exported_as_unknown(
     broker: Broker, redis_client: redis.Redis
 ):

@@ -8,33 +8,13 @@ from __future__ import annotations
 
 import pytest
 import redis
+from pinned import T0, Clock
 
 from bench.scrape import CountingConnection, counting_client
 from celery_msg import consumers
 from celery_msg.core import Broker, Lease
-from celery_msg.counters import Counter
+from celery_msg.keys import Counter
 from celery_msg.snapshot import QueueKind, queue_kind, take
-
-T0 = 1_000.0
-LEASE_MS = 30_000
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(T0)
-
-
-@pytest.fixture
-def broker(redis_client: redis.Redis, prefix: str, clock: Clock) -> Broker:
-    return Broker(redis_client, prefix=prefix, lease_ms=LEASE_MS, clock=clock)
 
 
 def _lease(broker: Broker, queue: str, consumer: str = "c1", count: int = 1) -> list[Lease]:

@@ -30,16 +30,29 @@ import pytest
 import redis
 
 from celery_msg.keys import QUEUE_KEY_PARTS, QueueKeys
-from celery_msg.scripts import Scripts
+from celery_msg.scripts import BAND, MID
+from celery_msg.transitions import (
+    UNROUTED,
+    Ack,
+    Bury,
+    DeadLetter,
+    Extend,
+    Oldest,
+    Promote,
+    Publish,
+    Purge,
+    Reclaim,
+    Requeue,
+    Reserve,
+    ReserveReply,
+    Scripts,
+    Unlock,
+)
 
 #: The fixed clock of these tests (ms).
 NOW = 1_000_000
 #: The lease used unless a test says otherwise (ms).
 LEASE = 30_000
-#: Ready-score layout (see _queue.lua): band * BAND + MID + n (back), band * BAND + n (front),
-#: n being the publish sequence number.
-BAND = 2**44
-MID = 2**43
 
 
 def back(band: int, n: int) -> int:
@@ -66,12 +79,9 @@ def _score(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def deliveries(flat: Sequence[Any]) -> list[tuple[int, str, int, int, str]]:
-    """reserve's flat reply as ``(group, key, token, delivery count, payload)`` tuples."""
-    return [
-        (int(flat[i]), _text(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]), _text(flat[i + 4]))
-        for i in range(0, len(flat) - 1, 5)  # the last entry is the next due time
-    ]
+def deliveries(reply: ReserveReply) -> list[tuple[int, str, int, int, str]]:
+    """reserve's reply as ``(group, key, token, delivery count, payload)`` tuples."""
+    return [(m.group, m.key, m.token, m.deliveries, _text(m.payload)) for m in reply.messages]
 
 
 class Lab:
@@ -206,7 +216,7 @@ class Lab:
         assert (again, deliv) == (key, 2)
         return key, old, new
 
-    # -- script calls (typed wrappers, ARGV in the order of each script's header) ------------
+    # -- script calls: through celery_msg.transitions, the wrappers the broker uses ---------
 
     def publish(
         self,
@@ -234,22 +244,29 @@ class Lab:
     ) -> tuple[str, int]:
         """publish.lua's whole reply: (message key, 1 if stored else 0). Not routed through an
         exchange: no bindings version (ARGV[6] empty)."""
-        args = [message_id, payload, band, due, 1 if unique else 0, "", now, lock_until]
-        args.append(1 if retry else 0)
-        key, created = self.scripts.publish(keys=self.keys.publish, args=args)
-        return str(_text(key)), int(created)
+        args = Publish.args(
+            message_id=message_id,
+            payload=payload,
+            band=band,
+            due_ms=due,
+            unique=unique,
+            route_version=UNROUTED,
+            now_ms=now,
+            lock_until_ms=lock_until,
+            retry=retry,
+        )
+        reply = self.scripts.publish.run(self.keys.publish, args)
+        return reply.key, reply.code
 
     def unlock(self, *ids: str) -> int:
-        return int(self.scripts.unlock(keys=self.keys.all, args=list(ids)))
+        return self.scripts.unlock.run(self.keys.all, Unlock.args(ids))
 
-    def next_due(self, **kwargs: Any) -> int:
+    def next_due(self, *, now: int = NOW, count: int = 0) -> int:
         """The last entry of reserve's reply: the earliest due time still scheduled, or 0."""
-        keys = list(self.keys.all)
-        args = [kwargs.get("now", NOW), LEASE, kwargs.get("count", 0), "c1", "fair", 0, 100, 0]
-        return int(self.scripts.reserve(keys=keys, args=args)[-1])
+        return self.reserve_reply(now=now, count=count).next_due_ms
 
     def promote(self, *, now: int = NOW, limit: int = 100) -> int:
-        return int(self.scripts.promote(keys=self.keys.all, args=[now, limit]))
+        return self.scripts.promote.run(self.keys.all, Promote.args(now_ms=now, limit=limit))
 
     def add_scheduled(self, key: str, body: str, *, due: int, band: int = 0, seq: int = 0) -> None:
         """A SCHEDULED message, published as sequence number ``seq`` of ``band``."""
@@ -273,29 +290,66 @@ class Lab:
         others: Sequence[Lab] = (),
     ) -> list[tuple[int, str, int, int, str]]:
         """Reserve from this queue (group 0), then ``others`` (groups 1, 2, ...)."""
+        return deliveries(
+            self.reserve_reply(
+                now=now,
+                lease=lease,
+                count=count,
+                consumer=consumer,
+                mode=mode,
+                start=start,
+                reclaim_limit=reclaim_limit,
+                max_deliveries=max_deliveries,
+                others=others,
+            )
+        )
+
+    def reserve_reply(
+        self,
+        *,
+        now: int = NOW,
+        lease: int = LEASE,
+        count: int = 1,
+        consumer: str = "c1",
+        mode: str = "fair",
+        start: int = 0,
+        reclaim_limit: int = 100,
+        max_deliveries: int = 0,
+        others: Sequence[Lab] = (),
+    ) -> ReserveReply:
+        """reserve.lua's whole typed reply (the messages and the next due time)."""
         keys = list(self.keys.all)
         for lab in others:
             keys.extend(lab.keys.all)
-        args = [now, lease, count, consumer, mode, start, reclaim_limit, max_deliveries]
-        return deliveries(self.scripts.reserve(keys=keys, args=args))
+        args = Reserve.args(
+            now_ms=now,
+            lease_ms=lease,
+            count=count,
+            consumer=consumer,
+            order=mode,
+            start=start,
+            reclaim_batch=reclaim_limit,
+            max_deliveries=max_deliveries,
+        )
+        return self.scripts.reserve.run(keys, args)
 
     def ack(self, *pairs: tuple[str, int]) -> list[int]:
-        return [int(c) for c in self.scripts.ack(keys=self.keys.all, args=_flat(pairs))]
+        return self.scripts.ack.run(self.keys.all, Ack.args(pairs))
 
     def extend(self, *pairs: tuple[str, int], now: int = NOW, lease: int = LEASE) -> list[int]:
-        args = [now, lease, *_flat(pairs)]
-        return [int(c) for c in self.scripts.extend(keys=self.keys.all, args=args)]
+        args = Extend.args(now_ms=now, lease_ms=lease, held=pairs)
+        return self.scripts.extend.run(self.keys.all, args)
 
     def requeue(self, *pairs: tuple[str, int], uncount: bool = False) -> list[int]:
-        args = [1 if uncount else 0, *_flat(pairs)]
-        return [int(c) for c in self.scripts.requeue(keys=self.keys.all, args=args)]
+        args = Requeue.args(uncount=uncount, held=pairs)
+        return self.scripts.requeue.run(self.keys.all, args)
 
     def dead_letter(
         self, key: str, token: int, reason: str, *, now: int = NOW, word: str = "failed"
     ) -> int:
         """``reason`` is the record (JSON), ``word`` the reason counted (``dead:<word>``)."""
-        args = [now, key, token, reason, word]
-        return int(self.scripts.dead_letter(keys=self.keys.all, args=args))
+        args = DeadLetter.args(now_ms=now, key=key, token=token, record=reason, word=word)
+        return self.scripts.dead_letter.run(self.keys.all, args)
 
     def bury(
         self,
@@ -308,23 +362,26 @@ class Lab:
         word: str = "failed",
         now: int = NOW,
     ) -> str:
-        args = [now, message_id, payload, band, deliveries, reason, word]
-        return str(_text(self.scripts.bury(keys=self.keys.all, args=args)))
+        args = Bury.args(
+            now_ms=now,
+            message_id=message_id,
+            payload=payload,
+            band=band,
+            deliveries=deliveries,
+            record=reason,
+            word=word,
+        )
+        return self.scripts.bury.run(self.keys.all, args)
 
     def reclaim(self, *, now: int = NOW, limit: int = 100) -> int:
-        return int(self.scripts.reclaim(keys=self.keys.all, args=[now, limit]))
+        return self.scripts.reclaim.run(self.keys.all, Reclaim.args(now_ms=now, limit=limit))
 
     def purge(self, limit: int) -> int:
-        return int(self.scripts.purge(keys=self.keys.all, args=[limit]))
+        return self.scripts.purge.run(self.keys.all, Purge.args(limit=limit))
 
     def oldest(self, *, now: int = NOW) -> int:
         """oldest.lua: the enqueue time (ms) of the oldest ready (or due) message, 0 for none."""
-        keys = [self.keys.ready, self.keys.born, self.keys.sched]
-        return int(self.scripts.oldest(keys=keys, args=[now]))
-
-
-def _flat(pairs: Sequence[tuple[str, int]]) -> list[Any]:
-    return [item for pair in pairs for item in pair]
+        return self.scripts.oldest.run(Oldest.keys(self.keys), Oldest.args(now_ms=now))
 
 
 @pytest.fixture

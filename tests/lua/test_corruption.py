@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 
-from celery_msg.counters import DEAD_REASON_PREFIX, Counter
-from celery_msg.keys import KEY_TYPES, QUEUE_KEY_PARTS
+from celery_msg.counters import DEAD_REASON_PREFIX
+from celery_msg.keys import KEY_TYPES, QUEUE_KEY_PARTS, Counter
 
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
@@ -117,17 +117,17 @@ def _dead(lab: Lab) -> None:
 def _replay(lab: Lab) -> Call:
     _dead(lab)
     lab.set_counter("seq", 2)
-    return lambda: lab.scripts.replay(keys=lab.keys.all, args=["d"])
+    return lambda: lab.scripts.replay.script(keys=lab.keys.all, args=["d"])
 
 
 def _discard(lab: Lab) -> Call:
     _dead(lab)
-    return lambda: lab.scripts.discard(keys=lab.keys.all, args=["d"])
+    return lambda: lab.scripts.discard.script(keys=lab.keys.all, args=["d"])
 
 
 def _trim_dead(lab: Lab) -> Call:
     _dead(lab)
-    return lambda: lab.scripts.trim_dead(keys=lab.keys.all, args=[lab.now, 1, 0, 100])
+    return lambda: lab.scripts.trim_dead.script(keys=lab.keys.all, args=[lab.now, 1, 0, 100])
 
 
 SCENARIOS: dict[str, Callable[[Lab], Call]] = {

@@ -8,6 +8,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from celery_msg.scripts import Code
+from celery_msg.transitions import Discard, Replay
 
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
@@ -31,16 +32,17 @@ def bury(
 
 
 def replay(lab: Lab, *keys: str) -> list[int]:
-    return [int(c) for c in lab.scripts.replay(keys=lab.keys.all, args=list(keys))]
+    return list(lab.scripts.replay.run(lab.keys.all, Replay.args(keys)))
 
 
 def discard(lab: Lab, *keys: str) -> list[int]:
-    return [int(c) for c in lab.scripts.discard(keys=lab.keys.all, args=list(keys))]
+    return list(lab.scripts.discard.run(lab.keys.all, Discard.args(keys)))
 
 
 def trim(lab: Lab, *, max_len: int = 0, max_age: int = 0, limit: int = 100, now: Any = None) -> int:
+    # ``now`` may be garbage on purpose (a test of the script's own checks): raw ARGV then.
     args = [lab.now if now is None else now, max_len, max_age, limit]
-    return int(lab.scripts.trim_dead(keys=lab.keys.all, args=args))
+    return lab.scripts.trim_dead.reply(lab.scripts.trim_dead.script(keys=lab.keys.all, args=args))
 
 
 def dead_keys(lab: Lab) -> list[str]:

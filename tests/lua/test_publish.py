@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from celery_msg.scripts import Code
+from celery_msg.transitions import Publish
 
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
@@ -234,8 +235,18 @@ def _routed(lab: Lab, message_id: str, version_key: str, version: int) -> tuple[
     """publish.lua called as a publisher routing through an exchange: the bindings version key
     after the publish keys, the version its table was read at as ARGV[6]."""
     keys = [*lab.keys.publish, version_key]
-    key, code = lab.scripts.publish(keys=keys, args=[message_id, "B", 0, 0, 0, version, lab.now])
-    return str(key.decode() if isinstance(key, bytes) else key), int(code)
+    args = Publish.args(
+        message_id=message_id,
+        payload="B",
+        band=0,
+        due_ms=0,
+        unique=False,
+        route_version=version,
+        now_ms=lab.now,
+        lock_until_ms=0,
+    )
+    reply = lab.scripts.publish.run(keys, args)
+    return reply.key, reply.code
 
 
 def test_a_publish_routed_with_the_current_bindings_version_is_stored(lab: Lab):
@@ -418,6 +429,6 @@ def test_a_publish_to_a_ttl_queue_without_a_clock_fails_before_writing_anything(
     args = ["m", "B", 0, 0, 0, "", "not a number"]
 
     with pytest.raises(redis.ResponseError, match="now"):
-        lab.scripts.publish(keys=lab.keys.publish, args=args)
+        lab.scripts.publish.script(keys=lab.keys.publish, args=args)
 
     assert lab.state() == {"args": {"message_ttl": "1000"}}

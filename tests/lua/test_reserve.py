@@ -12,14 +12,12 @@ from typing import TYPE_CHECKING, Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celery_msg.scripts import MISSING_BODY_GROUP, Code
+from celery_msg.scripts import BAND, MID, MISSING_BODY_GROUP, Code
 
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
 
 #: Ready-score layout (see _queue.lua and tests/lua/conftest.py).
-BAND = 2**44
-MID = 2**43
 OK = Code.OK
 
 

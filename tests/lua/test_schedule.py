@@ -25,7 +25,7 @@ def _reserve_flat(lab: Lab, *, now: int, count: int, others: tuple[Lab, ...] = (
     for other in others:
         keys.extend(other.keys.all)
     args = [now, lab.lease, count, "c1", "fair", 0, 100, 0]
-    return list(lab.scripts.reserve(keys=keys, args=args))
+    return list(lab.scripts.reserve.script(keys=keys, args=args))
 
 
 def _clear_signal(lab: Lab) -> None:

@@ -6,16 +6,22 @@ import ssl
 import threading
 
 import pytest
+import redis
 
 from celery_msg.connection import BrokerAddress, database, redis_params
-from celery_msg.core import Lease
+from celery_msg.core import Broker, Lease
 from celery_msg.errors import ConfigurationError
 from celery_msg.holdings import Holdings
 from celery_msg.options import TransportOptions
 
 
+def holdings() -> Holdings:
+    """A book on a broker that is never called: these tests keep books, they settle nothing."""
+    return Holdings(Broker(redis.Redis(host="127.0.0.1", port=1)))
+
+
 def test_a_buffered_ack_stays_renewable_until_it_is_taken():
-    book = Holdings()
+    book = holdings()
     book.add("1@q", Lease("q", "a", 1))
     book.add("2@q", Lease("q", "b", 2))
 
@@ -27,7 +33,7 @@ def test_a_buffered_ack_stays_renewable_until_it_is_taken():
 
 
 def test_a_lost_lease_can_be_neither_settled_nor_buffered():
-    book = Holdings()
+    book = holdings()
     book.add("1@q", Lease("q", "a", 1))
     book.forget([Lease("q", "a", 1)])
 
@@ -38,7 +44,7 @@ def test_a_lost_lease_can_be_neither_settled_nor_buffered():
 
 
 def test_settling_from_many_threads_settles_each_lease_exactly_once():
-    book = Holdings()
+    book = holdings()
     for n in range(2000):
         book.add(f"{n}@q", Lease("q", f"m{n}", n))
     settled: list[Lease] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from celery_msg.keys import QUEUE_KEY_PARTS, QueueKeys, bindings_key, queues_key
+from celery_msg.keys import QUEUE_KEY_PARTS, SIDE_KEY_PARTS, QueueKeys, bindings_key, queues_key
 
 QUEUE_NAMES = ["celery", "celery.pidbox", "q:with:colons", "ünïcode ✓", "a}b", "x{y}z", "  "]
 
@@ -91,6 +91,11 @@ def test_a_part_is_also_reachable_as_an_attribute():
     assert keys.stats == "p:{q}:stats"
     assert keys.order == "p:{q}:order"
     assert keys.dups == "p:{q}:dups"
+
+
+def test_the_class_declares_exactly_the_parts_in_keys_order_then_the_side_keys():
+    declared = [name for name, value in vars(QueueKeys).items() if type(value).__name__ == "_Part"]
+    assert declared == [*QUEUE_KEY_PARTS, *SIDE_KEY_PARTS]
 
 
 def test_an_unknown_part_raises_attribute_error():

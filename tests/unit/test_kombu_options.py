@@ -39,6 +39,10 @@ HONOURED: dict[str, tuple[Any, Callable[[TransportOptions, Params], bool]]] = {
     "health_check_interval": (5, lambda o, p: p["health_check_interval"] == 5.0),
     "client_name": ("billing", lambda o, p: p["client_name"] == "billing"),
     "max_retries": (3, lambda o, p: True),  # read by kombu.Connection itself
+    # Sentinel (applied when the URL is a celery-msg+sentinel:// one: test_sentinel_urls.py).
+    "master_name": ("mymaster", lambda o, p: o.master_name == "mymaster"),
+    "min_other_sentinels": (1, lambda o, p: o.min_other_sentinels == 1),
+    "sentinel_kwargs": ({"password": "x"}, lambda o, p: o.sentinel_kwargs == {"password": "x"}),
 }
 
 

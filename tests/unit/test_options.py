@@ -38,8 +38,16 @@ def test_the_option_lists_cover_what_this_module_checks():
         "socket_timeout",
         "socket_connect_timeout",
         "health_check_interval",
+        "min_replicas_timeout",
     }
-    assert set(INTEGERS) == {"default_priority", "fetch_batch", "reclaim_batch", "max_deliveries"}
+    assert set(INTEGERS) == {
+        "default_priority",
+        "fetch_batch",
+        "reclaim_batch",
+        "max_deliveries",
+        "min_other_sentinels",
+        "min_replicas",
+    }
     assert set(CONVERTED_TO_FLOAT) == set(SECONDS)
 
 

@@ -6,8 +6,8 @@ import pytest
 import redis
 from redis.commands.core import Script
 
-from celery_msg.core import pack_evalsha, pack_head
 from celery_msg.keys import PUBLISH_KEY_PARTS, QueueKeys
+from celery_msg.redisio import pack_evalsha, pack_head
 
 
 def _redis_py_packing(*args: object) -> bytes:

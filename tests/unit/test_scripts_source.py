@@ -10,8 +10,9 @@ from importlib.resources.abc import Traversable
 import pytest
 import redis
 
-from celery_msg.keys import PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
-from celery_msg.scripts import SCRIPT_NAMES, Code, Scripts, source, where
+from celery_msg.keys import PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS, Counter
+from celery_msg.scripts import SCRIPT_NAMES, Code, source, where
+from celery_msg.transitions import Scripts
 
 
 def _lua_dir() -> Traversable:
@@ -144,8 +145,9 @@ def test_scripts_registers_one_script_per_name_with_its_generated_source():
     scripts = Scripts(client)
 
     for name in SCRIPT_NAMES:
-        assert getattr(scripts, name).script == source(name)
-    assert len({getattr(scripts, name).sha for name in SCRIPT_NAMES}) == len(SCRIPT_NAMES)
+        assert getattr(scripts, name).script.script == source(name)
+    assert {t.name for t in scripts.all()} == set(SCRIPT_NAMES)
+    assert len({getattr(scripts, name).script.sha for name in SCRIPT_NAMES}) == len(SCRIPT_NAMES)
 
 
 def test_where_names_the_script_and_lua_line_of_an_error_raised_inside_a_script():
@@ -157,3 +159,19 @@ def test_where_names_the_script_and_lua_line_of_an_error_raised_inside_a_script(
     assert where(error) == f"reserve.lua (as sent) line {number}: {lines[number - 1].strip()}"
     assert where("script: " + "0" * 40 + ", on @user_script:3.") is None  # not one of ours
     assert where("ERR something else") is None
+
+
+def test_every_counter_a_script_adds_to_is_a_counter_from_the_preamble():
+    counted = set()
+    for name in SCRIPT_NAMES:
+        code = _code_lines(source(name))
+        assert not re.search(r"count\(q, '", code), f"{name}.lua counts under a literal name"
+        counted |= set(re.findall(r"count\(q, STAT_([A-Z_]+)", code))
+    assert counted <= {c.name for c in Counter}
+    assert {c.name for c in Counter} == counted  # and no counter is Python's alone
+
+
+def test_the_reasons_the_scripts_write_come_from_the_preamble():
+    code = _code_lines(_raw("reserve.lua"))
+    assert "REASON_POISON" in code and "REASON_MISSING_BODY" in code
+    assert "'poison'" not in code and "'missing-body'" not in code

@@ -51,9 +51,17 @@ class Settings:
     #: Name of a ``Broadcast`` exchange added to ``task_queues`` ("" = none): the worker's
     #: broadcast queue is declared without a name, as in Celery's documentation.
     broadcast: str = ""
+    #: A whole broker URL that replaces the one built from ``redis_url`` ("" = none): a
+    #: ``celery-msg+sentinel://`` URL; the result backend and the event list stay on
+    #: ``redis_url``, a server no test kills.
+    broker_url_override: str = ""
+    #: The Sentinel master name (transport option ``master_name``; "" = none).
+    master_name: str = ""
 
     @property
     def broker_url(self) -> str:
+        if self.broker_url_override:
+            return self.broker_url_override
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport {self.transport!r}: use one of {TRANSPORTS}")
         credentials = f"{self.broker_user}:{self.broker_password}@" if self.broker_user else ""

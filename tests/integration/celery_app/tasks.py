@@ -103,6 +103,8 @@ def create_app(environ: Mapping[str, str]) -> Celery:
             "max_deliveries": settings.max_deliveries,
             "socket_timeout": 5.0,
         }
+        if settings.master_name:
+            options["master_name"] = settings.master_name
         if settings.configure:
             celery_msg.configure(app, policies=policies, **options)
         else:
