@@ -6,11 +6,9 @@ from __future__ import annotations
 import threading
 
 import click
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
 from .api import broker_for
 from .errors import CeleryMsgError
-from .metrics import DEFAULT_KINDS, QueueCollector
 from .snapshot import QueueKind
 
 
@@ -34,6 +32,11 @@ def metrics(
 ) -> None:
     """Serve Prometheus metrics of this app's celery-msg queues: messages by state, oldest
     age, consumers, lifetime counters."""
+    # prometheus-client only here: every other `celery msg` command starts without it.
+    from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+
+    from .metrics import DEFAULT_KINDS, QueueCollector
+
     app = getattr(ctx.find_root().obj, "app", None)
     if app is None:
         raise click.UsageError("no Celery app: run it as `celery -A proj msg metrics ...`")
