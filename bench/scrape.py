@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from celery_msg.core import Broker, Lease
 from celery_msg.metrics import QueueCollector
+from celery_msg.transitions import UNROUTED, Publish
 
 from .common import Bench, median, new_prefix
 
@@ -47,7 +48,7 @@ def counting_client(port: int) -> redis.Redis:
 def fill(broker: Broker, queues: list[str]) -> None:
     """``PER_QUEUE`` messages in each queue: 2 ready (two bands), 2 reserved, 1 scheduled,
     1 dead; pipelined, a few hundred queues per round trip."""
-    publish = broker.scripts.publish
+    publish = broker.scripts.publish.script
     now = broker.now_ms()
     for start in range(0, len(queues), 250):
         part = queues[start : start + 250]
@@ -59,7 +60,16 @@ def fill(broker: Broker, queues: list[str]) -> None:
             (
                 publish,
                 broker.keys(queue).publish,
-                [f"m{i}", b"x" * 200, i % 2, now + 3_600_000 if i == 4 else 0, 0, "", now, 0, 0],
+                Publish.args(
+                    message_id=f"m{i}",
+                    payload=b"x" * 200,
+                    band=i % 2,
+                    due_ms=now + 3_600_000 if i == 4 else 0,
+                    unique=False,
+                    route_version=UNROUTED,
+                    now_ms=now,
+                    lock_until_ms=0,
+                ),
             )
             for queue in part
             for i in range(PER_QUEUE)

@@ -10,7 +10,7 @@ import pytest
 import redis
 from pinned import T0, Clock
 
-from bench.scrape import CountingConnection, counting_client
+from bench.scrape import CountingConnection, counting_client, fill
 from celery_msg import consumers
 from celery_msg.core import Broker, Lease
 from celery_msg.keys import Counter
@@ -214,3 +214,14 @@ def test_a_script_lost_by_the_server_is_loaded_again(broker: Broker, redis_clien
 )
 def test_queues_are_classed_by_celerys_names(name: str, kind: QueueKind):
     assert queue_kind(name) == kind
+
+
+def test_the_scrape_benchmark_fills_each_queue_with_every_state(broker: Broker):
+    fill(broker, ["a", "b"])
+
+    snap = take(broker)
+
+    assert [q.queue for q in snap.queues] == ["a", "b"]
+    for q in snap.queues:
+        assert q.states() == {"ready": 2, "reserved": 2, "scheduled": 1, "dead": 1}
+        assert q.dead_by_reason == {"failed": 1}
