@@ -71,6 +71,8 @@ class Settings:
     #: Bulk publishing: tasks in the timed group, and ``.delay()`` calls timed in a loop.
     bulk_group_n: int = 10_000
     bulk_delay_n: int = 100_000
+    #: Prometheus scrape: how many queues, each filled with a few messages in every state.
+    scrape_queues: tuple[int, ...] = (10, 100, 1_000)
     quick: bool = False
 
     def quicken(self) -> Settings:

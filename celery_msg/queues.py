@@ -202,7 +202,8 @@ class Queues:
             pipe.execute()
 
     def _delete_in(self, pipe: Any, queue: str) -> None:
-        pipe.delete(*self.keys(queue).all)
+        keys = self.keys(queue)
+        pipe.delete(*keys.all, *keys.side)
         pipe.srem(queues_key(self.prefix), queue)
         pipe.zrem(expiring_key(self.prefix), queue)
 

@@ -62,7 +62,7 @@ from .errors import (
     ScriptError,
     StaleRoute,
 )
-from .headers import UNIQUE_HEADER, due_ms
+from .headers import UNIQUE_HEADER, due_ms, is_retry
 from .holdings import Holdings
 from .messages import (
     band_of,
@@ -313,6 +313,7 @@ class Channel(virtual.Channel):
                 self._band(message),
                 due_ms=due_ms(message),
                 route=route,
+                retry=is_retry(message),
             )
 
     def _put(
@@ -328,6 +329,7 @@ class Channel(virtual.Channel):
             unique=out.unique,
             lock_until_ms=out.lock_until_ms,
             route=route,
+            retry=out.retry,
         )
 
     def outgoing(self, queue: str, message: dict[str, Any]) -> Outgoing:
@@ -343,6 +345,7 @@ class Channel(virtual.Channel):
             due_ms(message),
             unique is not None,
             0 if unique is None else self.broker.now_ms() + to_ms(unique.ttl),
+            is_retry(message),
         )
 
     def _unique(self, queue: str, message: dict[str, Any]) -> Unique | None:
