@@ -337,8 +337,12 @@ dlq_purge = _bulk_command("purge", "Delete dead messages for good.")
     help="basic: CELERY_MSG_WEB_USER and CELERY_MSG_WEB_PASSWORD; token: CELERY_MSG_WEB_TOKEN "
     "(from the environment). Required to bind an address other than loopback.",
 )  # fmt: skip
+@click.option(
+    "--sample-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+    help="Seconds between two readings of the counters behind the rate charts.",
+)  # fmt: skip
 @click.pass_context
-def web(ctx: click.Context, port: int, address: str, auth: str) -> None:
+def web(ctx: click.Context, port: int, address: str, auth: str, sample_interval: float) -> None:
     """The dashboard: queues, messages, dead letters (replay, purge), look-ups."""
     try:
         from .web.security import Auth
@@ -348,7 +352,13 @@ def web(ctx: click.Context, port: int, address: str, auth: str) -> None:
             f"the dashboard needs the web extra: pip install 'celery-msg[web]' ({exc})"
         ) from exc
     try:
-        serve(_app(ctx), address=address, port=port, auth=Auth.from_environ(auth))  # type: ignore[arg-type]
+        serve(
+            _app(ctx),
+            address=address,
+            port=port,
+            auth=Auth.from_environ(auth),  # type: ignore[arg-type]
+            sample_interval=sample_interval,
+        )
     except CeleryMsgError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
