@@ -1,0 +1,209 @@
+"""The dashboard's pages and actions in process (Starlette's test client) on a real server:
+paging large stores by rank, the queue pages, bulk actions and their counts, and records that
+another program wrote badly (skipped and reported on the page, never a 500).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
+from celery_helpers import Stack, stack_factory
+from starlette.testclient import TestClient
+
+from celery_msg.core import Broker
+from celery_msg.keys import queues_key
+from celery_msg.web import Dashboard, create_app, reads
+from celery_msg.web.security import CSRF_COOKIE, CSRF_FIELD
+
+if TYPE_CHECKING:
+    from conftest import Server
+
+
+@pytest.fixture
+def stack(server: Server, prefix: str, tmp_path: Path) -> Iterator[Stack]:
+    with stack_factory(server.url, prefix, tmp_path) as make:
+        yield make()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[TestClient]:
+    with TestClient(create_app(Dashboard(stack.broker, stack.app))) as test_client:
+        yield test_client
+
+
+def _fill_dead(stack: Stack, queue: str, n: int, task: str = "t.bulk") -> list[str]:
+    """``n`` dead letters in ``queue``, one millisecond apart (so their order is known)."""
+    base = time.time() - 3600
+    ids = []
+    for i in range(n):
+        broker = Broker(stack.redis, prefix=stack.settings.prefix, clock=lambda i=i: base + i / 1e3)
+        broker.declare(queue)
+        key = broker.bury(
+            queue, f"{queue}-{i:05d}", b"{}", band=0, deliveries=1, reason="failed",
+            detail="x", task=task,
+        )  # fmt: skip
+        ids.append(key)
+    return ids
+
+
+def _ids(html: str) -> list[str]:
+    return re.findall(r'<tr data-id="([^"]+)">', html)
+
+
+def _next(html: str) -> str | None:
+    found = re.search(r'<a rel="next" href="\?([^"]+)"', html)
+    return None if found is None else found.group(1).replace("&amp;", "&")
+
+
+def _csrf(client: TestClient) -> str:
+    client.get("/dead")
+    token = client.cookies.get(CSRF_COOKIE)
+    assert token
+    return token
+
+
+def test_dead_letters_page_through_every_queue_fifty_at_a_time(stack: Stack, client: TestClient):
+    first = _fill_dead(stack, DEFAULT_QUEUE, 120)
+    second = _fill_dead(stack, SECOND_QUEUE, 30)
+
+    seen: list[str] = []
+    query: str | None = ""
+    pages = 0
+    while query is not None:
+        html = client.get(f"/dead?{query}").text
+        rows = _ids(html)
+        assert len(rows) == 50 or _next(html) is None
+        assert "of 150" in html
+        seen += rows
+        query = _next(html)
+        pages += 1
+
+    assert pages == 3
+    assert seen == first + second  # queues by name, oldest first in each, nothing twice
+
+
+def test_a_filtered_page_stops_at_its_read_budget_and_the_next_goes_on(
+    stack: Stack, client: TestClient, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(reads, "FILTER_SCAN_LIMIT", 40)
+    _fill_dead(stack, DEFAULT_QUEUE, 100, task="t.other")
+    wanted = _fill_dead(stack, SECOND_QUEUE, 3, task="t.wanted")
+
+    found: list[str] = []
+    query: str | None = "task=t.want*"
+    pages = 0
+    while query is not None:
+        html = client.get(f"/dead?{query}").text
+        found += _ids(html)
+        if _next(html) is not None and not _ids(html):
+            assert "more may match further on" in html
+        query = _next(html)
+        pages += 1
+
+    assert found == wanted
+    assert pages == 3  # 40 + 40 + (20 and the 3 of the second queue)
+
+
+def test_the_queue_pages_show_leases_with_owner_and_deadline_and_schedules_with_due_time(
+    stack: Stack, client: TestClient
+):
+    add = stack.task("add")
+    ready = [add.delay(i, i).id for i in range(60)]
+    later = add.apply_async((1, 1), countdown=3600)
+    [delivery] = stack.broker.reserve([DEFAULT_QUEUE], 1, "w-test@host")
+    assert delivery.key == ready[0]
+
+    reserved = client.get(f"/queues/{DEFAULT_QUEUE}?state=RESERVED").text
+    assert ready[0] in reserved and "w-test@host" in reserved
+    deadline = time.strftime("%Y-%m-%d %H:%M", time.gmtime(time.time() + 10))
+    assert deadline[:13] in reserved and "in " in reserved
+
+    scheduled = client.get(f"/queues/{DEFAULT_QUEUE}?state=SCHEDULED").text
+    due = time.strftime("%Y-%m-%d %H:", time.gmtime(time.time() + 3600))
+    assert later.id in scheduled and due in scheduled
+
+    page1 = client.get(f"/queues/{DEFAULT_QUEUE}").text
+    assert "1-50 of 59" in page1
+    assert all(i in page1 for i in ready[1:51]) and ready[51] not in page1
+    assert "[[1, 1], {}]" in page1  # decoded arguments
+    page2 = client.get(f"/queues/{DEFAULT_QUEUE}?state=READY&offset=50").text
+    assert all(i in page2 for i in ready[51:]) and ready[1] not in page2
+
+
+def test_replay_all_matching_asks_with_the_count_then_reports_how_many(
+    stack: Stack, client: TestClient
+):
+    _fill_dead(stack, DEFAULT_QUEUE, 7, task="reports.daily")
+    other = _fill_dead(stack, SECOND_QUEUE, 2, task="billing.charge")
+    form = {"op": "replay matching", "task": "reports.*", CSRF_FIELD: _csrf(client)}
+
+    asked = client.post("/dead/action", data=form)
+
+    assert asked.status_code == 200 and "Replay 7 dead messages?" in asked.text
+    assert stack.broker.counts(DEFAULT_QUEUE)["dead"] == 7
+    done = client.post("/dead/action", data={**form, "confirm": "yes"})
+    assert "Replayed 7 of 7 dead messages" in done.text
+    assert stack.broker.counts(DEFAULT_QUEUE) == {
+        "ready": 7, "reserved": 0, "scheduled": 0, "dead": 0,
+    }  # fmt: skip
+    assert [m.id for m in stack.broker.dead_letters(SECOND_QUEUE)] == other
+    again = client.post("/dead/action", data={**form, "confirm": "yes"})
+    assert "Nothing to replay" in again.text
+
+
+def test_records_written_badly_are_skipped_and_reported_never_a_500(
+    stack: Stack, client: TestClient
+):
+    good = _fill_dead(stack, DEFAULT_QUEUE, 2)
+    keys = stack.broker.keys(DEFAULT_QUEUE)
+    r = stack.redis
+    # A dead entry whose name is not UTF-8, one whose record is not JSON, one whose
+    # delivery count is not a number, a queue name that is not UTF-8, a stats key of the
+    # wrong type, and a task argument that is not base64.
+    r.zadd(keys.dead, {b"\xff\xfe-bad-name": time.time() * 1000})
+    r.zadd(keys.dead, {"not-json": time.time() * 1000})
+    r.hset(keys.body, "not-json", b"{}")
+    r.hset(keys.reason, "not-json", b"\x00garbage")
+    r.zadd(keys.dead, {"bad-count": time.time() * 1000})
+    r.hset(keys.body, "bad-count", b"{}")
+    r.hset(keys.deliv, "bad-count", b"many")
+    r.sadd(queues_key(stack.settings.prefix), b"\xc3\x28-queue")
+    second = stack.broker.keys(SECOND_QUEUE)
+    r.sadd(queues_key(stack.settings.prefix), SECOND_QUEUE)
+    r.set(second.stats, "not a hash")
+    r.zadd(second.ready, {"odd": 1})
+    odd = {"body": "%%%", "properties": {"body_encoding": "base64"}}
+    r.hset(second.body, "odd", json.dumps(odd))
+
+    pages = {
+        url: client.get(url)
+        for url in [
+            "/",
+            "/dead",
+            f"/queues/{DEFAULT_QUEUE}?state=DEAD",
+            f"/queues/{SECOND_QUEUE}",
+            f"/dead/record?queue={DEFAULT_QUEUE}&key=not-json",
+            f"/dead/record?queue={DEFAULT_QUEUE}&key=bad-count",
+            "/message?id=bad-count",
+        ]
+    }
+
+    assert {url: p.status_code for url, p in pages.items() if p.status_code >= 500} == {}
+    overview = pages["/"].text
+    assert "unreadable queue entries skipped" in overview
+    dead = pages["/dead"].text
+    assert set(good) <= set(_ids(dead)) and "not-json" in _ids(dead)
+    assert "unreadable records skipped" in dead
+    assert "unreadable-record" in dead
+    assert "unreadable entr" in pages[f"/queues/{DEFAULT_QUEUE}?state=DEAD"].text
+    assert "odd" in pages[f"/queues/{SECOND_QUEUE}"].text
+    assert "unreadable-record" in pages[f"/dead/record?queue={DEFAULT_QUEUE}&key=not-json"].text
+    assert pages[f"/dead/record?queue={DEFAULT_QUEUE}&key=bad-count"].status_code == 404
+    assert "unreadable entr" in pages["/message?id=bad-count"].text
