@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from ..core import UNREADABLE_RECORD, Broker, MessageInfo, State, translated_errors
+from ..core import (
+    UNREADABLE_RECORD,
+    Broker,
+    MessageInfo,
+    State,
+    dead_record,
+    translated_errors,
+)
 from ..deadletters import DeadFilter, DeadMessage, decode_body, decode_message
 
 #: Rows on one page of messages or dead letters.
@@ -247,8 +254,13 @@ def _take_dead(
     page_size: int,
 ) -> tuple[int, int]:
     """Append the matching dead letters of ``raw`` (keys in rank order) to ``rows`` until the
-    page is full; returns how many entries of ``raw`` were consumed and how many were bad."""
+    page is full; returns how many entries of ``raw`` were consumed and how many were bad.
+
+    A filter is first tried on the records alone (one ``HMGET``): only the entries it may
+    match are read whole, so a filter that matches little reads little."""
     keys, bad = _texts(raw)
+    if where != DeadFilter(queue=where.queue):
+        keys = _may_match(broker, queue, keys, where, now)
     infos, bad_infos = safe_infos(broker, queue, keys)
     by_key = {info.key: info for info in infos}
     for index, name in enumerate(raw):
@@ -263,6 +275,26 @@ def _take_dead(
             if len(rows) >= page_size:
                 return index + 1, bad + bad_infos
     return len(raw), bad + bad_infos
+
+
+def _may_match(
+    broker: Broker, queue: str, keys: list[str], where: DeadFilter, now: float
+) -> list[str]:
+    """The ``keys`` whose dead-letter record alone does not rule them out of ``where`` (a
+    record without a task name keeps its key: the name may be in the message's headers)."""
+    if not keys:
+        return keys
+    with translated_errors(f"read dead-letter records of {queue!r}"):
+        records = cast(list[bytes | None], broker.client.hmget(broker.keys(queue).reason, keys))
+    kept = []
+    for key, raw_record in zip(keys, records, strict=True):
+        record = dead_record(raw_record) if raw_record is not None else {}
+        probe = DeadMessage.from_info(
+            MessageInfo(key, key, queue, State.DEAD, 0, None, None, None, None, record, None)
+        )
+        if where.matches(probe, now) or (where.task is not None and "task" not in record):
+            kept.append(key)
+    return kept
 
 
 def dead_message(broker: Broker, queue: str, key: str) -> DeadMessage | None:
