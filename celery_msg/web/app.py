@@ -203,15 +203,14 @@ def sampler_for(broker: Broker, interval: float = 5.0) -> RateSampler:
 def _overview_context(dashboard: Dashboard) -> dict[str, Any]:
     data = read_overview(dashboard.broker)
     sampler = dashboard.sampler
-    charts = {
-        row.name: (
-            sparkline(sampler.rates(row.name, "published") if sampler else []),
-            sparkline(sampler.rates(row.name, "acked") if sampler else []),
-        )
-        for row in data.queues
+    charts = sampler.charts() if sampler else {}
+    empty = (sparkline([]),) * 2
+    return {
+        "overview": data,
+        "charts": {row.name: charts.get(row.name, empty) for row in data.queues},
+        "interval": sampler.interval if sampler else None,
+        "now": time.time(),
     }
-    interval = sampler.interval if sampler else None
-    return {"overview": data, "charts": charts, "interval": interval, "now": time.time()}
 
 
 def _state(text: str | None) -> State:

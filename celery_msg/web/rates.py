@@ -54,6 +54,9 @@ class RateSampler:
         self._clock = clock
         self._readings: deque[Reading] = deque(maxlen=window)
         self._lock = threading.Lock()
+        # Charts change only when a reading arrives: drawn once per reading, not per page.
+        self._charts: dict[str, tuple[str, ...]] = {}
+        self._charted_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -84,36 +87,52 @@ class RateSampler:
             self.sample()
             self._stop.wait(self.interval)
 
+    def charts(self) -> dict[str, tuple[str, ...]]:
+        """A sparkline per queue and charted counter (:data:`CHARTED` order), drawn once per
+        reading; a queue without readings yet has none (the page draws an empty chart)."""
+        with self._lock:
+            readings = list(self._readings)
+            if not readings or readings[-1].at == self._charted_at:
+                return self._charts
+        queues = set().union(*(r.counters for r in readings))
+        charts = {
+            queue: tuple(sparkline(_rates(readings, queue, c)) for c in CHARTED)
+            for queue in queues
+        }
+        with self._lock:
+            self._charts, self._charted_at = charts, readings[-1].at
+        return charts
+
     def rates(self, queue: str, counter: str) -> list[float]:
         """Per-second rates of ``counter`` in ``queue`` between consecutive readings, oldest
         first (a counter that went down, as after a queue was deleted, counts as 0)."""
         with self._lock:
             readings = list(self._readings)
-        out: list[float] = []
-        for before, after in itertools.pairwise(readings):
-            elapsed = after.at - before.at
-            old = before.counters.get(queue, {}).get(counter, 0)
-            new = after.counters.get(queue, {}).get(counter, 0)
-            out.append(max(0, new - old) / elapsed if elapsed > 0 else 0.0)
-        return out
+        return _rates(readings, queue, counter)
+
+
+def _rates(readings: Sequence[Reading], queue: str, counter: str) -> list[float]:
+    out: list[float] = []
+    for before, after in itertools.pairwise(readings):
+        elapsed = after.at - before.at
+        old = before.counters.get(queue, {}).get(counter, 0)
+        new = after.counters.get(queue, {}).get(counter, 0)
+        out.append(max(0, new - old) / elapsed if elapsed > 0 else 0.0)
+    return out
 
 
 def sparkline(values: Sequence[float], width: int = 120, height: int = 24) -> str:
     """An inline SVG polyline of ``values`` (numbers only: nothing from Redis reaches the
-    markup as text), scaled to its own maximum; an empty chart when there is nothing yet."""
+    markup as text), scaled to its own maximum, in whole pixels (1,000 rows of two charts
+    stay small); an empty chart when there is nothing yet. Stroke and colour are in CSS."""
+    head = f'<svg class="spark" width="{width}" height="{height}" role="img"'
     if len(values) < 2:
-        return (
-            f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}"'
-            ' role="img" aria-label="no data yet"></svg>'
-        )
+        return f'{head} aria-label="no data yet"></svg>'
     top = max(values) or 1.0
     step = width / (len(values) - 1)
     points = " ".join(
-        f"{i * step:.1f},{height - 1 - (v / top) * (height - 2):.1f}" for i, v in enumerate(values)
+        f"{round(i * step)},{round(height - 1 - (v / top) * (height - 2))}"
+        for i, v in enumerate(values)
     )
     label = f"last {values[-1]:.1f}/s, max {max(values):.1f}/s"
-    return (
-        f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}"'
-        f' role="img" aria-label="{label}"><polyline fill="none" stroke="currentColor"'
-        f' stroke-width="1.5" points="{points}"/></svg>'
-    )
+    return f'{head} aria-label="{label}"><polyline points="{points}"/></svg>'

@@ -95,4 +95,15 @@ def test_sparkline_draws_only_numbers():
     assert "<polyline" not in sparkline([])
     svg = sparkline([0, 5, 10])
     assert svg.count("<polyline") == 1 and 'aria-label="last 10.0/s, max 10.0/s"' in svg
-    assert "points=\"0.0,23.0 60.0,12.0 120.0,1.0\"" in svg
+    assert "points=\"0,23 60,12 120,1\"" in svg
+
+
+def test_charts_are_drawn_once_per_reading():
+    now = iter([0.0, 1.0, 2.0])
+    values = iter([{"q": {"published": n, "acked": n // 2}} for n in (0, 4, 6)])
+    sampler = RateSampler(lambda: next(values), interval=1, clock=lambda: next(now))
+    for _ in range(3):
+        sampler.sample()
+    first = sampler.charts()
+    assert set(first) == {"q"} and all("<polyline" in svg for svg in first["q"])
+    assert sampler.charts() is first  # no new reading: the same drawing
