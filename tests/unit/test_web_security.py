@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import fnmatch
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -95,7 +98,7 @@ def test_sparkline_draws_only_numbers():
     assert "<polyline" not in sparkline([])
     svg = sparkline([0, 5, 10])
     assert svg.count("<polyline") == 1 and 'aria-label="last 10.0/s, max 10.0/s"' in svg
-    assert "points=\"0,23 60,12 120,1\"" in svg
+    assert 'points="0,23 60,12 120,1"' in svg
 
 
 def test_charts_are_drawn_once_per_reading():
@@ -107,3 +110,18 @@ def test_charts_are_drawn_once_per_reading():
     first = sampler.charts()
     assert set(first) == {"q"} and all("<polyline" in svg for svg in first["q"])
     assert sampler.charts() is first  # no new reading: the same drawing
+
+
+def test_every_template_and_asset_is_package_data_so_a_wheel_ships_it():
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["celery_msg"]
+    web = root / "celery_msg" / "web"
+    shipped = [
+        p for p in web.rglob("*") if p.is_file() and p.parent.name in ("templates", "static")
+    ]
+    assert len(shipped) >= 10
+    for path in shipped:
+        name = path.relative_to(root / "celery_msg").as_posix()
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{name} not in package-data"
