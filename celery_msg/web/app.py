@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -286,12 +286,30 @@ def _selected(dashboard: Dashboard, form: FormData) -> tuple[list[DeadMessage], 
     return chosen, gone
 
 
-def _matching(dashboard: Dashboard, where: DeadFilter) -> Iterator[DeadMessage]:
-    store = DeadLetters(dashboard.broker)
-    for n, message in enumerate(store.iter(where)):
-        if n >= BULK_LIMIT:
-            return
-        yield message
+class _Counted:
+    """Dead letters streamed to a replay or purge (never held all at once: a match of
+    100,000 would be every payload in memory), counted, the first few kept for the page."""
+
+    SAMPLE = 20
+
+    def __init__(self, messages: Iterable[DeadMessage]) -> None:
+        self._messages = messages
+        self.count = 0
+        self.sample: list[DeadMessage] = []
+
+    def __iter__(self) -> Iterator[DeadMessage]:
+        for message in self._messages:
+            if self.count >= BULK_LIMIT:
+                return
+            self.count += 1
+            if len(self.sample) < self.SAMPLE:
+                self.sample.append(message)
+            yield message
+
+    def drain(self) -> _Counted:
+        for _ in self:
+            pass
+        return self
 
 
 def _dead_action(
@@ -304,19 +322,23 @@ def _dead_action(
     where, errors = _filter(form)
     if errors:
         raise HTTPException(400, "; ".join(errors))
+    store = DeadLetters(dashboard.broker)
+    gone = 0
     if scope == "matching":
-        chosen = list(_matching(dashboard, where))
-        gone = 0
+        chosen = _Counted(store.iter(where))
     elif scope == "selected":
-        chosen, gone = _selected(dashboard, form)
+        ticked, gone = _selected(dashboard, form)
+        chosen = _Counted(ticked)
     else:
         raise HTTPException(400, f"unknown scope {scope!r}")
     context: dict[str, Any] = {
         "verb": verb, "scope": scope, "chosen": chosen, "gone": gone,
         "filters": _filter_values(form), "selected": form.getlist("selected"),
     }  # fmt: skip
-    if form.get("confirm") != "yes" or not chosen:
+    if form.get("confirm") != "yes":
+        chosen.drain()
         return page(request, "confirm.html", **context)
-    store = DeadLetters(dashboard.broker)
     done = store.replay(chosen) if verb == "replay" else store.purge(chosen)
+    if not chosen.count:
+        return page(request, "confirm.html", **context)
     return page(request, "done.html", done=done, **context)

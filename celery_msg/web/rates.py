@@ -96,8 +96,7 @@ class RateSampler:
                 return self._charts
         queues = set().union(*(r.counters for r in readings))
         charts = {
-            queue: tuple(sparkline(_rates(readings, queue, c)) for c in CHARTED)
-            for queue in queues
+            queue: tuple(sparkline(_rates(readings, queue, c)) for c in CHARTED) for queue in queues
         }
         with self._lock:
             self._charts, self._charted_at = charts, readings[-1].at
