@@ -9,19 +9,15 @@ the test and says how to install it, it is never skipped.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from celery_helpers import INTEGRATION_DIR, REPO_ROOT, Stack
+from celery_helpers import REPO_ROOT, Stack, Worker, wait_until
 
 from celery_msg.servers import free_port
 
@@ -41,8 +37,9 @@ CHROMIUM_ARGS = [
 DOCS = REPO_ROOT / "docs"
 
 
-class WebServer:
-    """``celery -A celery_app.worker msg web`` for one stack; killed (its group) at close."""
+class WebServer(Worker):
+    """``celery -A celery_app.worker msg web`` for one stack: started, logged and killed (its
+    process group) as a :class:`Worker` is, ready once it answers HTTP."""
 
     def __init__(
         self,
@@ -53,80 +50,46 @@ class WebServer:
         env: dict[str, str] | None = None,
         address: str = "127.0.0.1",
     ) -> None:
+        super().__init__({**stack.environ, **(env or {})}, log_path, name="web")
         self.port = free_port()
-        self.address = address
-        self.log_path = log_path
-        pythonpath = [str(REPO_ROOT), str(INTEGRATION_DIR)]
-        if os.environ.get("PYTHONPATH"):
-            pythonpath.append(os.environ["PYTHONPATH"])
-        self.env = {
-            **os.environ,
-            **stack.environ,
-            **(env or {}),
-            "PYTHONPATH": os.pathsep.join(pythonpath),
-            "PYTHONUNBUFFERED": "1",
-        }
         self.argv = [
             str(CELERY), "-A", "celery_app.worker", "msg", "web",
             "--port", str(self.port), "--address", address, *args,
         ]  # fmt: skip
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        assert self._proc is not None, "the dashboard was not started"
-        return self._proc
-
-    def spawn(self) -> Self:
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self.argv,
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
     def start(self, timeout: float = 30.0) -> Self:
         """Start and wait until it answers HTTP (any status: 401 counts as up)."""
         self.spawn()
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def answers() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(
                     f"the dashboard exited with {self.proc.returncode}:\n{self.log()}"
                 )
             try:
                 with urllib.request.urlopen(self.url + "/static/style.css", timeout=2):
-                    return self
+                    return True
             except urllib.error.HTTPError:
-                return self
+                return True
             except OSError:
-                pass
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"the dashboard did not answer in {timeout}s:\n{self.log()}")
-            time.sleep(0.1)
+                return False
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        wait_until(answers, timeout, f"the dashboard to answer; log:\n{self.log()}", 0.1)
+        return self
 
-    def close(self) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(10)
+    def run(
+        self, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the command to its end (for a start that must fail); stdout and stderr."""
+        environ = {**self.process_environ(), **(env or {})}
+        return subprocess.run(
+            [*self.argv, *extra], env=environ, cwd=self.cwd, capture_output=True, text=True,
+            timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
 
 
 def launch_chromium(playwright: Any) -> Any:
