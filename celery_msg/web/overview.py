@@ -86,6 +86,8 @@ def read_overview(broker: Broker) -> Overview:
                 counters={c: _number(v) for c, v in zip(CHARTED, stats, strict=True)},
             )
         )
+    # Work queues first; the plumbing (remote control, events, broadcast) after them.
+    rows.sort(key=lambda row: (row.kind != "normal", row.name))
     return Overview(rows, unreadable)
 
 

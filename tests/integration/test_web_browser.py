@@ -80,6 +80,8 @@ def test_the_overview_shows_every_queue_and_refreshes_itself(
         stack.task("routed").delay()  # no worker consumes the second queue: they wait
     stack.settled(DEFAULT_QUEUE, dead=1)
 
+    fetched: list[str] = []
+    page.on("request", lambda request: fetched.append(request.url))
     page.goto(web.url + "/")
 
     expect(page.locator("h1")).to_have_text("Queues")
@@ -97,6 +99,10 @@ def test_the_overview_shows_every_queue_and_refreshes_itself(
     expect(celery.locator("td.dead")).to_have_text("2", timeout=REFRESH_TIMEOUT_MS)
     # The sampler (every 0.5 s here) has drawn the publish rate as a line.
     expect(celery.locator("td.spark polyline").first).to_be_attached(timeout=REFRESH_TIMEOUT_MS)
+    # Everything the page loaded (htmx, the stylesheet, the refreshes) came from the dashboard.
+    assert {url.split("/")[2] for url in fetched} == {f"127.0.0.1:{web.port}"}
+    assert any(url.endswith("/static/htmx.min.js") for url in fetched)
+    assert any(url.endswith("/overview/rows") for url in fetched)
     DOCS.mkdir(exist_ok=True)
     page.screenshot(path=str(DOCS / "dashboard-overview.png"), full_page=True)
 
