@@ -30,6 +30,7 @@ from kombu.utils.encoding import safe_repr
 from .broadcast import name_broadcast_queues
 from .control import install_scheduled
 from .core import Broker
+from .counters import Counter
 from .errors import PoisonMessage
 from .headers import expires_ms
 from .options import TransportOptions
@@ -233,7 +234,7 @@ class Consumer(CeleryConsumer):
             return False
         broker = _broker_of(message)
         if broker is not None and queue is not None:
-            broker.count(queue, "expired")
+            broker.count(queue, Counter.EXPIRED)
             if headers.get("id"):
                 broker.unlock(queue, [str(headers["id"])])  # never to run: may be sent again
         dead_letter = policy.dead_letter

@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple, cast
 import redis
 from redis.commands.core import Script
 
+from .counters import Counter, reason_word
 from .errors import (
     AuthenticationFailed,
     BrokerConnectionError,
@@ -506,7 +507,7 @@ class Broker:
             raw = self.client.hgetall(self.keys(queue).stats)
         return {_text(k): int(v) for k, v in raw.items()}
 
-    def count(self, queue: str, counter: str, n: int = 1) -> None:
+    def count(self, queue: str, counter: Counter, n: int = 1) -> None:
         """Add ``n`` to one of ``queue``'s lifetime counters (see :meth:`stats`)."""
         with translated_errors(f"count {counter} in {queue!r}"):
             self.client.hincrby(self.keys(queue).stats, counter, n)
@@ -531,7 +532,8 @@ class Broker:
             pipe.execute()
 
     def _delete_in(self, pipe: Any, queue: str) -> None:
-        pipe.delete(*self.keys(queue).all)
+        keys = self.keys(queue)
+        pipe.delete(*keys.all, *keys.side)
         pipe.srem(queues_key(self.prefix), queue)
         pipe.zrem(expiring_key(self.prefix), queue)
 
@@ -584,6 +586,7 @@ class Broker:
         unique: bool = False,
         lock_until_ms: int = 0,
         route: Route | None = None,
+        retry: bool = False,
     ) -> str:
         """Append a message to its priority band, or schedule it when ``due_ms`` (epoch ms) is
         in the future; returns its key in this queue.
@@ -592,6 +595,7 @@ class Broker:
         scheduled), store nothing and return it (an idempotent ``.delay()``); with
         ``lock_until_ms`` (epoch ms), the id is refused instead while it is locked, and a
         stored message locks it until then or until :meth:`unlock`.
+        ``retry``: the message is a Celery retry (counted as ``retried`` as well).
         ``route``: the binding table this queue was chosen from; if the exchange's bindings
         changed since, nothing is stored and :class:`StaleRoute` is raised."""
         # Every publisher's hot path: the command's fixed part (script and keys) is packed once
@@ -605,7 +609,7 @@ class Broker:
         due = due_ms if due_ms > now else 0
         version = _UNROUTED if route is None else route.version
         lock = lock_until_ms if unique else 0
-        args = (message_id, payload, band, due, 1 if unique else 0, version, now, lock)
+        args = (message_id, payload, band, due, 1 if unique else 0, version, now, lock, int(retry))
         try:
             reply = self._publisher.execute(
                 self.scripts.publish, head + b"".join(_bulk(arg) for arg in args)
@@ -653,7 +657,7 @@ class Broker:
         if len(self._publish_heads) >= _KEYS_CACHE_SIZE:
             self._publish_heads.clear()
         head = self._publish_heads[head_key] = pack_head(
-            self.scripts.publish, self._publish_keys(queue, route), 8
+            self.scripts.publish, self._publish_keys(queue, route), 9
         )
         return head
 
@@ -863,7 +867,8 @@ class Broker:
         record = _record_json(reason, detail, now, extra)
         with translated_errors(f"dead-letter {lease.key!r} in {lease.queue!r}"):
             code = self.scripts.dead_letter(
-                keys=self.keys(lease.queue).all, args=[now, lease.key, lease.token, record]
+                keys=self.keys(lease.queue).all,
+                args=[now, lease.key, lease.token, record, reason_word(reason)],
             )
         return int(code) == Code.OK
 
@@ -886,7 +891,7 @@ class Broker:
         with translated_errors(f"dead-letter a copy of {message_id!r} in {queue!r}"):
             key = self.scripts.bury(
                 keys=self.keys(queue).all,
-                args=[now, message_id, payload, band, deliveries, record],
+                args=[now, message_id, payload, band, deliveries, record, reason_word(reason)],
             )
         return _text(key)
 

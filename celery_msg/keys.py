@@ -18,9 +18,11 @@ seq        STRING  counter: back-of-queue sequence numbers and fencing tokens
 signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
 reason     HASH    message key -> why it was dead-lettered (JSON)
-stats      HASH    counters: published, acked, requeued, reclaimed, promoted, dead,
-                   lease_lost, duplicates, expired (message TTL, or Celery's ``expires``
-                   header), dropped (``max_length``: the head gave way to a new message)
+stats      HASH    counters (``celery_msg.counters.Counter``): published, delivered,
+                   redelivered, acked, requeued, reclaimed, promoted, retried, dead and
+                   ``dead:<reason>``, replayed, lease_lost, duplicates, expired (message TTL,
+                   or Celery's ``expires`` header), dropped (``max_length``: the head gave way
+                   to a new message), dead_trimmed
 dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
 sched      ZSET    message key -> due time (ms): ETA / countdown / retry messages not yet due
 alias      HASH    message id -> its newest ``id/<n>`` key (for unique publishes)
@@ -32,6 +34,15 @@ uniq       ZSET    message id -> until when (ms) a unique publish of that id is 
                    by a unique publish, removed when its policy says (the task started,
                    succeeded, or failed for good) or when the message goes (purged, expired,
                    dropped, dead-lettered)
+born       HASH    message key -> when it was enqueued (ms): published, or promoted from
+                   the schedule (due); read for the age of the oldest ready message (metrics)
+=========  ======  ===================================================================
+
+One more key per queue is written by consumers, never by a script (so it is not in ``KEYS``):
+
+=========  ======  ===================================================================
+consumers  ZSET    consumer id -> until when (ms) it counts as attached: a live consumer's
+                   renewer refreshes it every round (see ``Broker.heartbeat``)
 =========  ======  ===================================================================
 
 Global keys (no hash tag; only the bindings version is read by a script): ``<prefix>queues``
@@ -69,7 +80,11 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "args",
     "ttl",
     "uniq",
+    "born",
 )
+
+#: Keys of a queue that no script takes (written by Python alone), deleted with the queue.
+SIDE_KEY_PARTS: tuple[str, ...] = ("consumers",)
 
 
 #: The Redis type of each part, as ``TYPE`` names it. Every script checks the keys it is given
@@ -93,6 +108,8 @@ KEY_TYPES: dict[str, str] = {
     "args": "hash",
     "ttl": "zset",
     "uniq": "zset",
+    "born": "hash",
+    "consumers": "zset",
 }
 
 
@@ -113,6 +130,7 @@ PUBLISH_KEY_PARTS: tuple[str, ...] = (
     "args",
     "ttl",
     "uniq",
+    "born",
 )
 
 
@@ -139,8 +157,13 @@ class QueueKeys:
         base = self.base
         return tuple(base + part for part in PUBLISH_KEY_PARTS)
 
+    @cached_property
+    def side(self) -> tuple[str, ...]:
+        """The keys no script takes (``SIDE_KEY_PARTS``): deleted with the queue."""
+        return tuple(self.base + part for part in SIDE_KEY_PARTS)
+
     def __getattr__(self, part: str) -> str:
-        if part in QUEUE_KEY_PARTS:
+        if part in QUEUE_KEY_PARTS or part in SIDE_KEY_PARTS:
             return self.base + part
         raise AttributeError(part)
 

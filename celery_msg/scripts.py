@@ -17,6 +17,7 @@ from importlib import resources
 import redis
 from redis.commands.core import Script
 
+from .counters import REASON_MAX
 from .keys import KEY_TYPES, PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS
 from .queueargs import MAX_LENGTH, MAX_MS, QueueArg
 
@@ -35,6 +36,7 @@ SCRIPT_NAMES: tuple[str, ...] = (
     "discard",
     "trim_dead",
     "unlock",
+    "oldest",
 )
 
 #: Ready-score layout (see celery_msg/lua/_queue.lua): a priority band is BAND wide, and MID
@@ -92,6 +94,7 @@ def _preamble() -> str:
         f"local ARG_MESSAGE_TTL = '{QueueArg.MESSAGE_TTL}'\n"
         f"local ARG_MAX_LENGTH = '{QueueArg.MAX_LENGTH}'\n"
         f"local ARG_MAX = {max(MAX_MS, MAX_LENGTH)}\n"
+        f"local REASON_MAX = {REASON_MAX}\n"
     )
 
 
@@ -145,3 +148,4 @@ class Scripts:
         self.discard: Script = client.register_script(source("discard"))
         self.trim_dead: Script = client.register_script(source("trim_dead"))
         self.unlock: Script = client.register_script(source("unlock"))
+        self.oldest: Script = client.register_script(source("oldest"))

@@ -42,6 +42,7 @@ from kombu.utils.json import JSONEncoder, loads
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import consumers
 from .connection import BrokerAddress, redis_params
 from .core import (
     REDIS_CONNECTION_ERRORS,
@@ -63,7 +64,7 @@ from .errors import (
     StaleRoute,
 )
 from .eventloop import EventLoopDrain
-from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms
+from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER, due_ms, is_retry
 from .holdings import Holdings
 from .keys import wake_key
 from .messages import band_of, message_id
@@ -346,6 +347,7 @@ class Channel(virtual.Channel):
             unique=unique is not None,
             lock_until_ms=0 if unique is None else self.broker.now_ms() + to_ms(unique.ttl),
             route=route,
+            retry=is_retry(message),
         )
 
     def _unique(self, queue: str, message: dict[str, Any]) -> Unique | None:
@@ -670,6 +672,8 @@ class Transport(virtual.Transport):
         self._drain_thread: int | None = None
         self._waiting_for_room = False
         self._renewer: Renewer | None = None
+        #: Queues this consumer heartbeats on (counted as attached to them).
+        self._attached: set[str] = set()
         self._turn = 0
         self._holding = False
         self._next_due_ms: int | None = None
@@ -703,6 +707,9 @@ class Transport(virtual.Transport):
         if self._renewer is not None:
             self._renewer.stop()
             self._renewer = None
+        with contextlib.suppress(BrokerConnectionError):
+            consumers.detach(self.broker, self.consumer_id, self._attached)
+        self._attached = set()
         super().close_connection(connection)
         self.broker.close()
         self.redis.close()
@@ -741,8 +748,20 @@ class Transport(virtual.Transport):
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or not self._renewer.is_alive():
+            # Counted as attached from the start, not from the renewer's first round.
+            with contextlib.suppress(BrokerConnectionError):
+                self._attach({q for c in self.channels for q in c._active_queues})
             self._renewer = Renewer(self, self.consumer_id)
             self._renewer.start()
+
+    def _attach(self, queues: set[str]) -> None:
+        """Heartbeat on the consumed ``queues`` (see :mod:`celery_msg.consumers`); leave the
+        ones no longer consumed."""
+        left = self._attached - queues
+        if left:
+            consumers.detach(self.broker, self.consumer_id, left)
+        consumers.heartbeat(self.broker, self.consumer_id, queues, self.options.lease_ms)
+        self._attached = set(queues)
 
     def renew(self) -> None:
         """One renewal round: flush buffered acks, renew leases, refresh bindings."""
@@ -763,6 +782,7 @@ class Transport(virtual.Transport):
         self.broker.touch(expiring)
         self.broker.expire_queues()
         queues = {queue for channel in channels for queue in channel._active_queues}
+        self._attach(queues)
         if queues and time.monotonic() >= self._next_trim:
             # Retention is counted in days: once a minute is plenty.
             self._next_trim = time.monotonic() + TRIM_INTERVAL

@@ -379,8 +379,10 @@ def test_counts_and_stats_follow_every_transition(broker: Broker):
     assert broker.size("q") == 2
     assert broker.stats("q") == {
         "published": 4,
+        "delivered": 3,
         "acked": 1,
         "dead": 1,
+        "dead:rejected": 1,
         "requeued": 1,
         "lease_lost": 1,
     }
@@ -395,7 +397,12 @@ def test_lost_extends_and_requeues_are_counted_as_lease_lost(broker: Broker):
     assert broker.extend([la, stale_b]) == [stale_b]
     assert broker.requeue([stale_a, lb]) == [stale_a]
 
-    assert broker.stats("q") == {"published": 2, "requeued": 1, "lease_lost": 2}
+    assert broker.stats("q") == {
+        "published": 2,
+        "delivered": 2,
+        "requeued": 1,
+        "lease_lost": 2,
+    }
 
 
 def test_acking_and_purging_leave_no_order_or_dups_entries(
@@ -624,7 +631,7 @@ def test_a_scheduled_message_is_not_reserved_before_its_due_time(broker: Broker,
         None,
         DUE + LEASE_MS / 1000,
     )
-    assert broker.stats("q") == {"published": 1, "promoted": 1}
+    assert broker.stats("q") == {"published": 1, "promoted": 1, "delivered": 1}
 
 
 def test_promote_moves_due_messages_to_ready_once_and_respects_its_limit(
@@ -687,7 +694,7 @@ def test_a_unique_publish_of_a_pending_id_stores_nothing(broker: Broker, clock: 
         (State.SCHEDULED, DUE, b"S")
     ]
     assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 1, "dead": 0}
-    assert broker.stats("q") == {"published": 2, "duplicates": 3}
+    assert broker.stats("q") == {"published": 2, "duplicates": 3, "delivered": 1}
 
     # Once acked, the id is free: a unique publish stores it again.
     assert broker.ack([lease]) == []
@@ -754,7 +761,7 @@ def test_counts_follow_a_scheduled_message_through_its_life(broker: Broker, cloc
     assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 0, "dead": 0}
     assert broker.ack([lease]) == []
     assert broker.counts("q") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
-    assert broker.stats("q") == {"published": 1, "promoted": 1, "acked": 1}
+    assert broker.stats("q") == {"published": 1, "promoted": 1, "delivered": 1, "acked": 1}
 
 
 # -- pipelined script calls ------------------------------------------------------------------

@@ -230,10 +230,12 @@ class Lab:
         unique: bool = False,
         now: int = NOW,
         lock_until: int = 0,
+        retry: bool = False,
     ) -> tuple[str, int]:
         """publish.lua's whole reply: (message key, 1 if stored else 0). Not routed through an
         exchange: no bindings version (ARGV[6] empty)."""
         args = [message_id, payload, band, due, 1 if unique else 0, "", now, lock_until]
+        args.append(1 if retry else 0)
         key, created = self.scripts.publish(keys=self.keys.publish, args=args)
         return str(_text(key)), int(created)
 
@@ -288,14 +290,37 @@ class Lab:
         args = [1 if uncount else 0, *_flat(pairs)]
         return [int(c) for c in self.scripts.requeue(keys=self.keys.all, args=args)]
 
-    def dead_letter(self, key: str, token: int, reason: str, *, now: int = NOW) -> int:
-        return int(self.scripts.dead_letter(keys=self.keys.all, args=[now, key, token, reason]))
+    def dead_letter(
+        self, key: str, token: int, reason: str, *, now: int = NOW, word: str = "failed"
+    ) -> int:
+        """``reason`` is the record (JSON), ``word`` the reason counted (``dead:<word>``)."""
+        args = [now, key, token, reason, word]
+        return int(self.scripts.dead_letter(keys=self.keys.all, args=args))
+
+    def bury(
+        self,
+        message_id: str,
+        payload: str = "P",
+        *,
+        band: int = 0,
+        deliveries: int = 1,
+        reason: str = '{"reason": "failed"}',
+        word: str = "failed",
+        now: int = NOW,
+    ) -> str:
+        args = [now, message_id, payload, band, deliveries, reason, word]
+        return str(_text(self.scripts.bury(keys=self.keys.all, args=args)))
 
     def reclaim(self, *, now: int = NOW, limit: int = 100) -> int:
         return int(self.scripts.reclaim(keys=self.keys.all, args=[now, limit]))
 
     def purge(self, limit: int) -> int:
         return int(self.scripts.purge(keys=self.keys.all, args=[limit]))
+
+    def oldest(self, *, now: int = NOW) -> int:
+        """oldest.lua: the enqueue time (ms) of the oldest ready (or due) message, 0 for none."""
+        keys = [self.keys.ready, self.keys.born, self.keys.sched]
+        return int(self.scripts.oldest(keys=keys, args=[now]))
 
 
 def _flat(pairs: Sequence[tuple[str, int]]) -> list[Any]:
