@@ -207,7 +207,7 @@ def _overview_context(dashboard: Dashboard) -> dict[str, Any]:
     empty = (sparkline([]),) * 2
     return {
         "overview": data,
-        "charts": {row.name: charts.get(row.name, empty) for row in data.queues},
+        "charts": {q.queue: charts.get(q.queue, empty) for q in data.queues},
         "interval": sampler.interval if sampler else None,
         "now": time.time(),
     }

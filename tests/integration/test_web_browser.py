@@ -9,6 +9,7 @@ README.md shows (docs/dashboard-*.png).
 from __future__ import annotations
 
 import base64
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -88,7 +89,12 @@ def test_the_overview_shows_every_queue_and_refreshes_itself(
     celery = _row(page, DEFAULT_QUEUE)
     expect(celery.locator("td.dead")).to_have_text("1")
     expect(celery.locator("td.ready")).to_have_text("0")
-    expect(_row(page, SECOND_QUEUE).locator("td.ready")).to_have_text("3")
+    second = _row(page, SECOND_QUEUE)
+    expect(second.locator("td.ready")).to_have_text("3")
+    expect(second.locator("td.oldest")).to_have_text(re.compile(r"^\d+s$"))
+    expect(second.locator("td.consumers")).to_have_text("0")
+    expect(celery.locator("td.consumers")).to_have_text("1")  # the worker
+    expect(celery.locator("td.oldest")).to_have_text("-")  # nothing waits
     # The worker's remote-control mailbox is listed apart, as plumbing.
     expect(page.locator("#queue-rows tr.kind-pidbox").first).to_be_visible()
 

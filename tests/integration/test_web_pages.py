@@ -197,7 +197,8 @@ def test_records_written_badly_are_skipped_and_reported_never_a_500(
 
     assert {url: p.status_code for url, p in pages.items() if p.status_code >= 500} == {}
     overview = pages["/"].text
-    assert "unreadable queue entries skipped" in overview
+    assert "2 unreadable queue entries" in overview
+    assert re.search(r'data-queue="second">.*?unreadable: WRONGTYPE', overview, re.S)
     dead = pages["/dead"].text
     assert set(good) <= set(_ids(dead)) and "not-json" in _ids(dead)
     assert "unreadable records skipped" in dead
