@@ -24,6 +24,7 @@ import redis
 from starlette.testclient import TestClient
 
 from celery_msg.core import Broker, ScriptCall, failure_record
+from celery_msg.counters import reason_word
 from celery_msg.servers import ServerProcess
 from celery_msg.web import Dashboard, create_app
 from celery_msg.web.app import sampler_for
@@ -48,7 +49,8 @@ def populate(broker: Broker, queues: int, dead: int) -> None:
         message_id = f"dead-{n:06d}"
         payload = json.dumps({"headers": {"id": message_id, "task": f"reports.r{n % 10}"}})
         record = json.dumps(failure_record("failed", "ValueError: x", now, task="reports.r"))
-        batch.append((broker.scripts.bury, keys, [now, message_id, payload, 0, 1, record]))
+        args = [now, message_id, payload, 0, 1, record, reason_word("failed")]
+        batch.append((broker.scripts.bury, keys, args))
         if len(batch) >= 1000:
             broker.run_scripts(batch)
             batch.clear()
