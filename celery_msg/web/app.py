@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import click
 import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -247,8 +248,8 @@ def _filter(params: Any) -> tuple[DeadFilter, list[str]]:
         if values[name]:
             try:
                 ages[name] = parse_duration(values[name])
-            except Exception as exc:  # click.BadParameter: shown on the page
-                errors.append(f"{name.replace('_', ' ')}: {getattr(exc, 'message', exc)}")
+            except click.BadParameter as exc:  # shown on the page, the filter left out
+                errors.append(f"{name.replace('_', ' ')}: {exc.message}")
     where = DeadFilter(
         queue=values["queue"] or None,
         task=values["task"] or None,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import redis
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
 from celery_helpers import Stack, stack_factory
 from starlette.testclient import TestClient
@@ -208,3 +209,32 @@ def test_records_written_badly_are_skipped_and_reported_never_a_500(
     assert "unreadable-record" in pages[f"/dead/record?queue={DEFAULT_QUEUE}&key=not-json"].text
     assert pages[f"/dead/record?queue={DEFAULT_QUEUE}&key=bad-count"].status_code == 404
     assert "unreadable entr" in pages["/message?id=bad-count"].text
+
+
+def test_a_broker_that_does_not_answer_gives_a_503_page_and_the_pages_come_back(
+    fresh_server: Server, prefix: str
+):
+    client = redis.Redis.from_url(fresh_server.url, socket_timeout=2, socket_connect_timeout=2)
+    broker = Broker(client, prefix=prefix)
+    broker.declare(DEFAULT_QUEUE)
+    with TestClient(create_app(Dashboard(broker))) as web:
+        assert web.get("/").status_code == 200
+        fresh_server.process.kill()
+
+        down = {url: web.get(url) for url in ["/", "/dead", f"/queues/{DEFAULT_QUEUE}"]}
+
+        assert {url: r.status_code for url, r in down.items()} == dict.fromkeys(down, 503)
+        assert all("The broker did not answer" in r.text for r in down.values())
+        fresh_server.process.restart()
+        assert web.get("/").status_code == 200
+    client.close()
+
+
+def test_a_bad_age_filter_is_reported_on_the_page_and_left_out(stack: Stack, client: TestClient):
+    ids = _fill_dead(stack, DEFAULT_QUEUE, 2)
+
+    page = client.get("/dead?older_than=soon")
+
+    assert page.status_code == 200
+    assert "older than: &#39;soon&#39; is not a duration like 90s" in page.text
+    assert _ids(page.text) == ids
