@@ -68,6 +68,8 @@ class Settings:
     #: Redis memory per waiting message: how many, and their size as kombu stores them (B).
     memory_n: int = 100_000
     memory_size: int = 939
+    #: Prometheus scrape: how many queues, each filled with a few messages in every state.
+    scrape_queues: tuple[int, ...] = (10, 100, 1_000)
     quick: bool = False
 
     def quicken(self) -> Settings:

@@ -230,6 +230,28 @@ def memory_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def scrape_table(results: dict[str, dict[str, Any]]) -> str:
+    """The Prometheus scrape group: one row per queue count."""
+    lines = [
+        "| Prometheus scrape | median | runs | Redis round trips | series | exposition |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for metric in sorted((m for m in results if m.startswith("scrape_")), key=_queue_count):
+        entry = results[metric].get(OURS)
+        if not entry:
+            continue
+        runs = ", ".join(f"{t:.1f}" for t in entry["runs"])
+        lines.append(
+            f"| {entry['queues']:,} queues | {entry['median']:.1f} ms | {runs} "
+            f"| {entry['round_trips']} | {entry['series']:,} | {entry['bytes'] / 1000:,.0f} kB |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _queue_count(metric: str) -> int:
+    return int(metric.removeprefix("scrape_").removesuffix("q"))
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -308,6 +330,8 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             cpu_table(results),
             "",
             memory_table(results),
+            "",
+            scrape_table(results),
             "",
             *(f"- {note}" for note in meta.get("notes", [])),
             "",

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from . import celery_e2e, chaos, eta, idle, latency, long_task, raw, recovery
+from . import celery_e2e, chaos, eta, idle, latency, long_task, raw, recovery, scrape
 from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, median, summarize
 
 Results = dict[str, dict[str, Any]]
@@ -252,6 +252,32 @@ def run_memory(bench: Bench) -> Results:
     return results
 
 
+def run_scrape(bench: Bench) -> Results:
+    """A Prometheus scrape of 10, 100 and 1,000 queues (celery-msg only: kombu has no exporter
+    of its own; celery-exporter reads only the length of kombu's lists)."""
+    results: Results = {}
+    for queue_count in bench.settings.scrape_queues:
+        runs = [scrape.run(bench, queue_count) for _ in range(bench.settings.runs)]
+        times = [r["scrape_ms"] for r in runs]
+        last = runs[-1]
+        results[f"scrape_{queue_count}q"] = {
+            OURS: summarize(
+                times,
+                "ms",
+                queues=queue_count,
+                round_trips=max(r["round_trips"] for r in runs),
+                bytes=last["bytes"],
+                series=last["series"],
+            )
+        }
+        log(
+            f"scrape {queue_count:>5} queues: {median(times):.1f} ms (runs "
+            f"{', '.join(f'{t:.1f}' for t in times)}), {last['round_trips']} round trips, "
+            f"{last['series']:,} series, {last['bytes'] / 1000:,.0f} kB"
+        )
+    return results
+
+
 def _recover(
     bench: Bench, transport: str, runs: int, cap: float, options: dict[str, Any], note: str = ""
 ) -> dict[str, Any]:
@@ -297,4 +323,5 @@ GROUPS: dict[str, Callable[[Bench], Results]] = {
     "eta": run_eta,
     "chaos": run_chaos,
     "memory": run_memory,
+    "scrape": run_scrape,
 }

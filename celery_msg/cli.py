@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .api import broker_for
+from .cli_metrics import metrics
 from .cli_migrate import migrate
 from .core import UNREADABLE_RECORD, MessageInfo, State
 from .deadletters import DeadFilter, DeadLetters, DeadMessage, decode_body, decode_message
@@ -485,3 +486,4 @@ def _result_state(app: Any, task_id: str) -> str | None:
 
 
 msg.add_command(migrate)
+msg.add_command(metrics)

@@ -59,6 +59,7 @@ from .ephemeral import EphemeralBindings
 from .errors import (
     AuthenticationFailed,
     BrokerConnectionError,
+    CeleryMsgError,
     ConfigurationError,
     ScriptError,
     StaleRoute,
@@ -707,7 +708,7 @@ class Transport(virtual.Transport):
         if self._renewer is not None:
             self._renewer.stop()
             self._renewer = None
-        with contextlib.suppress(BrokerConnectionError):
+        with contextlib.suppress(CeleryMsgError):  # its heartbeats run out on their own
             consumers.detach(self.broker, self.consumer_id, self._attached)
         self._attached = set()
         super().close_connection(connection)
@@ -748,9 +749,12 @@ class Transport(virtual.Transport):
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or not self._renewer.is_alive():
-            # Counted as attached from the start, not from the renewer's first round.
-            with contextlib.suppress(BrokerConnectionError):
+            # Counted as attached from the start, not from the renewer's first round; only
+            # metrics read it, so a failure here never stops consuming (the renewer retries).
+            try:
                 self._attach({q for c in self.channels for q in c._active_queues})
+            except CeleryMsgError as exc:
+                logger.warning("could not mark this consumer attached to its queues: %s", exc)
             self._renewer = Renewer(self, self.consumer_id)
             self._renewer.start()
 
@@ -782,11 +786,11 @@ class Transport(virtual.Transport):
         self.broker.touch(expiring)
         self.broker.expire_queues()
         queues = {queue for channel in channels for queue in channel._active_queues}
-        self._attach(queues)
         if queues and time.monotonic() >= self._next_trim:
             # Retention is counted in days: once a minute is plenty.
             self._next_trim = time.monotonic() + TRIM_INTERVAL
             self.dead_letters.trim({queue: self._retention(queue) for queue in queues})
+        self._attach(queues)  # last: only metrics depend on it
 
     def renew_interval(self) -> float:
         """Seconds between renewal rounds: a third of the shortest of the lease, the binding

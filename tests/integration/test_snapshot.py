@@ -6,11 +6,10 @@ The broker's clock is pinned (``clock.t``, seconds), so ages and heartbeats are 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import redis
 
+from bench.scrape import CountingConnection, counting_client
 from celery_msg import consumers
 from celery_msg.core import Broker, Lease
 from celery_msg.counters import Counter
@@ -26,17 +25,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-class CountingConnection(redis.Connection):
-    """A real connection that counts what it sends: one ``send_packed_command`` per round trip
-    (a pipeline packs all its commands into one)."""
-
-    sent = 0
-
-    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).sent += 1
-        super().send_packed_command(command, check_health)
 
 
 @pytest.fixture
@@ -199,16 +187,7 @@ def test_a_thousand_queues_cost_a_bounded_number_of_round_trips_and_no_scan(
     redis_client: redis.Redis, prefix: str, chunk: int, trips: int
 ):
     # registry: 1 round trip; then one per chunk of queues (300 queues)
-    counting = redis.Redis(
-        connection_pool=redis.ConnectionPool(
-            connection_class=CountingConnection,
-            **{
-                k: v
-                for k, v in redis_client.connection_pool.connection_kwargs.items()
-                if k in ("host", "port", "db", "password", "username")
-            },
-        )
-    )
+    counting = counting_client(redis_client.connection_pool.connection_kwargs["port"])
     broker = Broker(counting, prefix=prefix)
     pipe = redis_client.pipeline(transaction=False)
     for i in range(300):

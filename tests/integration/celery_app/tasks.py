@@ -188,17 +188,22 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
 
     # Tasks for policies: no ack attributes of their own, so the policy's ack mode decides.
 
-    @app.task(name="attempt", shared=False, bind=True)
-    def attempt(self: Task, fail_times: int, label: str = "") -> int:
-        """Fails (Transient) on its first ``fail_times`` runs, then returns its run number."""
-        run = runs_so_far(settings, self.request.id) + 1
-        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+    def fail_first_runs(task: Task, fail_times: int, label: str, recorded: str) -> int:
+        """Fails (Transient) on the first ``fail_times`` runs of ``task``, then returns its run
+        number; every run records ``recorded`` as its label."""
+        run = runs_so_far(settings, task.request.id) + 1
+        where = {"task": task.request.id, "label": recorded, "worker": task.request.hostname}
         record(settings, "start", token=str(run), **where)
         if run <= fail_times:
             record(settings, "fail", token=str(run), **where)
             raise Transient(f"run {run} of {label}")
         record(settings, "finish", token=str(run), **where)
         return run
+
+    @app.task(name="attempt", shared=False, bind=True)
+    def attempt(self: Task, fail_times: int, label: str = "") -> int:
+        """Fails (Transient) on its first ``fail_times`` runs, then returns its run number."""
+        return fail_first_runs(self, fail_times, label, label)
 
     @app.task(name="always_fail", shared=False, bind=True)
     def always_fail(self: Task, label: str = "") -> None:
@@ -243,6 +248,13 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
     def kill_always(self: Task) -> None:
         record(settings, "start", task=self.request.id, worker=self.request.hostname)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    @app.task(name="traced", shared=False, bind=True)
+    def traced(self: Task, fail_times: int, label: str = "") -> int:
+        """As ``attempt``, recording the W3C ``traceparent`` header the run sees as its label
+        (read as OpenTelemetry's Celery instrumentation reads it: an attribute of the request)."""
+        seen = str(getattr(self.request, "traceparent", None))
+        return fail_first_runs(self, fail_times, label, seen)
 
     @app.task(name="record_eta", shared=False, bind=True)
     def record_eta(self: Task, label: str = "") -> str:
