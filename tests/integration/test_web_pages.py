@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,10 +17,12 @@ import redis
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
 from celery_helpers import Stack, stack_factory
 from starlette.testclient import TestClient
+from test_transport_security import _denied, readme_acl
 
 from celery_msg.core import Broker
 from celery_msg.keys import queues_key
 from celery_msg.web import Dashboard, create_app, reads
+from celery_msg.web.app import sampler_for
 from celery_msg.web.security import CSRF_COOKIE, CSRF_FIELD
 
 if TYPE_CHECKING:
@@ -238,3 +240,42 @@ def test_a_bad_age_filter_is_reported_on_the_page_and_left_out(stack: Stack, cli
     assert page.status_code == 200
     assert "older than: &#39;soon&#39; is not a duration like 90s" in page.text
     assert _ids(page.text) == ids
+
+
+def test_every_page_and_action_works_as_the_readme_acl_user(
+    server_factory: Callable[..., Server], prefix: str
+):
+    acl = server_factory(config=[readme_acl(prefix, "app-pw")])
+    client = redis.Redis(port=acl.process.port, username="celery", password="app-pw")
+    broker = Broker(client, prefix=prefix)
+    broker.declare(DEFAULT_QUEUE)
+    broker.publish(DEFAULT_QUEUE, "r1", "{}", 0)
+    broker.publish(DEFAULT_QUEUE, "s1", "{}", 0, due_ms=broker.now_ms() + 60_000)
+    [lease] = broker.reserve([DEFAULT_QUEUE], 1, "c1")
+    broker.bury(DEFAULT_QUEUE, "d1", b"{}", band=0, deliveries=1, reason="failed", detail="x")
+    broker.bury(DEFAULT_QUEUE, "d2", b"{}", band=0, deliveries=1, reason="poison", detail="x")
+    dashboard = Dashboard(broker, sampler=sampler_for(broker, interval=60))
+    with TestClient(create_app(dashboard)) as web:
+        urls = ["/", "/overview/rows", "/dead", "/dead?task=x*", "/message?id=r1"] + [
+            f"/queues/{DEFAULT_QUEUE}?state={s}" for s in ("READY", "RESERVED", "SCHEDULED", "DEAD")
+        ]
+        assert {u: web.get(u).status_code for u in urls} == dict.fromkeys(urls, 200)
+        assert web.get(f"/dead/record?queue={DEFAULT_QUEUE}&key=d1").status_code == 200
+        token = _csrf(web)
+        for op, reason in (("replay", "failed"), ("purge", "poison")):
+            done = web.post(
+                "/dead/action",
+                data={
+                    "op": f"{op} matching",
+                    "reason": reason,
+                    "confirm": "yes",
+                    CSRF_FIELD: token,
+                },
+            )
+            past = "Replayed" if op == "replay" else "Purged"
+            assert f"{past} 1 of 1 dead message" in done.text
+    assert broker.counts(DEFAULT_QUEUE) == {"ready": 1, "reserved": 1, "scheduled": 1, "dead": 0}
+    assert lease.key == "r1"
+    with acl.process.client() as admin:
+        assert _denied(admin, "celery") == []
+    client.close()
