@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	@# browser here); install it when missing. Without apt the tests fail saying so, never skip.
 	@if [ ! -x /usr/bin/chromium ]; then \
 		if command -v apt-get >/dev/null 2>&1; then \
-			apt-get install -y chromium >/dev/null 2>&1 || \
-			{ apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null; } || \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null 2>&1 || \
+			{ apt-get update >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null; } || \
 			echo "warning: could not apt-get install chromium: the browser tests will fail"; \
 		else \
 			echo "warning: no apt-get to install chromium (/usr/bin/chromium): the browser tests will fail"; \
