@@ -44,10 +44,15 @@ def page(browser: Any) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1400, "height": 420})
     tab = context.new_page()
     dialogs: list[str] = []
+    errors: list[str] = []
     tab.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    # A script error or a Content-Security-Policy violation shows as a console error.
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    tab.on("pageerror", lambda e: errors.append(str(e)))
     yield tab
     context.close()
     assert dialogs == [], f"the page opened dialogs: {dialogs}"
+    assert errors == [], f"the page logged errors: {errors}"
 
 
 @pytest.fixture
