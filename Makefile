@@ -11,6 +11,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
+	@# The dashboard's browser tests drive Debian's chromium (Playwright cannot download its own
+	@# browser here); install it when missing. Without apt the tests fail saying so, never skip.
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null 2>&1 || \
+			{ apt-get update >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null; } || \
+			echo "warning: could not apt-get install chromium: the browser tests will fail"; \
+		else \
+			echo "warning: no apt-get to install chromium (/usr/bin/chromium): the browser tests will fail"; \
+		fi; \
+	fi
 	touch $@
 
 demo: $(VENV)/.installed

@@ -42,6 +42,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--eta-n", type=int, help="countdown tasks per eta memory run (100000)")
     parser.add_argument("--chaos-n", type=int, help="tasks per chaos run (default 20000)")
     parser.add_argument("--memory-n", type=int, help="waiting messages for memory (100000)")
+    parser.add_argument("--bulk-group-n", type=int, help="tasks in the bulk group (10000)")
+    parser.add_argument("--bulk-delay-n", type=int, help=".delay() calls per bulk run (100000)")
     parser.add_argument("--output", help="result file name in bench/results (default: latest)")
     args = parser.parse_args(argv)
     groups = args.only.split(",") if args.only else list(GROUPS)
@@ -69,6 +71,10 @@ def settings(args: argparse.Namespace) -> Settings:
         changes["chaos_n"] = args.chaos_n
     if args.memory_n is not None:
         changes["memory_n"] = args.memory_n
+    if args.bulk_group_n is not None:
+        changes["bulk_group_n"] = args.bulk_group_n
+    if args.bulk_delay_n is not None:
+        changes["bulk_delay_n"] = args.bulk_delay_n
     return replace(s, **changes)
 
 

@@ -68,6 +68,11 @@ class Settings:
     #: Redis memory per waiting message: how many, and their size as kombu stores them (B).
     memory_n: int = 100_000
     memory_size: int = 939
+    #: Bulk publishing: tasks in the timed group, and ``.delay()`` calls timed in a loop.
+    bulk_group_n: int = 10_000
+    bulk_delay_n: int = 100_000
+    #: Prometheus scrape: how many queues, each filled with a few messages in every state.
+    scrape_queues: tuple[int, ...] = (10, 100, 1_000)
     quick: bool = False
 
     def quicken(self) -> Settings:
@@ -83,6 +88,8 @@ class Settings:
             chaos_n=3_000,
             chaos_single_n=1_000,
             memory_n=10_000,
+            bulk_group_n=2_000,
+            bulk_delay_n=5_000,
             quick=True,
         )
 

@@ -2,6 +2,8 @@
 
     python -m bench.profiling publish            # celery-msg, 1 queue, N=20000
     python -m bench.profiling consume --queues 4 --transport redis
+    python -m bench.profiling delay --n 10000    # Celery .delay() one by one (delay-bulk: in a
+                                                 # bulk block; group, group-bulk: a group)
 
 Prints the top functions by own time and by cumulative time, and the server's CPU per message
 (a Lua-heavy transport shows up there, not in the Python profile).
@@ -17,15 +19,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
-from celery_msg.testing import ServerProcess
+from celery_msg import canvas
+from celery_msg.testing import ServerKind, ServerProcess
 
-from . import raw
+from . import bulk, raw
 from .common import OURS, TRANSPORTS, Bench, Settings
+from .tasks import make_app
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profiling", description=__doc__)
-    parser.add_argument("phase", choices=("publish", "consume"))
+    parser.add_argument("phase", choices=("publish", "consume", *CELERY_PHASES))
     parser.add_argument("--transport", choices=TRANSPORTS, default=OURS)
     parser.add_argument("--queues", type=int, default=1)
     parser.add_argument("--n", type=int, default=20_000)
@@ -47,6 +51,8 @@ def main(argv: list[str]) -> int:
         finally:
             profiler.disable()
 
+    if args.phase in CELERY_PHASES:
+        return _celery(args.phase, args.transport, args.n, args.server, args.top, profiler)
     with ServerProcess(args.server) as server:
         bench = Bench(server, replace(Settings(), raw_n=args.n))
         out = raw.run(bench, args.transport, args.queues, hook)
@@ -62,6 +68,42 @@ def main(argv: list[str]) -> int:
     stats = pstats.Stats(profiler, stream=sys.stdout).strip_dirs()
     stats.sort_stats("tottime").print_stats(args.top)
     stats.sort_stats("cumulative").print_stats(args.top)
+    return 0
+
+
+#: Celery publishing phases: .delay() one by one / in a bulk block; a group as it is / in bulk.
+CELERY_PHASES = {
+    "delay": (bulk._delays, False),
+    "delay-bulk": (bulk._delays_in_block, True),
+    "group": (bulk._group, False),
+    "group-bulk": (bulk._group, True),
+}
+
+
+def _celery(
+    phase: str, transport: str, n: int, kind: ServerKind, top: int, profiler: cProfile.Profile
+) -> int:
+    """Profile Celery publishing ``n`` tasks; prints the share of time in celery-msg's own
+    code (the rest is Celery, kombu, redis-py and waiting for Redis)."""
+    body, bulk_groups = CELERY_PHASES[phase]
+    with ServerProcess(kind) as server:
+        app = make_app(f"{transport}://127.0.0.1:{server.port}/0")
+        if transport == OURS and not bulk_groups:
+            canvas.uninstall(app)
+        task = app.tasks["bench.noop"]
+        task.delay(0)
+        profiler.enable()
+        body(app, task, n)
+        profiler.disable()
+        app.close()
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    ours = sum(v[2] for k, v in stats.stats.items() if "/celery_msg/" in k[0])  # type: ignore[attr-defined]
+    total = stats.total_tt  # type: ignore[attr-defined]
+    print(
+        f"{transport} {phase}, N={n}: {1e6 * total / n:.0f} us per task under the profiler, "
+        f"{1e6 * ours / n:.0f} us ({100 * ours / total:.0f} %) of it in celery_msg's own code"
+    )
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
     return 0
 
 

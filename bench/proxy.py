@@ -66,6 +66,8 @@ class TcpProxy:
         self._stop = threading.Event()
         self._open = threading.Event()
         self._open.set()
+        self._replies = threading.Event()  # cleared: server -> client bytes wait
+        self._replies.set()
         self._links: list[_Link] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -85,8 +87,14 @@ class TcpProxy:
         """Stop accepting and forwarding (both ways); open connections stay open."""
         self._open.clear()
 
+    def hold_replies(self) -> None:
+        """Forward commands but hold the server's replies: the server runs what clients send
+        and they never hear back (as when a link dies after the request got through)."""
+        self._replies.clear()
+
     def heal(self) -> None:
         """Resume accepting and forwarding, starting with the bytes that waited meanwhile."""
+        self._replies.set()
         self._open.set()
 
     def upstream_addresses(self) -> list[str]:
@@ -105,6 +113,7 @@ class TcpProxy:
         """Stop every loop, close every socket, and wait (briefly) for the threads."""
         self._stop.set()
         self._open.set()  # wake the pumps so they see the stop flag
+        self._replies.set()
         with contextlib.suppress(OSError):
             self._listener.close()
         self.drop_all()
@@ -162,16 +171,18 @@ class TcpProxy:
             with self._lock:
                 self._links = [each for each in self._links if not each.closed]
                 self._links.append(link)
-            self._spawn(self._pump, "up", link, downstream, upstream)
-            self._spawn(self._pump, "down", link, upstream, downstream)
+            self._spawn(self._pump, "up", link, downstream, upstream, self._open)
+            self._spawn(self._pump, "down", link, upstream, downstream, self._replies)
 
-    def _pump(self, link: _Link, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(
+        self, link: _Link, source: socket.socket, sink: socket.socket, gate: threading.Event
+    ) -> None:
         try:
             while not self._stop.is_set() and not link.closed:
-                if not self._open.wait(TICK):
-                    continue  # partitioned: read nothing, so nothing moves
+                if not self._open.wait(TICK) or not gate.wait(TICK):
+                    continue  # partitioned (or replies held): read nothing, so nothing moves
                 readable, _, _ = select.select([source], [], [], TICK)
-                if not readable or not self._open.is_set():
+                if not readable or not self._open.is_set() or not gate.is_set():
                     continue
                 data = source.recv(65536)
                 if not data:

@@ -55,6 +55,10 @@ def _count(v: float) -> str:
     return f"{v:.0f}"
 
 
+def _us(v: float) -> str:
+    return f"{v:,.0f} µs"
+
+
 def _per(v: float) -> str:
     return f"{v:.2f}"
 
@@ -82,6 +86,27 @@ ROWS = (
     Row("raw_consume_4q", "raw consume+ack, 4 queues", _rate, ">= 3x", _ratio_at_least(3)),
     Row("celery_publish", "Celery publish (`delay`)", _rate),
     Row("e2e_solo", "Celery e2e, -P solo", _rate, ">= 1.1x", _ratio_at_least(1.1)),
+    Row(
+        "enqueue_group_bulk",
+        "enqueue a group: ours bulk vs kombu as is",
+        _rate,
+        ">= 3x",
+        _ratio_at_least(3),
+    ),
+    Row("enqueue_group", "enqueue a group, one by one", _rate),
+    Row("enqueue_group_batch", "enqueue a group, both in Producer.batch()", _rate),
+    Row(
+        "enqueue_delay_bulk",
+        ".delay(): ours in a bulk block vs kombu as is",
+        _rate,
+        ">= 3x",
+        _ratio_at_least(3),
+    ),
+    Row("enqueue_delay", ".delay(), one by one", _rate),
+    Row("enqueue_group_bulk_cpu_us", "client CPU per task: group, ours bulk vs kombu", _us),
+    Row("enqueue_delay_bulk_cpu_us", "client CPU per task: .delay(), ours bulk vs kombu", _us),
+    Row("bulk_window_ms", "bulk block: longest a task waited in the process", _ms),
+    Row("enqueue_delay_batch", "apply_async(producer=p), both in Producer.batch()", _rate),
     Row("e2e_prefork", "Celery e2e, -P prefork -c 2", _rate, ">= 1.1x", _ratio_at_least(1.1)),
     Row("idle_worker", "idle worker CPU (prefork -c 2)", _pct, "< 1 %", lambda o, k, r: o < 1),
     Row("idle_server", "server CPU caused by idle worker", _pct),
@@ -230,6 +255,28 @@ def memory_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def scrape_table(results: dict[str, dict[str, Any]]) -> str:
+    """The Prometheus scrape group: one row per queue count."""
+    lines = [
+        "| Prometheus scrape | median | runs | Redis round trips | series | exposition |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for metric in sorted((m for m in results if m.startswith("scrape_")), key=_queue_count):
+        entry = results[metric].get(OURS)
+        if not entry:
+            continue
+        runs = ", ".join(f"{t:.1f}" for t in entry["runs"])
+        lines.append(
+            f"| {entry['queues']:,} queues | {entry['median']:.1f} ms | {runs} "
+            f"| {entry['round_trips']} | {entry['series']:,} | {entry['bytes'] / 1000:,.0f} kB |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _queue_count(metric: str) -> int:
+    return int(metric.removeprefix("scrape_").removesuffix("q"))
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -308,6 +355,8 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             cpu_table(results),
             "",
             memory_table(results),
+            "",
+            scrape_table(results),
             "",
             *(f"- {note}" for note in meta.get("notes", [])),
             "",

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from . import celery_e2e, chaos, eta, idle, latency, long_task, raw, recovery
+from . import bulk, celery_e2e, chaos, eta, idle, latency, long_task, raw, recovery, scrape
 from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, median, summarize
 
 Results = dict[str, dict[str, Any]]
@@ -67,6 +67,46 @@ def run_e2e(bench: Bench) -> Results:
                     f"(startup {out['startup_s']:.1f} s)"
                 )
     return _summaries(values, "tasks/s")
+
+
+def run_bulk(bench: Bench) -> Results:
+    """Enqueue rates (bench/bulk.py): each shape's figures back to back. Our bulk figures are
+    held against kombu's plain ones (what a Celery app on kombu's redis transport gets); the
+    log shows each run's ratios, the report the ratio of the medians."""
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in range(1, bench.settings.runs + 1):
+        out = bulk.run(bench, run)
+        window = out.pop("window_ms")[OURS][0]
+        values["bulk_window_ms"][OURS].append(window)
+        for figure, by_transport in out.items():
+            for transport, (rate, cpu) in by_transport.items():
+                values[f"enqueue_{figure}"][transport].append(rate)
+                values[f"enqueue_{figure}_cpu_us"][transport].append(cpu)
+        for shape in ("group", "delay"):
+            kombu_rate, kombu_cpu = out[shape][KOMBU]
+            values[f"enqueue_{shape}_bulk"][KOMBU].append(kombu_rate)
+            values[f"enqueue_{shape}_bulk_cpu_us"][KOMBU].append(kombu_cpu)
+        log(
+            f"bulk run {run}: "
+            + "; ".join(
+                f"{figure} "
+                + ", ".join(f"{LABELS[t]} {r:,.0f}/s {c:.0f} us" for t, (r, c) in by.items())
+                for figure, by in out.items()
+            )
+            + "; ratios bulk/kombu: "
+            + ", ".join(
+                f"{shape} {out[shape + '_bulk'][OURS][0] / out[shape][KOMBU][0]:.2f}x"
+                for shape in ("group", "delay")
+            )
+            + f"; window {window:.0f} ms"
+        )
+    results: Results = {}
+    for metric, runs_by in values.items():
+        unit = (
+            "ms" if metric.endswith("_ms") else "us/task" if metric.endswith("_us") else "tasks/s"
+        )
+        results[metric] = {t: summarize(runs, unit) for t, runs in runs_by.items()}
+    return results
 
 
 def run_idle(bench: Bench) -> Results:
@@ -252,6 +292,32 @@ def run_memory(bench: Bench) -> Results:
     return results
 
 
+def run_scrape(bench: Bench) -> Results:
+    """A Prometheus scrape of 10, 100 and 1,000 queues (celery-msg only: kombu has no exporter
+    of its own; celery-exporter reads only the length of kombu's lists)."""
+    results: Results = {}
+    for queue_count in bench.settings.scrape_queues:
+        runs = [scrape.run(bench, queue_count) for _ in range(bench.settings.runs)]
+        times = [r["scrape_ms"] for r in runs]
+        last = runs[-1]
+        results[f"scrape_{queue_count}q"] = {
+            OURS: summarize(
+                times,
+                "ms",
+                queues=queue_count,
+                round_trips=max(r["round_trips"] for r in runs),
+                bytes=last["bytes"],
+                series=last["series"],
+            )
+        }
+        log(
+            f"scrape {queue_count:>5} queues: {median(times):.1f} ms (runs "
+            f"{', '.join(f'{t:.1f}' for t in times)}), {last['round_trips']} round trips, "
+            f"{last['series']:,} series, {last['bytes'] / 1000:,.0f} kB"
+        )
+    return results
+
+
 def _recover(
     bench: Bench, transport: str, runs: int, cap: float, options: dict[str, Any], note: str = ""
 ) -> dict[str, Any]:
@@ -297,4 +363,6 @@ GROUPS: dict[str, Callable[[Bench], Results]] = {
     "eta": run_eta,
     "chaos": run_chaos,
     "memory": run_memory,
+    "bulk": run_bulk,
+    "scrape": run_scrape,
 }

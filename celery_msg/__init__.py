@@ -30,6 +30,7 @@ from .policy import DeadLetter, Exponential, Fixed, Policies, Policy, Retry, Uni
 
 if TYPE_CHECKING:
     from .app import configure
+    from .bulk_publish import BulkPublishError, bulk
 
 __version__ = "0.1.0"
 
@@ -37,17 +38,23 @@ registration.install()
 
 
 def __getattr__(name: str) -> Any:
-    """``configure`` lives in the Celery layer: import it (and Celery) only when asked for."""
+    """``configure`` lives in the Celery layer: import it (and Celery) only when asked for;
+    ``bulk`` and ``BulkPublishError`` likewise (they need the core and redis-py)."""
     if name == "configure":
         from .app import configure
 
         return configure
+    if name in ("bulk", "BulkPublishError"):
+        from . import bulk_publish as module
+
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "AuthenticationFailed",
     "BrokerConnectionError",
+    "BulkPublishError",
     "CeleryMsgError",
     "ConfigurationError",
     "DeadLetter",
@@ -65,5 +72,6 @@ __all__ = [
     "ScriptError",
     "Unique",
     "__version__",
+    "bulk",
     "configure",
 ]

@@ -6,15 +6,13 @@ whole prefetched batch inline before its loop fetches again, so it lost up to a 
 per kill (3.9 re-runs per SIGKILL against kombu's 0.1). Waiting for Redis's reply to each ack
 instead would cost a round trip per task (~100 us of a ~600 us solo task here).
 
-How: the event-loop thread collects the acks Celery makes while it handles one batch of events
-(a prefork result, a solo task's return) and writes them, one ``EVALSHA`` per queue, on a
-connection of its own before it does anything that takes time: before the next message is
-handed over (a solo worker runs it inline) and before the loop polls again. It does not wait for
-the reply. Once written, the command is in the kernel's socket buffer: it reaches Redis even if
-the process is SIGKILLed the next instant (a killed process's queued bytes are still sent; only
-unread *incoming* data makes Linux reset a socket, and Redis has taken the command long before
-its reply could arrive). Replies are read, without blocking, on every turn of the loop (no
-wake-up of their own), and all of them when the consumer closes.
+How: the event-loop thread writes each ack's ``EVALSHA`` the moment Celery settles the task (a
+prefork result, a solo task's return, a task Celery ran from its ETA timer), on a connection of
+its own, and does not wait for the reply. Once written, the command is in the kernel's socket
+buffer: it reaches Redis even if the process is SIGKILLed the next instant (a killed process's
+queued bytes are still sent; only unread *incoming* data makes Linux reset a socket, and Redis
+has taken the command long before its reply could arrive). Replies are read, without blocking,
+on every turn of the loop (no wake-up of their own), and all of them when the consumer closes.
 
 What a reply can say:
 * OK / LEASE_LOST per delivery, as for a synchronous ack (lost ones are logged);
@@ -73,7 +71,6 @@ class AckSender:
         self._in_flight: deque[list[Lease]] = deque()
         self._in_flight_count = 0
         self._unconfirmed: list[Lease] = []
-        self._buffered: list[Lease] = []
         self._on_lost = on_lost
 
     @property
@@ -82,18 +79,17 @@ class AckSender:
         return self._in_flight_count
 
     def add(self, leases: list[Lease]) -> None:
-        """Keep acks for the next :meth:`flush` (within the same turn of the loop)."""
-        self._buffered.extend(leases)
+        """Write these acks now. Not kept for the end of the loop's turn: Celery runs a task
+        whose ETA it holds from a timer, and several such timers fire in one turn, so a kept
+        ack could wait for the tasks that run after it (and a SIGKILL meanwhile re-runs it)."""
+        self.send(leases)
 
     def pending(self) -> bool:
-        """Whether acks wait for :meth:`flush`, or replies to be read."""
-        return bool(self._buffered or self._in_flight)
+        """Whether replies wait to be read."""
+        return bool(self._in_flight)
 
     def flush(self) -> None:
-        """Write the kept acks, then read whatever replies have arrived (without waiting)."""
-        if self._buffered:
-            leases, self._buffered = self._buffered, []
-            self.send(leases)
+        """Read whatever replies have arrived, without waiting (every turn of the loop)."""
         if self._in_flight:
             self.read_replies()
 
@@ -169,9 +165,8 @@ class AckSender:
         return taken
 
     def close(self) -> None:
-        """Write the kept acks and read every outstanding reply (unconfirmed acks stay for
-        :meth:`take_unconfirmed`), then close the connection."""
-        self.flush()
+        """Read every outstanding reply (unconfirmed acks stay for :meth:`take_unconfirmed`),
+        then close the connection."""
         self.read_replies(block=True)
         with contextlib.suppress(*_IO_ERRORS):
             self.conn.disconnect()

@@ -28,6 +28,8 @@ from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import safe_repr
 
 from .broadcast import name_broadcast_queues
+from .bulk_publish import uses_celery_msg
+from .canvas import install as bulk_groups
 from .control import install_scheduled
 from .errors import PoisonMessage
 from .headers import expires_ms
@@ -54,7 +56,8 @@ def configure(app: Celery, *, policies: Policies | None = None, **transport_opti
     invalid option or policy field, a broker URL that is a typo of ``celery-msg://`` ("did you
     mean"), and policies given for a broker that is not celery-msg. Warns
     (:class:`~celery_msg.startup.PolicyNotAppliedWarning`) that ``task_always_eager`` tasks run
-    without the policies.
+    without the policies. From then on the app's groups (chunks, chord headers) publish in
+    bulk (:mod:`celery_msg.canvas`).
     """
     options = {**(app.conf.broker_transport_options or {}), **transport_options}
     chosen = policies_from(policies if policies is not None else app.conf.get("msg_policies"))
@@ -68,17 +71,13 @@ def configure(app: Celery, *, policies: Policies | None = None, **transport_opti
         )
         options["max_deliveries"] = 0
     options["policies"] = chosen
-    if _uses_celery_msg(app):
+    if uses_celery_msg(app):
         TransportOptions.from_mapping(options)
     app.conf.broker_transport_options = options
     app.conf.worker_consumer = CONSUMER
     app.conf.broker_connection_retry_on_startup = True
+    bulk_groups(app)
     return app
-
-
-def _uses_celery_msg(app: Celery) -> bool:
-    url = app.conf.broker_url or ""
-    return str(url).startswith(("celery-msg://", "celery-msgs://"))
 
 
 def app_policies(app: Celery) -> Policies:
@@ -97,7 +96,7 @@ class Consumer(CeleryConsumer):
         self.policies = app_policies(self.app)
         # Before the pool forks: its processes inherit the prepared tasks.
         install(self.app, self.policies)
-        if _uses_celery_msg(self.app):
+        if uses_celery_msg(self.app):
             # Before the consumer starts: it reads the queue table when it starts consuming.
             name_broadcast_queues(self.app.amqp.queues, self.hostname)
         install_scheduled(Consumer)

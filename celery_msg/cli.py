@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .api import broker_for
+from .cli_metrics import metrics
 from .cli_migrate import migrate
 from .core import UNREADABLE_RECORD, MessageInfo, State
 from .deadletters import DeadFilter, DeadLetters, DeadMessage, decode_body, decode_message
@@ -329,6 +330,40 @@ dlq_replay = _bulk_command(
 dlq_purge = _bulk_command("purge", "Delete dead messages for good.")
 
 
+@msg.command(name="web")
+@click.option("--port", type=click.IntRange(0, 65535), default=5556, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option(
+    "--auth", type=click.Choice(["none", "basic", "token"]), default="none", show_default=True,
+    help="basic: CELERY_MSG_WEB_USER and CELERY_MSG_WEB_PASSWORD; token: CELERY_MSG_WEB_TOKEN "
+    "(from the environment). Required to bind an address other than loopback.",
+)  # fmt: skip
+@click.option(
+    "--sample-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+    help="Seconds between two readings of the counters behind the rate charts.",
+)  # fmt: skip
+@click.pass_context
+def web(ctx: click.Context, port: int, address: str, auth: str, sample_interval: float) -> None:
+    """The dashboard: queues, messages, dead letters (replay, purge), look-ups."""
+    try:
+        from .web.security import Auth
+        from .web.server import serve
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the dashboard needs the web extra: pip install 'celery-msg[web]' ({exc})"
+        ) from exc
+    try:
+        serve(
+            _app(ctx),
+            address=address,
+            port=port,
+            auth=Auth.from_environ(auth),  # type: ignore[arg-type]
+            sample_interval=sample_interval,
+        )
+    except CeleryMsgError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
 @msg.command(name="inspect")
 @click.argument("message_id")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
@@ -460,3 +495,4 @@ def _result_state(app: Any, task_id: str) -> str | None:
 
 
 msg.add_command(migrate)
+msg.add_command(metrics)

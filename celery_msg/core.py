@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import redis
 
 from .bindings import Binding, Bindings, Route, Table
+from .counters import reason_word
 from .errors import PartialFanout, ReplicationTimeout, StaleRoute
 from .keys import QueueKeys, bindings_version_key, failure_record, record_json
 from .leases import Delivery, Lease, ReserveRequest, Round
@@ -105,6 +106,20 @@ __all__ = [
 
 #: Seconds between two log lines about the same broken queue.
 BROKEN_REPORT_INTERVAL = 60.0
+
+
+class Outgoing(NamedTuple):
+    """One message on its way into one queue: the arguments of :meth:`Broker.publish`."""
+
+    queue: str
+    message_id: str
+    payload: bytes | str
+    band: int
+    due_ms: int
+    unique: bool
+    lock_until_ms: int
+    #: A Celery retry (its ``retries`` header is above 0): counted as ``retried`` too.
+    retry: bool = False
 
 
 class Broker(Lookups, Bindings):
@@ -201,6 +216,7 @@ class Broker(Lookups, Bindings):
         unique: bool = False,
         lock_until_ms: int = 0,
         route: Route | None = None,
+        retry: bool = False,
     ) -> str:
         """Append a message to its priority band, or schedule it when ``due_ms`` (epoch ms) is
         in the future; returns its key in this queue.
@@ -209,6 +225,7 @@ class Broker(Lookups, Bindings):
         scheduled), store nothing and return it (an idempotent ``.delay()``); with
         ``lock_until_ms`` (epoch ms), the id is refused instead while it is locked, and a
         stored message locks it until then or until :meth:`unlock`.
+        ``retry``: the message is a Celery retry (counted as ``retried`` as well).
         ``route``: the binding table this queue was chosen from; if the exchange's bindings
         changed since, nothing is stored and :class:`StaleRoute` is raised."""
         # Every publisher's hot path: the command's fixed part (script and keys) is packed once
@@ -226,6 +243,7 @@ class Broker(Lookups, Bindings):
             unique=unique,
             route=route,
             lock_until_ms=lock_until_ms,
+            retry=retry,
         )
         publish = self.scripts.publish
         if self.cluster:
@@ -270,6 +288,27 @@ class Broker(Lookups, Bindings):
         with translated_errors(f"publish to {queue!r}"):
             return self.scripts.publish.run(self.keys(queue).publish, args)
 
+    def pack_publish(self, out: Outgoing, route: Route | None, *, unique: bool) -> bytes:
+        """The ``EVALSHA`` of :meth:`publish` for ``out``, packed for a pipeline of many
+        (:mod:`celery_msg.bulk_publish`). ``unique`` overrides ``out.unique`` (a resend is
+        unique, so a message whose reply was lost is not stored twice)."""
+        head_key = out.queue if route is None else (out.queue, route.exchange)
+        try:
+            head = self._publish_heads[head_key]
+        except KeyError:
+            head = self._publish_head(head_key, out.queue, route)
+        args = self._publish_args(
+            out.message_id,
+            out.payload,
+            out.band,
+            out.due_ms,
+            unique=unique,
+            route=route,
+            lock_until_ms=out.lock_until_ms,
+            retry=out.retry,
+        )
+        return head + b"".join(bulk(arg) for arg in args)
+
     def publish_once(
         self, queue: str, message_id: str, payload: bytes | str, band: int, *, due_ms: int = 0
     ) -> bool:
@@ -297,8 +336,10 @@ class Broker(Lookups, Bindings):
         unique: bool = False,
         route: Route | None = None,
         lock_until_ms: int = 0,
+        retry: bool = False,
     ) -> tuple[Any, ...]:
-        """publish.lua's ARGV: a due time already past is now; a lock only for a unique one."""
+        """publish.lua's ARGV: a due time already past is now; a lock only for a unique one;
+        ``retry``: a Celery retry (counted as ``retried`` too)."""
         now = self.now_ms()
         return Publish.args(
             message_id=message_id,
@@ -309,6 +350,7 @@ class Broker(Lookups, Bindings):
             route_version=UNROUTED if route is None else route.version,
             now_ms=now,
             lock_until_ms=lock_until_ms if unique else 0,
+            retry=retry,
         )
 
     def _publish_keys(self, queue: str, route: Route | None) -> tuple[str, ...]:
@@ -336,6 +378,7 @@ class Broker(Lookups, Bindings):
         *,
         due_ms: int = 0,
         route: Route | None = None,
+        retry: bool = False,
     ) -> list[str]:
         """Publish one message into several queues (a broadcast) in one round trip.
 
@@ -343,7 +386,7 @@ class Broker(Lookups, Bindings):
         are raised together as :class:`StaleRoute` (the others were stored)."""
         if not queues:
             return []
-        args = self._publish_args(message_id, payload, band, due_ms, route=route)
+        args = self._publish_args(message_id, payload, band, due_ms, route=route, retry=retry)
         publish = self.scripts.publish
         if self.cluster:
             return self._publish_many_on_cluster(list(queues), args, route)
@@ -620,7 +663,13 @@ class Broker(Lookups, Bindings):
         now = self.now_ms()
         record = record_json(reason, detail, now, extra)
         with translated_errors(f"dead-letter {lease.key!r} in {lease.queue!r}"):
-            args = DeadLetter.args(now_ms=now, key=lease.key, token=lease.token, record=record)
+            args = DeadLetter.args(
+                now_ms=now,
+                key=lease.key,
+                token=lease.token,
+                record=record,
+                word=reason_word(reason),
+            )
             code = self.scripts.dead_letter.run(self.keys(lease.queue).all, args)
         return code == Code.OK
 
@@ -648,6 +697,7 @@ class Broker(Lookups, Bindings):
                 band=band,
                 deliveries=deliveries,
                 record=record,
+                word=reason_word(reason),
             )
             return self.scripts.bury.run(self.keys(queue).all, args)
 

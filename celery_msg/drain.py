@@ -178,8 +178,8 @@ class DrainLoop:
     def flush_acks(self) -> None:
         self._flush_acks()
 
-    def write_acks(self) -> None:
-        """Write the acks the loop thread made since the last call (see celery_msg.acks)."""
+    def read_ack_replies(self) -> None:
+        """Read the replies of the acks the loop thread wrote (see celery_msg.acks)."""
         if self.ack_sender is not None:
             self.ack_sender.flush()
 

@@ -80,9 +80,8 @@ class Drainable(Protocol):
     def flush_acks(self) -> None:
         """Write the buffered acks now."""
 
-    def write_acks(self) -> None:
-        """Write the acks the loop thread made since the last call, without waiting for the
-        reply: before a message is handed over (solo runs it inline) and before polling."""
+    def read_ack_replies(self) -> None:
+        """Read the replies of the acks the loop thread wrote (without waiting)."""
 
     def room_for_a_batch(self) -> bool:
         """Whether a channel with a prefetch limit may take at least half of it."""
@@ -211,7 +210,7 @@ class EventLoopDrain:
         """Do whatever is due now; cheap when nothing is."""
         target = self.target
         target.start_draining()
-        target.write_acks()
+        target.read_ack_replies()
         if target.holding():
             # Warm shutdown: acks still go out, nothing more is delivered; what was reserved
             # goes back when the connection closes.
@@ -236,7 +235,6 @@ class EventLoopDrain:
             again = self._round()
         while not target.holding() and target.deliver_one():
             again = True
-            target.write_acks()  # a solo task ran inline: its ack goes before the next
         if again:
             # Iterate again before sleeping: the hub's poll timeout was computed before this
             # tick, so a timer set now (ours, or Celery's for a task with an ETA, even a due

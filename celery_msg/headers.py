@@ -66,3 +66,13 @@ def expires_ms(headers: dict[str, Any] | None) -> int | None:
     if not isinstance(headers, dict):
         return None
     return epoch_ms(headers.get("expires"))
+
+
+def is_retry(message: dict[str, Any]) -> bool:
+    """Whether a kombu message is a Celery retry: its ``retries`` header is a number above 0
+    (anything else, from any producer, is not)."""
+    headers = message.get("headers")
+    if not isinstance(headers, dict):
+        return False
+    retries = headers.get("retries")
+    return isinstance(retries, int) and not isinstance(retries, bool) and retries > 0

@@ -18,10 +18,11 @@ seq        STRING  counter: back-of-queue sequence numbers and fencing tokens
 signal     LIST    wake-up marker for blocked consumers (at most one element)
 dead       ZSET    message key -> time it was dead-lettered (ms)
 reason     HASH    message key -> why it was dead-lettered (JSON; its ``reason``: ``Reason``)
-stats      HASH    counters (``Counter``): published, acked, requeued, reclaimed, promoted,
-                   dead, lease_lost, duplicates, expired (message TTL, or Celery's
-                   ``expires`` header), dropped (``max_length``: the head gave way to a new
-                   message), replayed, dead_trimmed (dead-letter retention)
+stats      HASH    counters (``Counter``): published, delivered, redelivered, acked,
+                   requeued, reclaimed, promoted, retried, dead and ``dead:<reason>``,
+                   lease_lost, duplicates, expired (message TTL, or Celery's ``expires``
+                   header), dropped (``max_length``: the head gave way to a new message),
+                   replayed, dead_trimmed (dead-letter retention)
 dups       HASH    message key -> message id, for keys ``id/<n>`` (the id was already stored)
 sched      ZSET    message key -> due time (ms): ETA / countdown / retry messages not yet due
 alias      HASH    message id -> its newest ``id/<n>`` key (for unique publishes)
@@ -33,6 +34,14 @@ uniq       ZSET    message id -> until when (ms) a unique publish of that id is 
                    by a unique publish, removed when its policy says (the task started,
                    succeeded, or failed for good) or when the message goes (purged, expired,
                    dropped, dead-lettered)
+born       HASH    message key -> when it was enqueued (ms): published, or promoted from
+                   the schedule (its due time); read for the age of the oldest ready message
+=========  ======  ===================================================================
+
+One more key per queue is written by consumers, never by a script (so it is not in ``KEYS``):
+
+consumers  ZSET    consumer id -> until when (ms) it counts as attached: a live consumer's
+                   renewer refreshes it every round (see ``celery_msg.consumers``)
 =========  ======  ===================================================================
 
 Global keys (no hash tag on one server, one of their own on a Redis Cluster, ``<prefix>{:global}:``
@@ -77,24 +86,45 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "args",
     "ttl",
     "uniq",
+    "born",
 )
+
+#: Keys of a queue that no script takes (written by Python alone), deleted with the queue.
+SIDE_KEY_PARTS: tuple[str, ...] = ("consumers",)
 
 
 class Counter(StrEnum):
     """The fields of a queue's ``stats`` hash. The scripts get them as ``STAT_<NAME>`` from the
     generated preamble, so Python and Lua count under the same names."""
 
+    #: stored by publish (a new message; a refused duplicate is ``duplicates``)
     PUBLISHED = "published"
+    #: handed to a consumer under a lease (every delivery, first or not)
+    DELIVERED = "delivered"
+    #: deliveries of a message delivered before (its lease expired, it was requeued)
+    REDELIVERED = "redelivered"
     ACKED = "acked"
+    #: given back by its consumer (reject with requeue, a warm shutdown, a lost connection)
     REQUEUED = "requeued"
+    #: leases that expired and went back to ready (the consumer died or hung)
     RECLAIMED = "reclaimed"
+    #: scheduled messages (ETA, countdown, retry) that fell due and became ready
     PROMOTED = "promoted"
+    #: publishes of a Celery retry (the message's ``retries`` header is above 0)
+    RETRIED = "retried"
+    #: dead-lettered, for any reason (``dead:<reason>`` counts each reason apart)
     DEAD = "dead"
+    #: acks, renewals, requeues and dead-letterings refused: the lease was no longer held
     LEASE_LOST = "lease_lost"
+    #: unique publishes refused: the id was still pending or locked (deduplicated)
     DUPLICATES = "duplicates"
+    #: removed unserved: past their message TTL or Celery's ``expires``
     EXPIRED = "expired"
+    #: dropped from the head of a queue over its ``max_length``
     DROPPED = "dropped"
+    #: dead messages put back into their queue
     REPLAYED = "replayed"
+    #: dead messages removed by the dead-letter store's retention
     DEAD_TRIMMED = "dead_trimmed"
 
 
@@ -142,6 +172,8 @@ KEY_TYPES: dict[str, str] = {
     "args": "hash",
     "ttl": "zset",
     "uniq": "zset",
+    "born": "hash",
+    "consumers": "zset",
 }
 
 
@@ -162,6 +194,7 @@ PUBLISH_KEY_PARTS: tuple[str, ...] = (
     "args",
     "ttl",
     "uniq",
+    "born",
 )
 
 
@@ -201,6 +234,8 @@ class QueueKeys:
     args = _Part()
     ttl = _Part()
     uniq = _Part()
+    born = _Part()
+    consumers = _Part()  # a side key (SIDE_KEY_PARTS): not in ``all``
 
     @cached_property
     def base(self) -> str:
@@ -217,6 +252,11 @@ class QueueKeys:
         """The keys publish.lua takes, in its ``KEYS`` order (``PUBLISH_KEY_PARTS``)."""
         base = self.base
         return tuple(base + part for part in PUBLISH_KEY_PARTS)
+
+    @cached_property
+    def side(self) -> tuple[str, ...]:
+        """The keys no script takes (``SIDE_KEY_PARTS``): deleted with the queue."""
+        return tuple(self.base + part for part in SIDE_KEY_PARTS)
 
 
 def queues_key(prefix: str) -> str:

@@ -220,11 +220,12 @@ class Queues:
             pipe.execute()
 
     def _delete_in(self, pipe: Any, queue: str) -> None:
+        keys = self.keys(queue)
         if self.cluster:
-            for key in self.keys(queue).all:  # a Cluster pipeline sends no multi-key DEL
+            for key in (*keys.all, *keys.side):  # a Cluster pipeline sends no multi-key DEL
                 pipe.delete(key)
         else:
-            pipe.delete(*self.keys(queue).all)
+            pipe.delete(*keys.all, *keys.side)
         self._unregister_in(pipe, queue)
 
     def _unregister_in(self, pipe: Any, queue: str) -> None:

@@ -145,7 +145,7 @@ class DedicatedConnection:
             if conn is None:
                 conn = self._conn = self.client.connection_pool.get_connection()
             try:
-                if _stale(conn):
+                if is_stale(conn):
                     # Closed by the server while idle (restart, idle timeout, a proxy): nothing
                     # was sent yet, so reconnecting is safe, as redis-py's pool does.
                     conn.disconnect()
@@ -237,7 +237,7 @@ def pack_evalsha(script: Script, keys: Sequence[str], args: Sequence[Any]) -> by
     return pack_head(script, keys, len(args)) + b"".join(bulk(arg) for arg in args)
 
 
-def _stale(conn: Any) -> bool:
+def is_stale(conn: Any) -> bool:
     """True when an idle connection has something to read: EOF or unexpected data."""
     try:
         return bool(conn.can_read())

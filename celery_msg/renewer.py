@@ -4,21 +4,24 @@ It is what turns a visibility timeout into a lease: while the process lives, eve
 holds is renewed in one batched call per round, so a task may run for hours; when the process
 dies, renewal stops and the leases expire, so its messages come back within one lease. A round
 (:meth:`LeaseRenewal.renew`) also flushes buffered acks, keeps this consumer's ephemeral
-bindings and ``expires`` queues alive, and trims the consumed queues' dead-letter stores.
+bindings and ``expires`` queues alive, trims the consumed queues' dead-letter stores and
+heartbeats on them (:mod:`celery_msg.consumers`: the consumers metrics count).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from . import consumers
 from .core import Broker
 from .deadletters import DeadLetters
 from .ephemeral import EphemeralBindings
-from .errors import BrokerConnectionError
+from .errors import BrokerConnectionError, CeleryMsgError
 from .holdings import log_lost
 from .options import TransportOptions, to_ms
 
@@ -86,16 +89,36 @@ class LeaseRenewal:
     def _init_renewal(self) -> None:
         self._renewer: Renewer | None = None
         self._next_trim = 0.0
+        #: Queues this consumer heartbeats on (counted as attached to them).
+        self._attached: set[str] = set()
 
     def _stop_renewer(self) -> None:
         if self._renewer is not None:
             self._renewer.stop()
             self._renewer = None
+        with contextlib.suppress(CeleryMsgError):  # its heartbeats run out on their own
+            consumers.detach(self.broker, self.consumer_id, self._attached)
+        self._attached = set()
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or not self._renewer.is_alive():
+            # Counted as attached from the start, not from the renewer's first round; only
+            # metrics read it, so a failure here never stops consuming (the renewer retries).
+            try:
+                self._attach({q for c in self.channels for q in c._active_queues})
+            except CeleryMsgError as exc:
+                logger.warning("could not mark this consumer attached to its queues: %s", exc)
             self._renewer = Renewer(self, self.consumer_id)
             self._renewer.start()
+
+    def _attach(self, queues: set[str]) -> None:
+        """Heartbeat on the consumed ``queues`` (see :mod:`celery_msg.consumers`); leave the
+        ones no longer consumed."""
+        left = self._attached - queues
+        if left:
+            consumers.detach(self.broker, self.consumer_id, left)
+        consumers.heartbeat(self.broker, self.consumer_id, queues, self.options.lease_ms)
+        self._attached = set(queues)
 
     def renew(self) -> None:
         """One renewal round: flush buffered acks, renew leases, refresh bindings."""
@@ -118,6 +141,7 @@ class LeaseRenewal:
             # Retention is counted in days: once a minute is plenty.
             self._next_trim = time.monotonic() + TRIM_INTERVAL
             self.dead_letters.trim({queue: self._retention(queue) for queue in queues})
+        self._attach(queues)  # last: only metrics depend on it
 
     def renew_interval(self) -> float:
         """Seconds between renewal rounds: a third of the shortest of the lease, the binding

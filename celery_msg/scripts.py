@@ -15,6 +15,7 @@ import re
 from functools import cache
 from importlib import resources
 
+from .counters import REASON_MAX
 from .keys import KEY_TYPES, PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS, Counter, Reason
 from .queueargs import MAX_LENGTH, MAX_MS, QueueArg
 
@@ -33,6 +34,7 @@ SCRIPT_NAMES: tuple[str, ...] = (
     "discard",
     "trim_dead",
     "unlock",
+    "oldest",
 )
 
 #: Ready-score layout (see celery_msg/lua/_queue.lua): a priority band is BAND wide, and MID
@@ -94,6 +96,7 @@ def _preamble(shard_signal: bool) -> str:
         f"local ARG_MESSAGE_TTL = '{QueueArg.MESSAGE_TTL}'\n"
         f"local ARG_MAX_LENGTH = '{QueueArg.MAX_LENGTH}'\n"
         f"local ARG_MAX = {max(MAX_MS, MAX_LENGTH)}\n"
+        f"local REASON_MAX = {REASON_MAX}\n"
         f"local SHARD_SIGNAL = {'true' if shard_signal else 'false'}\n"
     )
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import redis
 from redis.commands.core import Script
 
+from .keys import QueueKeys
 from .redisio import Replication, evalsha, run_scripts
 from .scripts import Code, source
 from .slots import is_cluster
@@ -118,7 +119,7 @@ UNROUTED = ""
 
 class Publish(Transition[Published]):
     name = "publish"
-    ARGC = 8
+    ARGC = 9
 
     @staticmethod
     def args(
@@ -131,6 +132,7 @@ class Publish(Transition[Published]):
         route_version: int | str,
         now_ms: int,
         lock_until_ms: int,
+        retry: bool = False,
     ) -> tuple[Any, ...]:
         return (
             message_id,
@@ -141,6 +143,7 @@ class Publish(Transition[Published]):
             route_version,
             now_ms,
             lock_until_ms,
+            1 if retry else 0,
         )
 
     def reply(self, raw: Any) -> Published:
@@ -221,8 +224,9 @@ class DeadLetter(Transition[Code]):
     name = "dead_letter"
 
     @staticmethod
-    def args(*, now_ms: int, key: str, token: int, record: str) -> list[Any]:
-        return [now_ms, key, token, record]
+    def args(*, now_ms: int, key: str, token: int, record: str, word: str) -> list[Any]:
+        """``word``: the reason counted (``dead:<word>``; see :func:`counters.reason_word`)."""
+        return [now_ms, key, token, record, word]
 
     def reply(self, raw: Any) -> Code:
         return Code(int(raw))
@@ -240,8 +244,9 @@ class Bury(Transition[str]):
         band: int,
         deliveries: int,
         record: str,
+        word: str,
     ) -> list[Any]:
-        return [now_ms, message_id, payload, band, deliveries, record]
+        return [now_ms, message_id, payload, band, deliveries, record, word]
 
     def reply(self, raw: Any) -> str:
         return _text(raw)
@@ -295,6 +300,24 @@ class Discard(_PerKey):
     name = "discard"
 
 
+class Oldest(Transition[int]):
+    """Read only: when the oldest ready (or overdue scheduled) message was enqueued (ms, 0:
+    none). KEYS are the queue's ``ready``, ``born`` and ``sched`` (:meth:`keys`)."""
+
+    name = "oldest"
+
+    @staticmethod
+    def keys(keys: QueueKeys) -> list[str]:
+        return [keys.ready, keys.born, keys.sched]
+
+    @staticmethod
+    def args(*, now_ms: int) -> list[Any]:
+        return [now_ms]
+
+    def reply(self, raw: Any) -> int:
+        return int(raw)
+
+
 class Scripts:
     """The scripts of one Redis client, registered once, one typed wrapper per transition."""
 
@@ -313,6 +336,7 @@ class Scripts:
         self.discard = Discard(client, replication)
         self.trim_dead = TrimDead(client, replication)
         self.unlock = Unlock(client, replication)
+        self.oldest = Oldest(client, replication)
 
     def all(self) -> list[Transition[Any]]:
         return [value for value in vars(self).values() if isinstance(value, Transition)]

@@ -64,6 +64,19 @@ local function count(q, field, n)
   add(q.stats, field, n)
 end
 
+-- A dead-letter reason as the caller passed it, checked (before any write) to be a short word
+-- that can name a counter ('dead:<reason>') and a metrics label; nil when it is not one.
+local function reason_word(raw)
+  if raw and #raw <= REASON_MAX and string.find(raw, '^[a-z][a-z0-9_%-]*$') then return raw end
+  return nil
+end
+
+-- Count one dead-lettering of q: in all and for its reason.
+local function count_dead(q, reason, n)
+  count(q, STAT_DEAD, n)
+  count(q, STAT_DEAD .. ':' .. reason, n)
+end
+
 -- The marker list holds at most one element: pushed only when empty. On a Redis Cluster
 -- (SHARD_SIGNAL) a sharded pub/sub message on the channel named like the list instead: a
 -- consumer listens to the channels of queues on several slots (see celery_msg/shardwait.py).
@@ -132,6 +145,7 @@ local function erase(q, key)
   redis.call('HDEL', q.body, key)
   redis.call('HDEL', q.order, key)
   redis.call('HDEL', q.deliv, key)
+  redis.call('HDEL', q.born, key)
   local owner = redis.call('HGET', q.dups, key)
   if owner then
     redis.call('HDEL', q.dups, key)
@@ -213,16 +227,19 @@ end
 -- earliest due first. Atomic like reclaim_expired: each is moved exactly once, and a process
 -- that dies around this call leaves every message either scheduled or ready, never neither.
 local function promote_due(q, now, limit)
-  local due = redis.call('ZRANGEBYSCORE', q.sched, '-inf', now, 'LIMIT', 0, limit)
-  for _, key in ipairs(due) do
+  local due = redis.call('ZRANGEBYSCORE', q.sched, '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+  for i = 1, #due, 2 do
+    local key = due[i]
     redis.call('ZREM', q.sched, key)
     enqueue_back(q, key)
+    redis.call('HSET', q.born, key, due[i + 1]) -- ready since its due time: its age
   end
-  if #due > 0 then
-    count(q, STAT_PROMOTED, #due)
+  local n = #due / 2
+  if n > 0 then
+    count(q, STAT_PROMOTED, n)
     signal(q)
   end
-  return #due
+  return n
 end
 
 -- The earliest due time of q's scheduled messages (ms), or nil when none waits.

@@ -5,7 +5,8 @@
 -- ARGV[1] message id, ARGV[2] payload, ARGV[3] priority band (0 is served first),
 -- ARGV[4] due time (ms; 0 = now), ARGV[5] '1' for a unique publish, ARGV[6] the bindings
 -- version of a routed publish (see below; '' otherwise), ARGV[7] now (ms), ARGV[8] (a unique
--- publish) until when (ms) its id stays locked, or 0.
+-- publish) until when (ms) its id stays locked, or 0, ARGV[9] '1' for a Celery retry (counted
+-- as 'retried' too; absent: not a retry).
 -- Returns {message key, 1} for a new message: the id itself, or a free id/<n> when that id is
 -- already stored in this queue (a Celery retry republishes the same task id while the old
 -- delivery is still leased); such keys are mapped back to their id in `dups`.
@@ -59,6 +60,7 @@ if ARGV[5] == '1' and lock_until > 0 then redis.call('ZADD', q.uniq, lock_until,
 local score = tonumber(ARGV[3]) * BAND + MID + seq
 redis.call('HSET', q.order, key, score)
 count(q, STAT_PUBLISHED, 1)
+if ARGV[9] == '1' then count(q, STAT_RETRIED, 1) end
 if ttl then
   drop_expired(q, now, EXPIRE_BATCH)
   redis.call('ZADD', q.ttl, math.max(now, due) + ttl, key)
@@ -69,6 +71,7 @@ if due > 0 then
   if next_due(q) == due then signal(q) end
 else
   redis.call('ZADD', q.ready, score, key)
+  if now then redis.call('HSET', q.born, key, now) end -- its age (a scheduled one: when due)
   signal(q)
   if max_length then trim_to(q, max_length) end
 end

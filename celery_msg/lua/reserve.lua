@@ -12,6 +12,8 @@
 -- (group MISSING, key, 0, 0, '') for a ready id whose body was gone: now dead, 'missing-body';
 -- then one last entry: the earliest due time (ms) still scheduled in these queues, or 0.
 -- A message delivered max-deliveries times already is dead-lettered as 'poison' instead.
+-- Counts (stats): delivered (every delivery), redelivered (deliveries after the first),
+-- dead and dead:poison / dead:missing-body, expired, reclaimed, promoted.
 -- A message past its message-TTL deadline (`ttl`) is never delivered: it is removed and counted
 -- as expired (the oldest up to ARGV[7] per queue first, then any that come up to be served);
 -- a delivered message leaves `ttl`: the TTL bounds only the wait for a first delivery.
@@ -57,7 +59,7 @@ local function deliver(g, key)
       first_failure = now,
       last_failure = now,
     }))
-    count(q, STAT_DEAD, 1)
+    count_dead(q, REASON_MISSING_BODY, 1)
     out[#out + 1] = MISSING
     out[#out + 1] = key
     out[#out + 1] = 0
@@ -86,10 +88,12 @@ local function deliver(g, key)
       first_failure = now,
       last_failure = now,
     }))
-    count(q, STAT_DEAD, 1)
+    count_dead(q, REASON_POISON, 1)
     return
   end
   delivered = add(q.deliv, key, 1)
+  count(q, STAT_DELIVERED, 1)
+  if delivered > 1 then count(q, STAT_REDELIVERED, 1) end
   local token = redis.call('INCR', q.seq)
   redis.call('ZADD', q.leased, now + lease_ms, key)
   redis.call('HSET', q.token, key, token)

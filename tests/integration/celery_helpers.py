@@ -110,17 +110,21 @@ class Worker:
         self.spawn().wait_for_log(f"{self.nodename} ready.", timeout)
         return self
 
-    def spawn(self) -> Self:
-        """Start without waiting (several workers can then start side by side)."""
+    def process_environ(self) -> dict[str, str]:
+        """The process's environment: this one's, the stack's settings, the test app's path."""
         pythonpath = [str(REPO_ROOT), str(INTEGRATION_DIR)]
         if os.environ.get("PYTHONPATH"):
             pythonpath.append(os.environ["PYTHONPATH"])
-        env = {
+        return {
             **os.environ,
             **self.environ,
             "PYTHONPATH": os.pathsep.join(pythonpath),
             "PYTHONUNBUFFERED": "1",
         }
+
+    def spawn(self) -> Self:
+        """Start without waiting (several workers can then start side by side)."""
+        env = self.process_environ()
         with self.log_path.open("ab") as log:
             log.write(f"=== {' '.join(self.argv)}\n".encode())
             log.flush()

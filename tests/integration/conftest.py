@@ -5,6 +5,8 @@
 - ``stack``: one such stack with the default settings.
 - ``consumer_process``: ``start(queue, **options)`` runs a kombu consumer in a child process
   (fast leases) that the test can SIGKILL or SIGSTOP; all are closed after the test.
+- ``clock`` and ``broker``: a :class:`celery_msg.core.Broker` on this test's server and prefix
+  whose clock is pinned (``clock.t``, seconds, from ``pinned.T0``; lease ``pinned.LEASE_MS``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
 from celery_helpers import Stack, StackFactory, stack_factory
 from kombu_helpers import FAST, ConsumerProcess
+from pinned import LEASE_MS, T0, Clock
+
+from celery_msg.core import Broker
 
 if TYPE_CHECKING:
     from conftest import Server
@@ -44,3 +50,13 @@ def consumer_process(server: Server, prefix: str) -> Iterator[Callable[..., Cons
     yield start
     for process in started:
         process.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+def broker(redis_client: redis.Redis, prefix: str, clock: Clock) -> Broker:
+    return Broker(redis_client, prefix=prefix, lease_ms=LEASE_MS, clock=clock)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from pinned import LEASE_MS, T0, Clock
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -30,27 +31,6 @@ from celery_msg.keys import QueueKeys, bindings_key
 
 if TYPE_CHECKING:
     from conftest import Server  # tests/conftest.py
-
-T0 = 1_000.0  # seconds; the broker's clock starts here
-LEASE_MS = 30_000
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(T0)
-
-
-@pytest.fixture
-def broker(redis_client: redis.Redis, prefix: str, clock: Clock) -> Broker:
-    return Broker(redis_client, prefix=prefix, lease_ms=LEASE_MS, clock=clock)
 
 
 def _lease(broker: Broker, queue: str, consumer: str = "c1", count: int = 1) -> list[Lease]:
@@ -379,8 +359,10 @@ def test_counts_and_stats_follow_every_transition(broker: Broker):
     assert broker.size("q") == 2
     assert broker.stats("q") == {
         "published": 4,
+        "delivered": 3,
         "acked": 1,
         "dead": 1,
+        "dead:rejected": 1,
         "requeued": 1,
         "lease_lost": 1,
     }
@@ -395,7 +377,12 @@ def test_lost_extends_and_requeues_are_counted_as_lease_lost(broker: Broker):
     assert broker.extend([la, stale_b]) == [stale_b]
     assert broker.requeue([stale_a, lb]) == [stale_a]
 
-    assert broker.stats("q") == {"published": 2, "requeued": 1, "lease_lost": 2}
+    assert broker.stats("q") == {
+        "published": 2,
+        "delivered": 2,
+        "requeued": 1,
+        "lease_lost": 2,
+    }
 
 
 def test_acking_and_purging_leave_no_order_or_dups_entries(
@@ -624,7 +611,7 @@ def test_a_scheduled_message_is_not_reserved_before_its_due_time(broker: Broker,
         None,
         DUE + LEASE_MS / 1000,
     )
-    assert broker.stats("q") == {"published": 1, "promoted": 1}
+    assert broker.stats("q") == {"published": 1, "promoted": 1, "delivered": 1}
 
 
 def test_promote_moves_due_messages_to_ready_once_and_respects_its_limit(
@@ -687,7 +674,7 @@ def test_a_unique_publish_of_a_pending_id_stores_nothing(broker: Broker, clock: 
         (State.SCHEDULED, DUE, b"S")
     ]
     assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 1, "dead": 0}
-    assert broker.stats("q") == {"published": 2, "duplicates": 3}
+    assert broker.stats("q") == {"published": 2, "duplicates": 3, "delivered": 1}
 
     # Once acked, the id is free: a unique publish stores it again.
     assert broker.ack([lease]) == []
@@ -754,7 +741,7 @@ def test_counts_follow_a_scheduled_message_through_its_life(broker: Broker, cloc
     assert broker.counts("q") == {"ready": 0, "reserved": 1, "scheduled": 0, "dead": 0}
     assert broker.ack([lease]) == []
     assert broker.counts("q") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
-    assert broker.stats("q") == {"published": 1, "promoted": 1, "acked": 1}
+    assert broker.stats("q") == {"published": 1, "promoted": 1, "delivered": 1, "acked": 1}
 
 
 # -- pipelined script calls ------------------------------------------------------------------

@@ -94,7 +94,11 @@ def test_killing_every_client_while_a_consumer_waits_loses_nothing_and_it_keeps_
         for message in receiver.messages[1:]:
             message.ack()
     assert _empty(fresh_server, prefix, "work")
-    assert broker(fresh_server, prefix).stats("work") == {"published": 4, "acked": 4}
+    assert broker(fresh_server, prefix).stats("work") == {
+        "published": 4,
+        "delivered": 4,
+        "acked": 4,
+    }
 
 
 def test_every_publish_that_returned_survives_a_redis_crash_and_is_consumed_exactly_once(

@@ -77,7 +77,13 @@ def test_a_killed_consumers_message_is_redelivered_to_another_within_lease_timeo
         assert again.owner is not None and again.owner.startswith(conn.transport.consumer_id)
         message.ack()
         wait_until(lambda: look.lookup("job", ["work"]) == [], what="the ack to be flushed")
-    assert look.stats("work") == {"published": 1, "reclaimed": 1, "acked": 1}
+    assert look.stats("work") == {
+        "published": 1,
+        "reclaimed": 1,
+        "delivered": 2,
+        "redelivered": 1,
+        "acked": 1,
+    }
 
 
 def test_a_live_consumer_keeps_a_message_for_three_lease_timeouts_and_nobody_else_gets_it(
@@ -106,7 +112,7 @@ def test_a_live_consumer_keeps_a_message_for_three_lease_timeouts_and_nobody_els
 
         message.ack()
         wait_until(lambda: look.lookup("long", ["work"]) == [], what="the ack to be flushed")
-    assert look.stats("work") == {"published": 1, "acked": 1}
+    assert look.stats("work") == {"published": 1, "delivered": 1, "acked": 1}
 
 
 def test_a_zombies_late_ack_is_refused_and_the_new_holders_ack_succeeds(
@@ -142,7 +148,14 @@ def test_a_zombies_late_ack_is_refused_and_the_new_holders_ack_succeeds(
 
         fresh.ack()
         wait_until(lambda: look.lookup("job", ["work"]) == [], what="the heir's ack")
-    assert look.stats("work") == {"published": 1, "reclaimed": 1, "acked": 1, "lease_lost": 1}
+    assert look.stats("work") == {
+        "published": 1,
+        "reclaimed": 1,
+        "delivered": 2,
+        "redelivered": 1,
+        "acked": 1,
+        "lease_lost": 1,
+    }
 
 
 def test_a_frozen_consumer_loses_its_lease_and_its_ack_after_thawing_changes_nothing(
@@ -201,7 +214,7 @@ def test_closing_a_connection_waits_for_the_acks_its_renewer_is_flushing(
     # message would come back as a duplicate: close() must finish the renewer's work first.
     assert renewer not in [t.name for t in threading.enumerate()]
     assert look.lookup("job", ["work"]) == []
-    assert look.stats("work") == {"published": 1, "acked": 1}
+    assert look.stats("work") == {"published": 1, "delivered": 1, "acked": 1}
 
 
 def test_closing_a_connection_returns_its_unacked_messages_to_the_front_at_once_uncounted(

@@ -102,7 +102,7 @@ def test_a_message_with_an_eta_waits_in_redis_and_reaches_a_waiting_consumer_on_
         assert arrived - eta.timestamp() < LATE
         assert message.delivery_info["delivery_count"] == 1
         wait_until(lambda: look.lookup("later", ["work"]) == [], what="the ack to be flushed")
-    assert look.stats("work") == {"published": 1, "promoted": 1, "acked": 1}
+    assert look.stats("work") == {"published": 1, "promoted": 1, "delivered": 1, "acked": 1}
 
 
 def test_a_consumer_that_starts_after_the_publish_learns_the_due_time_from_its_first_fetch(
@@ -201,7 +201,7 @@ def test_a_consumer_killed_while_it_waits_for_a_due_time_loses_nothing(
     assert [m.delivery_info["delivery_count"] for m in got] == [1] * 5
     wait_until(lambda: look.counts("work")["reserved"] == 0, what="the acks to be flushed")
     assert look.counts("work") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
-    assert look.stats("work") == {"published": 5, "promoted": 5, "acked": 5}
+    assert look.stats("work") == {"published": 5, "promoted": 5, "delivered": 5, "acked": 5}
 
 
 def test_a_consumer_killed_holding_due_messages_loses_none_and_each_is_settled_once(

@@ -21,8 +21,15 @@ from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
 from kombu_helpers import FAST, Receiver, connect, direct_queue, ids_of, publish, scan_keys
 
-from celery_msg import AuthenticationFailed, BrokerConnectionError, PermissionDenied, ScriptError
+from celery_msg import (
+    AuthenticationFailed,
+    BrokerConnectionError,
+    PermissionDenied,
+    ScriptError,
+    consumers,
+)
 from celery_msg.core import Binding, Broker, Lease
+from celery_msg.snapshot import take
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -153,6 +160,10 @@ def _every_broker_call(broker: Broker, dead_letters: Any) -> None:
     time.sleep(0.01)
     assert broker.table("gone").bindings == []  # expired: removed with its queue (WATCH)
     broker.reclaim("work")
+    consumers.heartbeat(broker, "c9", ["work"], 10_000)  # a consumer's renewer, and metrics
+    [work] = [q for q in take(broker).queues if q.queue == "work"]
+    assert work.readable and work.consumers == 1 and work.counters["published"] >= 2
+    consumers.detach(broker, "c9", ["work"])
     assert broker.purge("work") >= 1
     broker.delete("work")
 

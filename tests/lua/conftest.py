@@ -224,6 +224,7 @@ class Lab:
         unique: bool = False,
         now: int = NOW,
         lock_until: int = 0,
+        retry: bool = False,
     ) -> tuple[str, int]:
         """publish.lua's whole reply: (message key, 1 if stored else 0). Not routed through an
         exchange: no bindings version (ARGV[6] empty)."""
@@ -236,6 +237,7 @@ class Lab:
             route_version=tr.UNROUTED,
             now_ms=now,
             lock_until_ms=lock_until,
+            retry=retry,
         )
         reply = self.scripts.publish.run(self.keys.publish, args)
         return reply.key, reply.code
@@ -303,15 +305,44 @@ class Lab:
         args = tr.Requeue.args(uncount=uncount, held=pairs)
         return self.scripts.requeue.run(self.keys.all, args)
 
-    def dead_letter(self, key: str, token: int, reason: str, *, now: int = NOW) -> int:
-        args = tr.DeadLetter.args(now_ms=now, key=key, token=token, record=reason)
+    def dead_letter(
+        self, key: str, token: int, reason: str, *, now: int = NOW, word: str = "failed"
+    ) -> int:
+        """``reason`` is the record (JSON), ``word`` the reason counted (``dead:<word>``)."""
+        args = tr.DeadLetter.args(now_ms=now, key=key, token=token, record=reason, word=word)
         return self.scripts.dead_letter.run(self.keys.all, args)
+
+    def bury(
+        self,
+        message_id: str,
+        payload: str = "P",
+        *,
+        band: int = 0,
+        deliveries: int = 1,
+        reason: str = '{"reason": "failed"}',
+        word: str = "failed",
+        now: int = NOW,
+    ) -> str:
+        args = tr.Bury.args(
+            now_ms=now,
+            message_id=message_id,
+            payload=payload,
+            band=band,
+            deliveries=deliveries,
+            record=reason,
+            word=word,
+        )
+        return self.scripts.bury.run(self.keys.all, args)
 
     def reclaim(self, *, now: int = NOW, limit: int = 100) -> int:
         return self.scripts.reclaim.run(self.keys.all, tr.Reclaim.args(now_ms=now, limit=limit))
 
     def purge(self, limit: int) -> int:
         return self.scripts.purge.run(self.keys.all, tr.Purge.args(limit=limit))
+
+    def oldest(self, *, now: int = NOW) -> int:
+        """oldest.lua: the enqueue time (ms) of the oldest ready (or due) message, 0 for none."""
+        return self.scripts.oldest.run(tr.Oldest.keys(self.keys), tr.Oldest.args(now_ms=now))
 
 
 @pytest.fixture

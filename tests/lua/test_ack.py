@@ -123,13 +123,14 @@ def test_an_ack_removes_the_order_dups_and_alias_entries_of_the_message(lab: Lab
         "owner": {"t": "c1"},
         "seq": "5",
         "signal": ["1"],
-        "stats": {"published": "2", "acked": "1"},
+        "born": {"t": str(lab.now)},
+        "stats": {"published": "2", "delivered": "2", "acked": "1"},
     }
     assert lab.ack(("t", first)) == [OK]
     assert lab.state() == {
         "seq": "5",
         "signal": ["1"],
-        "stats": {"published": "2", "acked": "2"},
+        "stats": {"published": "2", "delivered": "2", "acked": "2"},
     }
 
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 
-from celery_msg.keys import KEY_TYPES, QUEUE_KEY_PARTS
+from celery_msg.counters import DEAD_REASON_PREFIX
+from celery_msg.keys import KEY_TYPES, QUEUE_KEY_PARTS, Counter
 
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
@@ -41,6 +42,25 @@ def _reserve(lab: Lab) -> Call:
     lab.add_scheduled("s", "S", due=lab.now - 1, seq=3)
     lab.set_counter("seq", 3)
     return lambda: lab.reserve(count=5)
+
+
+def _publish_retry(lab: Lab) -> Call:
+    lab.add_ready("r", "R", score=lab.back(0, 1))
+    lab.set_counter("seq", 1)
+    return lambda: lab.publish_reply("new", "N", 0, retry=True)
+
+
+def _reserve_poison(lab: Lab) -> Call:
+    lab.add_ready("r", "R", score=lab.back(0, 1), deliv=3)
+    lab.add_ready("ok", "OK", score=lab.back(0, 2))
+    lab.set_counter("seq", 2)
+    return lambda: lab.reserve(count=5, max_deliveries=3)
+
+
+def _oldest(lab: Lab) -> Call:
+    lab.publish("r", "R", 2)
+    lab.publish("s", "S", 0, due=lab.now - 5)
+    return lambda: lab.oldest()
 
 
 def _leased(lab: Lab) -> None:
@@ -86,8 +106,7 @@ def _promote(lab: Lab) -> Call:
 
 
 def _bury(lab: Lab) -> Call:
-    args = [lab.now, "m", "M", 0, 1, '{"reason": "failed"}']
-    return lambda: lab.scripts.bury.script(keys=lab.keys.all, args=args)
+    return lambda: lab.bury("m", "M")
 
 
 def _dead(lab: Lab) -> None:
@@ -114,7 +133,10 @@ def _trim_dead(lab: Lab) -> Call:
 SCENARIOS: dict[str, Callable[[Lab], Call]] = {
     "publish": _publish,
     "publish with limits": _publish_with_limits,
+    "publish a retry": _publish_retry,
     "reserve": _reserve,
+    "reserve a poison message": _reserve_poison,
+    "oldest": _oldest,
     "ack": _ack,
     "extend": _extend,
     "requeue": _requeue,
@@ -130,7 +152,7 @@ SCENARIOS: dict[str, Callable[[Lab], Call]] = {
 
 #: Hash fields read as numbers: (part, field) with field None = every field of the scenario's
 #: messages.
-NUMERIC_FIELDS = ["order", "deliv", "stats", "args"]
+NUMERIC_FIELDS = ["order", "deliv", "stats", "args", "born"]
 
 
 def _corruptions() -> list[tuple[str, str]]:
@@ -153,7 +175,8 @@ def _corrupt(lab: Lab, part: str, how: str) -> None:
     if part == "seq":
         client.set(key, "x")
         return
-    fields = {"stats": ["published", "acked", "dead", "requeued", "reclaimed", "promoted"]}
+    reasons = [f"{DEAD_REASON_PREFIX}{word}" for word in ("failed", "poison", "missing-body")]
+    fields = {"stats": [*(c.value for c in Counter), *reasons]}
     fields["args"] = ["message_ttl", "max_length", "expires"]
     names = fields.get(part) or ["r", "e", "s", "m", "d", "old", "new"]
     client.hset(key, mapping={name: "not-a-number" for name in names})

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import pytest
+import redis
+
 from celery_msg.scripts import Code
 
 if TYPE_CHECKING:
@@ -25,7 +28,7 @@ def test_dead_letter_moves_the_message_to_the_dead_store_with_its_reason(lab: La
         "body": {"m": "M"},
         "order": {"m": lab.order(1, 0)},
         "deliv": {"m": "2"},
-        "stats": {"dead": "1"},
+        "stats": {"dead": "1", "dead:failed": "1"},
     }
 
 
@@ -53,12 +56,12 @@ def test_a_message_cannot_be_dead_lettered_twice(lab: Lab):
     lab.add_leased("m", "M", token=4, deadline=lab.now + 100)
     assert lab.dead_letter("m", 4, REASON, now=lab.now) == OK
 
-    assert lab.dead_letter("m", 4, '{"reason": "again"}', now=lab.now + 500) == LOST
+    assert lab.dead_letter("m", 4, '{"reason": "again"}', now=lab.now + 500, word="again") == LOST
 
     state = lab.state()
     assert state["dead"] == [("m", lab.now)]
     assert state["reason"] == {"m": REASON}
-    assert state["stats"] == {"dead": "1", "lease_lost": "1"}
+    assert state["stats"] == {"dead": "1", "dead:failed": "1", "lease_lost": "1"}
 
 
 def test_the_reason_is_stored_byte_for_byte(lab: Lab):
@@ -96,3 +99,24 @@ def test_a_dead_lettered_duplicate_keeps_its_order_and_dups_entries(lab: Lab):
     assert state["dead"] == [("t/2", lab.now)]
     assert state["order"] == {"t": lab.order(0, 1), "t/2": lab.order(2, 3)}
     assert state["dups"] == {"t/2": "t"}
+
+
+@pytest.mark.parametrize("word", ["", "Failed", "a b", "x" * 41, "dead:x"])
+def test_a_reason_that_is_no_word_is_refused_before_any_write(lab: Lab, word: str):
+    lab.add_leased("m", "M", token=4, deadline=lab.now + 100)
+    before = lab.state()
+
+    with pytest.raises(redis.ResponseError, match="reason word"):
+        lab.dead_letter("m", 4, REASON, word=word)
+    with pytest.raises(redis.ResponseError, match="reason word"):
+        lab.bury("m", word=word)
+
+    assert lab.state() == before
+
+
+def test_each_reason_is_counted_apart_and_in_the_total(lab: Lab):
+    for key, word in (("a", "failed"), ("b", "rejected"), ("c", "failed")):
+        lab.add_leased(key, key.upper(), token=1, deadline=lab.now + 100)
+        assert lab.dead_letter(key, 1, REASON, word=word) == OK
+
+    assert lab.state()["stats"] == {"dead": "3", "dead:failed": "2", "dead:rejected": "1"}

@@ -8,7 +8,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from celery_msg.scripts import Code
-from celery_msg.transitions import Bury, Discard, Replay
+from celery_msg.transitions import Discard, Replay
 
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
@@ -27,15 +27,8 @@ def bury(
     reason: str = REASON,
     now: int | None = None,
 ) -> str:
-    args = Bury.args(
-        now_ms=lab.now if now is None else now,
-        message_id=message_id,
-        payload=payload,
-        band=band,
-        deliveries=deliveries,
-        record=reason,
-    )
-    return lab.scripts.bury.run(lab.keys.all, args)
+    at = lab.now if now is None else now
+    return lab.bury(message_id, payload, band=band, deliveries=deliveries, reason=reason, now=at)
 
 
 def replay(lab: Lab, *keys: str) -> list[int]:
@@ -69,7 +62,8 @@ def test_bury_stores_a_copy_as_dead_under_its_id(lab: Lab):
         "order": {"m": lab.order(1, 1)},
         "deliv": {"m": "2"},
         "seq": "1",
-        "stats": {"dead": "1"},
+        "born": {"m": str(lab.now)},
+        "stats": {"dead": "1", "dead:failed": "1"},
     }
 
 
@@ -90,7 +84,8 @@ def test_bury_allocates_id_slash_n_when_the_id_is_stored(lab: Lab):
         "dups": {"t/2": "t"},
         "alias": {"t": "t/2"},
         "seq": "3",
-        "stats": {"published": "1", "dead": "1"},
+        "born": {"t": str(lab.now), "t/2": str(lab.now)},
+        "stats": {"published": "1", "dead": "1", "dead:failed": "1"},
     }
 
 
@@ -104,7 +99,7 @@ def test_burying_the_same_id_twice_keeps_both_copies(lab: Lab):
     assert state["body"] == {"t": "one", "t/2": "two", "t/4": "three"}
     assert state["dups"] == {"t/2": "t", "t/4": "t"}
     assert state["alias"] == {"t": "t/4"}
-    assert state["stats"] == {"dead": "3"}
+    assert state["stats"] == {"dead": "3", "dead:failed": "3"}
 
 
 def test_a_buried_copy_is_never_served(lab: Lab):
@@ -264,7 +259,8 @@ def test_discard_of_a_dead_duplicate_removes_its_dups_and_alias_entries(lab: Lab
         "order": {"t": lab.order(0, 1)},
         "seq": "3",
         "signal": ["1"],
-        "stats": {"published": "1", "dead": "1"},
+        "born": {"t": str(lab.now)},
+        "stats": {"published": "1", "dead": "1", "dead:failed": "1"},
     }
 
 
@@ -407,7 +403,8 @@ def test_trim_removes_the_dups_and_alias_entries_of_a_trimmed_duplicate(lab: Lab
         "order": {"t": lab.order(0, 1)},
         "seq": "3",
         "signal": ["1"],
-        "stats": {"published": "1", "dead": "1", "dead_trimmed": "1"},
+        "born": {"t": str(lab.now)},
+        "stats": {"published": "1", "dead": "1", "dead:failed": "1", "dead_trimmed": "1"},
     }
 
 

@@ -28,6 +28,7 @@ def test_publish_stores_the_message_at_the_back_of_its_band_and_signals(lab: Lab
         "seq": "1",
         "signal": ["1"],
         "stats": {"published": "1"},
+        "born": {"m1": str(lab.now)},
     }
 
 
@@ -88,6 +89,7 @@ def test_a_duplicate_id_is_stored_under_id_slash_n(lab: Lab):
         "stats": {"published": "3"},
         "dups": {"t/2": "t", "t/4": "t"},
         "alias": {"t": "t/4"},
+        "born": {"t": str(lab.now), "t/2": str(lab.now), "t/4": str(lab.now)},
     }
 
 
@@ -110,6 +112,7 @@ def test_a_duplicate_of_a_leased_message_is_stored_beside_it_and_leaves_the_leas
         "stats": {"published": "1"},
         "dups": {"t/5": "t"},
         "alias": {"t": "t/5"},
+        "born": {"t/5": str(lab.now)},
     }
 
 
@@ -133,6 +136,7 @@ def test_a_duplicate_id_never_overwrites_another_stored_message(lab: Lab):
         "stats": {"published": "3"},
         "dups": {"a/4": "a"},
         "alias": {"a": "a/4"},
+        "born": {"a": str(lab.now), "a/3": str(lab.now), "a/4": str(lab.now)},
     }
 
 
@@ -172,6 +176,7 @@ def test_the_duplicate_key_loop_skips_every_taken_id_slash_n(lab: Lab):
         "stats": {"published": "2"},
         "dups": {"a/5": "a"},
         "alias": {"a": "a/5"},
+        "born": {"a": str(lab.now), "a/5": str(lab.now)},
     }
 
 
@@ -195,6 +200,14 @@ def test_the_wake_up_signal_holds_exactly_one_element_after_many_publishes(lab: 
         lab.publish(f"m{i}", "x", i % 3)
 
     assert lab.client.lrange(lab.keys.signal, 0, -1) == [b"1"]
+
+
+def test_a_retry_is_counted_as_published_and_retried(lab: Lab):
+    lab.publish("t", "first", 0)
+    lab.publish_reply("t", "retry 1", 0, retry=True)
+    lab.publish_reply("t", "retry 2", 0, due=lab.now + 1_000, retry=True)
+
+    assert lab.state()["stats"] == {"published": "3", "retried": "2"}
 
 
 def test_every_publish_is_counted_in_stats_published(lab: Lab):
@@ -275,6 +288,7 @@ def test_a_publish_to_a_queue_with_a_message_ttl_records_the_message_deadline(la
         "seq": "2",
         "signal": ["1"],
         "stats": {"published": "2"},
+        "born": {"m1": str(lab.now)},
     }
 
 
@@ -308,6 +322,11 @@ def test_a_publish_removes_messages_older_than_the_ttl_and_counts_them_expired(l
         "seq": "5",
         "signal": ["1"],
         "stats": {"published": "5", "expired": "2"},
+        "born": {
+            "edge": str(lab.now + 1_001),
+            "new": str(lab.now + 6_000),
+            "newer": str(lab.now + 6_001),
+        },
     }
 
 
@@ -344,6 +363,7 @@ def test_a_publish_beyond_max_length_drops_the_head_and_counts_it_dropped(lab: L
         "seq": "3",
         "signal": ["1"],
         "stats": {"published": "2", "dropped": "1"},
+        "born": {"low": str(lab.now), "next": str(lab.now)},
     }
 
 

@@ -71,5 +71,6 @@ def test_purge_removes_the_order_and_dups_entries_of_the_ready_messages_only(lab
         "owner": {"t": "c1"},
         "seq": "5",
         "signal": ["1"],
-        "stats": {"published": "3"},
+        "stats": {"published": "3", "delivered": "1"},
+        "born": {"t": str(lab.now)},
     }

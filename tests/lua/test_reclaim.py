@@ -144,6 +144,7 @@ def test_a_reclaim_takes_the_band_from_order_once_the_ready_entry_is_gone(lab: L
         "deliv": {"m": "1"},
         "seq": "4",
         "signal": ["1"],
-        "stats": {"published": "3", "reclaimed": "1"},
+        "stats": {"published": "3", "delivered": "1", "reclaimed": "1"},
+        "born": {"a": str(lab.now), "b": str(lab.now), "m": str(lab.now)},
     }
     assert [key for _, key, _, _, _ in lab.reserve(count=3)] == ["m", "b", "a"]

@@ -111,7 +111,8 @@ def test_a_batch_requeue_is_served_again_in_the_order_of_the_batch(lab: Lab):
         "deliv": {"a": "1", "b": "1", "c": "1"},
         "seq": "7",
         "signal": ["1"],
-        "stats": {"published": "4", "requeued": "3"},
+        "stats": {"published": "4", "delivered": "3", "requeued": "3"},
+        "born": {"a": str(lab.now), "b": str(lab.now), "c": str(lab.now), "d": str(lab.now)},
     }
     assert [key for _, key, _, _, _ in lab.reserve(count=4)] == ["a", "b", "c", "d"]
 
@@ -191,7 +192,8 @@ def test_a_requeue_takes_the_band_from_order_once_the_ready_entry_is_gone(lab: L
         "deliv": {"m": "1"},
         "seq": "4",
         "signal": ["1"],
-        "stats": {"published": "3", "requeued": "1"},
+        "stats": {"published": "3", "delivered": "1", "requeued": "1"},
+        "born": {"m": str(lab.now), "n": str(lab.now), "z": str(lab.now)},
     }
     assert [key for _, key, _, _, _ in lab.reserve(count=3)] == ["m", "n", "z"]
 

@@ -36,6 +36,7 @@ def test_a_reserve_leases_the_message_in_the_same_call(lab: Lab):
         "token": {"m1": "2"},
         "owner": {"m1": "worker-1"},
         "seq": "2",
+        "stats": {"delivered": "1"},
     }
 
 
@@ -80,6 +81,7 @@ def test_the_count_limit_is_respected_and_the_rest_stays_ready_and_signalled(lab
         "owner": {f"m{i}": "c1" for i in range(3)},
         "seq": "8",
         "signal": ["1"],
+        "stats": {"delivered": "3"},
     }
 
 
@@ -263,7 +265,7 @@ def test_expired_leases_are_reclaimed_first_and_served_from_the_front_of_their_b
         "owner": {"old": "c2"},
         "seq": "6",
         "signal": ["1"],
-        "stats": {"reclaimed": "1"},
+        "stats": {"reclaimed": "1", "delivered": "1", "redelivered": "1"},
     }
 
 
@@ -339,7 +341,7 @@ def test_reserve_serves_reclaimed_messages_first_in_publish_order(lab: Lab):
         "owner": {"late": "c2", "early": "c2"},
         "seq": "6",
         "signal": ["1"],
-        "stats": {"reclaimed": "3"},
+        "stats": {"reclaimed": "3", "delivered": "2", "redelivered": "2"},
     }
 
 
@@ -399,7 +401,7 @@ def test_a_message_delivered_max_deliveries_times_is_dead_lettered_as_poison(lab
         "token": {"ok": "3"},
         "owner": {"ok": "c1"},
         "seq": "3",
-        "stats": {"dead": "1"},
+        "stats": {"dead": "1", "dead:poison": "1", "delivered": "1", "redelivered": "1"},
     }
 
 
@@ -453,7 +455,7 @@ def test_an_id_in_ready_without_a_body_is_recorded_dead_as_missing_body_without_
         "token": {"real": "3"},
         "owner": {"real": "c1"},
         "seq": "3",
-        "stats": {"dead": "1"},
+        "stats": {"dead": "1", "dead:missing-body": "1", "delivered": "1"},
     }
 
 
@@ -629,7 +631,8 @@ def test_a_message_older_than_the_queue_ttl_is_never_delivered_but_removed_and_c
         "owner": {"fresh": "c1"},
         "seq": "3",
         "signal": ["1"],
-        "stats": {"published": "2", "expired": "1"},
+        "stats": {"published": "2", "expired": "1", "delivered": "1"},
+        "born": {"fresh": str(lab.now + 3_000)},
     }
 
 
@@ -646,7 +649,7 @@ def test_expired_messages_beyond_the_sweep_limit_are_skipped_when_they_come_up(l
     state = lab.state()
     assert state["body"] == {"fresh": "F"}
     assert "ttl" not in state and "ready" not in state
-    assert state["stats"] == {"published": "4", "expired": "3"}
+    assert state["stats"] == {"published": "4", "expired": "3", "delivered": "1"}
 
 
 def test_a_message_exactly_as_old_as_the_ttl_is_still_delivered(lab: Lab):
@@ -657,7 +660,7 @@ def test_a_message_exactly_as_old_as_the_ttl_is_still_delivered(lab: Lab):
     served = lab.reserve(now=lab.now + 2_000, count=10)
 
     assert [key for _, key, _, _, _ in served] == ["edge"]
-    assert lab.state()["stats"] == {"published": "2", "expired": "1"}
+    assert lab.state()["stats"] == {"published": "2", "expired": "1", "delivered": "1"}
 
 
 def test_a_requeued_message_of_a_ttl_queue_does_not_expire_again(lab: Lab):
@@ -671,7 +674,13 @@ def test_a_requeued_message_of_a_ttl_queue_does_not_expire_again(lab: Lab):
 
     # The TTL bounds the wait for a first delivery only: `m` was delivered once already.
     assert [(k, deliv) for _, k, _, deliv, _ in served] == [("m", 2)]
-    assert lab.state()["stats"] == {"published": "2", "requeued": "1", "expired": "1"}
+    assert lab.state()["stats"] == {
+        "published": "2",
+        "requeued": "1",
+        "expired": "1",
+        "delivered": "2",
+        "redelivered": "1",
+    }
 
 
 def test_a_purged_message_of_a_ttl_queue_leaves_no_deadline_behind(lab: Lab):

@@ -61,6 +61,7 @@ def test_a_due_time_of_zero_means_now_as_before(lab: Lab):
         "seq": "1",
         "signal": ["1"],
         "stats": {"published": "1"},
+        "born": {"m1": str(lab.now)},
     }
 
 
@@ -165,7 +166,8 @@ def test_a_message_is_promoted_and_served_at_exactly_its_due_time(lab: Lab):
         "seq": "3",
         # promote_due signals; nothing is left ready, but nobody popped the marker here.
         "signal": ["1"],
-        "stats": {"published": "1", "promoted": "1"},
+        "stats": {"published": "1", "promoted": "1", "delivered": "1"},
+        "born": {"m": str(lab.now + 1_000)},
     }
 
 
@@ -275,6 +277,7 @@ def test_promote_moves_due_messages_to_ready_counts_and_signals(lab: Lab):
         "seq": "3",
         "signal": ["1"],
         "stats": {"published": "2", "promoted": "1"},
+        "born": {"a": str(lab.now + 1_000)},  # its due time
     }
 
 
@@ -441,7 +444,7 @@ def test_a_unique_publish_of_an_acked_id_stores_a_new_message(lab: Lab):
     # publish 1, token 2, new publish 3.
     assert state["ready"] == [("u", lab.back(0, 3))]
     assert state["body"] == {"u": "second"}
-    assert state["stats"] == {"published": "2", "acked": "1"}
+    assert state["stats"] == {"published": "2", "delivered": "1", "acked": "1"}
 
 
 def test_a_unique_publish_of_a_never_seen_id_stores_it_as_usual(lab: Lab):
@@ -474,6 +477,7 @@ def test_a_unique_publish_of_a_dead_id_stores_a_new_message_beside_the_dead_one(
         "stats": {"published": "1"},
         "dups": {"u/1": "u"},
         "alias": {"u": "u/1"},
+        "born": {"u/1": str(lab.now)},
     }
 
 

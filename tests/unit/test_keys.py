@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from celery_msg.keys import QUEUE_KEY_PARTS, QueueKeys, bindings_key, queues_key
+from celery_msg.keys import QUEUE_KEY_PARTS, SIDE_KEY_PARTS, QueueKeys, bindings_key, queues_key
 
 QUEUE_NAMES = ["celery", "celery.pidbox", "q:with:colons", "ünïcode ✓", "a}b", "x{y}z", "  "]
 
@@ -25,7 +25,7 @@ def test_the_keys_come_in_script_keys_order_one_per_part():
     keys = QueueKeys("celery", "app:")
 
     assert keys.all == tuple(f"app:{{celery}}:{part}" for part in QUEUE_KEY_PARTS)
-    assert len(set(keys.all)) == len(QUEUE_KEY_PARTS) == 18
+    assert len(set(keys.all)) == len(QUEUE_KEY_PARTS) == 19
 
 
 def test_the_key_tuple_is_built_once_per_queue_keys():
@@ -41,8 +41,9 @@ def test_the_key_tuple_is_built_once_per_queue_keys():
 
 def test_the_parts_are_in_the_order_the_scripts_expect_them():
     # The scripts read KEYS by this order (the preamble's PARTS); new parts go at the end.
-    # `order` (the published score: band and sequence) took the place of `prio`; `born` is gone;
-    # `front` went when requeued messages began to keep their publish sequence number.
+    # `order` (the published score: band and sequence) took the place of `prio`; `born` went,
+    # and came back as the enqueue time (ms) for the oldest message's age; `front` went when
+    # requeued messages began to keep their publish sequence number.
     assert QUEUE_KEY_PARTS == (
         "ready",
         "leased",
@@ -62,13 +63,14 @@ def test_the_parts_are_in_the_order_the_scripts_expect_them():
         "args",
         "ttl",
         "uniq",
+        "born",
     )
 
 
 def test_every_key_starts_with_the_prefix_and_the_braced_queue_name():
     keys = QueueKeys("celery", "celery-msg:")
 
-    for key in keys.all:
+    for key in (*keys.all, *keys.side):
         assert key.startswith("celery-msg:{celery}:")
         assert _hash_tag(key) == "celery"
 
@@ -91,9 +93,9 @@ def test_a_part_is_also_reachable_as_an_attribute():
     assert keys.dups == "p:{q}:dups"
 
 
-def test_the_class_declares_exactly_the_parts_in_keys_order():
+def test_the_class_declares_exactly_the_parts_in_keys_order_then_the_side_keys():
     declared = [name for name, value in vars(QueueKeys).items() if type(value).__name__ == "_Part"]
-    assert declared == list(QUEUE_KEY_PARTS)
+    assert declared == [*QUEUE_KEY_PARTS, *SIDE_KEY_PARTS]
 
 
 def test_an_unknown_part_raises_attribute_error():
@@ -101,7 +103,7 @@ def test_an_unknown_part_raises_attribute_error():
         _ = QueueKeys("q", "p:").redy
 
 
-@pytest.mark.parametrize("gone", ["prio", "born"])
+@pytest.mark.parametrize("gone", ["prio", "front"])
 def test_the_parts_replaced_by_order_are_no_longer_keys(gone: str):
     with pytest.raises(AttributeError, match=gone):
         _ = getattr(QueueKeys("q", "p:"), gone)

@@ -53,6 +53,11 @@ def record(settings: Settings, event: str, **fields: Any) -> None:
     _events_client(settings).rpush(settings.events_key, json.dumps(entry))
 
 
+def runs_key(settings: Settings) -> str:
+    """Hash (database 0) of task id -> how many times the ``counted`` task ran with it."""
+    return f"{settings.prefix}runs"
+
+
 def runs_so_far(settings: Settings, task_id: str) -> int:
     """How many ``start`` events task ``task_id`` has recorded (its earlier executions)."""
     raw = _events_client(settings).lrange(settings.events_key, 0, -1)
@@ -174,6 +179,12 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
         record(settings, "finish", **where)
         return label
 
+    @app.task(name="counted", shared=False, bind=True)
+    def counted(self: Task, x: int) -> int:
+        """Counts its runs per task id in a hash beside the event list (outside the broker)."""
+        _events_client(settings).hincrby(runs_key(settings), self.request.id, 1)
+        return x
+
     @app.task(name="record_now", shared=False, bind=True)
     def record_now(self: Task, label: str = "") -> str:
         """Records a start and a finish at once; not acks_late (acked when it starts)."""
@@ -190,17 +201,22 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
 
     # Tasks for policies: no ack attributes of their own, so the policy's ack mode decides.
 
-    @app.task(name="attempt", shared=False, bind=True)
-    def attempt(self: Task, fail_times: int, label: str = "") -> int:
-        """Fails (Transient) on its first ``fail_times`` runs, then returns its run number."""
-        run = runs_so_far(settings, self.request.id) + 1
-        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+    def fail_first_runs(task: Task, fail_times: int, label: str, recorded: str) -> int:
+        """Fails (Transient) on the first ``fail_times`` runs of ``task``, then returns its run
+        number; every run records ``recorded`` as its label."""
+        run = runs_so_far(settings, task.request.id) + 1
+        where = {"task": task.request.id, "label": recorded, "worker": task.request.hostname}
         record(settings, "start", token=str(run), **where)
         if run <= fail_times:
             record(settings, "fail", token=str(run), **where)
             raise Transient(f"run {run} of {label}")
         record(settings, "finish", token=str(run), **where)
         return run
+
+    @app.task(name="attempt", shared=False, bind=True)
+    def attempt(self: Task, fail_times: int, label: str = "") -> int:
+        """Fails (Transient) on its first ``fail_times`` runs, then returns its run number."""
+        return fail_first_runs(self, fail_times, label, label)
 
     @app.task(name="always_fail", shared=False, bind=True)
     def always_fail(self: Task, label: str = "") -> None:
@@ -245,6 +261,13 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
     def kill_always(self: Task) -> None:
         record(settings, "start", task=self.request.id, worker=self.request.hostname)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    @app.task(name="traced", shared=False, bind=True)
+    def traced(self: Task, fail_times: int, label: str = "") -> int:
+        """As ``attempt``, recording the W3C ``traceparent`` header the run sees as its label
+        (read as OpenTelemetry's Celery instrumentation reads it: an attribute of the request)."""
+        seen = str(getattr(self.request, "traceparent", None))
+        return fail_first_runs(self, fail_times, label, seen)
 
     @app.task(name="record_eta", shared=False, bind=True)
     def record_eta(self: Task, label: str = "") -> str:

@@ -1,0 +1,104 @@
+"""Celery's side of bulk publishing, installed by :func:`celery_msg.configure`.
+
+1. Groups publish in bulk: every ``group(...).apply_async()`` of a configured app (so also
+   ``chunks``, ``starmap`` over a group, and the header of a ``chord``) publishes its tasks
+   inside one :func:`celery_msg.bulk` block.
+2. Inside a block, the app's ``producer_or_acquire()`` (what ``Task.apply_async`` /
+   ``send_task`` call to get a producer) hands out one producer of the app's pool, held for
+   the block's life, instead of taking one from the pool and giving it back per task.
+
+The hook is Celery's ``group._apply_tasks``: the generator ``group.apply_async`` exhausts (with
+``list``) to publish the group's tasks one by one with one producer, after freezing them (ids,
+group id, chord size) and before building the ``GroupResult``. Wrapping it in a bulk block
+changes no step of Celery's own: every task is still built and published by
+``Task.apply_async`` -> ``amqp.send_task_message``, with its ``before_task_publish`` and
+``after_task_publish`` signals, and its result tracked as usual. The only change is when the
+messages reach Redis: in pipelined batches, all of them before ``apply_async`` returns.
+
+What this relies on is pinned by ``tests/integration/test_bulk_groups.py`` (a group's, a
+chunk's and a chord header's tasks are published inside the block, in Celery's own code; the
+tasks of a block take one producer from the pool): an upgrade that renames or stops using
+``_apply_tasks`` or ``producer_or_acquire`` fails those tests, and :func:`install` logs a
+warning instead of wrapping something else.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from celery import Celery
+from celery.canvas import group
+
+from .bulk_publish import bulk, current_buffer, uses_celery_msg
+
+logger = logging.getLogger(__name__)
+
+_apps: weakref.WeakSet[Celery] = weakref.WeakSet()
+_MARK = "__celery_msg_bulk__"
+
+
+def install(app: Celery) -> None:
+    """Publish ``app``'s groups in bulk (wraps ``group._apply_tasks`` once per process) and
+    hold one producer per bulk block (wraps ``app.producer_or_acquire``)."""
+    _hold_producer(app)
+    original = getattr(group, "_apply_tasks", None)
+    if original is None:
+        logger.warning(
+            "celery.canvas.group has no _apply_tasks (a Celery version celery-msg does not "
+            "know): groups are published one task at a time"
+        )
+        return
+    _apps.add(app)
+    if not getattr(original, _MARK, False):
+        wrapped = _bulk_apply_tasks(original)
+        setattr(wrapped, _MARK, True)
+        group._apply_tasks = wrapped
+
+
+def _hold_producer(app: Celery) -> None:
+    original = app.producer_or_acquire
+    if getattr(original, _MARK, False):
+        return
+
+    def producer_or_acquire(producer: Any = None) -> Any:
+        if producer is None:
+            buffer = current_buffer()
+            if buffer is not None:
+                producer = buffer.hold(app, _acquire(app), _release)
+        return original(producer)
+
+    setattr(producer_or_acquire, _MARK, True)
+    app.producer_or_acquire = producer_or_acquire
+
+
+def _acquire(app: Celery) -> Any:
+    timeout = app.conf.broker_pool_acquire_timeout
+    return lambda: app.producer_pool.acquire(block=True, timeout=timeout)
+
+
+def _release(producer: Any) -> None:
+    producer.release()
+
+
+def uninstall(app: Celery) -> None:
+    """Publish ``app``'s groups one task at a time again."""
+    _apps.discard(app)
+
+
+def _bulk_apply_tasks(original: Any) -> Any:
+    @functools.wraps(original)
+    def _apply_tasks(
+        self: Any, tasks: Any, producer: Any = None, app: Any = None, *args: Any, **kwargs: Any
+    ) -> Iterator[Any]:
+        target = app or self.app
+        if target not in _apps or not uses_celery_msg(target):
+            yield from original(self, tasks, producer, app, *args, **kwargs)
+            return
+        with bulk(target):
+            yield from original(self, tasks, producer, app, *args, **kwargs)
+
+    return _apply_tasks
