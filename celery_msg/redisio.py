@@ -327,15 +327,24 @@ def _replicated_on_cluster(
 
 
 def load_script(client: redis.Redis, script: Script, keys: Sequence[str]) -> None:
-    """Load ``script`` where a call with ``keys`` runs: on a Cluster only the node of their
-    slot (redis-py's own reload goes to every master, and fails while any one is down)."""
-    if is_cluster(client) and keys:
-        node = client.get_node_from_key(keys[0])  # type: ignore[attr-defined]
-        sha = client.execute_command("SCRIPT", "LOAD", script.script, target_nodes=node)  # type: ignore[no-untyped-call]
-    else:
+    """Load ``script`` where a call with ``keys`` may run. On a Cluster: on every master that
+    answers (redis-py's own reload goes to every master at once, and fails while any one is
+    down), since the slot map may be behind (a slot just moved: the call is redirected to a
+    node the map does not name yet)."""
+    if not is_cluster(client):
         sha = client.script_load(script.script)
-    if text(sha) != script.sha:
-        raise redis.exceptions.NoScriptError(f"SCRIPT LOAD gave another SHA for {script.sha}")
+        if text(sha) != script.sha:
+            raise redis.exceptions.NoScriptError(f"SCRIPT LOAD gave another SHA for {script.sha}")
+        return
+    loaded = 0
+    for node in client.get_primaries():  # type: ignore[attr-defined]
+        try:
+            client.execute_command("SCRIPT", "LOAD", script.script, target_nodes=node)  # type: ignore[no-untyped-call]
+            loaded += 1
+        except REDIS_CONNECTION_ERRORS:
+            continue  # a master that is down: a call there finds it missing again later
+    if not loaded:
+        raise redis.ConnectionError(f"no master of the Cluster answered SCRIPT LOAD ({keys[:1]})")
 
 
 def evalsha(client: redis.Redis, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:

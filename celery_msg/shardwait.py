@@ -24,6 +24,8 @@ import select
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+
 from .redisio import text
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,12 @@ class ShardWaiter:
                 self._forget(node)  # the next watch subscribes again, on a new connection
                 raise
             for reply in replies:
+                if isinstance(reply, redis.ResponseError):
+                    # An SSUBSCRIBE refused (MOVED: sent to where the slot was a moment ago):
+                    # the channels this node was to serve are subscribed again where they are.
+                    self._refused(node, reply)
+                    woken = True
+                    continue
                 if not isinstance(reply, list) or len(reply) < 2:
                     continue
                 kind, channel = text(reply[0]), text(reply[1])
@@ -114,9 +122,18 @@ class ShardWaiter:
     def _read_all(conn: Any) -> list[Any]:
         replies = []
         while conn.can_read(timeout=0):
-            # push_request: under RESP3 pub/sub messages are pushes, returned only when asked.
-            replies.append(conn.read_response(push_request=True))
+            try:
+                # push_request: under RESP3 pub/sub messages are pushes, returned only when asked.
+                replies.append(conn.read_response(push_request=True))
+            except redis.ResponseError as exc:  # an error reply: the connection is fine
+                replies.append(exc)
         return replies
+
+    def _refused(self, node: str, error: redis.ResponseError) -> None:
+        logger.info("node %s refused a subscription (%s); re-reading slots", node, error)
+        for channel in [c for c, n in self._where.items() if n == node]:
+            del self._where[channel]  # SSUBSCRIBE again is harmless where it was accepted
+        self.client.nodes_manager.initialize()
 
     def _forget(self, node: str) -> None:
         conn = self._conns.pop(node, None)
