@@ -152,8 +152,11 @@ def test_a_failed_charge_is_dead_lettered_and_replayed_once_the_gateway_is_back(
     shop.client.post("/gateway", json={"down": True})
     task_id = shop.enqueue("/orders/7/charge", {"amount_cents": 1234})
 
-    dead = shop.wait(task_id, lambda s: [b["state"] for b in s["broker"]] == ["DEAD"])
-    assert dead["state"] == "FAILURE"
+    # One status reads the result backend, then the broker: wait for both to have caught up.
+    dead = shop.wait(
+        task_id,
+        lambda s: [b["state"] for b in s["broker"]] == ["DEAD"] and s["state"] == "FAILURE",
+    )
     [letter] = shop.client.get("/dead-letters?task=shop.tasks.charge_card").json
     assert letter["id"] == task_id and letter["reason"] == "failed"
     assert letter["detail"].startswith("RuntimeError: payment gateway unavailable")
