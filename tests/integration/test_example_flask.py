@@ -153,7 +153,7 @@ def test_a_failed_charge_is_dead_lettered_and_replayed_once_the_gateway_is_back(
     task_id = shop.enqueue("/orders/7/charge", {"amount_cents": 1234})
 
     # One status reads the result backend, then the broker: wait for both to have caught up.
-    dead = shop.wait(
+    shop.wait(
         task_id,
         lambda s: [b["state"] for b in s["broker"]] == ["DEAD"] and s["state"] == "FAILURE",
     )
