@@ -277,6 +277,11 @@ def differences(kombu: Transcript, ours: Transcript, *, configured: bool) -> lis
                 continue  # answered from Redis only with configure() (README)
             got = ours.phases.get(phase, {}).get(command, NO_REPLY)
             normal = NORMAL.get(command, lambda reply: reply)
+            if command == "active_queues" and isinstance(expected, list):
+                # cancel_consumer ran back to back before these phases, so the extra queue is
+                # gone; kombu's busy synchronous worker sometimes still lists it (it applied the
+                # cancel late): hold ours to the outcome, not to that lag.
+                expected = [q for q in expected if q.get("name") != EXTRA_QUEUE]
             if got == NO_REPLY or normal(got) != normal(expected):
                 found.append(f"{phase} / {command}: kombu {expected!r}, celery-msg {got!r}")
     return found
