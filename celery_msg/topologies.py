@@ -228,14 +228,12 @@ class SentinelTopology(_Topology):
         return self.server_on(self.master_port())
 
     def wait_for_failover(self, old_port: int, timeout: float = 30.0) -> ServerProcess:
-        """Until the sentinels name a master other than ``old_port`` and it accepts writes."""
+        """Until every running sentinel names the same new master, none flags it down or in
+        failover (what a client's discovery accepts), and it accepts writes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                port = self.master_port()
-            except ServerError:
-                port = old_port
-            if port != old_port:
+            port = self._agreed_master()
+            if port is not None and port != old_port:
                 server = self.server_on(port)
                 try:
                     with server.client() as client:
@@ -245,6 +243,24 @@ class SentinelTopology(_Topology):
                     pass
             time.sleep(0.1)
         raise ServerError(f"no failover away from port {old_port} within {timeout}s")
+
+    def _agreed_master(self) -> int | None:
+        """The master's port if every running sentinel reports it healthy, else None."""
+        ports = set()
+        for sentinel in self.sentinels:
+            if not sentinel.running:
+                continue
+            try:
+                with sentinel.client() as client:
+                    state = client.execute_command("SENTINEL", "MASTER", self.master_name)
+                raw = _field(state, "flags")
+                flags = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if flags != "master":  # s_down, o_down, failover_in_progress...
+                    return None
+                ports.add(int(_field(state, "port")))
+            except (redis.RedisError, OSError, KeyError, TypeError, ValueError):
+                return None
+        return ports.pop() if len(ports) == 1 else None
 
     @contextlib.contextmanager
     def replicas_lagging(self, seconds: float) -> Iterator[None]:
