@@ -73,20 +73,11 @@ class AckSender:
         self._unconfirmed: list[Lease] = []
         self._on_lost = on_lost
 
-    @property
-    def in_flight(self) -> int:
-        """Acks sent whose reply was not read yet."""
-        return self._in_flight_count
-
     def add(self, leases: list[Lease]) -> None:
         """Write these acks now. Not kept for the end of the loop's turn: Celery runs a task
         whose ETA it holds from a timer, and several such timers fire in one turn, so a kept
         ack could wait for the tasks that run after it (and a SIGKILL meanwhile re-runs it)."""
         self.send(leases)
-
-    def pending(self) -> bool:
-        """Whether replies wait to be read."""
-        return bool(self._in_flight)
 
     def flush(self) -> None:
         """Read whatever replies have arrived, without waiting (every turn of the loop)."""

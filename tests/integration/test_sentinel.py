@@ -5,8 +5,6 @@ server, which nothing here kills, so every execution is counted outside the brok
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 from collections import Counter
@@ -18,8 +16,8 @@ import pytest
 import redis
 from celery_helpers import Stack, StackFactory, stack_factory, wait_until
 from kombu import Connection, Queue
-from kombu.message import Message
 
+from bench.failover import drain as drain_through
 from celery_msg.core import Broker
 from celery_msg.errors import AuthenticationFailed
 from celery_msg.topologies import SentinelTopology
@@ -213,28 +211,7 @@ RETRY = {"max_retries": 60, "interval_start": 0.1, "interval_step": 0.1, "interv
 
 def drain(topology: SentinelTopology, options: dict[str, object], queue: Queue) -> list[int]:
     """Every message left in ``queue``, read by a consumer through the sentinels."""
-    return drain_url(topology.broker_url(), options, queue)
-
-
-def drain_url(url: str, options: dict[str, object], queue: Queue) -> list[int]:
-    received: list[int] = []
-
-    def on_message(body: dict[str, int], message: Message) -> None:
-        received.append(body["n"])
-        message.ack()
-
-    with (
-        Connection(url, transport_options=options) as conn,
-        conn.Consumer([queue], callbacks=[on_message], prefetch_count=500),
-    ):
-        idle_since = time.monotonic()
-        while time.monotonic() - idle_since < 2.0:
-            before = len(received)
-            with contextlib.suppress(TimeoutError, socket.timeout):
-                conn.drain_events(timeout=0.5)
-            if len(received) > before:
-                idle_since = time.monotonic()
-    return received
+    return drain_through(topology.broker_url(), options, queue)
 
 
 def test_acl_users_on_the_sentinels_and_on_the_data_nodes(server: Server, prefix: str):
@@ -260,7 +237,7 @@ def test_acl_users_on_the_sentinels_and_on_the_data_nodes(server: Server, prefix
             producer = conn.Producer()
             for n in range(10):
                 producer.publish({"n": n}, routing_key=queue.name, declare=[queue])
-        assert sorted(drain_url(url, options, queue)) == list(range(10))
+        assert sorted(drain_through(url, options, queue)) == list(range(10))
         # The data nodes need the URL's user; the sentinels need theirs.
         no_user = url.replace("app:app-pw@", "")
         with (
