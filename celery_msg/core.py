@@ -87,6 +87,7 @@ __all__ = [
     "Delivery",
     "Lease",
     "MessageInfo",
+    "PreparedRound",
     "ReserveRequest",
     "Round",
     "Route",
@@ -473,10 +474,23 @@ class Broker(Lookups, Bindings):
         """Ack ``acks`` and serve every request in a single round trip (a consumer's hot path;
         on a Cluster, requests over queues on several slots may take more, see
         :mod:`celery_msg.slots`)."""
+        prepared = self.prepare_round(acks, requests)
+        if not prepared.calls:
+            return Round([[] for _ in requests], [], None)
+        with translated_errors("ack and reserve"):
+            try:
+                results = self.script_replies(prepared.calls)
+            except ReplicationTimeout as exc:
+                results = self._unconfirmed(exc)
+        return self.finish_round(prepared, results)
+
+    def prepare_round(
+        self, acks: Sequence[Lease], requests: Sequence[ReserveRequest]
+    ) -> PreparedRound:
+        """The script calls of a round (its acks, then the reserves), not sent yet: a worker's
+        event loop sends them ahead and reads the replies later (:mod:`celery_msg.readahead`)."""
         by_queue = group_by_queue(acks)
         wanted = [r for r in requests if r.count > 0 and r.queues]
-        if not by_queue and not wanted:
-            return Round([[] for _ in requests], [], None)
         plans = {id(r): plan(r, self.cluster) for r in wanted}
         ack, reserve = self.scripts.ack, self.scripts.reserve
         calls: list[ScriptCall] = [
@@ -485,13 +499,14 @@ class Broker(Lookups, Bindings):
         ]
         subs = [sub for r in wanted for sub in plans[id(r)][0]]
         calls.extend((reserve.script, self._reserve_keys(r), self._reserve_args(r)) for r in subs)
-        with translated_errors("ack and reserve"):
-            try:
-                results = self.script_replies(calls)
-            except ReplicationTimeout as exc:
-                results = self._unconfirmed(exc)
+        return PreparedRound(list(requests), by_queue, plans, calls)
+
+    def finish_round(self, prepared: PreparedRound, results: Sequence[Any]) -> Round:
+        """A round's outcome from the replies of :meth:`prepare_round`'s calls (error replies
+        included: a broken queue is reported and served around, the others go on)."""
+        by_queue, plans, ack = prepared.acks, prepared.plans, self.scripts.ack
         broken: dict[str, str] = {}
-        acked = results[: len(by_queue)]
+        acked = list(results[: len(by_queue)])
         for i, (queue, group) in enumerate(by_queue.items()):
             if isinstance(acked[i], redis.ResponseError):
                 broken[queue] = str(acked[i])
@@ -500,7 +515,7 @@ class Broker(Lookups, Bindings):
         served = iter(results[len(by_queue) :])
         out: list[list[Delivery]] = []
         soonest: int | None = None
-        for request in requests:
+        for request in prepared.requests:
             if not (request.count > 0 and request.queues):
                 out.append([])
                 continue
@@ -741,6 +756,18 @@ class Broker(Lookups, Bindings):
         with translated_errors(f"reclaim in {queue!r}"):
             args = Reclaim.args(now_ms=self.now_ms(), limit=batch)
             return self.scripts.reclaim.run(self.keys(queue).all, args)
+
+
+class PreparedRound(NamedTuple):
+    """A round's script calls, and what reading their replies needs (see
+    :meth:`Broker.prepare_round`)."""
+
+    requests: list[ReserveRequest]
+    #: The acks, per queue (one call each, first in ``calls``).
+    acks: dict[str, list[Lease]]
+    #: Each wanted request's plan (by ``id``): the calls sent at once, the follow-ups (Cluster).
+    plans: dict[int, tuple[list[ReserveRequest], list[ReserveRequest]]]
+    calls: list[ScriptCall]
 
 
 def _deliveries(request: ReserveRequest, reply: ReserveReply) -> list[Delivery]:
