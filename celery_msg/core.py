@@ -605,11 +605,11 @@ class Broker(Lookups, Bindings):
             error,
         )
 
-    def _reserve_keys(self, request: ReserveRequest) -> list[str]:
-        keys: list[str] = []
-        for queue in request.queues:
-            keys.extend(self.keys(queue).all)
-        return keys
+    def _reserve_keys(self, request: ReserveRequest) -> tuple[str, ...]:
+        """A tuple: its packed ``EVALSHA`` head is cached (:func:`redisio.pack_head`)."""
+        if len(request.queues) == 1:
+            return self.keys(request.queues[0]).all
+        return tuple(key for queue in request.queues for key in self.keys(queue).all)
 
     def _reserve_args(self, request: ReserveRequest) -> list[Any]:
         return Reserve.args(

@@ -246,9 +246,12 @@ class DrainLoop:
         the event loop calls this before it hands over the last reserved message, when the
         channels may take a worthwhile batch and no ack waits to ride on a round."""
         ahead = self.read_ahead
-        if ahead is None or ahead.pending or self._holding or self.has_buffered_acks():
+        if ahead is None or ahead.pending or self._holding:
             return
-        if sum(len(c._ready) for c in self.channels) != 1 or not self.room_for_a_batch():
+        # Cheapest first: this runs before every message the loop hands over.
+        if sum(len(c._ready) for c in self.channels) != 1 or self.has_buffered_acks():
+            return
+        if not self.room_for_a_batch():
             return
         channels, requests = self._requests()
         prepared = self.broker.prepare_round([], requests)

@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from .core import REDIS_CONNECTION_ERRORS, Broker, PreparedRound, Round, pack_evalsha
+from .core import REDIS_CONNECTION_ERRORS, Broker, Lease, PreparedRound, Round, pack_evalsha
 from .redisio import translated_errors
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class ReadAhead:
         pool = broker.client.connection_pool
         self.conn: Any = pool.connection_class(**pool.connection_kwargs)
         self._pending: PreparedRound | None = None
+        self._sent_ms = 0
 
     @staticmethod
     def usable(broker: Broker) -> bool:
@@ -73,6 +74,7 @@ class ReadAhead:
             self._disconnect()
             return False
         self._pending = prepared
+        self._sent_ms = self.broker.now_ms()
         return True
 
     def read(self) -> Round | None:
@@ -109,7 +111,32 @@ class ReadAhead:
                 again = self.broker.script_replies([prepared.calls[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 results[i] = reply
-        return self.broker.finish_round(prepared, results)
+        return self._still_held(self.broker.finish_round(prepared, results))
+
+    def _still_held(self, round_: Round) -> Round:
+        """The round without what this consumer may no longer hold.
+
+        Its leases ran from the moment Redis served it, but nobody renewed them while the reply
+        waited unread (the renewer knows only what was handed over): after a long last task
+        they may have expired, been reclaimed and been delivered to another consumer. So when
+        as long as a renewal interval (a third of the lease) has passed, they are renewed
+        first, and any found lost is dropped, not delivered a second time."""
+        if self.broker.now_ms() - self._sent_ms < self.broker.lease_ms // 3:
+            return round_
+        held = [Lease(d.queue, d.key, d.token) for ds in round_.deliveries for d in ds]
+        with translated_errors("renew what a reserve sent ahead leased"):
+            lost = {(lease.queue, lease.key, lease.token) for lease in self.broker.extend(held)}
+        if not lost:
+            return round_
+        logger.warning(
+            "%d messages reserved ahead were taken back before this worker could run them "
+            "(their leases expired while the task before them ran); dropped here",
+            len(lost),
+        )
+        kept = [
+            [d for d in ds if (d.queue, d.key, d.token) not in lost] for ds in round_.deliveries
+        ]
+        return round_._replace(deliveries=kept)
 
     def close(self) -> None:
         self._pending = None

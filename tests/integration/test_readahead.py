@@ -100,6 +100,60 @@ def test_a_reply_lost_with_its_connection_gives_nothing_and_the_leases_come_back
     assert all(d.deliveries == 2 for d in delivered)
 
 
+def test_a_reply_read_after_the_leases_expired_drops_what_another_consumer_took_meanwhile(
+    broker: Broker, clock: Clock
+):
+    # A solo worker's last task ran longer than the lease: nobody renewed what the reserve
+    # sent ahead had leased (its reply was unread), another consumer reclaimed some of it.
+    ids = _publish(broker, "q", 4)
+    ahead = ReadAhead(broker)
+    assert ahead.send(broker.prepare_round([], _request("q", 2)))
+    wait_until(lambda: broker.counts("q")["reserved"] == 2, what="the reserve sent ahead ran")
+    clock.t += LEASE_MS / 1000 + 1
+    taken = broker.reserve(["q"], 1, "c2")  # reclaims both, serves the first back to c2
+    assert [d.key for d in taken] == [ids[0]]
+
+    round_ = ahead.read()
+
+    assert round_ is not None
+    assert round_.deliveries == [[]]  # both leases were taken back: neither is delivered here
+    ahead.close()
+
+
+def test_a_reply_read_within_a_renewal_interval_is_delivered_without_renewing(
+    broker: Broker, clock: Clock, redis_client: redis.Redis
+):
+    ids = _publish(broker, "q", 2)
+    ahead = ReadAhead(broker)
+    assert ahead.send(broker.prepare_round([], _request("q", 2)))
+    wait_until(lambda: broker.counts("q")["reserved"] == 2, what="the reserve sent ahead ran")
+    clock.t += LEASE_MS / 1000 / 3 - 0.5
+    redis_client.config_resetstat()
+
+    round_ = ahead.read()
+
+    assert round_ is not None and [d.key for d in round_.deliveries[0]] == ids
+    assert "cmdstat_evalsha" not in redis_client.info("commandstats")  # no extend was needed
+    ahead.close()
+
+
+def test_a_reply_read_after_a_renewal_interval_renews_the_leases_it_keeps(
+    broker: Broker, clock: Clock
+):
+    ids = _publish(broker, "q", 2)
+    ahead = ReadAhead(broker)
+    assert ahead.send(broker.prepare_round([], _request("q", 2)))
+    wait_until(lambda: broker.counts("q")["reserved"] == 2, what="the reserve sent ahead ran")
+    clock.t += LEASE_MS / 1000 - 1  # about to expire
+
+    round_ = ahead.read()
+
+    assert round_ is not None and [d.key for d in round_.deliveries[0]] == ids
+    clock.t += 2  # past the first deadline: renewed, so nobody can reclaim them
+    assert broker.reserve(["q"], 10, "c2") == []
+    ahead.close()
+
+
 def test_a_round_sent_ahead_is_refused_where_rounds_must_stay_synchronous(
     redis_client: redis.Redis, prefix: str
 ):
