@@ -105,11 +105,9 @@ class DrainLoop:
         (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
         self.unregister_from_event_loop(connection, loop)
         self._event_loop = EventLoopDrain(self, loop)
-        if self.broker.replication is None and not self.broker.cluster:
+        if self.broker.replication is None:
             # With min_replicas an ack must be confirmed before it counts as done: acks are
             # then written and confirmed one turn at a time (no writer that does not wait).
-            # On a Cluster the writer's one connection cannot reach every node: acks ride on
-            # the rounds there.
             self.ack_sender = AckSender(self.broker, on_lost=lambda lost: log_lost(lost, "ack"))
         if ReadAhead.usable(self.broker):
             self.read_ahead = ReadAhead(self.broker)
