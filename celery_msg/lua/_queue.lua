@@ -77,6 +77,26 @@ local function count_dead(q, reason, n)
   count(q, STAT_DEAD .. ':' .. reason, n)
 end
 
+-- A dead-letter record written by a script itself (reserve's poison and missing-body), in the
+-- shape Python writes (celery_msg/keys.py failure_record; field names from the preamble): this
+-- failure is its first and its last.
+local function failure_record(reason, detail, now)
+  return cjson.encode({
+    [RECORD_REASON] = reason,
+    [RECORD_DETAIL] = detail,
+    [RECORD_TIME] = now,
+    [RECORD_FIRST_FAILURE] = now,
+    [RECORD_LAST_FAILURE] = now,
+  })
+end
+
+-- Store key of q as dead now, with a record the script writes, and count it.
+local function dead_with_record(q, key, now, reason, detail)
+  redis.call('ZADD', q.dead, now, key)
+  redis.call('HSET', q.reason, key, failure_record(reason, detail, now))
+  count_dead(q, reason, 1)
+end
+
 -- The marker list holds at most one element: pushed only when empty. On a Redis Cluster
 -- (SHARD_SIGNAL) a sharded pub/sub message on the channel named like the list instead: a
 -- consumer listens to the channels of queues on several slots (see celery_msg/shardwait.py).
