@@ -268,3 +268,43 @@ local function next_due(q)
   if #first == 0 then return nil end
   return tonumber(first[2])
 end
+
+-- The fenced pairs of ack and extend: settle(key) for every (message key, token) of ARGV from
+-- index first on whose token still holds the lease, at once (a key twice in a batch is settled
+-- once: its second token no longer holds). Returns one code per pair (OK, or LEASE_LOST) and
+-- how many were settled; the lost ones are counted (lease_lost).
+local function settle_held(q, first, settle)
+  local codes = {}
+  local done = 0
+  for i = first, #ARGV, 2 do
+    local key = ARGV[i]
+    if holds(q, key, ARGV[i + 1]) then
+      settle(key)
+      codes[#codes + 1] = OK
+      done = done + 1
+    else
+      codes[#codes + 1] = LEASE_LOST
+    end
+  end
+  if #codes > done then count(q, STAT_LEASE_LOST, #codes - done) end
+  return codes, done
+end
+
+-- The dead message keys of replay and discard: take(key) for every key of ARGV still in q's
+-- dead-letter store (taken out of it first). Returns one code per key (OK, or NOT_FOUND: not
+-- dead any more, replayed or purged by someone else) and how many were taken.
+local function take_dead(q, take)
+  local codes = {}
+  local taken = 0
+  for i = 1, #ARGV do
+    local key = ARGV[i]
+    if redis.call('ZREM', q.dead, key) == 1 then
+      take(key)
+      codes[i] = OK
+      taken = taken + 1
+    else
+      codes[i] = NOT_FOUND
+    end
+  end
+  return codes, taken
+end
