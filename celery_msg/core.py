@@ -2,10 +2,13 @@
 
 Every state change is one script call (see :mod:`celery_msg.scripts`), and :class:`Broker` is
 the one place that makes them: it turns Python calls into script calls and groups them per queue
-(one queue = one hash slot). Its other jobs live next door, each in a module of its own, and are
-reached through it: sending and error translation (:mod:`~celery_msg.redisio`), the queue
-registry and counts (:mod:`~celery_msg.queues`), look-ups (:mod:`~celery_msg.lookup`) and
-exchange bindings (:mod:`~celery_msg.bindings`), none of which runs a script.
+(one queue = one hash slot). It is composed of parts, one job each, all reached through it: its
+publish calls (:mod:`~celery_msg.publishing`), its consumer calls (reserve, ack, requeue,
+extend: :mod:`~celery_msg.consuming`), both on what they share (:mod:`~celery_msg.scriptcalls`),
+and here its dead-letter and maintenance calls. Next door, none of which runs a script: sending
+and error translation (:mod:`~celery_msg.redisio`), the queue registry and counts
+(:mod:`~celery_msg.queues`), look-ups (:mod:`~celery_msg.lookup`) and exchange bindings
+(:mod:`~celery_msg.bindings`).
 
 A message is stored once per queue under a *key*: its ID, or ``ID/<n>`` when that ID is already
 stored in the queue (a Celery retry republishes the same task id while the first delivery is
@@ -85,10 +88,11 @@ class Broker(Publishing, Consuming, Lookups, Bindings):
     ``clock`` returns seconds (``time.time`` by default) and is the only source of time: scripts
     get ``now`` as an argument, never from the server, so tests can pin it.
 
-    Every script call is made here. The plain reads and writes it also offers live in the
-    modules it is built from: the queue registry and counts (:class:`~celery_msg.queues.Queues`),
-    look-ups (:class:`~celery_msg.lookup.Lookups`) and bindings
-    (:class:`~celery_msg.bindings.Bindings`).
+    Every script call is made by it: publishing (:class:`~celery_msg.publishing.Publishing`),
+    consuming (:class:`~celery_msg.consuming.Consuming`), and the dead-letter and maintenance
+    calls below. The plain reads and writes it also offers live in the modules it is built from:
+    the queue registry and counts (:class:`~celery_msg.queues.Queues`), look-ups
+    (:class:`~celery_msg.lookup.Lookups`) and bindings (:class:`~celery_msg.bindings.Bindings`).
     """
 
     def __init__(
@@ -128,7 +132,7 @@ class Broker(Publishing, Consuming, Lookups, Bindings):
             self._shard_waiter.close()
             self._shard_waiter = None
 
-    # -- scripts: every state change is one call of a script ----------------------------
+    # -- maintenance: purge, promote, reclaim (consumers promote and reclaim as they reserve) --
 
     def purge(self, queue: str, batch: int = 1000) -> int:
         """Remove every READY and SCHEDULED message of ``queue`` (in bounded steps); returns
@@ -149,6 +153,15 @@ class Broker(Publishing, Consuming, Lookups, Bindings):
         with translated_errors(f"promote in {queue!r}"):
             args = Promote.args(now_ms=self.now_ms(), limit=batch)
             return self.scripts.promote.run(self.keys(queue).all, args)
+
+    def reclaim(self, queue: str, limit: int | None = None) -> int:
+        """Return expired leases of ``queue`` to the front of their band; returns how many."""
+        batch = self.reclaim_batch if limit is None else limit
+        with translated_errors(f"reclaim in {queue!r}"):
+            args = Reclaim.args(now_ms=self.now_ms(), limit=batch)
+            return self.scripts.reclaim.run(self.keys(queue).all, args)
+
+    # -- dead letters: in, back out, gone, trimmed -----------------------------------------
 
     def dead_letter(self, lease: Lease, reason: str, detail: str = "", **extra: Any) -> bool:
         """Move a leased message to its queue's dead-letter store; False if the lease was lost.
@@ -230,10 +243,3 @@ class Broker(Publishing, Consuming, Lookups, Bindings):
         ]
         with translated_errors("trim dead-letter stores"):
             return sum(trim.reply(n) for n in self.run_scripts(calls))
-
-    def reclaim(self, queue: str, limit: int | None = None) -> int:
-        """Return expired leases of ``queue`` to the front of their band; returns how many."""
-        batch = self.reclaim_batch if limit is None else limit
-        with translated_errors(f"reclaim in {queue!r}"):
-            args = Reclaim.args(now_ms=self.now_ms(), limit=batch)
-            return self.scripts.reclaim.run(self.keys(queue).all, args)
