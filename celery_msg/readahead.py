@@ -30,7 +30,8 @@ from typing import Any
 
 import redis
 
-from .core import REDIS_CONNECTION_ERRORS, Broker, Lease, PreparedRound, Round, pack_evalsha
+from .consuming import PreparedRound
+from .core import REDIS_CONNECTION_ERRORS, Broker, Lease, Round, pack_evalsha
 from .redisio import translated_errors
 
 logger = logging.getLogger(__name__)
