@@ -37,6 +37,25 @@ def _lease(broker: Broker, queue: str, consumer: str = "c1", count: int = 1) -> 
     return [Lease(d.queue, d.key, d.token) for d in broker.reserve([queue], count, consumer)]
 
 
+def _never_delivered(
+    state: State, *, band: int, payload: bytes, due: float | None = None
+) -> MessageInfo:
+    """What a look-up of ``id1``, published to ``q`` and never delivered, finds."""
+    return MessageInfo(
+        id="id1",
+        key="id1",
+        queue="q",
+        state=state,
+        deliveries=0,
+        priority_band=band,
+        owner=None,
+        lease_deadline=None,
+        due=due,
+        dead_reason=None,
+        payload=payload,
+    )
+
+
 # -- look-up by id ----------------------------------------------------------------------------
 
 
@@ -44,21 +63,7 @@ def test_lookup_finds_a_ready_message_with_its_band_and_payload(broker: Broker):
     broker.declare("q")
     broker.publish("q", "id1", b"payload", 3)
 
-    assert broker.lookup("id1") == [
-        MessageInfo(
-            id="id1",
-            key="id1",
-            queue="q",
-            state=State.READY,
-            deliveries=0,
-            priority_band=3,
-            owner=None,
-            lease_deadline=None,
-            due=None,
-            dead_reason=None,
-            payload=b"payload",
-        )
-    ]
+    assert broker.lookup("id1") == [_never_delivered(State.READY, band=3, payload=b"payload")]
 
 
 def test_lookup_reports_a_reserved_message_with_its_owner_and_lease_deadline(broker: Broker):
@@ -564,19 +569,7 @@ def test_a_message_published_with_a_future_due_time_is_scheduled_with_its_due_ti
     assert broker.publish("q", "id1", b"later", 4, due_ms=DUE_MS) == "id1"
 
     assert broker.lookup("id1") == [
-        MessageInfo(
-            id="id1",
-            key="id1",
-            queue="q",
-            state=State.SCHEDULED,
-            deliveries=0,
-            priority_band=4,
-            owner=None,
-            lease_deadline=None,
-            due=DUE,
-            dead_reason=None,
-            payload=b"later",
-        )
+        _never_delivered(State.SCHEDULED, band=4, payload=b"later", due=DUE)
     ]
     assert broker.counts("q") == {"ready": 0, "reserved": 0, "scheduled": 1, "dead": 0}
     assert broker.size("q") == 0

@@ -39,6 +39,19 @@ def broker_url(server: Server, scheme: str = "celery-msg") -> str:
     return f"{scheme}://{urlsplit(server.url).netloc}/0"
 
 
+def prefixed_app(server: Server, rest: str = "") -> str:
+    """An app module's source: a Celery app ``app`` on ``server`` whose keys start with the
+    worker's prefix (``PROJ_PREFIX``, set by :func:`worker`), then ``rest``."""
+    head = f"""
+        import os
+        from celery import Celery
+
+        app = Celery("proj", broker="{broker_url(server)}")
+        app.conf.broker_transport_options = {{"key_prefix": os.environ["PROJ_PREFIX"]}}
+    """
+    return textwrap.dedent(head) + textwrap.dedent(rest)
+
+
 def worker(tmp_path: Path, app: str, prefix: str, queues: tuple[str, ...] = ("celery",)) -> Worker:
     return Worker(
         {"PROJ_PREFIX": prefix},
@@ -110,16 +123,7 @@ def test_a_worker_of_a_celery_msg_app_that_never_called_configure_warns_at_start
     server: Server, prefix: str, tmp_path: Path
 ):
     # No `import celery_msg` at all: `celery -A` imports it (our celery.commands entry point).
-    app = write_app(
-        tmp_path,
-        f"""
-        import os
-        from celery import Celery
-
-        app = Celery("proj", broker="{broker_url(server)}")
-        app.conf.broker_transport_options = {{"key_prefix": os.environ["PROJ_PREFIX"]}}
-        """,
-    )
+    app = write_app(tmp_path, prefixed_app(server))
     started = worker(tmp_path, app, prefix).start()
 
     assert "never called celery_msg.configure(app)" in started.log()
@@ -245,28 +249,22 @@ def test_without_the_plugin_or_the_transport_class_a_bare_url_is_unknown_to_komb
 def test_policies_for_an_unused_queue_or_an_unmatched_task_glob_are_warned_about_at_start(
     server: Server, prefix: str, tmp_path: Path
 ):
-    app = write_app(
-        tmp_path,
-        f"""
-        import os
-        from celery import Celery
+    rest = """
         import celery_msg
         from celery_msg import Policies, Policy
 
-        app = Celery("proj", broker="{broker_url(server)}")
-        app.conf.broker_transport_options = {{"key_prefix": os.environ["PROJ_PREFIX"]}}
-        app.conf.task_routes = {{"proj_app.send": {{"queue": "emails"}}}}
+        app.conf.task_routes = {"proj_app.send": {"queue": "emails"}}
         app.conf.msg_policies = Policies(
-            queues={{"emails": Policy(ack="late"), "emials": Policy(ack="late")}},
-            tasks={{"proj_app.*": Policy(ack="late"), "billing.*": Policy(ack="early")}},
+            queues={"emails": Policy(ack="late"), "emials": Policy(ack="late")},
+            tasks={"proj_app.*": Policy(ack="late"), "billing.*": Policy(ack="early")},
         )
         celery_msg.configure(app)
 
         @app.task
         def send():
             return 1
-        """,
-    )
+    """
+    app = write_app(tmp_path, prefixed_app(server, rest))
     started = worker(tmp_path, app, prefix).start()
     log = started.log()
     started.kill()

@@ -38,6 +38,16 @@ def _request(queue: str, count: int) -> list[ReserveRequest]:
     return [ReserveRequest([queue], count, "c1")]
 
 
+def _sent_ahead(broker: Broker, *, published: int) -> tuple[list[str], ReadAhead]:
+    """``published`` messages in ``q``, a round for two of them sent ahead and run (leased),
+    its reply not read yet: the ids published and the :class:`ReadAhead` holding the reply."""
+    ids = _publish(broker, "q", published)
+    ahead = ReadAhead(broker)
+    assert ahead.send(broker.prepare_round([], _request("q", 2)))
+    wait_until(lambda: broker.counts("q")["reserved"] == 2, what="the reserve sent ahead ran")
+    return ids, ahead
+
+
 def test_a_round_sent_ahead_leases_in_publish_order_and_reads_back_like_a_round(broker: Broker):
     ids = _publish(broker, "q", 5)
     ahead = ReadAhead(broker)
@@ -105,10 +115,7 @@ def test_a_reply_read_after_the_leases_expired_drops_what_another_consumer_took_
 ):
     # A solo worker's last task ran longer than the lease: nobody renewed what the reserve
     # sent ahead had leased (its reply was unread), another consumer reclaimed some of it.
-    ids = _publish(broker, "q", 4)
-    ahead = ReadAhead(broker)
-    assert ahead.send(broker.prepare_round([], _request("q", 2)))
-    wait_until(lambda: broker.counts("q")["reserved"] == 2, what="the reserve sent ahead ran")
+    ids, ahead = _sent_ahead(broker, published=4)
     clock.t += LEASE_MS / 1000 + 1
     taken = broker.reserve(["q"], 1, "c2")  # reclaims both, serves the first back to c2
     assert [d.key for d in taken] == [ids[0]]
@@ -123,10 +130,7 @@ def test_a_reply_read_after_the_leases_expired_drops_what_another_consumer_took_
 def test_a_reply_read_within_a_renewal_interval_is_delivered_without_renewing(
     broker: Broker, clock: Clock, redis_client: redis.Redis
 ):
-    ids = _publish(broker, "q", 2)
-    ahead = ReadAhead(broker)
-    assert ahead.send(broker.prepare_round([], _request("q", 2)))
-    wait_until(lambda: broker.counts("q")["reserved"] == 2, what="the reserve sent ahead ran")
+    ids, ahead = _sent_ahead(broker, published=2)
     clock.t += LEASE_MS / 1000 / 3 - 0.5
     redis_client.config_resetstat()
 
@@ -140,10 +144,7 @@ def test_a_reply_read_within_a_renewal_interval_is_delivered_without_renewing(
 def test_a_reply_read_after_a_renewal_interval_renews_the_leases_it_keeps(
     broker: Broker, clock: Clock
 ):
-    ids = _publish(broker, "q", 2)
-    ahead = ReadAhead(broker)
-    assert ahead.send(broker.prepare_round([], _request("q", 2)))
-    wait_until(lambda: broker.counts("q")["reserved"] == 2, what="the reserve sent ahead ran")
+    ids, ahead = _sent_ahead(broker, published=2)
     clock.t += LEASE_MS / 1000 - 1  # about to expire
 
     round_ = ahead.read()

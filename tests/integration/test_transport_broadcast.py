@@ -8,10 +8,12 @@ next publish that reads the binding table. A durable queue's binding never expir
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from kombu import Exchange, Queue
+from kombu import Connection, Exchange, Queue
 from kombu_helpers import FAST, Receiver, broker, connect, ids_of, publish, scan_keys
 
 from celery_msg.keys import bindings_key
@@ -24,6 +26,26 @@ EXCHANGE = Exchange("news", type="fanout")
 
 def _ephemeral(name: str) -> Queue:
     return Queue(name, EXCHANGE, auto_delete=True)
+
+
+@contextlib.contextmanager
+def _a_came_and_went(
+    server: Server, prefix: str, *, binding_ttl: float
+) -> Iterator[tuple[Connection, Receiver]]:
+    """A publisher and subscriber b (queue news.b) that stay connected while subscriber a
+    (news.a) connects, receives the broadcast n1 and disconnects: yields the publisher and b's
+    receiver (n1 in its queue, not received yet). Subscribers use ``binding_ttl`` (seconds)."""
+    options = {**FAST, "binding_ttl": binding_ttl}
+    with (
+        connect(server, prefix, binding_cache_ttl=0) as publisher,
+        connect(server, prefix, **options) as b,
+    ):
+        sub_b = Receiver(b, [_ephemeral("news.b")])
+        with connect(server, prefix, **options) as a:
+            sub_a = Receiver(a, [_ephemeral("news.a")])
+            publish(publisher, ["n1"], exchange=EXCHANGE, routing_key="")
+            assert ids_of(sub_a.receive(1)) == ["n1"]
+        yield publisher, sub_b
 
 
 def _bound_queues(server: Server, prefix: str) -> list[str]:
@@ -46,16 +68,7 @@ def test_a_fanout_exchange_delivers_each_message_to_every_bound_queue(server: Se
 def test_a_subscriber_that_reconnects_within_binding_ttl_gets_what_was_broadcast_meanwhile(
     server: Server, prefix: str
 ):
-    options = {**FAST, "binding_ttl": 5.0}
-    with (
-        connect(server, prefix, binding_cache_ttl=0) as publisher,
-        connect(server, prefix, **options) as b,
-    ):
-        sub_b = Receiver(b, [_ephemeral("news.b")])
-        with connect(server, prefix, **options) as a:
-            sub_a = Receiver(a, [_ephemeral("news.a")])
-            publish(publisher, ["n1"], exchange=EXCHANGE, routing_key="")
-            assert ids_of(sub_a.receive(1)) == ["n1"]
+    with _a_came_and_went(server, prefix, binding_ttl=5.0) as (publisher, sub_b):
         # a is gone: what is broadcast now waits in its queue.
         publish(publisher, ["n2", "n3"], exchange=EXCHANGE, routing_key="")
         assert broker(server, prefix).counts("news.a") == {
@@ -64,7 +77,7 @@ def test_a_subscriber_that_reconnects_within_binding_ttl_gets_what_was_broadcast
             "scheduled": 0,
             "dead": 0,
         }
-        with connect(server, prefix, **options) as again:
+        with connect(server, prefix, **FAST, binding_ttl=5.0) as again:
             assert ids_of(Receiver(again, [_ephemeral("news.a")]).receive(2)) == ["n2", "n3"]
         assert ids_of(sub_b.receive(3)) == ["n1", "n2", "n3"]
 
@@ -72,17 +85,8 @@ def test_a_subscriber_that_reconnects_within_binding_ttl_gets_what_was_broadcast
 def test_a_subscriber_gone_longer_than_binding_ttl_loses_its_binding_and_queue_at_next_publish(
     server: Server, prefix: str, redis_client
 ):
-    options = {**FAST, "binding_ttl": 1.0}
-    with (
-        connect(server, prefix, binding_cache_ttl=0) as publisher,
-        connect(server, prefix, **options) as b,
-    ):
-        sub_b = Receiver(b, [_ephemeral("news.b")])
-        with connect(server, prefix, **options) as a:
-            sub_a = Receiver(a, [_ephemeral("news.a")])
-            publish(publisher, ["n1"], exchange=EXCHANGE, routing_key="")
-            assert ids_of(sub_a.receive(1)) == ["n1"]
-            assert ids_of(sub_b.receive(1)) == ["n1"]
+    with _a_came_and_went(server, prefix, binding_ttl=1.0) as (publisher, sub_b):
+        assert ids_of(sub_b.receive(1)) == ["n1"]
         publish(publisher, ["n2"], exchange=EXCHANGE, routing_key="")  # a's queue keeps n2
         assert scan_keys(redis_client, f"{prefix}{{news.a}}:*")
         time.sleep(1.5)  # longer than binding_ttl; b (alive) keeps renewing its own binding

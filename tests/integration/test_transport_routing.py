@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kombu import Exchange, Queue
-from kombu_helpers import (
-    Receiver,
-    broker,
-    connect,
-    direct_queue,
-    ids_of,
-    publish,
-    scan_keys,
-)
+from kombu import Connection, Exchange, Queue
+from kombu_helpers import Receiver, broker, connect, direct_queue, ids_of, publish, scan_keys
 
 if TYPE_CHECKING:
     from conftest import Server
@@ -23,6 +15,12 @@ def _ids(queue: str, count: int) -> list[str]:
     return [f"{queue}{i:04d}" for i in range(count)]
 
 
+def _fill(conn: Connection, counts: dict[str, int]) -> None:
+    """Publish ``_ids(queue, count)`` to each queue of ``counts``, one queue after the other."""
+    for queue, count in counts.items():
+        publish(conn, _ids(queue, count), routing_key=queue)
+
+
 # -- several queues, one consumer ------------------------------------------------------------
 
 
@@ -30,9 +28,7 @@ def test_fair_order_interleaves_queues_so_a_long_queue_does_not_starve_the_other
     server: Server, prefix: str
 ):
     with connect(server, prefix, queue_order="fair") as conn:
-        publish(conn, _ids("a", 1000), routing_key="a")
-        publish(conn, _ids("b", 5), routing_key="b")
-        publish(conn, _ids("c", 5), routing_key="c")
+        _fill(conn, {"a": 1000, "b": 5, "c": 5})
         queues = [direct_queue(q) for q in ("a", "b", "c")]
         got = ids_of(Receiver(conn, queues, prefetch_count=3).receive(18))
 
@@ -55,9 +51,7 @@ def test_strict_order_drains_the_first_queue_before_the_second_before_the_third(
     server: Server, prefix: str
 ):
     with connect(server, prefix, queue_order="strict") as conn:
-        publish(conn, _ids("c", 5), routing_key="c")
-        publish(conn, _ids("b", 5), routing_key="b")
-        publish(conn, _ids("a", 20), routing_key="a")
+        _fill(conn, {"c": 5, "b": 5, "a": 20})
         receiver = Receiver(conn, [direct_queue(q) for q in ("a", "b", "c")], prefetch_count=5)
         first = ids_of(receiver.receive(25))
         # A message arriving in an earlier queue goes before what is left of later ones.
@@ -89,59 +83,57 @@ def test_a_consumer_never_holds_more_unacked_messages_than_its_prefetch_count(
 # -- exchanges ------------------------------------------------------------------------------
 
 
-def _drain_each(conn, queues: list[Queue], expected: dict[str, list[str]]) -> None:
-    """Assert what each queue holds, read with basic_get (no consumer), in order."""
+def _routed(
+    server: Server,
+    prefix: str,
+    exchange: Exchange,
+    bindings: dict[str, str],
+    sent: list[tuple[str, str]],
+) -> dict[str, list[str]]:
+    """Declare a queue per ``bindings`` entry (queue name: its binding key on ``exchange``),
+    publish one message per ``(id, routing key)`` of ``sent`` to the exchange, then read each
+    queue with basic_get (no consumer): the ids each holds, in order, by queue name."""
+    queues = [Queue(name, exchange, routing_key=key) for name, key in bindings.items()]
     got: dict[str, list[str]] = {}
-    for queue in queues:
-        bound = queue(conn.default_channel)
-        messages = []
-        while (message := bound.get(no_ack=True)) is not None:
-            messages.append(message.headers["id"])
-        got[queue.name] = messages
-    assert got == expected
+    with connect(server, prefix) as conn:
+        for queue in queues:
+            queue(conn.default_channel).declare()
+        for message_id, routing_key in sent:
+            publish(conn, [message_id], exchange=exchange, routing_key=routing_key)
+        for queue in queues:
+            bound = queue(conn.default_channel)
+            messages = []
+            while (message := bound.get(no_ack=True)) is not None:
+                messages.append(message.headers["id"])
+            got[queue.name] = messages
+    return got
 
 
 def test_a_direct_exchange_delivers_to_every_queue_bound_with_the_routing_key(
     server: Server, prefix: str
 ):
-    exchange = Exchange("jobs", type="direct")
-    queues = [
-        Queue("images", exchange, routing_key="image"),
-        Queue("videos", exchange, routing_key="video"),
-        Queue("audit", exchange, routing_key="image"),
-    ]
-    with connect(server, prefix) as conn:
-        for queue in queues:
-            queue(conn.default_channel).declare()
-        publish(conn, ["i1"], exchange=exchange, routing_key="image")
-        publish(conn, ["v1"], exchange=exchange, routing_key="video")
-        publish(conn, ["i2"], exchange=exchange, routing_key="image")
-        _drain_each(conn, queues, {"images": ["i1", "i2"], "videos": ["v1"], "audit": ["i1", "i2"]})
+    bindings = {"images": "image", "videos": "video", "audit": "image"}
+    sent = [("i1", "image"), ("v1", "video"), ("i2", "image")]
+
+    got = _routed(server, prefix, Exchange("jobs", type="direct"), bindings, sent)
+
+    assert got == {"images": ["i1", "i2"], "videos": ["v1"], "audit": ["i1", "i2"]}
 
 
 def test_a_topic_exchange_matches_star_as_one_word_and_hash_as_one_or_more_words(
     server: Server, prefix: str
 ):
-    exchange = Exchange("logs", type="topic")
-    queues = [
-        Queue("errors", exchange, routing_key="logs.*.error"),
-        Queue("everything", exchange, routing_key="logs.#"),
-        Queue("db", exchange, routing_key="*.db.*"),
-    ]
-    with connect(server, prefix) as conn:
-        for queue in queues:
-            queue(conn.default_channel).declare()
-        for key in ["logs.app.error", "logs.db.info", "logs.a.b.error", "other.db.x", "logs"]:
-            publish(conn, [key], exchange=exchange, routing_key=key)
-        _drain_each(
-            conn,
-            queues,
-            {
-                "errors": ["logs.app.error"],
-                "everything": ["logs.app.error", "logs.db.info", "logs.a.b.error"],
-                "db": ["logs.db.info", "other.db.x"],
-            },
-        )
+    bindings = {"errors": "logs.*.error", "everything": "logs.#", "db": "*.db.*"}
+    keys = ["logs.app.error", "logs.db.info", "logs.a.b.error", "other.db.x", "logs"]
+    sent = [(key, key) for key in keys]  # each message's id is its routing key
+
+    got = _routed(server, prefix, Exchange("logs", type="topic"), bindings, sent)
+
+    assert got == {
+        "errors": ["logs.app.error"],
+        "everything": ["logs.app.error", "logs.db.info", "logs.a.b.error"],
+        "db": ["logs.db.info", "other.db.x"],
+    }
 
 
 def test_the_anonymous_exchange_routes_by_queue_name(server: Server, prefix: str):

@@ -27,7 +27,7 @@ from kombu_helpers import (
     wait_until,
 )
 
-from celery_msg.core import State
+from celery_msg.core import Broker, State
 
 if TYPE_CHECKING:
     from conftest import Server
@@ -58,6 +58,24 @@ def publish_at(conn: Connection, ids: Iterable[str], eta: datetime | None, queue
         if eta is not None:
             headers["eta"] = eta.isoformat()
         producer.publish({"id": message_id}, routing_key=queue, headers=headers)
+
+
+def _scheduled_in_work(
+    server: Server, prefix: str, count: int, *, due_in: float
+) -> tuple[list[str], datetime]:
+    """``count`` messages (s0, s1, ...) published to ``work`` due ``due_in`` seconds from now:
+    their ids and their ``eta``."""
+    ids = [f"s{i}" for i in range(count)]
+    eta = _eta(due_in)
+    with connect(server, prefix) as conn:
+        publish_at(conn, ids, eta, "work")
+    return ids, eta
+
+
+def _wait_until_all_acked(look: Broker) -> None:
+    """Wait for the consumers' acks to reach Redis, then check ``work`` is empty."""
+    wait_until(lambda: look.counts("work")["reserved"] == 0, what="the acks to be flushed")
+    assert look.counts("work") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
 
 
 class TimedReceiver(Receiver):
@@ -183,10 +201,7 @@ def test_a_consumer_killed_while_it_waits_for_a_due_time_loses_nothing(
     server: Server, prefix: str, consumer_process: Callable[..., ConsumerProcess]
 ):
     look = broker(server, prefix)
-    ids = [f"s{i}" for i in range(5)]
-    eta = _eta(1.5)
-    with connect(server, prefix) as conn:
-        publish_at(conn, ids, eta, "work")
+    ids, eta = _scheduled_in_work(server, prefix, 5, due_in=1.5)
     dying = consumer_process("work", prefetch=1)
     time.sleep(0.5)  # it has fetched (nothing), learnt the due time and sleeps towards it
     dying.kill()
@@ -199,19 +214,14 @@ def test_a_consumer_killed_while_it_waits_for_a_due_time_loses_nothing(
         receiver.nothing_for(LEASE + 2 * SWEEP)
     assert sorted(ids_of(got)) == ids
     assert [m.delivery_info["delivery_count"] for m in got] == [1] * 5
-    wait_until(lambda: look.counts("work")["reserved"] == 0, what="the acks to be flushed")
-    assert look.counts("work") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
+    _wait_until_all_acked(look)
     assert look.stats("work") == {"published": 5, "promoted": 5, "delivered": 5, "acked": 5}
 
 
 def test_a_consumer_killed_holding_due_messages_loses_none_and_each_is_settled_once(
     server: Server, prefix: str, consumer_process: Callable[..., ConsumerProcess]
 ):
-    look = broker(server, prefix)
-    ids = [f"s{i}" for i in range(6)]
-    eta = _eta(1.0)
-    with connect(server, prefix) as conn:
-        publish_at(conn, ids, eta, "work")
+    ids, eta = _scheduled_in_work(server, prefix, 6, due_in=1.0)
     dying = consumer_process("work", prefetch=2)
     with connect(server, prefix, **FAST) as conn:
         receiver = TimedReceiver(conn, [direct_queue("work")], prefetch_count=1)
@@ -229,8 +239,8 @@ def test_a_consumer_killed_holding_due_messages_loses_none_and_each_is_settled_o
     assert {m.headers["id"]: m.delivery_info["delivery_count"] for m in got} == {
         i: 2 if i in taken else 1 for i in ids
     }
-    wait_until(lambda: look.counts("work")["reserved"] == 0, what="the acks to be flushed")
-    assert look.counts("work") == {"ready": 0, "reserved": 0, "scheduled": 0, "dead": 0}
+    look = broker(server, prefix)
+    _wait_until_all_acked(look)
     stats = look.stats("work")
     assert (stats["published"], stats["promoted"], stats["acked"]) == (6, 6, 6)
     assert stats["reclaimed"] == 2

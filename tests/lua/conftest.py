@@ -68,6 +68,81 @@ def deliveries(reply: tr.ReserveReply) -> list[tuple[int, str, int, int, str]]:
     return [(m.group, m.key, m.token, m.deliveries, _text(m.payload)) for m in reply.messages]
 
 
+class Expected:
+    """A builder for an expected :meth:`Lab.state`, one message at a time: each call adds what a
+    message in that state holds across the queue's keys (its sorted set entry, ``body``,
+    ``order``, per-message hash fields), so a test lists its messages, not its keys.
+
+    Sorted sets come out in ZRANGE order (score, then member), as :meth:`Lab.state` reads them.
+    Everything not about one message (``seq``, ``signal``, ``stats``, ``dups``, ...) goes in
+    :meth:`plus`; :attr:`state` is the finished dict, to compare with ``lab.state()``.
+    """
+
+    def __init__(self) -> None:
+        self._zsets: dict[str, list[tuple[str, int]]] = {}
+        self._hashes: dict[str, dict[str, str]] = {}
+        self._rest: dict[str, Any] = {}
+
+    def ready(
+        self, key: str, body: str, *, band: int = 0, seq: int, at: int | None = None, **fields: int
+    ) -> Expected:
+        """READY, published as sequence number ``seq`` of ``band``: at score ``at``, by default
+        where publish put it (``back(band, seq)``). ``fields``: ``deliv``, and ``born`` (its
+        publish time) where publish wrote one."""
+        self._message("ready", key, back(band, seq) if at is None else at, body, band, seq)
+        return self._fields(key, **fields)
+
+    def leased(
+        self,
+        key: str,
+        body: str,
+        *,
+        until: int,
+        token: int,
+        band: int = 0,
+        seq: int = 0,
+        **fields: Any,
+    ) -> Expected:
+        """RESERVED with ``token`` until ``until``; ``fields``: ``owner`` (c1 unless given) and
+        ``deliv`` (1 unless given)."""
+        self._message("leased", key, until, body, band, seq)
+        return self._fields(key, token=token, **{"owner": "c1", "deliv": 1, **fields})
+
+    def dead(
+        self, key: str, body: str, *, at: int, band: int = 0, seq: int = 0, **fields: Any
+    ) -> Expected:
+        """DEAD since ``at``; ``fields``: ``deliv`` (1 unless given) and ``reason`` (its record;
+        left out where the test checks it apart)."""
+        self._message("dead", key, at, body, band, seq)
+        return self._fields(key, **{"deliv": 1, **fields})
+
+    def plus(self, **parts: Any) -> Expected:
+        """Keys that belong to no one message (``seq="3"``, ``stats={...}``, ...)."""
+        self._rest.update(parts)
+        return self
+
+    @property
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            part: sorted(entries, key=lambda e: (e[1], e[0]))
+            for part, entries in self._zsets.items()
+        }
+        out.update(self._hashes)
+        for part, value in self._rest.items():
+            assert part not in out, f"{part} is built from the messages"
+            out[part] = value
+        return out
+
+    def _message(self, zset: str, key: str, score: int, body: str, band: int, seq: int) -> None:
+        self._zsets.setdefault(zset, []).append((key, score))
+        self._fields(key, body=body, order=order(band, seq))
+
+    def _fields(self, key: str, **fields: int | str) -> Expected:
+        for part, value in fields.items():
+            self._hashes.setdefault(part, {})[key] = str(value)
+        return self
+
+
 class Lab:
     """One queue's keys, its scripts, and hand-made setup of its states."""
 
@@ -118,6 +193,10 @@ class Lab:
             else:
                 out[part] = _text(raw)
         return out
+
+    def expect(self) -> Expected:
+        """An empty :class:`Expected` state, to add this test's messages to."""
+        return Expected()
 
     def ready_order(self) -> list[str]:
         return [_text(m) for m in self.client.zrange(self.keys.ready, 0, -1)]

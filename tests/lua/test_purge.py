@@ -20,17 +20,13 @@ def test_purge_removes_ready_and_scheduled_messages_but_not_leased_or_dead(lab: 
 
     assert lab.purge(100) == 4
 
-    assert lab.state() == {
-        "leased": [("l", lab.now + 100)],
-        "dead": [("d", lab.now - 1)],
-        "reason": {"d": '{"reason": "rejected"}'},
-        "body": {"l": "L", "d": "D"},
-        "order": {"l": lab.order(0, 0), "d": lab.order(0, 0)},
-        "deliv": {"l": "1", "d": "4"},
-        "token": {"l": "5"},
-        "owner": {"l": "w1"},
-        "seq": "5",
-    }
+    expected = (
+        lab.expect()
+        .leased("l", "L", until=lab.now + 100, token=5, owner="w1")
+        .dead("d", "D", at=lab.now - 1, reason='{"reason": "rejected"}', deliv=4)
+        .plus(seq="5")
+    )
+    assert lab.state() == expected.state
 
 
 def test_purge_removes_at_most_its_limit_in_serve_order(lab: Lab):

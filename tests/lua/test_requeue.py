@@ -93,27 +93,15 @@ def test_a_batch_requeue_is_served_again_in_the_order_of_the_batch(lab: Lab):
 
     assert lab.requeue(*[(key, token) for _, key, token, _, _ in served]) == [OK, OK, OK]
 
-    assert lab.state() == {
-        "ready": [
-            ("a", lab.front(0, 1)),
-            ("b", lab.front(0, 2)),
-            ("c", lab.front(0, 3)),
-            ("d", lab.back(0, 4)),
-        ],
-        "body": {"a": "A", "b": "B", "c": "C", "d": "D"},
-        # The requeued messages keep the score they were published with: band and order.
-        "order": {
-            "a": lab.order(0, 1),
-            "b": lab.order(0, 2),
-            "c": lab.order(0, 3),
-            "d": lab.order(0, 4),
-        },
-        "deliv": {"a": "1", "b": "1", "c": "1"},
-        "seq": "7",
-        "signal": ["1"],
-        "stats": {"published": "4", "delivered": "3", "requeued": "3"},
-        "born": {"a": str(lab.now), "b": str(lab.now), "c": str(lab.now), "d": str(lab.now)},
-    }
+    # The requeued messages keep the order entry they were published with (band and sequence
+    # number), and go to the front of their band in that order.
+    expected = lab.expect()
+    for seq, key in enumerate(["a", "b", "c"], start=1):
+        expected.ready(key, key.upper(), seq=seq, at=lab.front(0, seq), deliv=1, born=lab.now)
+    expected.ready("d", "D", seq=4, born=lab.now)
+    expected.plus(seq="7", signal=["1"])
+    expected.plus(stats={"published": "4", "delivered": "3", "requeued": "3"})
+    assert lab.state() == expected.state
     assert [key for _, key, _, _, _ in lab.reserve(count=4)] == ["a", "b", "c", "d"]
 
 
@@ -175,26 +163,39 @@ def test_a_message_without_an_order_entry_is_requeued_to_band_0(lab: Lab):
     assert lab.state()["ready"] == [("m", lab.front(0, 0))]
 
 
-def test_a_requeue_takes_the_band_from_order_once_the_ready_entry_is_gone(lab: Lab):
+@pytest.mark.parametrize("put_back", ["requeue", "reclaim"])
+def test_a_lease_put_back_takes_the_band_from_order_once_the_ready_entry_is_gone(
+    lab: Lab, put_back: str
+):
+    # The same for requeue.lua (the holder gives it back) and reclaim.lua (its lease expired).
     assert lab.publish("m", "M", 5) == "m"
     assert lab.publish("n", "N", 5) == "n"
     assert lab.publish("z", "Z", 6) == "z"
-    assert lab.reserve(count=1) == [(0, "m", 4, 1, "M")]
+    assert lab.reserve(count=1, lease=100, consumer="gone") == [(0, "m", 4, 1, "M")]
     # Reserved: its ready entry (the score) is gone; only `order` still knows its band.
     assert lab.state()["ready"] == [("n", lab.back(5, 2)), ("z", lab.back(6, 3))]
 
-    assert lab.requeue(("m", 4)) == [OK]
+    if put_back == "requeue":
+        assert lab.requeue(("m", 4)) == [OK]
+    else:
+        assert lab.reclaim(now=lab.now + 100) == 1
 
-    assert lab.state() == {
-        "ready": [("m", lab.front(5, 1)), ("n", lab.back(5, 2)), ("z", lab.back(6, 3))],
-        "body": {"m": "M", "n": "N", "z": "Z"},
-        "order": {"m": lab.order(5, 1), "n": lab.order(5, 2), "z": lab.order(6, 3)},
-        "deliv": {"m": "1"},
-        "seq": "4",
-        "signal": ["1"],
-        "stats": {"published": "3", "delivered": "1", "requeued": "1"},
-        "born": {"m": str(lab.now), "n": str(lab.now), "z": str(lab.now)},
-    }
+    # m back at the front of band 5; its order entry (band 5, seq 1) unchanged.
+    expected = (
+        lab.expect()
+        .ready("m", "M", band=5, seq=1, at=lab.front(5, 1), deliv=1, born=lab.now)
+        .ready("n", "N", band=5, seq=2, born=lab.now)
+        .ready("z", "Z", band=6, seq=3, born=lab.now)
+        .plus(seq="4", signal=["1"])
+        .plus(
+            stats={
+                "published": "3",
+                "delivered": "1",
+                {"requeue": "requeued", "reclaim": "reclaimed"}[put_back]: "1",
+            }
+        )
+    )
+    assert lab.state() == expected.state
     assert [key for _, key, _, _, _ in lab.reserve(count=3)] == ["m", "n", "z"]
 
 

@@ -257,18 +257,14 @@ def test_expired_leases_are_reclaimed_first_and_served_from_the_front_of_their_b
     served = lab.reserve(count=1, consumer="c2")
 
     assert served == [(0, "old", 6, 2, "O")]
-    assert lab.state() == {
-        "ready": [("new", lab.back(0, 1))],
-        "leased": [("old", lab.now + lab.lease)],
-        "body": {"new": "N", "old": "O"},
-        "order": {"new": lab.order(0, 1), "old": lab.order(0, 2)},
-        "deliv": {"old": "2"},
-        "token": {"old": "6"},
-        "owner": {"old": "c2"},
-        "seq": "6",
-        "signal": ["1"],
-        "stats": {"reclaimed": "1", "delivered": "1", "redelivered": "1"},
-    }
+    expected = (
+        lab.expect()
+        .ready("new", "N", seq=1)
+        .leased("old", "O", until=lab.now + lab.lease, token=6, owner="c2", deliv=2, seq=2)
+        .plus(seq="6", signal=["1"])
+        .plus(stats={"reclaimed": "1", "delivered": "1", "redelivered": "1"})
+    )
+    assert lab.state() == expected.state
 
 
 def test_a_lease_expiring_exactly_now_counts_as_expired(lab: Lab):
@@ -397,17 +393,14 @@ def test_a_message_delivered_max_deliveries_times_is_dead_lettered_as_poison(lab
     # The record and the rule as Python writes them (the Celery layer's poison): the same.
     assert reason == failure_record(Reason.POISON, poison.detail(3), lab.now)
     assert poison.is_poison(3, 3) and not poison.is_poison(2, 3)
-    assert state == {
-        "leased": [("ok", lab.now + lab.lease)],
-        "dead": [("p", lab.now)],
-        "body": {"p": "P", "ok": "K"},
-        "order": {"p": lab.order(4, 1), "ok": lab.order(4, 2)},
-        "deliv": {"p": "3", "ok": "3"},
-        "token": {"ok": "3"},
-        "owner": {"ok": "c1"},
-        "seq": "3",
-        "stats": {"dead": "1", "dead:poison": "1", "delivered": "1", "redelivered": "1"},
-    }
+    expected = (
+        lab.expect()
+        .leased("ok", "K", until=lab.now + lab.lease, token=3, deliv=3, band=4, seq=2)
+        .dead("p", "P", at=lab.now, deliv=3, band=4, seq=1)  # its reason: checked above
+        .plus(seq="3")
+        .plus(stats={"dead": "1", "dead:poison": "1", "delivered": "1", "redelivered": "1"})
+    )
+    assert state == expected.state
 
 
 def test_max_deliveries_zero_means_unlimited(lab: Lab):
@@ -452,17 +445,12 @@ def test_an_id_in_ready_without_a_body_is_recorded_dead_as_missing_body_without_
         "last_failure": lab.now,
     }
     assert reason == failure_record(Reason.MISSING_BODY, reason["detail"], lab.now)
-    assert state == {
-        "leased": [("real", lab.now + lab.lease)],
-        "dead": [("ghost", lab.now)],
-        "body": {"real": "R"},
-        "order": {"real": lab.order(0, 2)},
-        "deliv": {"real": "1"},
-        "token": {"real": "3"},
-        "owner": {"real": "c1"},
-        "seq": "3",
-        "stats": {"dead": "1", "dead:missing-body": "1", "delivered": "1"},
-    }
+    # ghost: only its dead entry and its reason (checked above) are left; no body, order,
+    # deliv or dups entry.
+    expected = lab.expect().leased("real", "R", until=lab.now + lab.lease, token=3, seq=2)
+    expected.plus(dead=[("ghost", lab.now)], seq="3")
+    expected.plus(stats={"dead": "1", "dead:missing-body": "1", "delivered": "1"})
+    assert state == expected.state
 
 
 # -- property: random operation sequences keep the invariants and the serve order --------------
