@@ -10,6 +10,8 @@ key of a queue (by its part name, see ``QUEUE_KEY_PARTS``) decoded to plain Pyth
 - LIST   -> ``[element, ...]``
 
 Keys that do not exist are left out, so ``lab.state() == {...}`` pins down the whole queue.
+``lab.expect()`` builds such a dict one message at a time (:class:`Expected`: ``.ready``,
+``.leased``, ``.scheduled``, ``.dead``, ``.duplicates``, then ``.plus`` for counters and stats).
 
 Test modules cannot import from a conftest reliably (tests/ has no packages), so everything they
 need is reached through the ``lab`` fixture: ``lab.now``, ``lab.lease``, ``lab.back(band, n)``,
@@ -116,6 +118,20 @@ class Expected:
         self._message("dead", key, at, body, band, seq)
         return self._fields(key, **{"deliv": 1, **fields})
 
+    def scheduled(
+        self, key: str, body: str, *, due: int, band: int = 0, seq: int = 0, **fields: int
+    ) -> Expected:
+        """SCHEDULED until ``due``; ``fields``: ``born`` where publish wrote one."""
+        self._message("sched", key, due, body, band, seq)
+        return self._fields(key, **fields)
+
+    def duplicates(self, original: str, *copies: str) -> Expected:
+        """``copies`` stored as duplicates of the id ``original`` (each its ``dups`` entry), the
+        last one its ``alias`` (where the next look-up of the id starts)."""
+        self._hashes.setdefault("dups", {}).update(dict.fromkeys(copies, original))
+        self._hashes.setdefault("alias", {})[original] = copies[-1]
+        return self
+
     def plus(self, **parts: Any) -> Expected:
         """Keys that belong to no one message (``seq="3"``, ``stats={...}``, ...)."""
         self._rest.update(parts)
@@ -193,6 +209,17 @@ class Lab:
             else:
                 out[part] = _text(raw)
         return out
+
+    def record(self, reason: str, detail: str) -> dict[str, Any]:
+        """The dead-letter record (decoded) a script writes for a first failure at ``now``."""
+        at = self.now
+        return {
+            "reason": reason,
+            "detail": detail,
+            "time": at,
+            "first_failure": at,
+            "last_failure": at,
+        }
 
     def expect(self) -> Expected:
         """An empty :class:`Expected` state, to add this test's messages to."""

@@ -22,14 +22,8 @@ def test_dead_letter_moves_the_message_to_the_dead_store_with_its_reason(lab: La
 
     assert lab.dead_letter("m", 4, REASON) == OK
 
-    assert lab.state() == {
-        "dead": [("m", lab.now)],
-        "reason": {"m": REASON},
-        "body": {"m": "M"},
-        "order": {"m": lab.order(1, 0)},
-        "deliv": {"m": "2"},
-        "stats": {"dead": "1", "dead:failed": "1"},
-    }
+    expected = lab.expect().dead("m", "M", at=lab.now, reason=REASON, deliv=2, band=1)
+    assert lab.state() == expected.plus(stats={"dead": "1", "dead:failed": "1"}).state
 
 
 def test_a_dead_letter_with_a_wrong_token_changes_nothing_but_the_lease_lost_count(lab: Lab):

@@ -55,38 +55,27 @@ def dead_keys(lab: Lab) -> list[str]:
 def test_bury_stores_a_copy_as_dead_under_its_id(lab: Lab):
     assert bury(lab, "m", "M", band=1, deliveries=2) == "m"
 
-    assert lab.state() == {
-        "dead": [("m", lab.now)],
-        "reason": {"m": REASON},
-        "body": {"m": "M"},
-        "order": {"m": lab.order(1, 1)},
-        "deliv": {"m": "2"},
-        "seq": "1",
-        "born": {"m": str(lab.now)},
-        "stats": {"dead": "1", "dead:failed": "1"},
-    }
+    expected = lab.expect().dead(
+        "m", "M", at=lab.now, reason=REASON, deliv=2, band=1, seq=1, born=lab.now
+    )
+    assert lab.state() == expected.plus(seq="1", stats={"dead": "1", "dead:failed": "1"}).state
 
 
 def test_bury_allocates_id_slash_n_when_the_id_is_stored(lab: Lab):
     # The original is still READY (a retry republished the same task id, say).
     assert lab.publish("t", "first", 0) == "t"
-    before = lab.state()
 
     assert bury(lab, "t", "copy", band=2, deliveries=3) == "t/2"
 
-    assert lab.state() == {
-        **before,
-        "dead": [("t/2", lab.now)],
-        "reason": {"t/2": REASON},
-        "body": {"t": "first", "t/2": "copy"},
-        "order": {"t": lab.order(0, 1), "t/2": lab.order(2, 3)},
-        "deliv": {"t/2": "3"},
-        "dups": {"t/2": "t"},
-        "alias": {"t": "t/2"},
-        "seq": "3",
-        "born": {"t": str(lab.now), "t/2": str(lab.now)},
-        "stats": {"published": "1", "dead": "1", "dead:failed": "1"},
-    }
+    expected = (
+        lab.expect()
+        .ready("t", "first", seq=1, born=lab.now)
+        .dead("t/2", "copy", at=lab.now, reason=REASON, deliv=3, band=2, seq=3, born=lab.now)
+        .plus(seq="3", signal=["1"])
+        .plus(stats={"published": "1", "dead": "1", "dead:failed": "1"})
+        .duplicates("t", "t/2")
+    )
+    assert lab.state() == expected.state
 
 
 def test_burying_the_same_id_twice_keeps_both_copies(lab: Lab):
@@ -239,12 +228,8 @@ def test_discard_removes_every_trace_of_a_dead_message(lab: Lab):
 
     assert discard(lab, "m") == [OK]
 
-    assert lab.state() == {
-        "ready": [("r", lab.back(0, 2))],
-        "body": {"r": "R"},
-        "order": {"r": lab.order(0, 2)},
-        "seq": "2",
-    }
+    # Only r is left: m has no dead, body, order, deliv or reason entry.
+    assert lab.state() == lab.expect().ready("r", "R", seq=2).plus(seq="2").state
 
 
 def test_discard_of_a_dead_duplicate_removes_its_dups_and_alias_entries(lab: Lab):
@@ -253,15 +238,10 @@ def test_discard_of_a_dead_duplicate_removes_its_dups_and_alias_entries(lab: Lab
 
     assert discard(lab, "t/2") == [OK]
 
-    assert lab.state() == {
-        "ready": [("t", lab.back(0, 1))],
-        "body": {"t": "first"},
-        "order": {"t": lab.order(0, 1)},
-        "seq": "3",
-        "signal": ["1"],
-        "born": {"t": str(lab.now)},
-        "stats": {"published": "1", "dead": "1", "dead:failed": "1"},
-    }
+    # Only t is left: t/2 has no dead, body, order or reason entry, and no dups or alias one.
+    expected = lab.expect().ready("t", "first", seq=1, born=lab.now).plus(seq="3", signal=["1"])
+    expected.plus(stats={"published": "1", "dead": "1", "dead:failed": "1"})
+    assert lab.state() == expected.state
 
 
 def test_discard_of_a_key_that_is_not_dead_changes_nothing(lab: Lab):

@@ -21,15 +21,8 @@ def test_publish_stores_the_message_at_the_back_of_its_band_and_signals(lab: Lab
 
     assert key == "m1"
     # One sequence number (1): its place in the band, also kept in `order` with the band.
-    assert lab.state() == {
-        "ready": [("m1", lab.back(0, 1))],
-        "body": {"m1": "body-1"},
-        "order": {"m1": lab.order(0, 1)},
-        "seq": "1",
-        "signal": ["1"],
-        "stats": {"published": "1"},
-        "born": {"m1": str(lab.now)},
-    }
+    expected = lab.expect().ready("m1", "body-1", seq=1, born=lab.now)
+    assert lab.state() == expected.plus(seq="1", signal=["1"], stats={"published": "1"}).state
 
 
 def test_the_ready_score_is_band_times_2_pow_44_plus_2_pow_43_plus_the_sequence(lab: Lab):
@@ -80,17 +73,15 @@ def test_a_duplicate_id_is_stored_under_id_slash_n(lab: Lab):
     assert lab.publish("t", "second", 0) == "t/2"
     assert lab.publish("t", "third", 1) == "t/4"
 
-    assert lab.state() == {
-        "ready": [("t", lab.back(0, 1)), ("t/2", lab.back(0, 3)), ("t/4", lab.back(1, 5))],
-        "body": {"t": "first", "t/2": "second", "t/4": "third"},
-        "order": {"t": lab.order(0, 1), "t/2": lab.order(0, 3), "t/4": lab.order(1, 5)},
-        "seq": "5",
-        "signal": ["1"],
-        "stats": {"published": "3"},
-        "dups": {"t/2": "t", "t/4": "t"},
-        "alias": {"t": "t/4"},
-        "born": {"t": str(lab.now), "t/2": str(lab.now), "t/4": str(lab.now)},
-    }
+    expected = (
+        lab.expect()
+        .ready("t", "first", seq=1, born=lab.now)
+        .ready("t/2", "second", seq=3, born=lab.now)
+        .ready("t/4", "third", band=1, seq=5, born=lab.now)
+        .plus(seq="5", signal=["1"], stats={"published": "3"})
+        .duplicates("t", "t/2", "t/4")
+    )
+    assert lab.state() == expected.state
 
 
 def test_a_duplicate_of_a_leased_message_is_stored_beside_it_and_leaves_the_lease_alone(lab: Lab):
@@ -99,21 +90,14 @@ def test_a_duplicate_of_a_leased_message_is_stored_beside_it_and_leaves_the_leas
 
     assert lab.publish("t", "retry", 0) == "t/5"
 
-    assert lab.state() == {
-        "ready": [("t/5", lab.back(0, 6))],
-        "leased": [("t", lab.now + 500)],
-        "body": {"t": "old", "t/5": "retry"},
-        "order": {"t": lab.order(0, 3), "t/5": lab.order(0, 6)},
-        "deliv": {"t": "1"},
-        "token": {"t": "4"},
-        "owner": {"t": "w1"},
-        "seq": "6",
-        "signal": ["1"],
-        "stats": {"published": "1"},
-        "dups": {"t/5": "t"},
-        "alias": {"t": "t/5"},
-        "born": {"t/5": str(lab.now)},
-    }
+    expected = (
+        lab.expect()
+        .leased("t", "old", until=lab.now + 500, token=4, owner="w1", seq=3)
+        .ready("t/5", "retry", seq=6, born=lab.now)
+        .plus(seq="6", signal=["1"], stats={"published": "1"})
+        .duplicates("t", "t/5")
+    )
+    assert lab.state() == expected.state
 
 
 def test_a_duplicate_id_never_overwrites_another_stored_message(lab: Lab):
@@ -127,17 +111,15 @@ def test_a_duplicate_id_never_overwrites_another_stored_message(lab: Lab):
     # a is taken (n = 3), a/3 too, so the loop takes the next sequence number (4) and tries
     # a/4, which is free; the one after (5) is its score.
     assert key == "a/4"
-    assert lab.state() == {
-        "ready": [("a", lab.back(0, 1)), ("a/3", lab.back(0, 2)), ("a/4", lab.back(0, 5))],
-        "body": {"a": "first a", "a/3": "someone else's message", "a/4": "second a"},
-        "order": {"a": lab.order(0, 1), "a/3": lab.order(0, 2), "a/4": lab.order(0, 5)},
-        "seq": "5",
-        "signal": ["1"],
-        "stats": {"published": "3"},
-        "dups": {"a/4": "a"},
-        "alias": {"a": "a/4"},
-        "born": {"a": str(lab.now), "a/3": str(lab.now), "a/4": str(lab.now)},
-    }
+    expected = (
+        lab.expect()
+        .ready("a", "first a", seq=1, born=lab.now)
+        .ready("a/3", "someone else's message", seq=2, born=lab.now)  # no dups entry: its own id
+        .ready("a/4", "second a", seq=5, born=lab.now)
+        .plus(seq="5", signal=["1"], stats={"published": "3"})
+        .duplicates("a", "a/4")
+    )
+    assert lab.state() == expected.state
 
 
 def test_the_duplicate_key_loop_skips_every_taken_id_slash_n(lab: Lab):
@@ -149,35 +131,13 @@ def test_the_duplicate_key_loop_skips_every_taken_id_slash_n(lab: Lab):
 
     assert lab.publish("a", "second a", 0) == "a/5"
 
-    assert lab.state() == {
-        "ready": [
-            ("a", lab.back(0, 1)),
-            ("a/5", lab.back(0, 6)),
-            ("a/2", lab.back(0, 102)),
-            ("a/3", lab.back(0, 103)),
-            ("a/4", lab.back(0, 104)),
-        ],
-        "body": {
-            "a": "first a",
-            "a/2": "other 2",
-            "a/3": "other 3",
-            "a/4": "other 4",
-            "a/5": "second a",
-        },
-        "order": {
-            "a": lab.order(0, 1),
-            "a/2": lab.order(0, 102),
-            "a/3": lab.order(0, 103),
-            "a/4": lab.order(0, 104),
-            "a/5": lab.order(0, 6),
-        },
-        "seq": "6",
-        "signal": ["1"],
-        "stats": {"published": "2"},
-        "dups": {"a/5": "a"},
-        "alias": {"a": "a/5"},
-        "born": {"a": str(lab.now), "a/5": str(lab.now)},
-    }
+    expected = lab.expect().ready("a", "first a", seq=1, born=lab.now)
+    for n in (2, 3, 4):
+        expected.ready(f"a/{n}", f"other {n}", seq=100 + n)  # untouched, never published
+    expected.ready("a/5", "second a", seq=6, born=lab.now)
+    expected.plus(seq="6", signal=["1"], stats={"published": "2"})
+    expected.duplicates("a", "a/5")
+    assert lab.state() == expected.state
 
 
 def test_an_id_that_is_free_again_is_stored_under_itself_without_a_dups_entry(lab: Lab):
@@ -278,18 +238,14 @@ def test_a_publish_to_a_queue_with_a_message_ttl_records_the_message_deadline(la
     lab.publish("m2", "B2", 0, due=lab.now + 60_000, now=lab.now + 1)
 
     # A scheduled message's TTL counts from its due time: it waits in the queue only from then.
-    assert lab.state() == {
-        "args": {"message_ttl": "5000"},
-        "ttl": [("m1", lab.now + 5_000), ("m2", lab.now + 65_000)],
-        "ready": [("m1", lab.back(0, 1))],
-        "sched": [("m2", lab.now + 60_000)],
-        "body": {"m1": "B1", "m2": "B2"},
-        "order": {"m1": lab.order(0, 1), "m2": lab.order(0, 2)},
-        "seq": "2",
-        "signal": ["1"],
-        "stats": {"published": "2"},
-        "born": {"m1": str(lab.now)},
-    }
+    expected = (
+        lab.expect()
+        .ready("m1", "B1", seq=1, born=lab.now)
+        .scheduled("m2", "B2", due=lab.now + 60_000, seq=2)  # born once it is promoted
+        .plus(ttl=[("m1", lab.now + 5_000), ("m2", lab.now + 65_000)])
+        .plus(args={"message_ttl": "5000"}, seq="2", signal=["1"], stats={"published": "2"})
+    )
+    assert lab.state() == expected.state
 
 
 def test_a_publish_removes_messages_older_than_the_ttl_and_counts_them_expired(lab: Lab):

@@ -30,16 +30,10 @@ def test_a_reserve_leases_the_message_in_the_same_call(lab: Lab):
     served = lab.reserve(count=1, consumer="worker-1", lease=30_000)
 
     assert served == [(0, "m1", 2, 1, "B1")]
-    assert lab.state() == {
-        "leased": [("m1", lab.now + 30_000)],
-        "body": {"m1": "B1"},
-        "order": {"m1": lab.order(2, 1)},
-        "deliv": {"m1": "1"},
-        "token": {"m1": "2"},
-        "owner": {"m1": "worker-1"},
-        "seq": "2",
-        "stats": {"delivered": "1"},
-    }
+    expected = lab.expect().leased(
+        "m1", "B1", until=lab.now + 30_000, token=2, owner="worker-1", band=2, seq=1
+    )
+    assert lab.state() == expected.plus(seq="2", stats={"delivered": "1"}).state
 
 
 def test_a_reserve_of_an_empty_queue_returns_nothing_and_writes_nothing(lab: Lab):
@@ -383,13 +377,7 @@ def test_a_message_delivered_max_deliveries_times_is_dead_lettered_as_poison(lab
     assert served == [(0, "ok", 3, 3, "K")]
     state = lab.state()
     reason = json.loads(state.pop("reason")["p"])
-    assert reason == {
-        "reason": "poison",
-        "detail": "delivered 3 times without an ack",
-        "time": lab.now,
-        "first_failure": lab.now,
-        "last_failure": lab.now,
-    }
+    assert reason == lab.record("poison", "delivered 3 times without an ack")
     # The record and the rule as Python writes them (the Celery layer's poison): the same.
     assert reason == failure_record(Reason.POISON, poison.detail(3), lab.now)
     assert poison.is_poison(3, 3) and not poison.is_poison(2, 3)
@@ -437,13 +425,7 @@ def test_an_id_in_ready_without_a_body_is_recorded_dead_as_missing_body_without_
     assert served == [(MISSING_BODY_GROUP, "ghost", 0, 0, ""), (0, "real", 3, 1, "R")]
     state = lab.state()
     reason = json.loads(state.pop("reason")["ghost"])
-    assert reason == {
-        "reason": "missing-body",
-        "detail": "listed as ready but its body is gone",
-        "time": lab.now,
-        "first_failure": lab.now,
-        "last_failure": lab.now,
-    }
+    assert reason == lab.record("missing-body", "listed as ready but its body is gone")
     assert reason == failure_record(Reason.MISSING_BODY, reason["detail"], lab.now)
     # ghost: only its dead entry and its reason (checked above) are left; no body, order,
     # deliv or dups entry.
@@ -615,19 +597,13 @@ def test_a_message_older_than_the_queue_ttl_is_never_delivered_but_removed_and_c
 
     # The delivered message leaves `ttl`: its TTL bounded only the wait for a consumer.
     assert served == [(0, "fresh", 3, 1, "B2")]
-    assert lab.state() == {
-        "args": {"message_ttl": "5000"},
-        "leased": [("fresh", lab.now + 6_000 + lab.lease)],
-        "body": {"fresh": "B2"},
-        "order": {"fresh": lab.order(0, 2)},
-        "deliv": {"fresh": "1"},
-        "token": {"fresh": "3"},
-        "owner": {"fresh": "c1"},
-        "seq": "3",
-        "signal": ["1"],
-        "stats": {"published": "2", "expired": "1", "delivered": "1"},
-        "born": {"fresh": str(lab.now + 3_000)},
-    }
+    expected = (
+        lab.expect()
+        .leased("fresh", "B2", until=lab.now + 6_000 + lab.lease, token=3, seq=2)
+        .plus(born={"fresh": str(lab.now + 3_000)}, args={"message_ttl": "5000"})
+        .plus(seq="3", signal=["1"], stats={"published": "2", "expired": "1", "delivered": "1"})
+    )
+    assert lab.state() == expected.state
 
 
 def test_expired_messages_beyond_the_sweep_limit_are_skipped_when_they_come_up(lab: Lab):

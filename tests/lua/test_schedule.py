@@ -41,28 +41,15 @@ def test_a_publish_with_a_future_due_time_is_scheduled_not_ready_and_signals(lab
 
     assert reply == ("m1", 1)
     # The band and the publish order are kept in `order` as for a ready message.
-    assert lab.state() == {
-        "sched": [("m1", lab.now + 5_000)],
-        "body": {"m1": "B1"},
-        "order": {"m1": lab.order(2, 1)},
-        "seq": "1",
-        "signal": ["1"],
-        "stats": {"published": "1"},
-    }
+    expected = lab.expect().scheduled("m1", "B1", due=lab.now + 5_000, band=2, seq=1)
+    assert lab.state() == expected.plus(seq="1", signal=["1"], stats={"published": "1"}).state
 
 
 def test_a_due_time_of_zero_means_now_as_before(lab: Lab):
     assert lab.publish_reply("m1", "B1", 0, due=0) == ("m1", 1)
 
-    assert lab.state() == {
-        "ready": [("m1", lab.back(0, 1))],
-        "body": {"m1": "B1"},
-        "order": {"m1": lab.order(0, 1)},
-        "seq": "1",
-        "signal": ["1"],
-        "stats": {"published": "1"},
-        "born": {"m1": str(lab.now)},
-    }
+    expected = lab.expect().ready("m1", "B1", seq=1, born=lab.now)
+    assert lab.state() == expected.plus(seq="1", signal=["1"], stats={"published": "1"}).state
 
 
 def test_a_scheduled_publish_signals_only_when_it_becomes_the_earliest_due(lab: Lab):
@@ -156,19 +143,14 @@ def test_a_message_is_promoted_and_served_at_exactly_its_due_time(lab: Lab):
 
     # Sequence numbers: publish 1, promotion 2 (a fresh place at the back), token 3.
     assert served == [(0, "m", 3, 1, "M")]
-    assert lab.state() == {
-        "leased": [("m", lab.now + 1_000 + lab.lease)],
-        "body": {"m": "M"},
-        "order": {"m": lab.order(0, 2)},
-        "deliv": {"m": "1"},
-        "token": {"m": "3"},
-        "owner": {"m": "w1"},
-        "seq": "3",
+    expected = (
+        lab.expect()
+        .leased("m", "M", until=lab.now + 1_000 + lab.lease, token=3, owner="w1", seq=2)
+        .plus(born={"m": str(lab.now + 1_000)}, seq="3")
         # promote_due signals; nothing is left ready, but nobody popped the marker here.
-        "signal": ["1"],
-        "stats": {"published": "1", "promoted": "1", "delivered": "1"},
-        "born": {"m": str(lab.now + 1_000)},
-    }
+        .plus(signal=["1"], stats={"published": "1", "promoted": "1", "delivered": "1"})
+    )
+    assert lab.state() == expected.state
 
 
 def test_a_due_message_goes_to_the_back_of_its_band_behind_messages_already_ready(lab: Lab):
@@ -269,16 +251,13 @@ def test_promote_moves_due_messages_to_ready_counts_and_signals(lab: Lab):
 
     assert lab.promote(now=lab.now + 1_500) == 1
 
-    assert lab.state() == {
-        "ready": [("a", lab.back(0, 3))],
-        "sched": [("b", lab.now + 2_000)],
-        "body": {"a": "A", "b": "B"},
-        "order": {"a": lab.order(0, 3), "b": lab.order(3, 2)},
-        "seq": "3",
-        "signal": ["1"],
-        "stats": {"published": "2", "promoted": "1"},
-        "born": {"a": str(lab.now + 1_000)},  # its due time
-    }
+    expected = (
+        lab.expect()
+        .ready("a", "A", seq=3, born=lab.now + 1_000)  # born: its due time
+        .scheduled("b", "B", due=lab.now + 2_000, band=3, seq=2)
+        .plus(seq="3", signal=["1"], stats={"published": "2", "promoted": "1"})
+    )
+    assert lab.state() == expected.state
 
 
 def test_a_promote_with_nothing_due_writes_nothing(lab: Lab):
@@ -427,14 +406,8 @@ def test_a_unique_publish_of_an_acked_id_stores_a_new_message(lab: Lab):
 def test_a_unique_publish_of_a_never_seen_id_stores_it_as_usual(lab: Lab):
     assert lab.publish_reply("u", "B", 1, due=lab.now + 10, unique=True) == ("u", 1)
 
-    assert lab.state() == {
-        "sched": [("u", lab.now + 10)],
-        "body": {"u": "B"},
-        "order": {"u": lab.order(1, 1)},
-        "seq": "1",
-        "signal": ["1"],
-        "stats": {"published": "1"},
-    }
+    expected = lab.expect().scheduled("u", "B", due=lab.now + 10, band=1, seq=1)
+    assert lab.state() == expected.plus(seq="1", signal=["1"], stats={"published": "1"}).state
 
 
 def test_a_unique_publish_of_a_dead_id_stores_a_new_message_beside_the_dead_one(lab: Lab):
