@@ -243,9 +243,13 @@ class EventLoopDrain:
             # Before the last reserved message runs (a solo worker runs it right here), the
             # next reserve goes out, so that Redis leases the next batch meanwhile.
             target.send_ahead()
-            if target.deliver_one() or target.finish_ahead():
+            if target.deliver_one():
                 again = True
                 continue
+            if target.finish_ahead():
+                # Handed over at the next turn, not in this one: the hub runs its timers and
+                # reads its sockets between batches (a steady stream would keep it out).
+                again = True
             break
         if target.holding():
             target.finish_ahead()  # what it leased goes back at close with the rest
