@@ -458,6 +458,8 @@ class Broker(Lookups, Bindings):
             if want <= 0:
                 break
             out.extend(self._reserve_one(replace(sub, count=want)))
+        if count > 0:
+            self._answered([request])
         return out
 
     def _reserve_one(self, request: ReserveRequest) -> list[Delivery]:
@@ -524,7 +526,18 @@ class Broker(Lookups, Bindings):
                     soonest = due
         for queue, error in broken.items():
             self._report_broken(queue, error)
+        self._answered(wanted)
         return Round(out, lost, soonest)
+
+    def _answered(self, requests: Sequence[ReserveRequest]) -> None:
+        """On a Cluster: the wake-ups of the queues just reserved from are answered (see
+        :mod:`.shardwait`: a wake-up read by a round that could not reserve from its queue
+        makes the next wait look again)."""
+        if self._shard_waiter is not None:
+            for request in requests:
+                self._shard_waiter.answered(
+                    self.wait_keys(request.queues, consumer=request.consumer)
+                )
 
     def _served(
         self, request: ReserveRequest, raw: Any, broken: dict[str, str]
