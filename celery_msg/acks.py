@@ -20,6 +20,12 @@ What a reply can say:
   are sent again;
 * another error (a corrupted queue): logged, and those leases are given up; they expire and
   come back, as when the consumer dies.
+On a Redis Cluster each ack goes to the master of its queue's slot, on a connection per master
+(replies come back in order per connection). A reply that says the slot moved (``MOVED``,
+``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``) means that ack did not run: it is handed back like one
+that met a connection error, and the next round writes it through the cluster client, which
+follows the redirection.
+
 A connection error leaves the acks in flight unconfirmed: they are handed back to the caller
 (:meth:`AckSender.take_unconfirmed`), which writes them with its next round trip, through the
 same error handling as any other round (a reconnect when Redis is gone). An ack that did land
@@ -37,6 +43,7 @@ from typing import Any
 import redis
 
 from .core import REDIS_CONNECTION_ERRORS, Broker, Lease, group_by_queue, lease_pairs, pack_evalsha
+from .redisio import load_script
 from .scripts import Code
 
 logger = logging.getLogger(__name__)
@@ -50,9 +57,25 @@ MAX_IN_FLIGHT = 10_000
 
 _IO_ERRORS: tuple[type[BaseException], ...] = (*REDIS_CONNECTION_ERRORS, OSError)
 
+#: Replies of a Cluster node that did not run the ack there (the slot is elsewhere, or moving).
+_REDIRECTED: tuple[type[BaseException], ...] = (
+    redis.exceptions.AskError,  # MOVED too (a subclass)
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+class _Line:
+    """One connection and the ack groups written on it, oldest first (replies come in order)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.in_flight: deque[list[Lease]] = deque()
+
 
 class AckSender:
-    """One consumer's acks on a connection of their own, pipelined without waiting.
+    """One consumer's acks on connections of their own (one per master on a Cluster),
+    pipelined without waiting.
 
     Used from the event-loop thread only (the thread that settles deliveries in a Celery
     worker); other threads ack synchronously.
@@ -65,10 +88,8 @@ class AckSender:
         on_lost: Callable[[list[Lease]], None] | None = None,
     ) -> None:
         self.broker = broker
-        pool = broker.client.connection_pool
-        # Not from the pool: replies stay unread on it between calls.
-        self.conn: Any = pool.connection_class(**pool.connection_kwargs)
-        self._in_flight: deque[list[Lease]] = deque()
+        #: By node name on a Cluster, else one under "".
+        self._lines: dict[str, _Line] = {}
         self._in_flight_count = 0
         self._unconfirmed: list[Lease] = []
         self._on_lost = on_lost
@@ -81,7 +102,7 @@ class AckSender:
 
     def flush(self) -> None:
         """Read whatever replies have arrived, without waiting (every turn of the loop)."""
-        if self._in_flight:
+        if self._in_flight_count:
             self.read_replies()
 
     def send(self, leases: list[Lease]) -> None:
@@ -91,38 +112,78 @@ class AckSender:
             return
         if self._in_flight_count >= MAX_IN_FLIGHT:
             self.read_replies(block=True)
-        groups = list(group_by_queue(leases).items())
         ack = self.broker.scripts.ack.script
-        packed = [pack_evalsha(ack, self.broker.keys(q).all, lease_pairs(g)) for q, g in groups]
-        try:
-            if self.conn._sock is None:
-                self._connect()
-            self.conn.send_packed_command(packed, check_health=False)
-        except _IO_ERRORS as exc:
-            logger.debug("ack connection failed while sending: %s", exc)
-            self._unconfirmed.extend(leases)
-            self._fail()
-            return
-        for _, group in groups:
-            self._in_flight.append(group)
-            self._in_flight_count += len(group)
+        by_line: dict[str, list[tuple[list[Lease], bytes]]] = {}
+        for queue, group in group_by_queue(leases).items():
+            keys = self.broker.keys(queue).all
+            packed = pack_evalsha(ack, keys, lease_pairs(group))
+            by_line.setdefault(self._line_name(keys[0]), []).append((group, packed))
+        for name, writes in by_line.items():
+            try:
+                line = self._line(name)
+                line.conn.send_packed_command([p for _, p in writes], check_health=False)
+            except _IO_ERRORS as exc:
+                logger.debug("ack connection failed while sending: %s", exc)
+                for group, _ in writes:
+                    self._unconfirmed.extend(group)
+                self._fail(name)
+                continue
+            for group, _ in writes:
+                line.in_flight.append(group)
+                self._in_flight_count += len(group)
 
     def read_replies(self, block: bool = False) -> None:
         """Read the replies that arrived (``block``: all of them, waiting for each)."""
         resend: list[Lease] = []
         lost: list[Lease] = []
-        while self._in_flight:
+        for name in list(self._lines):
+            resend.extend(self._read_line(name, block, lost))
+        if lost and self._on_lost is not None:
+            self._on_lost(lost)
+        if resend:
+            self._reload_script(resend[0].queue)
+            self.send(resend)
+
+    def has_unconfirmed(self) -> bool:
+        return bool(self._unconfirmed)
+
+    def take_unconfirmed(self) -> list[Lease]:
+        """Acks that met a connection error (or a Cluster redirection): their caller writes
+        them again."""
+        taken, self._unconfirmed = self._unconfirmed, []
+        return taken
+
+    def close(self) -> None:
+        """Read every outstanding reply (unconfirmed acks stay for :meth:`take_unconfirmed`),
+        then close the connections."""
+        self.read_replies(block=True)
+        for line in self._lines.values():
+            with contextlib.suppress(*_IO_ERRORS):
+                line.conn.disconnect()
+        self._lines.clear()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _read_line(self, name: str, block: bool, lost: list[Lease]) -> list[Lease]:
+        """Read one connection's replies; returns the acks whose script Redis had lost."""
+        line = self._lines[name]
+        resend: list[Lease] = []
+        while line.in_flight:
             try:
-                if not self.conn.can_read(timeout=REPLY_TIMEOUT if block else 0):
+                if not line.conn.can_read(timeout=REPLY_TIMEOUT if block else 0):
                     if block:
                         raise redis.TimeoutError(f"no ack reply within {REPLY_TIMEOUT:.0f}s")
                     break
-                reply = self.conn.read_response()
+                reply = line.conn.read_response()
             except redis.exceptions.NoScriptError:
-                resend.extend(self._pop())
+                resend.extend(self._pop(line))
+                continue
+            except _REDIRECTED as exc:
+                logger.debug("ack redirected (%s): written again with the next round", exc)
+                self._unconfirmed.extend(self._pop(line))
                 continue
             except redis.ResponseError as exc:
-                group = self._pop()
+                group = self._pop(line)
                 logger.error(
                     "queue %s: ack of %d messages failed: %s; their leases expire and they "
                     "come back",
@@ -133,60 +194,66 @@ class AckSender:
                 continue
             except _IO_ERRORS as exc:
                 logger.debug("ack connection failed while reading: %s", exc)
-                self._fail()
+                self._fail(name)
                 break
-            group = self._pop()
+            group = self._pop(line)
             codes = reply if isinstance(reply, list) else []
             if len(codes) != len(group):
                 logger.error("ack of %d messages: unexpected reply %r", len(group), reply)
                 continue
             lost.extend(lease for lease, code in zip(group, codes, strict=True) if code != Code.OK)
-        if lost and self._on_lost is not None:
-            self._on_lost(lost)
-        if resend:
-            self._reload_script()
-            self.send(resend)
+        return resend
 
-    def has_unconfirmed(self) -> bool:
-        return bool(self._unconfirmed)
-
-    def take_unconfirmed(self) -> list[Lease]:
-        """Acks that met a connection error: their caller writes them again."""
-        taken, self._unconfirmed = self._unconfirmed, []
-        return taken
-
-    def close(self) -> None:
-        """Read every outstanding reply (unconfirmed acks stay for :meth:`take_unconfirmed`),
-        then close the connection."""
-        self.read_replies(block=True)
-        with contextlib.suppress(*_IO_ERRORS):
-            self.conn.disconnect()
-
-    # -- internals -------------------------------------------------------------------------
-
-    def _pop(self) -> list[Lease]:
-        group = self._in_flight.popleft()
+    def _pop(self, line: _Line) -> list[Lease]:
+        group = line.in_flight.popleft()
         self._in_flight_count -= len(group)
         return group
 
-    def _fail(self) -> None:
-        """The connection broke: everything in flight is unconfirmed; connect anew next time."""
-        while self._in_flight:
-            self._unconfirmed.extend(self._pop())
-        with contextlib.suppress(*_IO_ERRORS):
-            self.conn.disconnect()
+    def _line_name(self, key: str) -> str:
+        """The node that serves ``key`` ("" off a Cluster)."""
+        if not self.broker.cluster:
+            return ""
+        return str(self.broker.client.get_node_from_key(key).name)  # type: ignore[attr-defined]
 
-    def _connect(self) -> None:
+    def _line(self, name: str) -> _Line:
+        """The connection to node ``name``, connected (and the ack script loaded) if needed."""
+        line = self._lines.get(name)
+        if line is None:
+            client: Any = self.broker.client
+            if name:
+                client = client.get_node(node_name=name).redis_connection
+            pool = client.connection_pool
+            # Not from the pool: replies stay unread on it between calls.
+            line = self._lines[name] = _Line(pool.connection_class(**pool.connection_kwargs))
+        if line.conn._sock is None:
+            self._connect(line.conn)
+        return line
+
+    def _fail(self, name: str) -> None:
+        """A connection broke: everything in flight on it is unconfirmed; it is built anew
+        next time (on a Cluster the node may be gone for good after a failover)."""
+        line = self._lines.pop(name, None)
+        if line is None:
+            return
+        while line.in_flight:
+            self._unconfirmed.extend(self._pop(line))
+        with contextlib.suppress(*_IO_ERRORS):
+            line.conn.disconnect()
+
+    def _connect(self, conn: Any) -> None:
         """Connect, and load the ack script first: a NOSCRIPT reply would otherwise wait,
         unread, for as long as the loop is busy (a solo worker running a long task), and
         its acks with it. A new connection is what a Redis restart leads to."""
-        self.conn.connect()
+        conn.connect()
         script = self.broker.scripts.ack.script
-        self.conn.send_command("SCRIPT", "LOAD", script.script)
-        self.conn.read_response()
+        conn.send_command("SCRIPT", "LOAD", script.script)
+        conn.read_response()
 
-    def _reload_script(self) -> None:
-        """Load the ack script again, on a pooled connection: this one may have replies
-        outstanding. A failure shows up as the resent acks' own error."""
+    def _reload_script(self, queue: str) -> None:
+        """Load the ack script again, on a pooled connection (on a Cluster: on the masters):
+        these may have replies outstanding. A failure shows up as the resent acks' own
+        error."""
         with contextlib.suppress(*_IO_ERRORS, redis.ResponseError):
-            self.broker.client.script_load(self.broker.scripts.ack.script.script)
+            load_script(
+                self.broker.client, self.broker.scripts.ack.script, self.broker.keys(queue).all
+            )

@@ -16,7 +16,6 @@ Redis (:mod:`celery_msg.control`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import safe_repr
 
+from . import poison
 from .broadcast import name_broadcast_queues
 from .bulk_publish import uses_celery_msg
 from .canvas import install as bulk_groups
@@ -62,14 +62,7 @@ def configure(app: Celery, *, policies: Policies | None = None, **transport_opti
     options = {**(app.conf.broker_transport_options or {}), **transport_options}
     chosen = policies_from(policies if policies is not None else app.conf.get("msg_policies"))
     check_configure(app, chosen)
-    limit = options.get("max_deliveries")
-    if limit and chosen.default.max_deliveries is None:
-        # The worker applies it, as any policy: the result backend then learns of the poison
-        # message, and DeadLetter(enabled=False) is honoured (the transport could do neither).
-        chosen = dataclasses.replace(
-            chosen, default=dataclasses.replace(chosen.default, max_deliveries=limit)
-        )
-        options["max_deliveries"] = 0
+    options, chosen = poison.hand_to_policies(options, chosen)
     options["policies"] = chosen
     if uses_celery_msg(app):
         TransportOptions.from_mapping(options)
@@ -244,13 +237,14 @@ class Consumer(CeleryConsumer):
         return True
 
     def _poison(self, message: Any, policy: Resolved) -> bool:
-        """Dead-letter (or drop) a message delivered more than ``max_deliveries`` times."""
-        limit = policy.max_deliveries
-        deliveries = int((message.delivery_info or {}).get("delivery_count") or 0)
-        if not limit or deliveries <= limit:
+        """Dead-letter (or drop) a message delivered ``max_deliveries`` times already without
+        an ack (the rule: :mod:`celery_msg.poison`)."""
+        # delivery_count counts this delivery too; the rule counts the ones before it.
+        delivered = int((message.delivery_info or {}).get("delivery_count") or 0) - 1
+        if not poison.is_poison(delivered, policy.max_deliveries):
             return False
         headers = message.headers if isinstance(message.headers, dict) else {}
-        detail = f"delivered {deliveries - 1} times without an ack"
+        detail = poison.detail(delivered)
         if policy.dead_letter.enabled:
             mark_dead_letter(message, Reason.POISON, detail)
         else:

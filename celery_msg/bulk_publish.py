@@ -52,7 +52,7 @@ from .scripts import Code
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .transport import Channel
+    from .routing import RoutingChannel as Channel
 
 logger = logging.getLogger(__name__)
 

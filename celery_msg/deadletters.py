@@ -22,6 +22,7 @@ from typing import Any
 
 from .core import UNREADABLE_RECORD, Broker, MessageInfo, State
 from .errors import MessageNotFound
+from .keys import RecordField
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,16 @@ class DeadMessage:
         record = info.dead_reason or {}
         message = decode_message(info.payload or b"")
         headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
-        last = _seconds(record.get("last_failure")) or _seconds(record.get("time"))
-        first = _seconds(record.get("first_failure")) or last
+        last = _seconds(record.get(RecordField.LAST_FAILURE)) or _seconds(
+            record.get(RecordField.TIME)
+        )
+        first = _seconds(record.get(RecordField.FIRST_FAILURE)) or last
         return cls(
             id=info.id,
             key=info.key,
             queue=info.queue,
             task=_text_or_none(record.get("task")) or _text_or_none((headers or {}).get("task")),
-            reason=str(record.get("reason", "unknown")),
+            reason=str(record.get(RecordField.REASON, "unknown")),
             detail=str(record.get("detail", "")),
             exc_type=_text_or_none(record.get("exc_type")),
             exc_message=_text_or_none(record.get("exc_message")),

@@ -25,11 +25,12 @@ from typing import Any
 import redis
 
 from .acks import AckSender
-from .core import Broker, Lease, ReserveRequest
+from .core import Broker, Lease, ReserveRequest, Round
 from .errors import BrokerConnectionError
 from .eventloop import EventLoopDrain
 from .holdings import log_lost
 from .options import TransportOptions
+from .readahead import ReadAhead
 from .shardwait import ShardWaiter
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ class DrainLoop:
         self._event_loop: EventLoopDrain | None = None
         #: The event loop's ack writer (None outside an event loop).
         self.ack_sender: AckSender | None = None
+        #: The event loop's reserve sent ahead (None outside an event loop, on a Cluster and
+        #: with min_replicas), and the channels it asked for.
+        self.read_ahead: ReadAhead | None = None
+        self._ahead_channels: list[Any] = []
         self._room = False
 
     def hold_deliveries(self) -> None:
@@ -100,14 +105,21 @@ class DrainLoop:
         (re)connection, then runs ``asynloop`` instead of calling :meth:`drain_events`."""
         self.unregister_from_event_loop(connection, loop)
         self._event_loop = EventLoopDrain(self, loop)
-        if self.broker.replication is None and not self.broker.cluster:
+        if self.broker.replication is None:
             # With min_replicas an ack must be confirmed before it counts as done: acks are
             # then written and confirmed one turn at a time (no writer that does not wait).
-            # On a Cluster the writer's one connection cannot reach every node: acks ride on
-            # the rounds there.
             self.ack_sender = AckSender(self.broker, on_lost=lambda lost: log_lost(lost, "ack"))
+        if ReadAhead.usable(self.broker):
+            self.read_ahead = ReadAhead(self.broker)
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
+        ahead, self.read_ahead = self.read_ahead, None
+        if ahead is not None:
+            if ahead.pending:
+                # Take what it leased: it goes back with the rest of the reserved messages.
+                with contextlib.suppress(BrokerConnectionError):
+                    self._accept_round(self._ahead_channels, ahead.read())
+            ahead.close()
         sender, self.ack_sender = self.ack_sender, None
         if sender is not None:
             sender.close()
@@ -196,7 +208,13 @@ class DrainLoop:
         Reserving also reclaims expired leases of the queues, so an idle consumer, woken at
         least every ``sweep_interval``, brings a dead consumer's messages back.
         """
+        self.finish_ahead()  # never two rounds in flight: prefetch would not hold
         acks = self._take_acks()
+        channels, requests = self._requests()
+        return self._accept_round(channels, self.broker.settle_and_reserve(acks, requests))
+
+    def _requests(self) -> tuple[list[Any], list[ReserveRequest]]:
+        """The consumable channels and what each may reserve now."""
         channels = [c for c in self.channels if c.consumable()]
         requests = [
             ReserveRequest(
@@ -208,13 +226,43 @@ class DrainLoop:
             )
             for c in channels
         ]
-        round_ = self.broker.settle_and_reserve(acks, requests)
+        return channels, requests
+
+    def _accept_round(self, channels: list[Any], round_: Round | None) -> bool:
+        """Hand a round's deliveries to their channels; True when any was accepted."""
+        if round_ is None:
+            return False
         log_lost(round_.lost, "ack")
         # Only a round that asked for messages learns when the next one is due; a full consumer
         # must not wake early for messages it could not take anyway.
-        self._next_due_ms = round_.next_due_ms if requests else None
+        self._next_due_ms = round_.next_due_ms if channels else None
         accepted = zip(channels, round_.deliveries, strict=True)
         return sum(int(c.accept_all(d)) for c, d in accepted) > 0
+
+    def send_ahead(self) -> None:
+        """Send the next round's reserve now and read it later (:mod:`celery_msg.readahead`):
+        the event loop calls this before it hands over the last reserved message, when the
+        channels may take a worthwhile batch and no ack waits to ride on a round."""
+        ahead = self.read_ahead
+        if ahead is None or ahead.pending or self._holding:
+            return
+        # Cheapest first: this runs before every message the loop hands over.
+        if sum(len(c._ready) for c in self.channels) != 1 or self.has_buffered_acks():
+            return
+        if not self.room_for_a_batch():
+            return
+        channels, requests = self._requests()
+        prepared = self.broker.prepare_round([], requests)
+        if prepared.calls and ahead.send(prepared):
+            self._ahead_channels = channels
+
+    def finish_ahead(self) -> bool:
+        """Read the round sent ahead, if any, and take its messages; True when it brought any."""
+        ahead = self.read_ahead
+        if ahead is None or not ahead.pending:
+            return False
+        channels, self._ahead_channels = self._ahead_channels, []
+        return self._accept_round(channels, ahead.read())
 
     def _due_in(self) -> float | None:
         """Seconds until the next scheduled message of the consumed queues falls due (the next

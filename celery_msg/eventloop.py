@@ -102,6 +102,12 @@ class Drainable(Protocol):
     def deliver_one(self) -> bool:
         """Hand one reserved message to kombu; False when none is left."""
 
+    def send_ahead(self) -> None:
+        """Before the last reserved message is handed over: send the next reserve, unread."""
+
+    def finish_ahead(self) -> bool:
+        """Read the reserve sent ahead and take its messages; True when it brought any."""
+
     def next_due_ms(self) -> int | None:
         """Epoch ms when the next scheduled message of the consumed queues falls due."""
 
@@ -233,7 +239,17 @@ class EventLoopDrain:
             # Prefetch room came back without an ack to ride on (an ack on receipt, a reject):
             # messages may wait in a queue the BLPOP in flight does not watch.
             again = self._round()
-        while not target.holding() and target.deliver_one():
+        while not target.holding():
+            # Before the last reserved message runs (a solo worker runs it right here), the
+            # next reserve goes out, so that Redis leases the next batch meanwhile.
+            target.send_ahead()
+            if target.deliver_one() or target.finish_ahead():
+                again = True
+                continue
+            break
+        if target.holding():
+            target.finish_ahead()  # what it leased goes back at close with the rest
+        if self._schedule_due(target.next_due_ms()):
             again = True
         if again:
             # Iterate again before sleeping: the hub's poll timeout was computed before this

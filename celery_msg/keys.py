@@ -283,16 +283,40 @@ def wake_key(prefix: str, consumer: str) -> str:
     return f"{prefix}wake:{consumer}"
 
 
+class RecordField(StrEnum):
+    """The fields every dead-letter record has (the ``reason`` hash holds one per dead message).
+
+    Python writes them (:func:`failure_record`) and so does reserve.lua (``failure_record`` in
+    ``_queue.lua``, for ``poison`` and ``missing-body``), with these names from the generated
+    preamble (``RECORD_*``), so the two cannot drift; a test holds a record the script wrote to
+    :func:`failure_record`'s."""
+
+    #: The :class:`Reason` word.
+    REASON = "reason"
+    #: A sentence for people.
+    DETAIL = "detail"
+    #: When it was dead-lettered (epoch ms).
+    TIME = "time"
+    #: When it first failed (epoch ms): the first of its retries, else this failure.
+    FIRST_FAILURE = "first_failure"
+    #: When it last failed (epoch ms): this failure.
+    LAST_FAILURE = "last_failure"
+
+
 def failure_record(reason: str, detail: str, now_ms: int, **extra: Any) -> dict[str, Any]:
     """The JSON record kept with a dead message: why, and when it first and last failed.
 
     ``first_failure`` comes from ``extra`` when the message failed before (its retries);
     otherwise this failure is the first.
     """
-    record: dict[str, Any] = {"reason": reason, "detail": detail, "time": now_ms}
+    record: dict[str, Any] = {
+        RecordField.REASON: reason,
+        RecordField.DETAIL: detail,
+        RecordField.TIME: now_ms,
+    }
     record.update(extra)
-    record.setdefault("first_failure", now_ms)
-    record["last_failure"] = now_ms
+    record.setdefault(RecordField.FIRST_FAILURE, now_ms)
+    record[RecordField.LAST_FAILURE] = now_ms
     return record
 
 

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple, cast
 
 from .errors import MessageNotFound, ScriptError
+from .keys import RecordField
 from .queues import Queues
 from .redisio import text, translated_errors
 from .scripts import BAND
@@ -265,7 +266,7 @@ def _lenient_text(value: bytes | str) -> str:
 #: Reason given to a dead-letter record that is not a JSON object (written by something else).
 UNREADABLE_RECORD = "unreadable-record"
 #: Fields of a dead-letter record kept in epoch milliseconds in Redis; look-ups give seconds.
-_RECORD_TIMES = ("time", "first_failure", "last_failure")
+_RECORD_TIMES = (RecordField.TIME, RecordField.FIRST_FAILURE, RecordField.LAST_FAILURE)
 
 
 def dead_record(raw: bytes | str) -> dict[str, Any]:

@@ -100,7 +100,7 @@ class TransportOptions:
     #: Seconds a publisher caches an exchange's binding table (0 disables the cache).
     binding_cache_ttl: float = 1.0
     #: Deliveries after which a message is dead-lettered as ``poison`` instead of delivered again
-    #: (0 = unlimited).
+    #: (0 = unlimited); ``configure`` hands it to the policies (:mod:`celery_msg.poison`).
     max_deliveries: int = 0
     #: Seconds to wait for Redis on connect and on each command (None = no timeout).
     socket_timeout: float | None = 30.0

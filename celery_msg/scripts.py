@@ -1,7 +1,8 @@
 """Loads the Lua scripts (one ``.lua`` file per state transition) once per Redis client.
 
-Each script starts with a generated preamble that hands it the key layout and the return codes
-defined here, so Python and Lua never drift; ``--@include name.lua`` lines pull in shared helpers
+Each script starts with a generated preamble that hands it the key layout, the return codes
+defined here, the counters and reasons, the dead-letter record's fields and the poison detail,
+so Python and Lua never drift; ``--@include name.lua`` lines pull in shared helpers
 (Redis has no include of its own). :mod:`celery_msg.transitions` registers each with
 ``register_script`` (redis-py calls EVALSHA and loads the script again after a server restart or
 SCRIPT FLUSH) behind one typed wrapper per script.
@@ -16,7 +17,8 @@ from functools import cache
 from importlib import resources
 
 from .counters import REASON_MAX
-from .keys import KEY_TYPES, PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS, Counter, Reason
+from .keys import KEY_TYPES, PUBLISH_KEY_PARTS, QUEUE_KEY_PARTS, Counter, Reason, RecordField
+from .poison import DETAIL_FORMAT as POISON_DETAIL
 from .queueargs import MAX_LENGTH, MAX_MS, QueueArg
 
 SCRIPT_NAMES: tuple[str, ...] = (
@@ -85,12 +87,14 @@ def _preamble(shard_signal: bool) -> str:
     reasons = "\n".join(
         f"local REASON_{r.name} = '{r.value}'" for r in (Reason.POISON, Reason.MISSING_BODY)
     )
+    fields = "\n".join(f"local RECORD_{f.name} = '{f.value}'" for f in RecordField)
     return (
         f"local NK = {len(QUEUE_KEY_PARTS)}\n"
         f"local PARTS = {_lua_list(QUEUE_KEY_PARTS)}\n"
         f"local PUBLISH_PARTS = {_lua_list(PUBLISH_KEY_PARTS)}\n"
         f"local KIND = {_lua_map(KEY_TYPES)}\n"
-        f"{codes}\n{stats}\n{reasons}\n"
+        f"{codes}\n{stats}\n{reasons}\n{fields}\n"
+        f"local POISON_DETAIL = '{POISON_DETAIL}'\n"
         f"local BAND = {BAND}\nlocal MID = {MID}\nlocal MISSING = {MISSING_BODY_GROUP}\n"
         f"local EXPIRE_BATCH = {EXPIRE_BATCH}\nlocal TRIM_BATCH = {TRIM_BATCH}\n"
         f"local ARG_MESSAGE_TTL = '{QueueArg.MESSAGE_TTL}'\n"

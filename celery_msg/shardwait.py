@@ -21,8 +21,8 @@ read, also by a consumer whose prefetch is full at that moment, whose round then
 from that queue. A worker thread freeing room just after that round re-arms on the same,
 unchanged subscriptions, and nothing more is published: the queue's ready messages would wait
 for the next sweep. So a drained wake-up stays *unanswered* until a reserve from its queue ran
-(:meth:`ShardWaiter.answered`, called by :meth:`Broker.settle_and_reserve
-<celery_msg.core.Broker.settle_and_reserve>`); :meth:`ShardWaiter.watch` tells the caller to look
+(:meth:`ShardWaiter.answered`, called as a round's or a reserve's calls are made:
+:mod:`celery_msg.consuming`); :meth:`ShardWaiter.watch` tells the caller to look
 again while a channel it now wants has one, as a marker left in a list would.
 """
 

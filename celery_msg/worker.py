@@ -38,7 +38,7 @@ from kombu.utils.imports import symbol_by_name
 from kombu.utils.json import dumps
 
 from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER
-from .keys import Reason
+from .keys import Reason, RecordField
 from .messages import band_of
 from .outcome import broker_of, mark_dead_letter, mark_drop, transport_of
 from .policy import AckMode, Policies, Resolved, unique_for
@@ -328,7 +328,7 @@ class PolicyRequest(Request):
         }
         first = (message.headers or {}).get(FIRST_FAILURE_HEADER)
         if first:
-            extra["first_failure"] = int(first)
+            extra[RecordField.FIRST_FAILURE] = int(first)
         if settled == "reject":
             # Celery rejects it without requeue: the transport moves it, atomically.
             mark_dead_letter(message, Reason.FAILED, detail, **extra)

@@ -77,6 +77,26 @@ local function count_dead(q, reason, n)
   count(q, STAT_DEAD .. ':' .. reason, n)
 end
 
+-- A dead-letter record written by a script itself (reserve's poison and missing-body), in the
+-- shape Python writes (celery_msg/keys.py failure_record; field names from the preamble): this
+-- failure is its first and its last.
+local function failure_record(reason, detail, now)
+  return cjson.encode({
+    [RECORD_REASON] = reason,
+    [RECORD_DETAIL] = detail,
+    [RECORD_TIME] = now,
+    [RECORD_FIRST_FAILURE] = now,
+    [RECORD_LAST_FAILURE] = now,
+  })
+end
+
+-- Store key of q as dead now, with a record the script writes, and count it.
+local function dead_with_record(q, key, now, reason, detail)
+  redis.call('ZADD', q.dead, now, key)
+  redis.call('HSET', q.reason, key, failure_record(reason, detail, now))
+  count_dead(q, reason, 1)
+end
+
 -- The marker list holds at most one element: pushed only when empty. On a Redis Cluster
 -- (SHARD_SIGNAL) a sharded pub/sub message on the channel named like the list instead: a
 -- consumer listens to the channels of queues on several slots (see celery_msg/shardwait.py).
@@ -247,4 +267,44 @@ local function next_due(q)
   local first = redis.call('ZRANGE', q.sched, 0, 0, 'WITHSCORES')
   if #first == 0 then return nil end
   return tonumber(first[2])
+end
+
+-- The fenced pairs of ack and extend: settle(key) for every (message key, token) of ARGV from
+-- index first on whose token still holds the lease, at once (a key twice in a batch is settled
+-- once: its second token no longer holds). Returns one code per pair (OK, or LEASE_LOST) and
+-- how many were settled; the lost ones are counted (lease_lost).
+local function settle_held(q, first, settle)
+  local codes = {}
+  local done = 0
+  for i = first, #ARGV, 2 do
+    local key = ARGV[i]
+    if holds(q, key, ARGV[i + 1]) then
+      settle(key)
+      codes[#codes + 1] = OK
+      done = done + 1
+    else
+      codes[#codes + 1] = LEASE_LOST
+    end
+  end
+  if #codes > done then count(q, STAT_LEASE_LOST, #codes - done) end
+  return codes, done
+end
+
+-- The dead message keys of replay and discard: take(key) for every key of ARGV still in q's
+-- dead-letter store (taken out of it first). Returns one code per key (OK, or NOT_FOUND: not
+-- dead any more, replayed or purged by someone else) and how many were taken.
+local function take_dead(q, take)
+  local codes = {}
+  local taken = 0
+  for i = 1, #ARGV do
+    local key = ARGV[i]
+    if redis.call('ZREM', q.dead, key) == 1 then
+      take(key)
+      codes[i] = OK
+      taken = taken + 1
+    else
+      codes[i] = NOT_FOUND
+    end
+  end
+  return codes, taken
 end

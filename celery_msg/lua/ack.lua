@@ -6,19 +6,6 @@
 -- Returns one code per pair: OK, or LEASE_LOST.
 --@include _queue.lua
 local q = queue_keys(0)
-local codes = {}
-local lost = 0
-for i = 1, #ARGV, 2 do
-  local key = ARGV[i]
-  if holds(q, key, ARGV[i + 1]) then
-    forget(q, key)
-    codes[#codes + 1] = OK
-  else
-    codes[#codes + 1] = LEASE_LOST
-    lost = lost + 1
-  end
-end
-local acked = #codes - lost
+local codes, acked = settle_held(q, 1, function(key) forget(q, key) end)
 if acked > 0 then count(q, STAT_ACKED, acked) end
-if lost > 0 then count(q, STAT_LEASE_LOST, lost) end
 return codes

@@ -6,17 +6,7 @@
 --@include _queue.lua
 local q = queue_keys(0)
 local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
-local codes = {}
-local lost = 0
-for i = 3, #ARGV, 2 do
-  local key = ARGV[i]
-  if holds(q, key, ARGV[i + 1]) then
-    redis.call('ZADD', q.leased, 'XX', deadline, key)
-    codes[#codes + 1] = OK
-  else
-    codes[#codes + 1] = LEASE_LOST
-    lost = lost + 1
-  end
-end
-if lost > 0 then count(q, STAT_LEASE_LOST, lost) end
+local codes = settle_held(q, 3, function(key)
+  redis.call('ZADD', q.leased, 'XX', deadline, key)
+end)
 return codes

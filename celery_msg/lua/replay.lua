@@ -8,19 +8,10 @@
 -- Returns one code per key: OK (replayed), or NOT_FOUND (not dead any more: replayed, purged).
 --@include _queue.lua
 local q = queue_keys(0)
-local codes = {}
-local replayed = 0
-for i = 1, #ARGV do
-  local key = ARGV[i]
-  if redis.call('ZREM', q.dead, key) == 1 then
-    redis.call('HDEL', q.deliv, key)
-    enqueue_back(q, key)
-    codes[i] = OK
-    replayed = replayed + 1
-  else
-    codes[i] = NOT_FOUND
-  end
-end
+local codes, replayed = take_dead(q, function(key)
+  redis.call('HDEL', q.deliv, key)
+  enqueue_back(q, key)
+end)
 if replayed > 0 then
   count(q, STAT_REPLAYED, replayed)
   signal(q)

@@ -11,7 +11,8 @@
 --   group (0-based), message key, fencing token, delivery count, payload;
 -- (group MISSING, key, 0, 0, '') for a ready id whose body was gone: now dead, 'missing-body';
 -- then one last entry: the earliest due time (ms) still scheduled in these queues, or 0.
--- A message delivered max-deliveries times already is dead-lettered as 'poison' instead.
+-- A message delivered max-deliveries times already is dead-lettered as 'poison' instead (the
+-- rule: celery_msg/poison.py; the record: celery_msg/keys.py failure_record).
 -- Counts (stats): delivered (every delivery), redelivered (deliveries after the first),
 -- dead and dead:poison / dead:missing-body, expired, reclaimed, promoted.
 -- A message past its message-TTL deadline (`ttl`) is never delivered: it is removed and counted
@@ -51,15 +52,7 @@ local function deliver(g, key)
     -- leftovers go; its id is recorded as dead ('missing-body') and reported to the caller.
     unlock(q, key)
     forget(q, key)
-    redis.call('ZADD', q.dead, now, key)
-    redis.call('HSET', q.reason, key, cjson.encode({
-      reason = REASON_MISSING_BODY,
-      detail = 'listed as ready but its body is gone',
-      time = now,
-      first_failure = now,
-      last_failure = now,
-    }))
-    count_dead(q, REASON_MISSING_BODY, 1)
+    dead_with_record(q, key, now, REASON_MISSING_BODY, 'listed as ready but its body is gone')
     out[#out + 1] = MISSING
     out[#out + 1] = key
     out[#out + 1] = 0
@@ -78,17 +71,10 @@ local function deliver(g, key)
     redis.call('ZREM', q.ttl, key)
   end
   local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0
+  -- The poison rule (celery_msg/poison.py is_poison and detail: the same numbers and words).
   if max_deliveries > 0 and delivered >= max_deliveries then
     unlock(q, key)
-    redis.call('ZADD', q.dead, now, key)
-    redis.call('HSET', q.reason, key, cjson.encode({
-      reason = REASON_POISON,
-      detail = 'delivered ' .. delivered .. ' times without an ack',
-      time = now,
-      first_failure = now,
-      last_failure = now,
-    }))
-    count_dead(q, REASON_POISON, 1)
+    dead_with_record(q, key, now, REASON_POISON, string.format(POISON_DETAIL, delivered))
     return
   end
   delivered = add(q.deliv, key, 1)

@@ -21,13 +21,13 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, Self
 
 import redis
 from celery import Celery
 from celery_app.settings import DEFAULT_QUEUE, Settings
 from celery_app.tasks import create_app
+from closing import Closing
 from waiting import wait_until as wait_until
 
 from celery_msg.core import Broker
@@ -212,7 +212,7 @@ class Event:
     token: str = ""
 
 
-class Stack:
+class Stack(Closing):
     """One test's app, broker view, event list and workers; :meth:`close` tears all down."""
 
     def __init__(self, settings: Settings, log_dir: Path) -> None:
@@ -317,17 +317,6 @@ class Stack:
                 backend.unlink(*keys)
             backend.close()
         self.redis.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 #: ``make(**settings)`` of :func:`stack_factory` (the ``make_stack`` fixture).

@@ -26,10 +26,10 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import redis
+from closing import Closing
 from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 from waiting import wait_until as wait_until
@@ -195,7 +195,7 @@ print(json.dumps({"closed": True}), flush=True)
 """
 
 
-class ConsumerProcess:
+class ConsumerProcess(Closing):
     """A kombu consumer in a child process: it takes ``prefetch`` messages and holds them.
 
     It prints one JSON line per message (``got``, ``deliveries``, ``consumer``), acks a held
@@ -281,17 +281,6 @@ class ConsumerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGCONT)
             self.kill()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # -- a connection that loses one reply --------------------------------------------------------

@@ -66,6 +66,28 @@ def test_higher_priority_messages_are_run_first(make_stack: StackFactory):
     assert [e.label for e in starts] == ["p9", "p9", "p3", "p3", "p0", "p0"]
 
 
+def test_a_solo_worker_reserves_the_next_batch_ahead_and_never_holds_more_than_its_prefetch(
+    make_stack: StackFactory,
+):
+    # Prefetch 4. Without reading ahead a solo worker drains its batch, then refills: every
+    # fourth task runs with only itself leased. With the next reserve sent before the last
+    # task of a batch runs, that task runs beside the next batch: still never more than 4.
+    stack = make_stack(prefetch_multiplier=4)
+    held_now = stack.task("held_now")
+    n = 200
+    for i in range(n):
+        held_now.delay(str(i))
+    stack.worker()
+    starts = stack.wait_for_events("start", n, timeout=60)
+    labels, leased = zip(*(e.label.split(":") for e in starts), strict=True)
+    assert sorted(labels, key=int) == [str(i) for i in range(n)]  # each ran once
+    held = [int(x) for x in leased]
+    assert max(held) == 4
+    alone = sum(1 for x in held[: n - 4] if x == 1)
+    assert alone < n // 8, f"{alone} of {n - 4} tasks ran with nothing reserved beside them"
+    stack.settled(DEFAULT_QUEUE)
+
+
 def test_task_routes_send_a_task_to_the_second_queue_and_only_its_consumer_runs_it(
     stack: Stack,
 ):

@@ -256,3 +256,31 @@ def test_a_sigkill_reruns_only_the_running_task_not_the_finished_prefetched_ones
     stack.settled(DEFAULT_QUEUE)
     runs = Counter(e.task for e in stack.events("start"))
     assert runs == Counter({**{r.id: 1 for r in quick}, slow.id: 2})
+
+
+def test_what_a_solo_worker_reserved_ahead_of_a_task_longer_than_the_lease_runs_once(
+    make_stack: StackFactory,
+):
+    """The next reserve goes out before the last reserved task runs (celery_msg.readahead);
+    its reply waits, unread, until that task returns, and nobody renews what it leased
+    meanwhile. A task longer than the lease lets those leases expire: another worker reclaims
+    and runs the message, and the first one must then drop it, not run it a second time."""
+    lease = 2.0
+    stack = make_stack(lease_timeout=lease, sweep_interval=0.25, prefetch_multiplier=2)
+    sleeper = stack.task("sleep_then_record")
+    first = sleeper.delay(0.01, "first")
+    long = sleeper.delay(2 * lease + 1, "long")
+    after = sleeper.delay(0.01, "after")  # reserved ahead while "long" runs
+    stack.worker()  # solo, prefetch 2: reserves first and long, then after, ahead
+    stack.wait_for_tasks("start", [long.id], timeout=20)
+    wait_until(
+        lambda: stack.broker.counts(DEFAULT_QUEUE)["ready"] == 0 or None,
+        5,
+        "the message after the long task reserved ahead",
+    )
+    stack.worker()  # reclaims "after" once its unrenewed lease expires, and runs it
+    stack.wait_for_tasks("finish", [long.id, after.id], timeout=4 * lease + 20)
+    stack.settled(DEFAULT_QUEUE, timeout=10)
+    runs = Counter(e.task for e in stack.events("start"))
+    assert runs == Counter({first.id: 1, long.id: 1, after.id: 1})
+    assert "reserved ahead were taken back" in stack.logs()

@@ -7,11 +7,10 @@ inferred from results; crashes are real SIGKILLs, of the solo worker or of a pre
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery.exceptions import WorkerLostError
@@ -232,15 +231,21 @@ def test_a_task_with_celerys_own_autoretry_for_is_retried_by_celery_only(
 # -- expired messages ------------------------------------------------------------------------
 
 
+def _expired_then_another(stack: Stack) -> Any:
+    """Publish a task already past its ``expires``, start a worker, and run one queued behind
+    it: once that ran, the expired message has been handled. Returns the expired one's result."""
+    past = datetime.now(UTC) - timedelta(seconds=5)
+    expired = stack.task("record_now").apply_async(("expired",), expires=past)
+    stack.worker()
+    assert stack.task("record_now").delay("after").get(timeout=10) == "after"
+    return expired
+
+
 def test_an_expired_task_is_not_run_and_is_dead_lettered_as_expired_and_revoked(
     make_stack: StackFactory,
 ):
     stack = make_stack(policies="expired_dead_lettered")
-    past = datetime.now(UTC) - timedelta(seconds=5)
-    expired = stack.task("record_now").apply_async(("expired",), expires=past)
-    stack.worker()
-    # Queued behind the expired one: once it ran, the expired message has been handled.
-    assert stack.task("record_now").delay("after").get(timeout=10) == "after"
+    expired = _expired_then_another(stack)
     stack.settled(DEFAULT_QUEUE, dead=1)
     assert [e.label for e in stack.events("start")] == ["after"]
     [dead] = dead_letters(stack, DEFAULT_QUEUE)
@@ -253,10 +258,7 @@ def test_an_expired_task_is_only_counted_when_its_policy_keeps_no_expired_dead_l
     make_stack: StackFactory,
 ):
     stack = make_stack(policies="expired_counted")
-    expired = stack.task("record_now").apply_async(("expired",), expires=1)
-    time.sleep(1.5)
-    stack.worker()
-    assert stack.task("record_now").delay("after").get(timeout=10) == "after"
+    expired = _expired_then_another(stack)
     stack.settled(DEFAULT_QUEUE)  # nothing dead
     assert [e.label for e in stack.events("start")] == ["after"]
     assert stack.broker.stats(DEFAULT_QUEUE).get("expired") == 1

@@ -350,3 +350,33 @@ def test_min_replicas_waits_on_the_shard_that_took_the_write(
     finally:
         os.kill(lagging.pid, signal.SIGCONT)
     assert broker.ack(got) == []
+
+
+def test_a_sigkill_on_a_cluster_reruns_only_the_running_task_not_the_finished_ones(
+    make_stack: StackFactory, cluster: ClusterTopology
+):
+    """The event loop's ack writer on a Cluster: each ack written at once to the master of its
+    queue's slot (a connection per master), so a solo worker killed during its last
+    prefetched task re-runs that task only, not the finished ones on the other shards."""
+    # Three masters on a fresh cluster; two once the resharding test moved a's slot.
+    assert len(masters_of(cluster, QUEUES)) >= 2
+    stack = make_stack(lease_timeout=6.0, sweep_interval=0.25, prefetch_multiplier=4)
+    sleeper = stack.task("sleep_then_record")
+    quick = [sleeper.apply_async((0.05, f"q-{q}"), queue=q) for q in QUEUES]
+    slow = sleeper.apply_async((4.0, "slow"), queue="a")
+    doomed = stack.worker(queues=list(QUEUES))  # solo, prefetch 4: one round takes all four
+    stack.wait_for_tasks("start", [slow.id], timeout=20)
+    wait_until(
+        lambda: sum(stack.broker.counts(q)["reserved"] for q in QUEUES) == 1 or None,
+        0.5,
+        "only the running task still reserved (the finished ones acked on their masters)",
+        interval=0.01,
+    )
+    doomed.kill()
+
+    stack.worker(queues=list(QUEUES), pool="threads", concurrency=2)
+    assert slow.get(timeout=30) == "slow"
+    for queue in QUEUES:
+        stack.settled(queue)
+    runs = Counter(e.task for e in stack.events("start"))
+    assert runs == Counter({**{r.id: 1 for r in quick}, slow.id: 2})

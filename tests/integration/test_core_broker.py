@@ -784,7 +784,7 @@ def test_a_queue_with_a_corrupt_key_does_not_starve_the_other_queues_of_a_round(
     broker.client.set(broker.keys("broken").leased, "garbage")  # a hand edit gone wrong
     leases = [Lease(d.queue, d.key, d.token) for d in held]
 
-    with caplog.at_level(logging.ERROR, logger="celery_msg.core"):
+    with caplog.at_level(logging.ERROR, logger="celery_msg.consuming"):
         served = []
         for _ in range(2):
             round_ = broker.settle_and_reserve(

@@ -101,11 +101,14 @@ def test_a_durable_queue_bound_to_a_fanout_exchange_never_expires(server: Server
     options = {**FAST, "binding_ttl": 1.0}
     with connect(server, prefix, **options) as a:
         Receiver(a, [durable]).nothing_for(0.2)
-    time.sleep(1.5)
+    # Its consumer is gone, and the binding is stored without a deadline (0), so no read of the
+    # table ever finds it expired, however long after (a deadline in the past would be found
+    # by the very next publish).
+    look = broker(server, prefix)
+    assert look.client.hvals(bindings_key(prefix, EXCHANGE.name)) == [b"0"]
     with connect(server, prefix, binding_cache_ttl=0) as publisher:
         publish(publisher, ["n1"], exchange=EXCHANGE, routing_key="")
 
-    look = broker(server, prefix)
     assert _bound_queues(server, prefix) == ["news.archive"]
     assert look.counts("news.archive") == {"ready": 1, "reserved": 0, "scheduled": 0, "dead": 0}
     assert look.client.hvals(bindings_key(prefix, EXCHANGE.name)) == [b"0"]

@@ -207,7 +207,13 @@ def test_closing_a_connection_waits_for_the_acks_its_renewer_is_flushing(
         message.ack()  # buffered (this thread drains): the renewer flushes it within lease / 3
         with fresh_server.process.client() as admin:
             admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
-        time.sleep(LEASE / 3 + 0.2)  # the renewer has taken the ack; Redis holds it back
+        # The renewer takes the buffered ack (within lease / 3) and Redis holds its write back.
+        wait_until(
+            lambda: not any(ch.holdings.has_acks() for ch in conn.transport.channels),
+            timeout=LEASE,
+            what="the renewer to take the buffered ack",
+            interval=0.01,
+        )
         conn.close()
 
     # A process that exits right after close() would drop an ack still in flight, and the

@@ -129,13 +129,7 @@ class Lab:
     ) -> None:
         """A READY message as publish leaves it: ``order`` holds its ready score."""
         assert score // BAND == band, "the score must lie in the message's band"
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(self.keys.ready, {key: score})
-        pipe.hset(self.keys.body, key, body)
-        pipe.hset(self.keys.order, key, score)
-        if deliv is not None:
-            pipe.hset(self.keys.deliv, key, deliv)
-        pipe.execute()
+        self._add("ready", key, score, body, score, **({} if deliv is None else {"deliv": deliv}))
 
     def add_leased(
         self,
@@ -150,14 +144,9 @@ class Lab:
         deliv: int = 1,
     ) -> None:
         """A RESERVED message, published as sequence number ``seq`` of ``band``."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(self.keys.leased, {key: deadline})
-        pipe.hset(self.keys.body, key, body)
-        pipe.hset(self.keys.order, key, back(band, seq))
-        pipe.hset(self.keys.deliv, key, deliv)
-        pipe.hset(self.keys.token, key, token)
-        pipe.hset(self.keys.owner, key, owner)
-        pipe.execute()
+        self._add(
+            "leased", key, deadline, body, back(band, seq), deliv=deliv, token=token, owner=owner
+        )
 
     def add_dead(
         self,
@@ -171,12 +160,19 @@ class Lab:
         deliv: int = 1,
     ) -> None:
         """A DEAD message, published as sequence number ``seq`` of ``band``."""
+        self._add("dead", key, at, body, back(band, seq), reason=reason, deliv=deliv)
+
+    def _add(
+        self, zset: str, key: str, score: int, body: str, order: int, **fields: int | str
+    ) -> None:
+        """One message in the sorted set ``zset`` (ready, leased, dead, sched) at ``score``,
+        with its body, its ``order`` entry and ``fields`` (a part per hash: deliv, token, ...)."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(self.keys.dead, {key: at})
-        pipe.hset(self.keys.reason, key, reason)
+        pipe.zadd(getattr(self.keys, zset), {key: score})
         pipe.hset(self.keys.body, key, body)
-        pipe.hset(self.keys.order, key, back(band, seq))
-        pipe.hset(self.keys.deliv, key, deliv)
+        pipe.hset(self.keys.order, key, order)
+        for part, value in fields.items():
+            pipe.hset(getattr(self.keys, part), key, value)
         pipe.execute()
 
     def set_args(self, **fields: int | str) -> None:
@@ -202,17 +198,9 @@ class Lab:
 
     # -- script calls: through celery_msg.transitions, the wrappers the broker uses ---------
 
-    def publish(
-        self,
-        message_id: str,
-        payload: str | bytes,
-        band: int = 0,
-        *,
-        due: int = 0,
-        unique: bool = False,
-        now: int = NOW,
-    ) -> str:
-        return self.publish_reply(message_id, payload, band, due=due, unique=unique, now=now)[0]
+    def publish(self, message_id: str, payload: str | bytes, band: int = 0, **kwargs: Any) -> str:
+        """publish.lua's message key (keyword arguments: :meth:`publish_reply`'s)."""
+        return self.publish_reply(message_id, payload, band, **kwargs)[0]
 
     def publish_reply(
         self,
@@ -254,11 +242,7 @@ class Lab:
 
     def add_scheduled(self, key: str, body: str, *, due: int, band: int = 0, seq: int = 0) -> None:
         """A SCHEDULED message, published as sequence number ``seq`` of ``band``."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(self.keys.sched, {key: due})
-        pipe.hset(self.keys.body, key, body)
-        pipe.hset(self.keys.order, key, back(band, seq))
-        pipe.execute()
+        self._add("sched", key, due, body, back(band, seq))
 
     def reserve(self, **kwargs: Any) -> list[tuple[int, str, int, int, str]]:
         """Reserve from this queue (group 0), then ``others`` (groups 1, 2, ...): the messages

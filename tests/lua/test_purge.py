@@ -1,4 +1,5 @@
-"""purge.lua: READY -> gone, bounded per call; leased and dead messages are left alone."""
+"""purge.lua: READY and SCHEDULED -> gone, bounded per call; leased and dead messages are left
+alone."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
 
 
-def test_purge_removes_only_ready_messages(lab: Lab):
+def test_purge_removes_ready_and_scheduled_messages_but_not_leased_or_dead(lab: Lab):
     lab.add_ready("a", "A", band=0, score=lab.back(0, 1), deliv=1)
     lab.add_ready("b", "B", band=1, score=lab.back(1, 2))
-    lab.add_leased("l", "L", token=3, deadline=lab.now + 100, owner="w1", deliv=1)
+    lab.add_scheduled("s1", "S1", due=lab.now + 100, band=1, seq=3)
+    lab.add_scheduled("s2", "S2", due=lab.now + 50, seq=4)
+    lab.add_leased("l", "L", token=5, deadline=lab.now + 100, owner="w1", deliv=1)
     lab.add_dead("d", "D", at=lab.now - 1, reason='{"reason": "rejected"}', deliv=4)
-    lab.set_counter("seq", 3)
+    lab.set_counter("seq", 5)
 
-    assert lab.purge(100) == 2
+    assert lab.purge(100) == 4
 
     assert lab.state() == {
         "leased": [("l", lab.now + 100)],
@@ -24,9 +27,9 @@ def test_purge_removes_only_ready_messages(lab: Lab):
         "body": {"l": "L", "d": "D"},
         "order": {"l": lab.order(0, 0), "d": lab.order(0, 0)},
         "deliv": {"l": "1", "d": "4"},
-        "token": {"l": "3"},
+        "token": {"l": "5"},
         "owner": {"l": "w1"},
-        "seq": "3",
+        "seq": "5",
     }
 
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from celery_msg import poison
+from celery_msg.keys import Reason, failure_record
 from celery_msg.scripts import BAND, MID, MISSING_BODY_GROUP, Code
 
 if TYPE_CHECKING:
@@ -392,6 +394,9 @@ def test_a_message_delivered_max_deliveries_times_is_dead_lettered_as_poison(lab
         "first_failure": lab.now,
         "last_failure": lab.now,
     }
+    # The record and the rule as Python writes them (the Celery layer's poison): the same.
+    assert reason == failure_record(Reason.POISON, poison.detail(3), lab.now)
+    assert poison.is_poison(3, 3) and not poison.is_poison(2, 3)
     assert state == {
         "leased": [("ok", lab.now + lab.lease)],
         "dead": [("p", lab.now)],
@@ -446,6 +451,7 @@ def test_an_id_in_ready_without_a_body_is_recorded_dead_as_missing_body_without_
         "first_failure": lab.now,
         "last_failure": lab.now,
     }
+    assert reason == failure_record(Reason.MISSING_BODY, reason["detail"], lab.now)
     assert state == {
         "leased": [("real", lab.now + lab.lease)],
         "dead": [("ghost", lab.now)],

@@ -344,29 +344,6 @@ def test_a_requeued_promoted_message_goes_back_to_the_front_of_its_band(lab: Lab
 # -- purge ---------------------------------------------------------------------------------
 
 
-def test_purge_removes_ready_and_scheduled_messages_but_not_leased_or_dead(lab: Lab):
-    lab.add_ready("r", "R", band=0, score=lab.back(0, 1))
-    lab.add_scheduled("s1", "S1", due=lab.now + 100, band=1, seq=2)
-    lab.add_scheduled("s2", "S2", due=lab.now + 50, seq=3)
-    lab.add_leased("l", "L", token=4, deadline=lab.now + 100, owner="w1")
-    lab.add_dead("d", "D", at=lab.now - 1, reason='{"reason": "rejected"}')
-    lab.set_counter("seq", 4)
-
-    assert lab.purge(100) == 3
-
-    assert lab.state() == {
-        "leased": [("l", lab.now + 100)],
-        "dead": [("d", lab.now - 1)],
-        "reason": {"d": '{"reason": "rejected"}'},
-        "body": {"l": "L", "d": "D"},
-        "order": {"l": lab.order(0, 0), "d": lab.order(0, 0)},
-        "deliv": {"l": "1", "d": "1"},
-        "token": {"l": "4"},
-        "owner": {"l": "w1"},
-        "seq": "4",
-    }
-
-
 def test_purge_is_bounded_ready_first_then_scheduled_earliest_first(lab: Lab):
     lab.publish("r1", "x", 0)
     lab.publish("r2", "x", 0)

@@ -193,6 +193,15 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
         record(settings, "finish", **where)
         return label
 
+    @app.task(name="held_now", shared=False, bind=True, acks_late=True)
+    def held_now(self: Task, label: str = "") -> str:
+        """Records, as ``<label>:<n>``, how many messages of its queue are leased while it
+        runs (itself included: acked when it returns)."""
+        queue = (self.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
+        leased = _events_client(settings).zcard(f"{settings.prefix}{{{queue}}}:leased")
+        record(settings, "start", task=self.request.id, label=f"{label}:{leased}")
+        return label
+
     @app.task(name="die", shared=False, bind=True, acks_late=True)
     def die(self: Task) -> None:
         """Kills the process running it (with the solo pool: the whole worker)."""
