@@ -44,8 +44,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import redis
 
 from .core import REDIS_CONNECTION_ERRORS, Broker, Outgoing, Route
-from .errors import CeleryMsgError, ConfigurationError, ReplicationTimeout
+from .errors import BrokerConnectionError, CeleryMsgError, ConfigurationError, ReplicationTimeout
 from .redisio import is_stale, text
+from .registration import URL_SCHEMES
 from .scripts import Code
 
 if TYPE_CHECKING:
@@ -60,6 +61,22 @@ DEFAULT_BATCH = 1000
 
 #: Times a stale route is routed again within one flush (as :data:`transport.ROUTE_ATTEMPTS`).
 ROUTE_ATTEMPTS = 5
+
+#: On a Cluster, rounds of sending again what a node redirected (MOVED, ASK) or asked to try
+#: again (TRYAGAIN while a queue's keys are split by a slot migration, CLUSTERDOWN) within one
+#: flush; the n-th waits ``min(REDIRECT_WAIT_MAX, n * REDIRECT_WAIT_STEP)`` seconds first.
+REDIRECT_ATTEMPTS = 60
+REDIRECT_WAIT_STEP = 0.01
+REDIRECT_WAIT_MAX = 0.1
+
+#: Cluster replies that mean "the script did not run here": sent again where the slot is.
+_REDIRECTS: tuple[type[BaseException], ...] = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 
 _local = threading.local()
 
@@ -127,6 +144,7 @@ class Status(Enum):
     LOST = "reply lost"
     REFUSED = "refused by Redis"
     UNCONFIRMED = "stored on the master, not confirmed by min_replicas replicas"
+    MOVED = "its slot moved or is moving (Cluster: MOVED, ASK, TRYAGAIN, CLUSTERDOWN)"
 
 
 @dataclass(slots=True, eq=False)
@@ -152,6 +170,9 @@ class _Entry:
     #: True once a send of it may have stored it (its reply was lost): send it unique then.
     maybe_stored: bool = False
     detail: str = ""
+    #: On a Cluster, the node (``host:port``) an ``ASK`` sent it to: its next send there goes
+    #: after ``ASKING``.
+    ask: str | None = None
 
     def unique(self) -> bool:
         """Whether its next send is a unique publish: its policy's, or a resend that must not
@@ -174,15 +195,12 @@ class _Sender:
     and lost its scripts) starts with ``SCRIPT LOAD`` of the publish script in the same
     pipeline, so no batch is refused for want of it and no round trip is added."""
 
-    def __init__(self, broker: Broker) -> None:
-        if broker.cluster:
-            # One connection carries the whole batch: on a Cluster the messages' slots are on
-            # several nodes. Refused by name rather than failing inside redis-py.
-            raise ConfigurationError(
-                "bulk publishing (celery_msg.bulk, Producer.batch) is not supported on a Redis "
-                "Cluster yet: publish the messages one by one"
-            )
+    def __init__(self, broker: Broker, client: redis.Redis | None = None) -> None:
         self.broker = broker
+        #: Where the connection comes from: the broker's client, or on a Cluster one node's
+        #: (:class:`_ClusterSender`), whose publishes carry no bindings version key (another
+        #: slot): their routes are checked before the batch is written.
+        self.client = broker.client if client is None else client
         self._conn: Any = None
         self._in_flight: list[_Entry] = []
         self._fresh = True  # the next write is the first on its connection
@@ -194,8 +212,12 @@ class _Sender:
         again = self.read()
         if not entries:
             return again
-        pack = self.broker.pack_publish
-        packed = [pack(e.out, e.route, unique=e.unique()) for e in entries]
+        pack, routed = self.broker.pack_publish, not self.broker.cluster
+        packed: list[bytes] = []
+        for e in entries:
+            if e.ask is not None:
+                packed.append(_ASKING)  # the slot is being migrated to this node: one command
+            packed.append(pack(e.out, e.route if routed else None, unique=e.unique()))
         try:
             conn = self._connection()
             if self._fresh:
@@ -228,7 +250,19 @@ class _Sender:
                 return list(entries)
         for i, entry in enumerate(entries):
             try:
+                if entry.ask is not None:
+                    entry.ask = None
+                    self._conn.read_response()  # ASKING's OK
                 reply = self._conn.read_response()
+            except _REDIRECTS as exc:
+                # The slot moved (MOVED), is moving (ASK: this key is on the target already;
+                # TRYAGAIN: the queue's keys are split between both), or has no master right
+                # now (CLUSTERDOWN): the script did not run. Sent again where the slot is.
+                entry.status, entry.detail = Status.MOVED, str(exc)
+                if isinstance(exc, redis.exceptions.AskError):
+                    entry.ask = f"{exc.host}:{exc.port}"
+                again.append(entry)
+                continue
             except redis.exceptions.NoScriptError:
                 entry.status = Status.NO_SCRIPT
                 again.append(entry)
@@ -266,7 +300,7 @@ class _Sender:
 
     def _connection(self) -> Any:
         if self._conn is None:
-            self._conn = self.broker.client.connection_pool.get_connection()
+            self._conn = self.client.connection_pool.get_connection()
             self._fresh = True
         elif is_stale(self._conn):
             # Closed by the server while idle, with nothing in flight: reconnecting is safe.
@@ -278,12 +312,13 @@ class _Sender:
         script = self.broker.scripts.publish.script
         # Unreachable: the next send finds the link down and reports its messages.
         with contextlib.suppress(*REDIS_CONNECTION_ERRORS):
-            script.sha = text(self.broker.client.script_load(script.script))
+            script.sha = text(self.client.script_load(script.script))
 
     def _lost(self, entries: Sequence[_Entry], exc: BaseException) -> None:
         for entry in entries:
             entry.status, entry.maybe_stored = Status.LOST, True
             entry.detail = f"Redis unreachable ({exc}); it may be stored"
+            entry.ask = None
         self._fresh, self._loading = True, False
         if self._conn is not None:
             self._conn.disconnect()
@@ -293,8 +328,134 @@ class _Sender:
             if self._in_flight:
                 self._conn.disconnect()  # unread replies must not reach the pool's next user
                 self._in_flight = []
-            self.broker.client.connection_pool.release(self._conn)
+            self.client.connection_pool.release(self._conn)
             self._conn = None
+
+
+class _ClusterSender:
+    """Bulk publishing on a Redis Cluster: each message goes to the master of its queue's slot,
+    through one :class:`_Sender` per master (its own connection, pipelined batches, replies
+    read one by one, and with ``min_replicas`` its own ``WAIT``, which counts that connection's
+    writes only).
+
+    What a node refuses without running it is sent again where the slot is: ``MOVED`` after
+    the slot map is read again, ``ASK`` to the migration's target behind ``ASKING``,
+    ``TRYAGAIN`` / ``CLUSTERDOWN`` after a short wait (:meth:`Buffer.flush`). A lost node
+    (killed, failing over) loses its replies as one server would, and the slot map is read
+    again before the next write, so a resend goes to the replica that took over.
+
+    A routed publish cannot check its exchange's bindings version inside ``publish.lua`` (the
+    version key lives in the global slot): each route of a batch is checked just before the
+    batch is written, as :meth:`Broker.publish` does on a Cluster, one ``GET`` per exchange."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._nodes: dict[str, _Sender] = {}
+        #: Read the slot map again before the next write (a slot moved, a node was lost).
+        self._reread = False
+
+    def write(self, entries: Sequence[_Entry]) -> list[_Entry]:
+        again = self.read()
+        if not entries:
+            return again
+        if self._reread:
+            self._read_slots()
+        by_node: dict[str, list[_Entry]] = {}
+        for entry, current in zip(entries, self._routes_current(entries), strict=True):
+            if not current:
+                again.append(entry)  # STALE or LOST: set by _routes_current
+                continue
+            node = entry.ask or self._node_of(entry)
+            if node is not None:
+                by_node.setdefault(node, []).append(entry)
+            else:
+                again.append(entry)
+        for node, group in by_node.items():
+            sender = self._sender(node)
+            if sender is None:
+                for entry in group:
+                    entry.status, entry.ask = Status.MOVED, None
+                    entry.detail = f"node {node} is not in the slot map"
+                again.extend(group)
+                self._reread = True
+            else:
+                again.extend(sender.write(group))
+        self._note(again)
+        return again
+
+    def read(self) -> list[_Entry]:
+        again: list[_Entry] = []
+        for sender in self._nodes.values():
+            again.extend(sender.read())
+        self._note(again)
+        return again
+
+    def _note(self, again: Sequence[_Entry]) -> None:
+        """A node lost, or a slot that moved (not an ASK: the map is right during a move):
+        the slot map is read again before the next write."""
+        if any(
+            e.status is Status.LOST or (e.status is Status.MOVED and e.ask is None) for e in again
+        ):
+            self._reread = True
+
+    def _read_slots(self) -> None:
+        try:
+            self.broker.client.nodes_manager.initialize()  # type: ignore[attr-defined]
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+            # Reconfiguring (a failover not done yet): the map is read again next time.
+            logger.info("bulk publish: the Cluster's slot map could not be read: %s", exc)
+            return
+        self._reread = False
+
+    def _routes_current(self, entries: Sequence[_Entry]) -> list[bool]:
+        """Whether each entry's route (if any) is still its exchange's bindings version; marks
+        the others STALE (routed again) or LOST (the global slot's master unreachable)."""
+        known: dict[tuple[str, int], bool | str] = {}
+        out: list[bool] = []
+        for entry in entries:
+            route = entry.route
+            if route is None:
+                out.append(True)
+                continue
+            key = (route.exchange, route.version)
+            if key not in known:
+                try:
+                    known[key] = self.broker._route_is_current(route)
+                except BrokerConnectionError as exc:
+                    known[key] = str(exc)
+            state = known[key]
+            if state is True:
+                out.append(True)
+                continue
+            if state is False:
+                entry.status = Status.STALE
+            else:  # nothing was sent: sent again after the retry policy's wait
+                entry.status, entry.detail = Status.LOST, str(state)
+            out.append(False)
+        return out
+
+    def _node_of(self, entry: _Entry) -> str | None:
+        """The master of the entry's queue's slot (None, marked LOST: no master serves it)."""
+        key = self.broker.keys(entry.out.queue).publish[0]
+        try:
+            return str(self.broker.client.get_node_from_key(key).name)  # type: ignore[attr-defined]
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            entry.status, entry.detail = Status.LOST, f"no master serves its slot: {exc}"
+            self._reread = True
+            return None
+
+    def _sender(self, node: str) -> _Sender | None:
+        sender = self._nodes.get(node)
+        if sender is None:
+            found = self.broker.client.get_node(node_name=node)  # type: ignore[attr-defined]
+            if found is None or found.redis_connection is None:
+                return None
+            sender = self._nodes[node] = _Sender(self.broker, found.redis_connection)
+        return sender
+
+    def close(self) -> None:
+        for sender in self._nodes.values():
+            sender.close()
 
 
 @dataclass(frozen=True)
@@ -330,7 +491,7 @@ class Buffer:
         self.policy = policy
         self._pending: list[_Entry] = []
         self._again: list[_Entry] = []
-        self._senders: dict[int, _Sender] = {}
+        self._senders: dict[int, _Sender | _ClusterSender] = {}
         self._held: dict[int, tuple[Any, Callable[[Any], None]]] = {}
         self._oldest = 0.0
         #: The longest a message of this buffer waited in the process before it was written
@@ -375,7 +536,8 @@ class Buffer:
         for entry in pending:
             broker = entry.origin.channel.broker
             if id(broker) not in self._senders:
-                self._senders[id(broker)] = _Sender(broker)
+                sender = _ClusterSender(broker) if broker.cluster else _Sender(broker)
+                self._senders[id(broker)] = sender
             batches.setdefault(id(broker), []).append(entry)
         for key, sender in self._senders.items():
             self._again.extend(sender.write(batches.get(key, ())))
@@ -384,7 +546,7 @@ class Buffer:
         """Send everything and wait until Redis confirmed every message: stale routes are
         routed again, lost replies sent again (unique) as the retry policy says; raises
         :class:`BulkPublishError` naming the rest (which the next flush sends again)."""
-        attempt = routed = reloads = 0
+        attempt = routed = reloads = redirects = 0
         failed: list[_Entry] = []
         while True:
             self._write()
@@ -398,14 +560,19 @@ class Buffer:
                 if entry.status is Status.STALE and routed < ROUTE_ATTEMPTS:
                     entry.origin.queues.discard(entry.out.queue)  # nothing stored there
                     self._route(entry.origin, fresh=True)
-                elif (entry.status is Status.NO_SCRIPT and reloads < ROUTE_ATTEMPTS) or (
-                    entry.status is Status.LOST and attempt < self.policy.max_retries
+                elif (
+                    (entry.status is Status.NO_SCRIPT and reloads < ROUTE_ATTEMPTS)
+                    or (entry.status is Status.MOVED and redirects < REDIRECT_ATTEMPTS)
+                    or (entry.status is Status.LOST and attempt < self.policy.max_retries)
                 ):
                     self._pending.append(entry)
                 else:
                     failed.append(entry)
             routed += Status.STALE in kinds
             reloads += Status.NO_SCRIPT in kinds
+            if Status.MOVED in kinds and redirects < REDIRECT_ATTEMPTS:
+                time.sleep(min(REDIRECT_WAIT_MAX, redirects * REDIRECT_WAIT_STEP))
+                redirects += 1
             if Status.LOST in kinds and attempt < self.policy.max_retries:
                 time.sleep(self.policy.wait(attempt))
                 attempt += 1
@@ -464,7 +631,8 @@ class PublishBatch:
 
 def uses_celery_msg(app: Celery) -> bool:
     """Whether ``app``'s broker URL selects the celery-msg transport."""
-    return str(app.conf.broker_url or "").startswith(("celery-msg://", "celery-msgs://"))
+    url = str(app.conf.broker_url or "")
+    return url.startswith(tuple(f"{scheme}://" for scheme in URL_SCHEMES))
 
 
 @contextmanager

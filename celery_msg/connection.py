@@ -287,8 +287,7 @@ def cluster_client(address: ClusterAddress, options: TransportOptions, retry: Re
     transactions, BLPOP on several slots) is done per slot by the broker
     (:mod:`celery_msg.slots`).
     """
-    if options.master_name is not None:
-        raise ConfigurationError("master_name: only used with a celery-msg+sentinel:// broker URL")
+    _refuse_sentinel_options(options)
     params = redis_params(address.data, options)
     del params["host"], params["port"], params["db"]
     startup = [ClusterNode(host, port) for host, port in address.nodes]  # type: ignore[no-untyped-call]
@@ -299,6 +298,20 @@ def cluster_client(address: ClusterAddress, options: TransportOptions, retry: Re
         nodes = ",".join(f"{host}:{port}" for host, port in address.nodes)
         raise BrokerConnectionError(f"cannot reach the Redis Cluster at {nodes}: {exc}") from exc
     return cast(redis.Redis, cluster)
+
+
+def _refuse_sentinel_options(options: TransportOptions) -> None:
+    """A Cluster has no sentinels: their options would be ignored, so they are refused."""
+    if options.master_name is not None:
+        raise ConfigurationError("master_name: only used with a celery-msg+sentinel:// broker URL")
+    if options.sentinel_kwargs is not None:
+        raise ConfigurationError(
+            "sentinel_kwargs: only used with a celery-msg+sentinel:// broker URL"
+        )
+    if options.min_other_sentinels:
+        raise ConfigurationError(
+            "min_other_sentinels: only used with a celery-msg+sentinel:// broker URL"
+        )
 
 
 def redis_client(client: Any, options: TransportOptions) -> tuple[redis.Redis, str]:

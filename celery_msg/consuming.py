@@ -55,6 +55,8 @@ class Consuming(ScriptCalls):
         """
         request = ReserveRequest(list(queues), count, consumer, order, start)
         first, followers = plan(request, self.cluster)
+        if count > 0:
+            self._answered([request])
         out: list[Delivery] = []
         for sub in first:
             out.extend(self._reserve_one(sub))
@@ -103,7 +105,20 @@ class Consuming(ScriptCalls):
         ]
         subs = [sub for r in wanted for sub in plans[id(r)][0]]
         calls.extend((reserve.script, self._reserve_keys(r), self._reserve_args(r)) for r in subs)
+        self._answered(wanted)
         return PreparedRound(list(requests), by_queue, plans, calls)
+
+    def _answered(self, requests: Sequence[ReserveRequest]) -> None:
+        """On a Cluster: the wake-ups read so far for the queues of ``requests`` (and their
+        consumers' wake channels) are answered by the reserves about to be sent (see
+        :mod:`.shardwait`: a wake-up read by a round that could not reserve from its queue
+        makes the next wait look again). Marked before sending: one read while the reserve is
+        under way may announce a message it did not see."""
+        if self._shard_waiter is not None:
+            for request in requests:
+                self._shard_waiter.answered(
+                    self.wait_keys(request.queues, consumer=request.consumer)
+                )
 
     def finish_round(self, prepared: PreparedRound, results: Sequence[Any]) -> Round:
         """A round's outcome from the replies of :meth:`prepare_round`'s calls (error replies

@@ -14,6 +14,16 @@ subscription cannot know what was published before it, so :meth:`ShardWaiter.wat
 it made one and the caller looks once more before waiting. When a slot moves (resharding,
 failover) the node ends its subscriptions with a ``sunsubscribe`` of its own: the slot map is
 read again, the channel subscribed where it now lives, and the consumer looks once more.
+
+A wake-up is a message, not a marker: a BLPOP's marker stays in its list until a consumer that
+can take from the queue pops it, but a sharded message is read (and gone) whenever the socket is
+read, also by a consumer whose prefetch is full at that moment, whose round then reserves nothing
+from that queue. A worker thread freeing room just after that round re-arms on the same,
+unchanged subscriptions, and nothing more is published: the queue's ready messages would wait
+for the next sweep. So a drained wake-up stays *unanswered* until a reserve from its queue ran
+(:meth:`ShardWaiter.answered`, called as a round's or a reserve's calls are made:
+:mod:`celery_msg.consuming`); :meth:`ShardWaiter.watch` tells the caller to look
+again while a channel it now wants has one, as a marker left in a list would.
 """
 
 from __future__ import annotations
@@ -39,11 +49,16 @@ class ShardWaiter:
         self.client = client
         self._conns: dict[str, Any] = {}
         self._where: dict[str, str] = {}
+        #: Channels whose wake-up was read but that no reserve has answered yet.
+        self._unanswered: set[str] = set()
 
     def watch(self, channels: Sequence[str]) -> bool:
         """Listen to exactly ``channels``, each on the master of its slot; True when a
-        subscription was added (something may have been published before it: look again)."""
+        subscription was added (something may have been published before it: look again) or
+        one of them has a wake-up no reserve answered (see :meth:`answered`)."""
         wanted = dict.fromkeys(channels)
+        due = self._unanswered.intersection(wanted)
+        self._unanswered -= due  # the caller looks now
         leaving: dict[str, list[str]] = {}
         for channel, node in list(self._where.items()):
             if channel not in wanted:
@@ -69,7 +84,13 @@ class ShardWaiter:
             conn = self._conn(node)
             for channel in new:
                 conn.send_command("SSUBSCRIBE", channel)
-        return bool(joining)
+        return bool(joining) or bool(due)
+
+    def answered(self, channels: Sequence[str]) -> None:
+        """A reserve from the queues of ``channels`` (and a round for the consumer's wake
+        channel) ran: the wake-ups read before it are answered."""
+        if self._unanswered:
+            self._unanswered.difference_update(channels)
 
     def fds(self) -> list[int]:
         """The sockets to watch for readability (one per node with a subscription)."""
@@ -106,6 +127,7 @@ class ShardWaiter:
                     continue
                 kind, channel = text(reply[0]), text(reply[1])
                 if kind == "smessage":
+                    self._unanswered.add(channel)
                     woken = True
                 elif kind == "sunsubscribe" and self._where.get(channel) == node:
                     # Not ours: the node gave the slot away. Learn where it went; the next
@@ -158,3 +180,4 @@ class ShardWaiter:
                 conn.disconnect()
         self._conns.clear()
         self._where.clear()
+        self._unanswered.clear()

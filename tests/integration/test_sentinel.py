@@ -14,10 +14,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from celery import group
+from celery.signals import before_task_publish
+from celery_app.tasks import runs_key
 from celery_helpers import Stack, StackFactory, stack_factory, wait_until
 from kombu import Connection, Queue
 
 from bench.failover import drain as drain_through
+from celery_msg.bulk_publish import current_buffer
 from celery_msg.core import Broker
 from celery_msg.errors import AuthenticationFailed
 from celery_msg.topologies import SentinelTopology
@@ -251,3 +255,24 @@ def test_acl_users_on_the_sentinels_and_on_the_data_nodes(server: Server, prefix
             pytest.raises(Exception, match="sentinels"),
         ):
             conn.ensure_connection(max_retries=1)
+
+
+def test_a_group_on_a_sentinel_url_is_published_in_bulk_and_each_task_runs_once(
+    make_stack: StackFactory,
+):
+    stack = make_stack(prefetch_multiplier=50)
+    in_block: list[bool] = []
+
+    def seen(**_: object) -> None:
+        in_block.append(current_buffer() is not None)
+
+    before_task_publish.connect(seen, weak=False)
+    try:
+        result = group(stack.task("counted").s(i) for i in range(500)).apply_async()
+    finally:
+        before_task_publish.disconnect(seen)
+    assert in_block == [True] * 500  # a celery-msg+sentinel:// app's group goes out in bulk
+    stack.worker()
+    assert result.get(timeout=60) == list(range(500))
+    runs = {k.decode(): int(v) for k, v in stack.redis.hgetall(runs_key(stack.settings)).items()}
+    assert runs == {r.id: 1 for r in result.results}
