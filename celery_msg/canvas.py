@@ -76,12 +76,13 @@ def _hold_producer(app: Celery) -> None:
     def producer_or_acquire(producer: Any = None) -> Any:
         if producer is None:
             buffer = current_buffer()
-            if buffer is not None:
-                # What Celery's FallbackContext does with a given producer (yields it, releases
-                # nothing), without reading the configuration for every task of the block.
-                return nullcontext(buffer.hold(app, acquire, _release))
-            adopt(app.producer_pool)
-        return original(producer)
+            if buffer is None:
+                adopt(app.producer_pool)
+                return original(producer)
+            producer = buffer.hold(app, acquire, _release)
+        # What Celery's FallbackContext does with a given producer (yields it, releases
+        # nothing), without reading the configuration for every task (a group's are given one).
+        return nullcontext(producer)
 
     setattr(producer_or_acquire, _MARK, True)
     app.producer_or_acquire = producer_or_acquire
