@@ -263,7 +263,7 @@ DRAMATIQ_ROWS = (
         "publish N no-op tasks: Dramatiq `send()` / Celery `.delay()` in a bulk block",
     ),
     ("dramatiq_send_one_by_one", "publish N: Celery `.delay()` one by one"),
-    ("dramatiq_worker", "one worker process, one thread: N / (last done - ready)"),
+    ("dramatiq_worker", "worker (Dramatiq: its defaults; Celery: -P solo): N / (last - ready)"),
     ("dramatiq_whole", "whole process: N / (publish time + worker time)"),
 )
 

@@ -13,7 +13,8 @@ kombu returns (False, nothing declared); in every other case it is kombu's own c
 So declarations are cached exactly as kombu caches them, per connection: the cache is emptied
 when the connection is closed or re-established (kombu's ``Connection``), and an entity kombu
 never caches (an ``auto_delete`` or ``x-expires`` queue) is declared on every publish as
-before. Pinned by ``tests/integration/test_bulk_groups.py``.
+before. Pinned by ``tests/integration/test_producer_declarations.py`` (the same publishes
+through both producers declare the same queues).
 """
 
 from __future__ import annotations
