@@ -7,8 +7,12 @@ The worker starts after that; throughput is N / (last task finished - worker rea
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
+
+import celery_msg
 
 from .common import Bench, new_prefix, wait_for
 from .tasks import make_app
@@ -22,25 +26,34 @@ class Unfinished(RuntimeError):
     """The worker did not finish all N tasks in time."""
 
 
-def publish(bench: Bench, transport: str, n: int) -> float:
-    """Publish ``n`` no-op tasks; returns tasks/s."""
+def publish(bench: Bench, transport: str, n: int, *, bulk: bool = False) -> float:
+    """Publish ``n`` no-op tasks; returns tasks/s. ``bulk``: the ``.delay()`` calls inside one
+    :func:`celery_msg.bulk` block, timed to its end (Redis holds every message)."""
     app = make_app(bench.broker_url(transport))
     try:
         task = app.tasks["bench.noop"]
         task.delay(n)  # connect and declare outside the timing
         started = time.perf_counter()
-        for _ in range(n - 1):
-            task.delay(n)
+        with celery_msg.bulk(app) if bulk else contextlib.nullcontext():
+            for _ in range(n - 1):
+                task.delay(n)
         elapsed = time.perf_counter() - started
     finally:
         app.close()
     return (n - 1) / elapsed
 
 
-def run(bench: Bench, transport: str, pool: str, concurrency: int | None) -> dict[str, Any]:
+def run(
+    bench: Bench,
+    transport: str,
+    pool: str,
+    concurrency: int | None,
+    publisher: Callable[[Bench, str, int], float] | None = None,
+) -> dict[str, Any]:
+    """One e2e run; ``publisher`` publishes the N tasks (default :func:`publish`)."""
     n = bench.settings.e2e_n
     bench.flush()
-    publish_rate = publish(bench, transport, n)
+    publish_rate = (publisher or publish)(bench, transport, n)
     prefix = new_prefix("e2e")
     client = bench.client
     with Worker(bench, transport, prefix, pool=pool, concurrency=concurrency) as worker:

@@ -255,6 +255,43 @@ def memory_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+#: (metric, label) of the Dramatiq table; the figures of each side are its own (see
+#: bench/vs_dramatiq.py).
+DRAMATIQ_ROWS = (
+    (
+        "dramatiq_send",
+        "publish N no-op tasks: Dramatiq `send()` / Celery `.delay()` in a bulk block",
+    ),
+    ("dramatiq_send_one_by_one", "publish N: Celery `.delay()` one by one"),
+    ("dramatiq_worker", "worker (Dramatiq: its defaults; Celery: -P solo): N / (last - ready)"),
+    ("dramatiq_whole", "whole process: N / (publish time + worker time)"),
+)
+
+
+def dramatiq_table(results: dict[str, dict[str, Any]]) -> str:
+    """Dramatiq against Celery on celery-msg (the ``dramatiq`` group)."""
+    if "dramatiq_installed" in results:
+        return "Dramatiq: not installed (`pip install 'celery-msg[bench]'`), not measured."
+    lines = [
+        "| Dramatiq vs Celery e2e on celery-msg | Celery + celery-msg | Dramatiq (Redis) "
+        "| Celery/Dramatiq | target | |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for metric, label in DRAMATIQ_ROWS:
+        entries = results.get(metric)
+        if not entries:
+            continue
+        ours = entries.get(OURS, {}).get("median")
+        theirs = entries.get("dramatiq", {}).get("median")
+        ratio = f"{ours / theirs:.2f}x" if ours and theirs else ""
+        target = status = ""
+        if metric == "dramatiq_whole" and ours and theirs:
+            target, status = ">= 1x", "met" if ours >= theirs else "**MISSED**"
+        cells = ["-" if v is None else _rate(v) for v in (ours, theirs)]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {ratio} | {target} | {status} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def scrape_table(results: dict[str, dict[str, Any]]) -> str:
     """The Prometheus scrape group: one row per queue count."""
     lines = [
@@ -357,6 +394,8 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             memory_table(results),
             "",
             scrape_table(results),
+            "",
+            dramatiq_table(results) if "dramatiq" in meta.get("groups", ()) else "",
             "",
             *(f"- {note}" for note in meta.get("notes", [])),
             "",

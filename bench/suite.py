@@ -13,7 +13,19 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from . import bulk, celery_e2e, chaos, eta, idle, latency, long_task, raw, recovery, scrape
+from . import (
+    bulk,
+    celery_e2e,
+    chaos,
+    eta,
+    idle,
+    latency,
+    long_task,
+    raw,
+    recovery,
+    scrape,
+    vs_dramatiq,
+)
 from .common import KOMBU, LABELS, OURS, TRANSPORTS, Bench, median, summarize
 
 Results = dict[str, dict[str, Any]]
@@ -353,6 +365,28 @@ def _summaries(values: dict[str, dict[str, list[float]]], unit: str) -> Results:
     }
 
 
+def run_dramatiq(bench: Bench) -> Results:
+    """Dramatiq against Celery e2e with a bulk publisher (bench/vs_dramatiq.py); results keyed
+    ``dramatiq`` and ``celery-msg``. Without Dramatiq installed: nothing, and the log says so."""
+    if not vs_dramatiq.installed():
+        log("dramatiq: not installed (pip install 'celery-msg[bench]'); group skipped")
+        return {"dramatiq_installed": {vs_dramatiq.DRAMATIQ: {"median": 0.0, "runs": []}}}
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in range(1, bench.settings.runs + 1):
+        out = vs_dramatiq.run(bench, run)
+        for who, figures in out.items():
+            for name, value in figures.items():
+                values[f"dramatiq_{name}"][who].append(value)
+        log(
+            f"dramatiq run {run}: "
+            + "; ".join(
+                f"{who}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in figures.items())
+                for who, figures in out.items()
+            )
+        )
+    return _summaries(values, "tasks/s")
+
+
 GROUPS: dict[str, Callable[[Bench], Results]] = {
     "raw": run_raw,
     "e2e": run_e2e,
@@ -365,4 +399,5 @@ GROUPS: dict[str, Callable[[Bench], Results]] = {
     "memory": run_memory,
     "bulk": run_bulk,
     "scrape": run_scrape,
+    "dramatiq": run_dramatiq,
 }

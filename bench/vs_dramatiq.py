@@ -1,0 +1,132 @@
+"""Dramatiq against Celery on celery-msg, in the same run, on the same fresh server: N no-op
+tasks published, then run by one worker: Dramatiq's as it starts by default (a process per
+core, 8 threads each: 2 x 8 on the bench VM), Celery's ``-P solo`` (as :mod:`bench.celery_e2e`).
+
+- send rate: Dramatiq's ``actor.send()`` in a loop; Celery's ``.delay()`` in a loop inside a
+  :func:`celery_msg.bulk` block (to its end: Redis holds every message), and one by one;
+- worker rate: N / (last task finished - worker ready), as :mod:`bench.celery_e2e`;
+- whole process: N / (publish time + worker time), the publisher and then the worker.
+
+Dramatiq is an optional bench extra (``pip install 'celery-msg[bench]'``); without it the group
+says "not installed" and reports nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from . import celery_e2e
+from .common import OURS, Bench, new_prefix, wait_for
+from .tasks import noop
+from .worker import REPO, WorkerDied
+
+DRAMATIQ = "dramatiq"
+
+
+def installed() -> bool:
+    return importlib.util.find_spec("dramatiq") is not None
+
+
+def _dramatiq_send(bench: Bench, n: int) -> float:
+    """Send ``n`` no-op messages with Dramatiq (the first outside the timing); tasks/s."""
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+
+    broker = RedisBroker(url=bench.broker_url("redis"))
+    try:
+        actor = dramatiq.actor(
+            noop, actor_name="bench.noop", queue_name="default", max_retries=0, broker=broker
+        )
+        actor.send(n)  # connect outside the timing
+        started = time.perf_counter()
+        for _ in range(n - 1):
+            actor.send(n)
+        return (n - 1) / (time.perf_counter() - started)
+    finally:
+        broker.close()
+
+
+def _dramatiq_worker(bench: Bench, n: int, prefix: str) -> float:
+    """Start ``dramatiq bench.dramatiq_app`` (its defaults); tasks/s from the first worker
+    process booted to the last task finished."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "BENCH_DRAMATIQ_URL": bench.broker_url("redis"),
+        "BENCH_REDIS_URL": bench.bench_url,
+        "BENCH_PREFIX": prefix,
+    }
+    cmd = [sys.executable, "-m", "dramatiq", "bench.dramatiq_app"]  # its defaults
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    client = bench.client
+
+    def alive() -> None:
+        if proc.poll() is not None:
+            raise WorkerDied(f"dramatiq worker exited with code {proc.returncode}")
+
+    try:
+        ready = wait_for(lambda: client.get(f"{prefix}:ready"), timeout=60, check=alive)
+        last = wait_for(
+            lambda: client.get(f"{prefix}:last"),
+            timeout=30 + n / celery_e2e.MIN_RATE,
+            interval=0.02,
+            check=alive,
+        )
+        if ready is None or last is None:
+            done = int(client.get(f"{prefix}:done") or 0)
+            raise WorkerDied(f"dramatiq worker: {done} of {n} tasks done; giving up")
+        first = float(client.get(f"{prefix}:first") or 0)
+        return n / (float(last) - min(float(ready), first))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def dramatiq_run(bench: Bench) -> dict[str, float]:
+    n = bench.settings.e2e_n
+    bench.flush()
+    send = _dramatiq_send(bench, n)
+    worker = _dramatiq_worker(bench, n, new_prefix("dramatiq"))
+    bench.flush()
+    return {"send": send, "worker": worker, "whole": 1 / (1 / send + 1 / worker)}
+
+
+def celery_run(bench: Bench) -> dict[str, float]:
+    out = celery_e2e.run(
+        bench, OURS, "solo", None, publisher=functools.partial(celery_e2e.publish, bulk=True)
+    )
+    one_by_one = celery_e2e.publish(bench, OURS, bench.settings.e2e_n)
+    bench.flush()
+    send, worker = out["publish"], out["tasks_per_s"]
+    return {
+        "send": send,
+        "send_one_by_one": one_by_one,
+        "worker": worker,
+        "whole": 1 / (1 / send + 1 / worker),
+    }
+
+
+def run(bench: Bench, run_number: int) -> dict[str, dict[str, float]]:
+    """One run: {DRAMATIQ: figures, OURS: figures}; who goes first flips per run."""
+    steps: list[tuple[str, Any]] = [(DRAMATIQ, dramatiq_run), (OURS, celery_run)]
+    out: dict[str, dict[str, float]] = {}
+    for name, body in steps if run_number % 2 else steps[::-1]:
+        out[name] = body(bench)
+    return out
