@@ -159,7 +159,13 @@ NOTES = [
     "for 5 s and the broker holds nothing (the rest is lost for good), or chaos_drain s after "
     "the faults. When nothing finished for 5 s and the last kill is older than the timeout, "
     "the idle workers are restarted (kombu restores expired unacked messages at start-up; "
-    "its own sweep would do it within ~100 s).",
+    "its own sweep would do it within ~100 s). Each duplicate is attributed (bench.chaos."
+    "attribute) to what happened between the run before it and its own start: a SIGKILL of the "
+    "incarnation that ran it before (running, or finished with its ack not landed); else the "
+    "partition, if either run was on the partitioned worker and the partition overlaps "
+    "[previous start - 5 s, this start]; else a Redis restart or CLIENT KILL in that window; "
+    "else a publish that was retried (two messages of one task); else unexplained. A duplicate "
+    "completion takes the cause of its run's start.",
     "chaos single worker: one worker (solo; prefork -c 2; threads -c 2), N tasks of 3 ms "
     "published up front, SIGKILL at 1/9 .. 8/9 of them finished, restarted at once; figure = "
     "duplicate completions per kill.",

@@ -112,6 +112,42 @@ class Kill:
     pgid: int
 
 
+@dataclass(frozen=True)
+class Fault:
+    """One fault as the harness did it, at an absolute time (``time.time()``).
+
+    ``kind``: kill (a counted SIGKILL), stall_restart (an uncounted one at the drain),
+    client_kill, redis_restart, partition, heal; ``role`` and ``pgid`` name the worker
+    incarnation it hit (kills), or the role (partition, heal)."""
+
+    at: float
+    kind: str
+    role: str = ""
+    pgid: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    """One execution of one task: where it started, and when it finished (None: never)."""
+
+    start: float
+    pgid: int
+    pid: int
+    finish: float | None
+
+
+#: Duplicate causes, in the order the attribution tries them (see :func:`attribute`).
+CAUSES = (
+    "kill",
+    "partition",
+    "redis_restart",
+    "client_kill",
+    "stall_restart",
+    "publish_retry",
+    "unexplained",
+)
+
+
 @dataclass
 class Events:
     """Starts and finishes per task index, as (time, process group) pairs."""
@@ -119,16 +155,40 @@ class Events:
     starts: dict[int, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
     finishes: dict[int, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
 
+    #: The same, with the pid of the process that ran it: index -> [(time, pgid, pid)].
+    starts_by_pid: dict[int, list[tuple[float, int, int]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    finishes_by_pid: dict[int, list[tuple[float, int, int]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
     def last_finish(self) -> float:
         return max((t for runs in self.finishes.values() for t, _ in runs), default=0.0)
+
+    def runs(self, index: int) -> list[Run]:
+        """The executions of task ``index`` in start order, each start paired with the first
+        later finish of the same process."""
+        finishes = sorted(self.finishes_by_pid.get(index, []))
+        runs: list[Run] = []
+        for start, pgid, pid in sorted(self.starts_by_pid.get(index, [])):
+            finish = next(
+                (f for f in finishes if f[1] == pgid and f[2] == pid and f[0] >= start), None
+            )
+            if finish is not None:
+                finishes.remove(finish)
+            runs.append(Run(start, pgid, pid, None if finish is None else finish[0]))
+        return runs
 
     @classmethod
     def parse(cls, raw: list[Any]) -> Events:
         events = cls()
         for line in raw:
-            kind, index, pgid, _pid, at = bytes(line).decode().split()
+            kind, index, pgid, pid, at = bytes(line).decode().split()
             target = events.starts if kind == "S" else events.finishes
             target[int(index)].append((float(at), int(pgid)))
+            by_pid = events.starts_by_pid if kind == "S" else events.finishes_by_pid
+            by_pid[int(index)].append((float(at), int(pgid), int(pid)))
         return events
 
 
@@ -174,6 +234,89 @@ def analyse(events: Events, n: int, kills: list[Kill]) -> dict[str, Any]:
     }
 
 
+#: A message may have been reserved (and so be held) this long before its recorded start: the
+#: window before a run in which a Redis restart or a connection kill can have cost its lease.
+HELD_BEFORE_START_S = LEASE_S
+
+
+def attribute(
+    events: Events,
+    faults: list[Fault],
+    roles: dict[int, str],
+    t0: float = 0.0,
+    republished: frozenset[int] = frozenset(),
+) -> dict[str, Any]:
+    """Each duplicate start and duplicate completion, attributed to the fault that caused it.
+
+    For every run of a task but its first, the run before it (``prev``) and the fault:
+
+    - ``kill``: ``prev``'s worker incarnation was SIGKILLed between ``prev``'s start and this
+      run's start (it was running, or had finished and its ack had not landed);
+      ``stall_restart`` the same for the drain's uncounted restart;
+    - ``partition``: one of the two runs was on the partitioned role, and the partition
+      overlaps [``prev`` start - ``HELD_BEFORE_START_S``, this start];
+    - ``redis_restart`` / ``client_kill``: one happened in that window (the first of the two
+      when both did; a Redis restart also kills every connection);
+    - ``publish_retry``: none of these, and the task was published again after a publish
+      raised (the first publish may have landed: two messages of one task);
+    - ``unexplained``: none of these.
+
+    A duplicate completion is a finished run other than the first finished one; it takes the
+    cause of its own start. Returns counts per cause, and the first duplicates in detail.
+    """
+    kills = [f for f in faults if f.kind in ("kill", "stall_restart")]
+    partitions: list[tuple[float, float, str]] = []
+    for fault in faults:
+        if fault.kind == "partition":
+            heals = [h.at for h in faults if h.kind == "heal" and h.role == fault.role]
+            heal = min((at for at in heals if at >= fault.at), default=float("inf"))
+            partitions.append((fault.at, heal, fault.role))
+    others = [f for f in faults if f.kind in ("redis_restart", "client_kill")]
+
+    def cause(index: int, prev: Run, cur: Run) -> str:
+        for kill in kills:
+            if kill.pgid == prev.pgid and prev.start <= kill.at <= cur.start:
+                return kill.kind
+        since = prev.start - HELD_BEFORE_START_S
+        involved = {roles.get(prev.pgid), roles.get(cur.pgid)}
+        for begin, heal, role in partitions:
+            if role in involved and begin <= cur.start and heal >= since:
+                return "partition"
+        for fault in others:
+            if since <= fault.at <= cur.start:
+                return fault.kind
+        return "publish_retry" if index in republished else "unexplained"
+
+    starts = dict.fromkeys(CAUSES, 0)
+    completions = dict.fromkeys(CAUSES, 0)
+    detail: list[dict[str, Any]] = []
+    for index in sorted(events.starts_by_pid):
+        runs = events.runs(index)
+        labels = ["first"] + [cause(index, runs[k - 1], runs[k]) for k in range(1, len(runs))]
+        for label in labels[1:]:
+            starts[label] += 1
+        finished = [k for k, run in enumerate(runs) if run.finish is not None]
+        for k in finished[1:]:
+            completions[labels[k]] += 1
+        if len(runs) > 1 and len(detail) < 60:
+            detail.append(
+                {
+                    "task": index,
+                    "runs": [
+                        (
+                            roles.get(run.pgid, "?"),
+                            run.pgid,
+                            round(run.start - t0, 2),
+                            None if run.finish is None else round(run.finish - t0, 2),
+                            label,
+                        )
+                        for run, label in zip(runs, labels, strict=True)
+                    ],
+                }
+            )
+    return {"dup_starts_by_cause": starts, "dup_completions_by_cause": completions, "dups": detail}
+
+
 class Publisher(threading.Thread):
     """Publishes task ``i`` for i in 0..n-1, at most ``backlog`` ahead of the finished count.
 
@@ -200,6 +343,8 @@ class Publisher(threading.Thread):
         self.stop = threading.Event()
         self.published = 0
         self.retried = 0
+        #: Indexes published again after a publish raised (it may have landed).
+        self.republished: set[int] = set()
         self.given_up: list[int] = []
         self.error: BaseException | None = None
         self.ended_at: float | None = None
@@ -232,6 +377,7 @@ class Publisher(threading.Thread):
                 return
             except Exception as exc:
                 self.retried += 1
+                self.republished.add(index)
                 logger.info("chaos: publish of %s raised %r; retrying", task_id, exc)
                 if time.monotonic() >= deadline:
                     self.given_up.append(index)
@@ -261,6 +407,9 @@ class Cluster:
         self.proxies: dict[str, TcpProxy] = {}
         self.workers: dict[str, Worker] = {}
         self.kills: list[Kill] = []
+        #: Every fault at its absolute time, and the role of every worker incarnation (pgid).
+        self.timeline: list[Fault] = []
+        self.incarnations: dict[int, str] = {}
         self.crashes: list[dict[str, Any]] = []
         self.faults: list[tuple[float, str, str]] = []
         self.stall_restarts = 0
@@ -309,6 +458,7 @@ class Cluster:
             broker_url=self.worker_url(role),
         )
         self.workers[role] = worker.start()
+        self.incarnations[worker.pid] = role
         return worker
 
     # -- what the run reads ----------------------------------------------------------------
@@ -362,6 +512,7 @@ class Cluster:
         worker = self.workers[role]
         worker.kill()
         at = time.time()
+        self.timeline.append(Fault(at, "kill" if count else "stall_restart", role, worker.pid))
         if count:
             self.kills.append(Kill(at, role, worker.pid))
             self.faults.append((at - self.t0, "kill", role))
@@ -389,6 +540,7 @@ class Cluster:
         """CLIENT KILL every connection of every worker (their proxies' upstream ends)."""
         assert self._admin is not None
         self.faults.append((self.now(), "client_kill", ""))
+        self.timeline.append(Fault(time.time(), "client_kill"))
         for proxy in self.proxies.values():
             for address in proxy.upstream_addresses():
                 with contextlib.suppress(redis.RedisError):
@@ -397,6 +549,7 @@ class Cluster:
     def redis_restart(self) -> None:
         """SIGKILL Redis, wait, start it again on the same port from its AOF."""
         self.faults.append((self.now(), "redis_restart", ""))
+        self.timeline.append(Fault(time.time(), "redis_restart"))
         self.server.kill()
         time.sleep(REDIS_DOWN_S)
         try:
@@ -406,10 +559,12 @@ class Cluster:
 
     def partition(self, role: str) -> None:
         self.faults.append((self.now(), "partition", role))
+        self.timeline.append(Fault(time.time(), "partition", role))
         self.proxies[role].partition()
 
     def heal(self, role: str) -> None:
         self.faults.append((self.now(), "heal", role))
+        self.timeline.append(Fault(time.time(), "heal", role))
         self.proxies[role].heal()
 
     def restart_idle(self) -> None:
@@ -528,6 +683,15 @@ def run(bench: Bench, transport: str, seed: int) -> dict[str, Any]:
         publisher.join(timeout=10)
         events = cluster.events()
         out = analyse(events, n, cluster.kills)
+        out.update(
+            attribute(
+                events,
+                cluster.timeline,
+                cluster.incarnations,
+                started,
+                frozenset(publisher.republished),
+            )
+        )
         out.update(
             wall_s=events.last_finish() - started,
             cut_off=cut_off,

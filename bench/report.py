@@ -145,6 +145,26 @@ ROWS = (
         "<= kombu",
         _at_most_kombu,
     ),
+    Row(
+        "chaos_dup_kill_per_kill",
+        "chaos: duplicate completions caused by a SIGKILL, per SIGKILL",
+        _per,
+    ),
+    Row(
+        "chaos_dup_kill", "chaos: duplicate completions after a SIGKILL of the first runner", _count
+    ),
+    Row("chaos_dup_partition", "chaos: duplicate completions after the partition", _count),
+    Row("chaos_dup_redis_restart", "chaos: duplicate completions after a Redis restart", _count),
+    Row("chaos_dup_client_kill", "chaos: duplicate completions after a CLIENT KILL", _count),
+    Row(
+        "chaos_dup_stall_restart", "chaos: duplicate completions after the drain's restart", _count
+    ),
+    Row(
+        "chaos_dup_publish_retry",
+        "chaos: duplicate completions of a task published twice (retried publish)",
+        _count,
+    ),
+    Row("chaos_dup_unexplained", "chaos: duplicate completions with no fault nearby", _count),
     Row("chaos_recovery", "chaos: SIGKILL -> first start of a task it held", _s),
     Row("chaos_wall", "chaos: wall time, N tasks under faults", _s),
     Row(

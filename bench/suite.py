@@ -236,6 +236,14 @@ CHAOS_METRICS = {
     "chaos_recovery": ("recovery_s", "s"),
     "chaos_wall": ("wall_s", "s"),
 }
+#: Duplicate completions per cause (bench.chaos.attribute), metric -> cause.
+CHAOS_CAUSE_METRICS = {f"chaos_dup_{cause}": cause for cause in chaos.CAUSES}
+
+
+def _chaos_unit(metric: str) -> str:
+    if metric in CHAOS_METRICS:
+        return CHAOS_METRICS[metric][1]
+    return "tasks/kill" if metric == "chaos_dup_kill_per_kill" else "tasks"
 
 
 def run_chaos(bench: Bench) -> Results:
@@ -250,17 +258,24 @@ def run_chaos(bench: Bench) -> Results:
             for metric, (key, _) in CHAOS_METRICS.items():
                 if out[key] is not None:
                     values[metric][transport].append(out[key])
+            by_cause = out["dup_completions_by_cause"]
+            for metric, cause in CHAOS_CAUSE_METRICS.items():
+                values[metric][transport].append(by_cause[cause])
+            values["chaos_dup_kill_per_kill"][transport].append(
+                by_cause["kill"] / out["kills"] if out["kills"] else 0.0
+            )
             recovery = "-" if out["recovery_s"] is None else f"{out['recovery_s']:.1f} s"
             log(
                 f"chaos run {run} {LABELS[transport]:>11}: {s.chaos_n:,} tasks in "
                 f"{out['wall_s']:.0f} s, lost {out['lost']}, duplicate completions "
                 f"{out['dup_completions']} ({out['dup_per_kill']:.2f}/kill, {out['kills']} kills), "
                 f"duplicate starts {out['dup_starts']}, recovery {recovery}; publish retries "
-                f"{out['publish_retries']}, crashes {len(out['crashes'])}, dead {out['dead']}"
+                f"{out['publish_retries']}, crashes {len(out['crashes'])}, dead {out['dead']}; "
+                f"duplicate completions by cause {by_cause}"
             )
     results: Results = {
         metric: {
-            transport: summarize(runs, CHAOS_METRICS[metric][1], runs_total=sum(runs))
+            transport: summarize(runs, _chaos_unit(metric), runs_total=sum(runs))
             for transport, runs in by_transport.items()
         }
         for metric, by_transport in values.items()

@@ -28,7 +28,7 @@ from .acks import AckSender
 from .core import Broker, Lease, ReserveRequest, Round
 from .errors import BrokerConnectionError
 from .eventloop import EventLoopDrain
-from .holdings import log_lost
+from .holdings import Holdings, log_lost
 from .options import TransportOptions
 from .readahead import ReadAhead
 from .shardwait import ShardWaiter
@@ -52,6 +52,10 @@ class DrainLoop:
     #: The transport's (:class:`celery_msg.renewer.LeaseRenewal`); declared, not defined, so
     #: that the mixin order cannot hide the real one.
     _ensure_renewer: Callable[[], None]
+    books: Callable[[], list[Holdings]]
+    linger: Callable[[list[Holdings]], None]
+    abandoned: bool
+    carried: Holdings
 
     def _init_drain(self) -> None:
         self._drain_thread: int | None = None
@@ -79,7 +83,7 @@ class DrainLoop:
     def _take_acks(self) -> list[Lease]:
         """Buffered acks of every channel, and (in the loop thread) the ack writer's acks that
         met a connection error."""
-        acks = [lease for channel in self.channels for lease in channel.holdings.take_acks()]
+        acks = [lease for book in self.books() for lease in book.take_acks()]
         if self.ack_sender is not None and self.in_drain_thread():
             acks.extend(self.ack_sender.take_unconfirmed())
         return acks
@@ -87,7 +91,28 @@ class DrainLoop:
     def _flush_acks(self) -> None:
         acks = self._take_acks()
         if acks:
-            log_lost(self.broker.ack(acks), "ack")
+            try:
+                log_lost(self.broker.ack(acks), "ack")
+            except BrokerConnectionError:
+                # Written again with the next flush (an ack is fenced by its token: one that
+                # did land is refused the second time, harmlessly); they stay leased meanwhile.
+                self.carried.keep_acks(acks)
+                raise
+
+    def abandon(self) -> None:
+        """The connection is given up after a connection error (kombu's ``collect``; Celery
+        then reconnects with a new transport). What kombu handed to Celery is still run by
+        this process and settled through its old channel: it is *not* put back in the queue
+        (another worker would run it a second time). Its leases stay renewed and its acks are
+        written by this transport's renewer, which lingers until nothing is held
+        (:meth:`~celery_msg.renewer.LeaseRenewal.linger`); what was reserved but never handed
+        over goes back. Acks in flight that were not confirmed are written again."""
+        channels = list(self.channels)
+        self.abandoned = True
+        self.unregister_from_event_loop(None, None)
+        for channel in channels:
+            channel.close()
+        self.linger([channel.holdings for channel in channels])
 
     def in_drain_thread(self) -> bool:
         return self._drain_thread == threading.get_ident()
@@ -115,8 +140,9 @@ class DrainLoop:
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
         ahead, self.read_ahead = self.read_ahead, None
         if ahead is not None:
-            if ahead.pending:
+            if ahead.pending and not self.abandoned:
                 # Take what it leased: it goes back with the rest of the reserved messages.
+                # (Given up after an error, the reply may never come: those leases expire.)
                 with contextlib.suppress(BrokerConnectionError):
                     self._accept_round(self._ahead_channels, ahead.read())
             ahead.close()
@@ -124,7 +150,9 @@ class DrainLoop:
         if sender is not None:
             sender.close()
             unconfirmed = sender.take_unconfirmed()
-            if unconfirmed:
+            if unconfirmed and self.abandoned:
+                self.carried.keep_acks(unconfirmed)  # the lingering renewer writes them
+            elif unconfirmed:
                 try:
                     log_lost(self.broker.ack(unconfirmed), "ack")
                 except BrokerConnectionError as exc:
@@ -211,7 +239,12 @@ class DrainLoop:
         self.finish_ahead()  # never two rounds in flight: prefetch would not hold
         acks = self._take_acks()
         channels, requests = self._requests()
-        return self._accept_round(channels, self.broker.settle_and_reserve(acks, requests))
+        try:
+            round_ = self.broker.settle_and_reserve(acks, requests)
+        except BrokerConnectionError:
+            self.carried.keep_acks(acks)  # as in _flush_acks
+            raise
+        return self._accept_round(channels, round_)
 
     def _requests(self) -> tuple[list[Any], list[ReserveRequest]]:
         """The consumable channels and what each may reserve now."""

@@ -43,6 +43,14 @@ class LeaseLost(CeleryMsgError):
 
     This is what fencing looks like from the outside: the lease expired (the consumer was presumed
     dead) and the message was handed to someone else, or it was purged or deleted meanwhile.
+
+    The transport itself never raises it: inside a worker a lost lease is not an error anyone
+    could act on (kombu would take an exception from ``ack`` for a broken channel and
+    reconnect). The scripts refuse the settlement (``ack.lua`` compares the fencing token, so
+    a stale ack never touches the new holder's delivery), the ``lease_lost`` counter counts it,
+    the worker logs it, and a reserved message whose lease is found lost before it is handed
+    over is dropped, not run (:meth:`celery_msg.holdings.Holdings.confirmed`). The name stays
+    exported (it is public), but nothing in celery-msg raises it.
     """
 
     def __init__(self, queue: str, key: str, token: int) -> None:

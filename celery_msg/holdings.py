@@ -9,6 +9,13 @@ first; a tag whose lease was lost is logged, never settled.
 Three threads touch it: the consumer thread (reserves, delivers, acks a solo task), pool
 threads (ack prefork tasks) and the renewer (renews everything, flushes buffered acks). One
 lock, and no method that hands out the live collections.
+
+A lease is only as good as its last confirmation: the reserve that granted it, or a renewal
+the server answered. A consumer cut off from Redis for longer than the lease (a partition, a
+Redis restart) still holds tags whose leases lapsed and were handed to another consumer; so
+before a reserved message is handed over (:meth:`Holdings.confirmed`), a book whose last
+confirmation is older than :data:`FRESH_FRACTION` of the lease renews everything first and
+drops, without delivering or acking, what the server says it lost.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -23,6 +31,11 @@ from .core import Broker, Lease
 from .errors import BrokerConnectionError
 
 logger = logging.getLogger(__name__)
+
+#: A lease confirmed (granted or renewed) longer ago than this fraction of the lease is renewed
+#: before its message is handed over: the renewer renews every third of the lease, so a
+#: confirmation older than two thirds means renewals failed (partition, Redis down).
+FRESH_FRACTION = 2 / 3
 
 
 class Holdings:
@@ -33,23 +46,67 @@ class Holdings:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._acks: list[Lease] = []
+        #: When the server last confirmed each held lease (monotonic s): granted or renewed.
+        self._confirmed: dict[str, float] = {}
+        self._fresh_s = broker.lease_ms / 1000.0 * FRESH_FRACTION
+        #: Called after an ack is buffered (set while the book lingers: the renewer then
+        #: writes the ack at once instead of at its next round, a SIGKILL's window).
+        self.on_buffered: Callable[[], None] | None = None
 
     def add(self, tag: str, lease: Lease) -> None:
         with self._lock:
             self._leases[tag] = lease
+            self._confirmed[tag] = time.monotonic()
 
     def holds(self, tag: str) -> bool:
         with self._lock:
             return tag in self._leases
 
+    def confirmed(self, tag: str) -> bool:
+        """Whether ``tag`` is still held *according to the server*, to be asked right before
+        its message is handed over. A lease confirmed recently enough is taken as held; an
+        older one means renewals failed meanwhile: everything held is renewed now (one round
+        trip) and what the server says is lost is dropped (logged), so that a consumer cut off
+        for longer than the lease never runs a message that was redelivered elsewhere. Raises
+        :class:`BrokerConnectionError` when Redis still cannot be reached (the caller's
+        reconnect then gives the message up with the connection)."""
+        with self._lock:
+            confirmed = self._confirmed.get(tag)
+        if confirmed is None:
+            return False
+        if time.monotonic() - confirmed < self._fresh_s:
+            return True
+        self.renew()
+        return self.holds(tag)
+
+    def renew(self) -> list[Lease]:
+        """Renew every held lease and buffered ack in one call; drop (and return) the lost."""
+        started = time.monotonic()
+        held = self.renewable()
+        lost = self.broker.extend(held)
+        gone = self.forget(lost)
+        log_lost(gone, "renew")
+        self.mark_confirmed(started, [lease for lease in held if lease not in set(lost)])
+        return gone
+
+    def mark_confirmed(self, at: float, leases: Iterable[Lease]) -> None:
+        """The server renewed ``leases`` in a call sent at ``at`` (monotonic s)."""
+        renewed = set(leases)
+        with self._lock:
+            for tag, lease in self._leases.items():
+                if lease in renewed:
+                    self._confirmed[tag] = max(self._confirmed.get(tag, at), at)
+
     def settle(self, tag: str) -> Lease | None:
         """Stop holding ``tag``: its lease, to settle now (None when it was lost)."""
         with self._lock:
+            self._confirmed.pop(tag, None)
             return self._leases.pop(tag, None)
 
     def buffer_ack(self, tag: str) -> bool:
         """Stop holding ``tag`` and keep its ack for the next flush; False if it was lost."""
         with self._lock:
+            self._confirmed.pop(tag, None)
             lease = self._leases.pop(tag, None)
             if lease is None:
                 return False
@@ -58,6 +115,8 @@ class Holdings:
 
     def settle_many(self, tags: Iterable[str]) -> list[Lease]:
         with self._lock:
+            for tag in tags:
+                self._confirmed.pop(tag, None)
             return [self._leases.pop(tag) for tag in tags if tag in self._leases]
 
     def has_acks(self) -> bool:
@@ -70,11 +129,23 @@ class Holdings:
             acks, self._acks = self._acks, []
         return acks
 
+    def keep_acks(self, acks: Iterable[Lease]) -> None:
+        """Buffer acks again that could not be written (Redis unreachable): they stay leased
+        (:meth:`renewable`) and go with the next flush."""
+        with self._lock:
+            self._acks.extend(acks)
+
+    def empty(self) -> bool:
+        """Nothing held and no ack waiting."""
+        with self._lock:
+            return not self._leases and not self._acks
+
     def take_all(self) -> list[Lease]:
         """Every lease still held (not the buffered acks), emptying the book."""
         with self._lock:
             leases = list(self._leases.values())
             self._leases.clear()
+            self._confirmed.clear()
         return leases
 
     def renewable(self) -> list[Lease]:
@@ -87,6 +158,7 @@ class Holdings:
         with self._lock:
             for tag in [t for t, lease in self._leases.items() if lease.queue == queue]:
                 del self._leases[tag]
+                self._confirmed.pop(tag, None)
             self._acks = [lease for lease in self._acks if lease.queue != queue]
 
     def forget(self, lost: Iterable[Lease]) -> list[Lease]:
@@ -98,7 +170,9 @@ class Holdings:
             dropped = [lease for lease in self._leases.values() if lease in gone]
             for tag in [t for t, lease in self._leases.items() if lease in gone]:
                 del self._leases[tag]
+                self._confirmed.pop(tag, None)
             dropped.extend(lease for lease in self._acks if lease in gone)
+            self._acks = [lease for lease in self._acks if lease not in gone]
         return dropped
 
     # -- settlement ------------------------------------------------------------------------
@@ -113,6 +187,8 @@ class Holdings:
     def buffer_ack_or_log(self, tag: str) -> None:
         if not self.buffer_ack(tag):
             log_ignored(tag, "ack")
+        elif self.on_buffered is not None:
+            self.on_buffered()
 
     def ack_through(self, tag: str, send: Callable[[list[Lease]], Any]) -> None:
         """Hand the ack to a writer that sends it without waiting (the event loop's)."""
@@ -169,6 +245,14 @@ class Holdings:
             log_lost(self.broker.ack(acks), "ack")
         except BrokerConnectionError as exc:
             logger.warning("could not flush %d acks at close: %s", len(acks), exc)
+
+    def give_back(self, tags: Iterable[str]) -> None:
+        """Stop holding ``tags`` (reserved, never handed over) and put them back, uncounted; when
+        Redis cannot be reached their leases lapse instead, with the same effect."""
+        leases = self.settle_many(tags)
+        if leases:
+            with contextlib.suppress(BrokerConnectionError):
+                log_lost(self.broker.requeue(leases, uncount=True), "restore")
 
     def requeue_all(self) -> None:
         """Everything still held back to its queue, uncounted (a channel closing)."""

@@ -22,7 +22,7 @@ from .core import Broker
 from .deadletters import DeadLetters
 from .ephemeral import EphemeralBindings
 from .errors import BrokerConnectionError, CeleryMsgError
-from .holdings import log_lost
+from .holdings import Holdings, log_lost
 from .options import TransportOptions, to_ms
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,19 @@ class Renewer(threading.Thread):
         super().__init__(name=f"celery-msg-renewer-{name}", daemon=True)
         self.target = target
         self.stopped = threading.Event()
+        self._woken = threading.Event()
         self.interval = target.renew_interval()
 
+    def wake(self) -> None:
+        """Run the next round now (acks were buffered that should not wait for it)."""
+        self._woken.set()
+
     def run(self) -> None:
-        while not self.stopped.wait(self.interval):
+        while True:
+            self._woken.wait(self.interval)
+            self._woken.clear()
+            if self.stopped.is_set():
+                return
             try:
                 self.target.renew()
                 self.interval = self.target.renew_interval()
@@ -63,6 +72,7 @@ class Renewer(threading.Thread):
     def stop(self) -> None:
         """Stop, and wait for a round in progress (its acks) to finish."""
         self.stopped.set()
+        self._woken.set()
         if self is not threading.current_thread():
             self.join(timeout=self.target.options.socket_timeout or None)
 
@@ -81,6 +91,7 @@ class LeaseRenewal:
     channels: list[Any]
     ephemeral: EphemeralBindings
     dead_letters: DeadLetters
+    redis: Any
 
     #: The transport's (:class:`celery_msg.drain.DrainLoop`); declared, not defined, so that
     #: the mixin order cannot hide the real one.
@@ -91,11 +102,54 @@ class LeaseRenewal:
         self._next_trim = 0.0
         #: Queues this consumer heartbeats on (counted as attached to them).
         self._attached: set[str] = set()
+        #: The books of channels closed with a connection given up after an error (see
+        #: :meth:`linger`): Celery still runs and settles what they hold.
+        self._left: list[Holdings] = []
+        #: Acks that could not be confirmed when the connection was given up.
+        self.carried = Holdings(self.broker)
+        #: Set by :meth:`linger`: no more consuming; the renewer outlives the connection.
+        self.abandoned = False
+
+    def books(self) -> list[Holdings]:
+        """Every book whose leases this connection renews and whose acks it writes."""
+        return [*(channel.holdings for channel in list(self.channels)), *self._left, self.carried]
+
+    def linger(self, books: list[Holdings]) -> None:
+        """Keep renewing ``books`` and writing their acks after the connection was given up
+        (Celery reconnects with a new transport, but the tasks it was handed go on running
+        here and are settled through their old channel); the renewer stops, and the Redis
+        connections close, once nothing is held and no ack waits."""
+        self.abandoned = True
+        self._left.extend(books)
+        if self._lingering_over():
+            self._stop_lingering()
+            return
+        self._ensure_renewer()
+        renewer = self._renewer
+        if renewer is not None:
+            for book in books:
+                book.on_buffered = renewer.wake
+            renewer.wake()  # the acks that could not be confirmed: now
+
+    def _lingering_over(self) -> bool:
+        return all(book.empty() for book in self.books())
+
+    def _stop_lingering(self) -> None:
+        if self._renewer is not None:
+            self._renewer.stopped.set()  # the renewer's own thread may be the caller
+            self._renewer.wake()
+            self._renewer = None
+        with contextlib.suppress(CeleryMsgError):
+            consumers.detach(self.broker, self.consumer_id, self._attached)
+        self._attached = set()
+        self.broker.close()
+        self.redis.close()
 
     def _stop_renewer(self) -> None:
         if self._renewer is not None:
             self._renewer.stop()
             self._renewer = None
+        self.carried.flush_acks()  # acks a failed round kept (they are lost if Redis is down)
         with contextlib.suppress(CeleryMsgError):  # its heartbeats run out on their own
             consumers.detach(self.broker, self.consumer_id, self._attached)
         self._attached = set()
@@ -124,10 +178,19 @@ class LeaseRenewal:
         """One renewal round: flush buffered acks, renew leases, refresh bindings."""
         channels = list(self.channels)
         self._flush_acks()
-        held = [lease for channel in channels for lease in channel.holdings.renewable()]
+        books = self.books()
+        started = time.monotonic()
+        held = [lease for book in books for lease in book.renewable()]
         lost = self.broker.extend(held)
         if lost:
-            log_lost([lease for c in channels for lease in c.holdings.forget(lost)], "renew")
+            log_lost([lease for book in books for lease in book.forget(lost)], "renew")
+        renewed = set(held) - set(lost)
+        for book in books:
+            book.mark_confirmed(started, renewed)
+        if self.abandoned:
+            if self._lingering_over():
+                self._stop_lingering()
+            return
         # Renewed while any channel consumes the queue, whichever channel bound it.
         consumed = {queue for channel in channels for queue in channel._active_queues}
         bindings = self.ephemeral.live(consumed)

@@ -232,7 +232,7 @@ class Channel(RoutingChannel):
         sees a shutdown request between two tasks and the rest go back at close."""
         while self._ready:
             tag, queue, payload = self._ready.popleft()
-            if not self.holdings.holds(tag):
+            if not self.holdings.confirmed(tag):
                 logger.warning(
                     "queue %s delivery %s dropped before handing over: lease lost", queue, tag
                 )
@@ -343,12 +343,25 @@ class Channel(RoutingChannel):
         self._restore(message)
 
     def close(self) -> None:
+        if self.transport.abandoned:
+            self._close_abandoned()
+            return
         if not self.closed:
             self.holdings.flush_acks()
         super().close()
         # Whatever was reserved but never handed to kombu goes back too.
         self._ready.clear()
         self.holdings.requeue_all()
+
+    def _close_abandoned(self) -> None:
+        """Close with the connection given up after an error (:meth:`DrainLoop.abandon`): what
+        kombu handed to Celery is not restored (this process still runs it; its book lingers);
+        what was reserved but never handed over goes back."""
+        if not self.closed:
+            self.qos.restore_at_shutdown = False
+            self.holdings.give_back([tag for tag, _, _ in self._ready])
+            self._ready.clear()
+        super().close()
 
 
 class Transport(DrainLoop, LeaseRenewal, virtual.Transport):  # type: ignore[misc]
@@ -421,7 +434,14 @@ class Transport(DrainLoop, LeaseRenewal, virtual.Transport):  # type: ignore[mis
             raise BrokerConnectionError(f"cannot reach Redis at {self.where}: {exc}") from exc
         return super().establish_connection()
 
+    def _collect(self, connection: Any) -> None:
+        """kombu's ``Connection.collect``: the connection is given up after a connection error
+        (Celery then reconnects with a new transport); see :meth:`DrainLoop.abandon`."""
+        self.abandon()
+
     def close_connection(self, connection: Any) -> None:
+        if self.abandoned:
+            return  # the lingering renewer closes what is left (LeaseRenewal.linger)
         self.unregister_from_event_loop(connection, None)
         self._stop_renewer()
         super().close_connection(connection)
