@@ -144,7 +144,7 @@ class DrainLoop:
                 # Take what it leased: it goes back with the rest of the reserved messages.
                 # (Given up after an error, the reply may never come: those leases expire.)
                 with contextlib.suppress(BrokerConnectionError):
-                    self._accept_round(self._ahead_channels, ahead.read())
+                    self._accept_ahead(self._ahead_channels, ahead.read())
             ahead.close()
         sender, self.ack_sender = self.ack_sender, None
         if sender is not None:
@@ -261,8 +261,11 @@ class DrainLoop:
         ]
         return channels, requests
 
-    def _accept_round(self, channels: list[Any], round_: Round | None) -> bool:
-        """Hand a round's deliveries to their channels; True when any was accepted."""
+    def _accept_round(
+        self, channels: list[Any], round_: Round | None, granted_at: float | None = None
+    ) -> bool:
+        """Hand a round's deliveries to their channels; True when any was accepted.
+        ``granted_at``: when Redis granted their leases (monotonic s), if not just now."""
         if round_ is None:
             return False
         log_lost(round_.lost, "ack")
@@ -270,7 +273,7 @@ class DrainLoop:
         # must not wake early for messages it could not take anyway.
         self._next_due_ms = round_.next_due_ms if channels else None
         accepted = zip(channels, round_.deliveries, strict=True)
-        return sum(int(c.accept_all(d)) for c, d in accepted) > 0
+        return sum(int(c.accept_all(d, granted_at)) for c, d in accepted) > 0
 
     def send_ahead(self) -> None:
         """Send the next round's reserve now and read it later (:mod:`celery_msg.readahead`):
@@ -295,7 +298,10 @@ class DrainLoop:
         if ahead is None or not ahead.pending:
             return False
         channels, self._ahead_channels = self._ahead_channels, []
-        return self._accept_round(channels, ahead.read())
+        return self._accept_ahead(channels, ahead.read())
+
+    def _accept_ahead(self, channels: list[Any], read: tuple[Round, float] | None) -> bool:
+        return read is not None and self._accept_round(channels, *read)
 
     def _due_in(self) -> float | None:
         """Seconds until the next scheduled message of the consumed queues falls due (the next

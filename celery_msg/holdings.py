@@ -53,10 +53,12 @@ class Holdings:
         #: writes the ack at once instead of at its next round, a SIGKILL's window).
         self.on_buffered: Callable[[], None] | None = None
 
-    def add(self, tag: str, lease: Lease) -> None:
+    def add(self, tag: str, lease: Lease, granted_at: float | None = None) -> None:
+        """Hold ``lease``; ``granted_at`` (monotonic s, default now): when the server granted or
+        last renewed it (a reserve sent ahead was granted before its reply was read)."""
         with self._lock:
             self._leases[tag] = lease
-            self._confirmed[tag] = time.monotonic()
+            self._confirmed[tag] = time.monotonic() if granted_at is None else granted_at
 
     def holds(self, tag: str) -> bool:
         with self._lock:

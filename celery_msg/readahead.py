@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 import redis
@@ -51,6 +52,7 @@ class ReadAhead:
         self.conn: Any = pool.connection_class(**pool.connection_kwargs)
         self._pending: PreparedRound | None = None
         self._sent_ms = 0
+        self._sent_at = 0.0
 
     @staticmethod
     def usable(broker: Broker) -> bool:
@@ -76,11 +78,14 @@ class ReadAhead:
             return False
         self._pending = prepared
         self._sent_ms = self.broker.now_ms()
+        self._sent_at = time.monotonic()
         return True
 
-    def read(self) -> Round | None:
-        """The round sent ahead (waiting for its replies); None when nothing is pending or the
-        connection failed (what the round leased then comes back after ``lease_timeout``)."""
+    def read(self) -> tuple[Round, float] | None:
+        """The round sent ahead (waiting for its replies), and when its leases were granted or
+        last renewed (monotonic s: the consumer's book counts their age from there); None
+        when nothing is pending or the connection failed (what the round leased then comes
+        back after ``lease_timeout``)."""
         prepared, self._pending = self._pending, None
         if prepared is None:
             return None
@@ -114,7 +119,7 @@ class ReadAhead:
                 results[i] = reply
         return self._still_held(self.broker.finish_round(prepared, results))
 
-    def _still_held(self, round_: Round) -> Round:
+    def _still_held(self, round_: Round) -> tuple[Round, float]:
         """The round without what this consumer may no longer hold.
 
         Its leases ran from the moment Redis served it, but nobody renewed them while the reply
@@ -123,12 +128,13 @@ class ReadAhead:
         as long as a renewal interval (a third of the lease) has passed, they are renewed
         first, and any found lost is dropped, not delivered a second time."""
         if self.broker.now_ms() - self._sent_ms < self.broker.lease_ms // 3:
-            return round_
+            return round_, self._sent_at
+        renewed_at = time.monotonic()
         held = [Lease(d.queue, d.key, d.token) for ds in round_.deliveries for d in ds]
         with translated_errors("renew what a reserve sent ahead leased"):
             lost = {(lease.queue, lease.key, lease.token) for lease in self.broker.extend(held)}
         if not lost:
-            return round_
+            return round_, renewed_at
         logger.warning(
             "%d messages reserved ahead were taken back before this worker could run them "
             "(their leases expired while the task before them ran); dropped here",
@@ -137,7 +143,7 @@ class ReadAhead:
         kept = [
             [d for d in ds if (d.queue, d.key, d.token) not in lost] for ds in round_.deliveries
         ]
-        return round_._replace(deliveries=kept)
+        return round_._replace(deliveries=kept), renewed_at
 
     def close(self) -> None:
         self._pending = None

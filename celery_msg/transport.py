@@ -215,13 +215,14 @@ class Channel(RoutingChannel):
         self._start = (self._start + 1) % max(1, len(self._active_queues))
         return self._start
 
-    def accept_all(self, deliveries: list[Delivery]) -> int:
+    def accept_all(self, deliveries: list[Delivery], granted_at: float | None = None) -> int:
         """Register the leases of a whole reserved batch at once, so the renewer covers every
         message from the moment it is reserved (a solo worker runs the first task inside the
-        delivery callback while the others wait); returns how many were accepted."""
+        delivery callback while the others wait); returns how many were accepted.
+        ``granted_at``: when the server granted them (monotonic s), if not just now."""
         accepted = 0
         for delivery in deliveries:
-            payload = self._accept(delivery)
+            payload = self._accept(delivery, granted_at)
             if payload is not None:
                 self._ready.append((payload["properties"]["delivery_tag"], delivery.queue, payload))
                 accepted += 1
@@ -271,7 +272,7 @@ class Channel(RoutingChannel):
             self._no_ack.discard(queue)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
-    def _accept(self, delivery: Delivery) -> dict[str, Any] | None:
+    def _accept(self, delivery: Delivery, granted_at: float | None = None) -> dict[str, Any] | None:
         """Decode one delivery and register its lease; undecodable ones are dead-lettered.
 
         Anything kombu would fail on later, in the worker's consuming thread (which Celery
@@ -293,7 +294,7 @@ class Channel(RoutingChannel):
             return None
         tag = f"{delivery.token}@{delivery.queue}"
         stamp_delivery(payload, tag, delivery.queue, delivery.key, delivery.deliveries)
-        self.holdings.add(tag, lease)
+        self.holdings.add(tag, lease, granted_at)
         return payload
 
     def decode_body(self, body: Any, encoding: str | None = None) -> Any:

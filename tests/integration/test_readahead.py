@@ -7,6 +7,7 @@ reading: a script Redis lost meanwhile, a connection killed meanwhile.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import redis
@@ -16,7 +17,7 @@ from redis.retry import Retry
 from waiting import wait_until
 
 from bench.proxy import TcpProxy
-from celery_msg.core import Broker, ReserveRequest
+from celery_msg.core import Broker, ReserveRequest, Round
 from celery_msg.readahead import ReadAhead
 from celery_msg.redisio import Replication
 
@@ -48,15 +49,21 @@ def _sent_ahead(broker: Broker, *, published: int) -> tuple[list[str], ReadAhead
     return ids, ahead
 
 
+def _read(ahead: ReadAhead) -> tuple[Round, float]:
+    read = ahead.read()
+    assert read is not None
+    assert not ahead.pending
+    return read
+
+
 def test_a_round_sent_ahead_leases_in_publish_order_and_reads_back_like_a_round(broker: Broker):
     ids = _publish(broker, "q", 5)
     ahead = ReadAhead(broker)
     assert ahead.send(broker.prepare_round([], _request("q", 3)))
     assert ahead.pending
 
-    round_ = ahead.read()
+    round_, _ = _read(ahead)
 
-    assert round_ is not None and not ahead.pending
     [deliveries] = round_.deliveries
     assert [d.key for d in deliveries] == ids[:3]
     assert [d.payload for d in deliveries] == [i.encode() for i in ids[:3]]
@@ -72,9 +79,8 @@ def test_a_script_redis_lost_before_the_round_ran_is_loaded_and_the_round_served
     ahead = ReadAhead(broker)
     assert ahead.send(broker.prepare_round([], _request("q", 2)))
 
-    round_ = ahead.read()
+    round_, _ = _read(ahead)
 
-    assert round_ is not None
     assert [d.key for d in round_.deliveries[0]] == ids  # served once, not twice
     counts = broker.counts("q")
     assert (counts["ready"], counts["reserved"]) == (0, 2)
@@ -120,9 +126,8 @@ def test_a_reply_read_after_the_leases_expired_drops_what_another_consumer_took_
     taken = broker.reserve(["q"], 1, "c2")  # reclaims both, serves the first back to c2
     assert [d.key for d in taken] == [ids[0]]
 
-    round_ = ahead.read()
+    round_, _ = _read(ahead)
 
-    assert round_ is not None
     assert round_.deliveries == [[]]  # both leases were taken back: neither is delivered here
     ahead.close()
 
@@ -133,11 +138,13 @@ def test_a_reply_read_within_a_renewal_interval_is_delivered_without_renewing(
     ids, ahead = _sent_ahead(broker, published=2)
     clock.t += LEASE_MS / 1000 / 3 - 0.5
     redis_client.config_resetstat()
+    before_read = time.monotonic()
 
-    round_ = ahead.read()
+    round_, granted_at = _read(ahead)
 
-    assert round_ is not None and [d.key for d in round_.deliveries[0]] == ids
+    assert [d.key for d in round_.deliveries[0]] == ids
     assert "cmdstat_evalsha" not in redis_client.info("commandstats")  # no extend was needed
+    assert granted_at < before_read  # their age counts from the send, not from the read
     ahead.close()
 
 
@@ -146,10 +153,12 @@ def test_a_reply_read_after_a_renewal_interval_renews_the_leases_it_keeps(
 ):
     ids, ahead = _sent_ahead(broker, published=2)
     clock.t += LEASE_MS / 1000 - 1  # about to expire
+    before_read = time.monotonic()
 
-    round_ = ahead.read()
+    round_, granted_at = _read(ahead)
 
-    assert round_ is not None and [d.key for d in round_.deliveries[0]] == ids
+    assert [d.key for d in round_.deliveries[0]] == ids
+    assert granted_at >= before_read  # renewed by the read: their age counts from there
     clock.t += 2  # past the first deadline: renewed, so nobody can reclaim them
     assert broker.reserve(["q"], 10, "c2") == []
     ahead.close()
