@@ -162,6 +162,9 @@ class Broker(Lookups, Bindings):
         self._publisher = DedicatedConnection(client, replication)
         self._broken_reported: dict[str, float] = {}
         self._unconfirmed_reported = 0.0
+        #: How many of a consumer's state changes replicas did not confirm (``min_replicas``):
+        #: logged once a minute, counted here (a test tells a confirmed ack by it).
+        self.unconfirmed = 0
         self._shard_waiter: ShardWaiter | None = None
 
     def close(self) -> None:
@@ -197,6 +200,7 @@ class Broker(Lookups, Bindings):
     def _unconfirmed(self, exc: ReplicationTimeout) -> list[Any]:
         """A consumer's state change that replicas did not confirm in time: log it and go on
         with its replies (what is at stake is a redelivery, not a loss)."""
+        self.unconfirmed += 1
         now = time.monotonic()
         if now >= self._unconfirmed_reported:
             self._unconfirmed_reported = now + BROKEN_REPORT_INTERVAL
