@@ -494,6 +494,9 @@ class Broker(Lookups, Bindings):
                 results = self.script_replies(calls)
             except ReplicationTimeout as exc:
                 results = self._unconfirmed(exc)
+            except REDIS_CONNECTION_ERRORS:
+                self._ack_where_reachable(calls[: len(by_queue)])
+                raise
         broken: dict[str, str] = {}
         acked = results[: len(by_queue)]
         for i, (queue, group) in enumerate(by_queue.items()):
@@ -529,6 +532,23 @@ class Broker(Lookups, Bindings):
         for queue, error in broken.items():
             self._report_broken(queue, error)
         return Round(out, lost, soonest)
+
+    def _ack_where_reachable(self, calls: Sequence[ScriptCall]) -> None:
+        """A round failed for a node it needed (on a Cluster: a master down, or one the slot
+        map still names after a failover). redis-py's Cluster pipeline connects to every node
+        before it sends anything, so the round's acks for the other shards were not written;
+        the caller has taken them out of its buffers. They are written here one by one where
+        their node answers: else their messages, already run, would come back when the leases
+        expire and run again. An ack written twice is refused by its token, not run twice."""
+        if not self.cluster:
+            return  # one server: the connection that failed is the only one
+        for call in calls:
+            try:
+                self.script_replies([call])
+            except ReplicationTimeout as exc:
+                self._unconfirmed(exc)
+            except REDIS_CONNECTION_ERRORS:
+                continue  # that queue's node is the one down: its messages come back
 
     def _served(
         self, request: ReserveRequest, raw: Any, broken: dict[str, str]

@@ -24,7 +24,7 @@ from celery_msg.api import queue_counts
 from celery_msg.bindings import Binding
 from celery_msg.broadcast import stable_name
 from celery_msg.connection import redis_client
-from celery_msg.core import Broker
+from celery_msg.core import Broker, Lease, ReserveRequest
 from celery_msg.errors import (
     BrokerConnectionError,
     ConfigurationError,
@@ -285,6 +285,27 @@ def test_a_fan_out_that_a_dead_shard_cuts_short_says_which_queues_have_the_messa
         with pytest.raises(BrokerConnectionError):
             broker.publish_many(["c", "a"], "m2", "{}", 0)  # the first failed: nothing stored
         assert [broker.counts(q)["ready"] for q in ("a", "b")] == [1, 1]
+
+
+def test_a_round_cut_short_by_a_dead_shard_still_settles_the_acks_for_the_others(
+    server: Server, prefix: str
+):
+    """A consumer's round needs a node that is down (its slot map still names a dead master):
+    the round fails, but its acks for queues on the shards that answer are written all the
+    same, so their messages, already run, do not come back when their leases expire."""
+    with ClusterTopology(server.kind, masters=3) as cluster:
+        broker = cluster_broker(cluster, prefix)
+        for queue in QUEUES:
+            broker.declare(queue)
+            broker.publish(queue, f"m-{queue}", "{}", 0)
+        held = broker.reserve(["b", "c"], 2, "me")
+        assert sorted(d.key for d in held) == ["m-b", "m-c"]
+        cluster.master_for_slot(queue_slot("a")).kill()
+        acks = [Lease(d.queue, d.key, d.token) for d in held]
+        with pytest.raises(BrokerConnectionError):
+            broker.settle_and_reserve(acks, [ReserveRequest(["a"], 1, "me")])
+        assert [broker.counts(q)["reserved"] for q in ("b", "c")] == [0, 0]
+        assert [broker.stats(q).get("acked") for q in ("b", "c")] == [1, 1]
 
 
 def test_bindings_and_an_unused_queue_expire_across_shards(cluster: ClusterTopology, prefix: str):
