@@ -40,6 +40,7 @@ from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .errors import BrokerConnectionError, ConfigurationError
 from .options import TransportOptions
+from .redisio import translated
 
 TLS_SCHEME = "celery-msgs"
 DEFAULT_PORT = 6379
@@ -321,12 +322,18 @@ def cluster_client(address: ClusterAddress, options: TransportOptions, retry: Re
     params = redis_params(address.data, options)
     del params["host"], params["port"], params["db"]
     startup = [ClusterNode(host, port) for host, port in address.nodes]  # type: ignore[no-untyped-call]
+    nodes = ",".join(f"{host}:{port}" for host, port in address.nodes)
     try:
-        # Connects at once: it reads the slot map from the first node that answers.
+        # Connects at once: it reads the slot map from the first node that answers (and asks
+        # COMMAND: an ACL user without it cannot connect, see README, Running on Redis Cluster).
         cluster = RedisCluster(startup_nodes=startup, retry=retry, **params)
     except RedisClusterException as exc:
-        nodes = ",".join(f"{host}:{port}" for host, port in address.nodes)
         raise BrokerConnectionError(f"cannot reach the Redis Cluster at {nodes}: {exc}") from exc
+    except redis.RedisError as exc:
+        ours = translated(exc, f"connect to the Redis Cluster at {nodes}")
+        if ours is None:
+            raise
+        raise ours from exc
     return cast(redis.Redis, cluster)
 
 

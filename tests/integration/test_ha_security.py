@@ -151,12 +151,19 @@ def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def test_the_cluster_acl_user_cannot_reach_another_prefix(server: Server, prefix: str):
-    """The same user under another prefix is refused by name (keys and channels)."""
+def test_the_cluster_acl_user_cannot_reach_another_prefix_nor_connect_without_command(
+    server: Server, prefix: str
+):
+    """The same user under another prefix is refused by name; without ``+command`` (which
+    redis-py's cluster client asks when it connects) connecting fails naming the command."""
     user = cluster_acl(prefix, "app-pw")
-    with ClusterTopology(server.kind, masters=3, config=[user]) as cluster:
+    without_command = user.replace("user celery ", "user nocmd ", 1).replace(" +command", "")
+    with ClusterTopology(server.kind, masters=3, config=[user, without_command]) as cluster:
         url = cluster.broker_url(userinfo="celery:app-pw")
         client, _ = redis_client(Connection(url), TransportOptions())
         broker = Broker(client, prefix=f"other-{prefix}")
         with pytest.raises(PermissionDenied, match=r"(?i)no permissions"):
             broker.publish("a", "m1", "{}", 0)
+        refused = Connection(cluster.broker_url(userinfo="nocmd:app-pw"))
+        with pytest.raises(PermissionDenied, match=r"'command'"):
+            redis_client(refused, TransportOptions())
