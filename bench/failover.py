@@ -75,27 +75,9 @@ def one_kill(kind: ServerKind, config: Config, warmup: float, lag: float, after:
         returned: list[int] = []
         failed: list[str] = []
         stop = threading.Event()
-
-        def publish() -> None:
-            with Connection(url, transport_options=options) as conn:
-                producer = conn.Producer()
-                n = 0
-                while not stop.is_set():
-                    try:
-                        producer.publish(
-                            {"n": n},
-                            routing_key=queue.name,
-                            declare=[queue],
-                            retry=True,
-                            retry_policy=RETRY,
-                        )
-                    except Exception as exc:
-                        failed.append(type(exc).__name__)
-                    else:
-                        returned.append(n)
-                    n += 1
-
-        publisher = threading.Thread(target=publish, daemon=True)
+        publisher = threading.Thread(
+            target=publish_stream, args=(url, options, queue, returned, failed, stop), daemon=True
+        )
         publisher.start()
         time.sleep(warmup)
         before = len(returned)
@@ -112,6 +94,36 @@ def one_kill(kind: ServerKind, config: Config, warmup: float, lag: float, after:
         received = drain(url, options, queue)
         lost = len(set(returned) - set(received))
         return Outcome(len(returned), lost, len(failed), rate)
+
+
+def publish_stream(
+    url: str,
+    options: dict[str, Any],
+    queue: Queue,
+    returned: list[int],
+    failed: list[str],
+    stop: threading.Event,
+) -> None:
+    """Publish ``{"n": 0}``, ``{"n": 1}``, ... to ``queue`` as fast as one kombu producer can
+    (``retry=True``, riding through a failover) until ``stop``: ``returned`` gets each ``n``
+    whose publish returned, ``failed`` the error of each that raised (no claim is made)."""
+    with Connection(url, transport_options=options) as conn:
+        producer = conn.Producer()
+        n = 0
+        while not stop.is_set():
+            try:
+                producer.publish(
+                    {"n": n},
+                    routing_key=queue.name,
+                    declare=[queue],
+                    retry=True,
+                    retry_policy=RETRY,
+                )
+            except Exception as exc:
+                failed.append(type(exc).__name__)
+            else:
+                returned.append(n)
+            n += 1
 
 
 def drain(url: str, options: dict[str, Any], queue: Queue) -> list[int]:

@@ -33,12 +33,14 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import SSLConnection
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .errors import BrokerConnectionError, ConfigurationError
 from .options import TransportOptions
+from .redisio import translated
 
 TLS_SCHEME = "celery-msgs"
 DEFAULT_PORT = 6379
@@ -199,6 +201,32 @@ def sentinel_address(client: Any) -> SentinelAddress | None:
     )
 
 
+class SentinelMasterConnection(SentinelManagedConnection):
+    """redis-py's Sentinel connection asks the sentinels for the master in ``connect()`` only,
+    which its pool calls; a connection made outside the pool (the worker's BLPOP connection)
+    and used at once connects through ``connect_check_health``, to redis-py's default address
+    (localhost:6379). Here every first connection asks the sentinels."""
+
+    _locating = False
+
+    def connect(self) -> None:
+        self._locating = True
+        try:
+            super().connect()  # type: ignore[no-untyped-call]
+        finally:
+            self._locating = False
+
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        if self._sock is None and not self._locating:
+            self.connect()
+            return
+        super().connect_check_health(*args, **kwargs)
+
+
+class SentinelMasterSSLConnection(SentinelMasterConnection, SSLConnection):
+    """:class:`SentinelMasterConnection` over TLS."""
+
+
 def sentinel_params(
     address: SentinelAddress, options: TransportOptions
 ) -> tuple[list[tuple[str, int]], dict[str, Any]]:
@@ -216,6 +244,8 @@ def sentinel_params(
     own.update(options.sentinel_kwargs or {})
     params["sentinel_kwargs"] = own
     params["min_other_sentinels"] = options.min_other_sentinels
+    tls = params.pop("ssl", False)
+    params["connection_class"] = SentinelMasterSSLConnection if tls else SentinelMasterConnection
     return list(address.sentinels), params
 
 
@@ -291,12 +321,18 @@ def cluster_client(address: ClusterAddress, options: TransportOptions, retry: Re
     params = redis_params(address.data, options)
     del params["host"], params["port"], params["db"]
     startup = [ClusterNode(host, port) for host, port in address.nodes]  # type: ignore[no-untyped-call]
+    nodes = ",".join(f"{host}:{port}" for host, port in address.nodes)
     try:
-        # Connects at once: it reads the slot map from the first node that answers.
+        # Connects at once: it reads the slot map from the first node that answers (and asks
+        # COMMAND: an ACL user without it cannot connect, see README, Running on Redis Cluster).
         cluster = RedisCluster(startup_nodes=startup, retry=retry, **params)
     except RedisClusterException as exc:
-        nodes = ",".join(f"{host}:{port}" for host, port in address.nodes)
         raise BrokerConnectionError(f"cannot reach the Redis Cluster at {nodes}: {exc}") from exc
+    except redis.RedisError as exc:
+        ours = translated(exc, f"connect to the Redis Cluster at {nodes}")
+        if ours is None:
+            raise
+        raise ours from exc
     return cast(redis.Redis, cluster)
 
 

@@ -21,7 +21,7 @@ import redis
 
 from .errors import ReplicationTimeout
 from .leases import Delivery, Lease, ReserveRequest, Round
-from .redisio import ScriptCall, translated_errors
+from .redisio import REDIS_CONNECTION_ERRORS, ScriptCall, translated_errors
 from .scriptcalls import BROKEN_REPORT_INTERVAL, ScriptCalls
 from .scripts import MISSING_BODY_GROUP, Code
 from .slots import plan
@@ -88,7 +88,27 @@ class Consuming(ScriptCalls):
                 results = self.script_replies(prepared.calls)
             except ReplicationTimeout as exc:
                 results = self._unconfirmed(exc)
+            except REDIS_CONNECTION_ERRORS:
+                self._ack_where_reachable(prepared.calls[: len(prepared.acks)])
+                raise
         return self.finish_round(prepared, results)
+
+    def _ack_where_reachable(self, calls: Sequence[ScriptCall]) -> None:
+        """A round failed for a node it needed (on a Cluster: a master down, or one the slot
+        map still names after a failover). redis-py's Cluster pipeline connects to every node
+        before it sends anything, so the round's acks for the other shards were not written;
+        the caller has taken them out of its buffers. They are written here one by one where
+        their node answers: else their messages, already run, would come back when the leases
+        expire and run again. An ack written twice is refused by its token, not run twice."""
+        if not self.cluster:
+            return  # one server: the connection that failed is the only one
+        for call in calls:
+            try:
+                self.script_replies([call])
+            except ReplicationTimeout as exc:
+                self._unconfirmed(exc)
+            except REDIS_CONNECTION_ERRORS:
+                continue  # that queue's node is the one down: its messages come back
 
     def prepare_round(
         self, acks: Sequence[Lease], requests: Sequence[ReserveRequest]

@@ -124,6 +124,9 @@ class Broker(Publishing, Consuming, Lookups, Bindings):
         self._publisher = DedicatedConnection(client, replication)
         self._broken_reported: dict[str, float] = {}
         self._unconfirmed_reported = 0.0
+        #: How many of a consumer's state changes replicas did not confirm (``min_replicas``):
+        #: logged once a minute, counted here (a test tells a confirmed ack by it).
+        self.unconfirmed = 0
         self._shard_waiter: ShardWaiter | None = None
 
     def close(self) -> None:

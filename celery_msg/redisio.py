@@ -377,8 +377,14 @@ def _evalsha_all(
     """One pipeline of EVALSHA calls (and the WAIT, if any); error replies come back in the
     list, not raised. Returns the replies and the WAIT's reply (None without one)."""
     pipe = client.pipeline(transaction=False)
+    cluster = is_cluster(client)
     for script, keys, args in calls:
-        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        # On a Cluster each call names its node: redis-py's Cluster pipeline otherwise asks
+        # the default node COMMAND GETKEYS for every EVALSHA (a round trip each, and while
+        # that node is down every call fails, to the live shards too). A MOVED reply is
+        # still followed (redis-py sends the call again, routed by its keys).
+        node = {"target_nodes": client.get_node_from_key(keys[0])} if cluster and keys else {}  # type: ignore[attr-defined]
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, **node)  # type: ignore[no-untyped-call]
     if replication is not None:
         pipe.execute_command(*replication.command)  # type: ignore[no-untyped-call]
     results = list(pipe.execute(raise_on_error=False))

@@ -36,6 +36,7 @@ class ScriptCalls(Queues):
     reclaim_batch: int
     max_deliveries: int
     _unconfirmed_reported: float
+    unconfirmed: int
 
     def run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Script calls in one pipelined round trip (see :func:`redisio.run_scripts`)."""
@@ -49,6 +50,7 @@ class ScriptCalls(Queues):
     def _unconfirmed(self, exc: ReplicationTimeout) -> list[Any]:
         """A consumer's state change that replicas did not confirm in time: log it and go on
         with its replies (what is at stake is a redelivery, not a loss)."""
+        self.unconfirmed += 1
         now = time.monotonic()
         if now >= self._unconfirmed_reported:
             self._unconfirmed_reported = now + BROKEN_REPORT_INTERVAL

@@ -147,7 +147,29 @@ def free_port() -> int:
             return port
 
 
-class ServerProcess:
+class Managed:
+    """Started on ``with`` and closed on the way out, whatever happened: a server process here,
+    a whole topology in :mod:`celery_msg.topologies`."""
+
+    def start(self, timeout: float = 10.0) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ServerProcess(Managed):
     """One redis-server / valkey-server process on 127.0.0.1 with its own port and directory.
 
     Persistence is off by default (``save ""``, ``appendonly no``) because most tests want speed;
@@ -284,17 +306,6 @@ class ServerProcess:
             self._dir = None
             atexit.unregister(self.close)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # -- facts -----------------------------------------------------------------------------
 
     @property
@@ -373,29 +384,35 @@ class ServerProcess:
 
     def _config_lines(self) -> list[str]:
         lines = [
-            f"bind {HOST}",
-            f"dir {self.dir}",
+            *self._listen_lines(),
             'save ""',
             f"appendonly {'yes' if self.appendonly else 'no'}",
             f"appendfsync {self.appendfsync}",
-            'logfile ""',  # stdout, which _spawn sends to server.log
-            "daemonize no",
         ]
-        if self.tls is None:
-            lines.append(f"port {self.port}")
-        else:
-            lines += [
-                "port 0",
-                f"tls-port {self.port}",
-                f"tls-cert-file {self.tls.cert_file}",
-                f"tls-key-file {self.tls.key_file}",
-                f"tls-ca-cert-file {self.tls.ca_file}",
-                "tls-auth-clients no",  # clients verify the server; no client certificates
-            ]
         if self.password is not None:
             lines.append(f"requirepass {self.password}")
         lines += self.extra_config
         return lines
+
+    def _listen_lines(self) -> list[str]:
+        """Where it listens and logs: the lines every process here starts with (a sentinel's
+        too). With TLS only the TLS port is open, and a server that connects to another one
+        (a replica to its master, a sentinel to the servers, a cluster node to its peers) does
+        it over TLS as well, trusting the same CA."""
+        # logfile "": stdout, which _spawn sends to server.log.
+        lines = [f"bind {HOST}", f"dir {self.dir}", 'logfile ""', "daemonize no"]
+        if self.tls is None:
+            return [*lines, f"port {self.port}"]
+        return [
+            *lines,
+            "port 0",
+            f"tls-port {self.port}",
+            f"tls-cert-file {self.tls.cert_file}",
+            f"tls-key-file {self.tls.key_file}",
+            f"tls-ca-cert-file {self.tls.ca_file}",
+            "tls-auth-clients no",  # clients verify the server; no client certificates
+            "tls-replication yes",
+        ]
 
     def _spawn(self, *, fresh_log: bool) -> None:
         # A new port starts a new log (so a stale "address in use" is not misread); a restart

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -317,6 +318,17 @@ class Stack(Closing):
                 backend.unlink(*keys)
             backend.close()
         self.redis.close()
+
+
+def readme_acl(prefix: str, password: str, marker: str = "acl") -> str:
+    """The ACL line after ``<!-- marker -->`` in README.md (``acl``: the broker's user, in
+    Security; ``acl-cluster``: what a Cluster adds to it), for ``prefix`` and ``password``."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(rf"<!-- {marker} -->\n```\n([^\n]+)\n```", readme)
+    assert match is not None, f"README.md has no ACL line after <!-- {marker} -->"
+    line = match.group(1)
+    assert "celery-msg:*" in line
+    return line.replace(" >secret ", f" >{password} ").replace("celery-msg:*", f"{prefix}*")
 
 
 #: ``make(**settings)`` of :func:`stack_factory` (the ``make_stack`` fixture).

@@ -21,6 +21,7 @@ from celery_helpers import Stack, StackFactory, stack_factory, wait_until
 from kombu import Connection, Queue
 
 from bench.failover import drain as drain_through
+from bench.failover import publish_stream
 from celery_msg.bulk_publish import current_buffer
 from celery_msg.core import Broker
 from celery_msg.errors import AuthenticationFailed
@@ -54,12 +55,6 @@ def make_stack(
         yield make_on_sentinels
 
 
-def replicated(topology: SentinelTopology) -> None:
-    """Wait until the replica has every write the master acknowledged so far."""
-    with topology.master.client() as client:
-        assert int(client.execute_command("WAIT", 1, 5000)) >= 1
-
-
 def master_broker(topology: SentinelTopology, prefix: str) -> Broker:
     return Broker(topology.master.client(), prefix=prefix)
 
@@ -76,7 +71,7 @@ def test_tasks_run_through_sentinels_and_survive_the_master_being_killed(
     slow = sleeper.delay(4.0, "slow")
     stack.wait_for_tasks("start", [slow.id], timeout=20)
     before = [sleeper.apply_async((0.05, f"b{i}"), countdown=1) for i in range(20)]
-    replicated(topology)
+    topology.replicated()
     old = topology.master_port()
     topology.server_on(old).kill()
     killed = time.monotonic()
@@ -108,6 +103,27 @@ def test_tasks_run_through_sentinels_and_survive_the_master_being_killed(
     assert took < 60
 
 
+def test_an_idle_worker_behind_sentinels_is_woken_by_the_master_at_once(
+    make_stack: StackFactory, topology: SentinelTopology
+):
+    """The worker waits in a BLPOP on a connection of its own, made outside redis-py's pool:
+    it must find the master through the sentinels too (redis-py's Sentinel connection does
+    that only when its pool connects it; else it went to localhost:6379)."""
+    stack = make_stack(sweep_interval=20.0)  # only a wake-up can deliver in time
+    record = stack.task("record_now")
+    worker = stack.worker(pool="threads", concurrency=2)
+    assert record.delay("warm").get(timeout=30) == "warm"
+    for i in range(3):
+        sent = time.time()
+        assert record.delay(f"late{i}").get(timeout=10) == f"late{i}"
+        [start] = [e for e in stack.events("start") if e.label == f"late{i}"]
+        assert start.time - sent < 2.0
+    with topology.master.client() as client:
+        blocked = [c for c in client.client_list() if c.get("cmd") == "blpop"]
+    assert blocked, "no BLPOP waiting on the master"
+    assert worker.running
+
+
 def test_a_demoted_master_is_a_reconnect_not_a_crash(
     make_stack: StackFactory, topology: SentinelTopology, server: Server
 ):
@@ -119,7 +135,7 @@ def test_a_demoted_master_is_a_reconnect_not_a_crash(
     worker = stack.worker(pool="prefork", concurrency=2)
     first = [sleeper.delay(0.01, f"f{i}") for i in range(20)]
     assert len([r.get(timeout=20) for r in first]) == 20
-    replicated(topology)
+    topology.replicated()
 
     old = topology.master_port()
     with topology.sentinels[0].client() as client:
@@ -172,27 +188,11 @@ def test_with_min_replicas_no_publish_that_returned_is_lost_when_the_master_is_k
     returned: list[int] = []
     failed: list[str] = []
     stop = threading.Event()
-
-    def publish() -> None:
-        with Connection(topology.broker_url(), transport_options=options) as conn:
-            producer = conn.Producer()
-            n = 0
-            while not stop.is_set():
-                try:
-                    producer.publish(
-                        {"n": n},
-                        routing_key=queue.name,
-                        declare=[queue],
-                        retry=True,
-                        retry_policy=RETRY,
-                    )
-                except Exception as exc:  # counted: a publish that did not return is no claim
-                    failed.append(type(exc).__name__)
-                else:
-                    returned.append(n)
-                n += 1
-
-    publisher = threading.Thread(target=publish, daemon=True)
+    publisher = threading.Thread(
+        target=publish_stream,
+        args=(topology.broker_url(), options, queue, returned, failed, stop),
+        daemon=True,
+    )
     publisher.start()
     wait_until(lambda: len(returned) >= 300 or None, 30, "300 confirmed publishes")
     old = topology.master_port()
@@ -208,9 +208,6 @@ def test_with_min_replicas_no_publish_that_returned_is_lost_when_the_master_is_k
     received = drain(topology, options, queue)
     lost = sorted(set(returned) - set(received))
     assert lost == [], f"{len(lost)} confirmed publishes lost: {lost[:20]} ({failed=})"
-
-
-RETRY = {"max_retries": 60, "interval_start": 0.1, "interval_step": 0.1, "interval_max": 0.5}
 
 
 def drain(topology: SentinelTopology, options: dict[str, object], queue: Queue) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import ssl
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from celery_helpers import REPO_ROOT, stack_factory
+from celery_helpers import readme_acl, stack_factory
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
 from kombu_helpers import FAST, Receiver, connect, direct_queue, ids_of, publish, scan_keys
@@ -104,16 +103,6 @@ def test_every_key_written_in_a_full_cycle_starts_with_the_key_prefix(
     } <= written
     assert any(k.startswith(f"{prefix}wake:") for k in written)
     assert databases == {"db0"}
-
-
-def readme_acl(prefix: str, password: str) -> str:
-    """The broker ACL line of README.md's Security section, for ``prefix`` and ``password``."""
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"<!-- acl -->\n```\n(user [^\n]+)\n```", readme)
-    assert match is not None, "README.md has no ACL line after <!-- acl -->"
-    line = match.group(1)
-    assert " >secret " in line and " ~celery-msg:* " in line
-    return line.replace(" >secret ", f" >{password} ").replace(" ~celery-msg:* ", f" ~{prefix}* ")
 
 
 @pytest.fixture

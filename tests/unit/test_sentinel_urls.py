@@ -3,11 +3,18 @@ data-node parameters, and the options that go with them; no server needed."""
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 from kombu import Connection
 
 import celery_msg  # noqa: F401  (registers the URL schemes)
-from celery_msg.connection import redis_client, sentinel_address, sentinel_params
+from celery_msg.connection import (
+    SentinelMasterSSLConnection,
+    redis_client,
+    sentinel_address,
+    sentinel_params,
+)
 from celery_msg.errors import ConfigurationError
 from celery_msg.options import TransportOptions
 
@@ -45,7 +52,9 @@ def test_tls_to_the_data_nodes_and_sentinel_credentials_from_the_options():
     assert address is not None and address.sentinels == (("h1", 26379),)
     options = TransportOptions(master_name="m", sentinel_kwargs={"password": "sentinel-pw"})
     _, params = sentinel_params(address, options)
-    assert params["ssl"] is True
+    # TLS through the connection class (which finds the master even outside the pool).
+    assert params["connection_class"] is SentinelMasterSSLConnection
+    assert params["ssl_cert_reqs"] == ssl.CERT_REQUIRED
     assert params["sentinel_kwargs"]["password"] == "sentinel-pw"
 
 

@@ -57,6 +57,9 @@ class Settings:
     broker_url_override: str = ""
     #: The Sentinel master name (transport option ``master_name``; "" = none).
     master_name: str = ""
+    #: TLS: the CA file the broker's servers are verified with (``broker_use_ssl``; with
+    #: ``master_name`` the sentinels' too, through ``sentinel_kwargs``; "" = no TLS options).
+    broker_ca_file: str = ""
 
     @property
     def broker_url(self) -> str:

@@ -110,6 +110,10 @@ def create_app(environ: Mapping[str, str]) -> Celery:
         }
         if settings.master_name:
             options["master_name"] = settings.master_name
+        if settings.broker_ca_file:
+            app.conf.broker_use_ssl = {"ssl_ca_certs": settings.broker_ca_file}
+            if settings.master_name:
+                options["sentinel_kwargs"] = {"ssl": True, "ssl_ca_certs": settings.broker_ca_file}
         if settings.configure:
             celery_msg.configure(app, policies=policies, **options)
         else:
