@@ -203,7 +203,14 @@ class Holdings:
         lease = self.release(tag, "ack")
         if lease is None:
             return False
-        log_lost(self.broker.ack([lease]), "ack")
+        try:
+            log_lost(self.broker.ack([lease]), "ack")
+        except BrokerConnectionError as exc:
+            # Not dropped: a pool thread's ack must not fail its task's settlement (kombu's
+            # prefetch slot would stay taken, and the lease, no longer held, expire: the task
+            # would run again). Kept for the next round or the renewer's, as a buffered ack.
+            logger.warning("ack of %s kept for the next round: %s", lease.key, exc)
+            self.keep_acks([lease])
         return True
 
     def requeue(self, tag: str) -> None:

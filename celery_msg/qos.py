@@ -34,16 +34,25 @@ class QoS(virtual.QoS):
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         outcome = read_outcome(self._delivered.get(delivery_tag))
-        if outcome.settled:
-            pass  # acked in Redis on receipt (ack mode early): nothing left to settle
-        elif requeue:
-            self.channel.settle_requeue(delivery_tag)
-        elif outcome.drop:
-            # Its policy keeps no dead letters: the worker recorded the failure; drop it.
-            self.channel.settle_ack(delivery_tag)
-        else:
-            record = outcome.rejected
-            self.channel.settle_dead(delivery_tag, record.reason, record.detail, **record.extra)
+        try:
+            if outcome.settled:
+                pass  # acked in Redis on receipt (ack mode early): nothing left to settle
+            elif requeue:
+                self.channel.settle_requeue(delivery_tag)
+            elif outcome.drop:
+                # Its policy keeps no dead letters: the worker recorded the failure; drop it.
+                self.channel.settle_ack(delivery_tag)
+            else:
+                record = outcome.rejected
+                self.channel.settle_dead(delivery_tag, record.reason, record.detail, **record.extra)
+        except BrokerConnectionError as exc:
+            # The prefetch slot is freed all the same (a worker must not wedge on a Redis
+            # outage); the message, no longer held, comes back when its lease expires.
+            logger.warning(
+                "could not settle rejected delivery %s (%s): it comes back when its lease expires",
+                delivery_tag,
+                exc,
+            )
         self._quick_ack(delivery_tag)
         self.channel.transport.note_room()
 

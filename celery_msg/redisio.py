@@ -40,6 +40,13 @@ REDIS_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+#: A Cluster that could not serve a command yet (redis-py's ``TTL exhausted`` after following
+#: redirections, ``TRYAGAIN`` while a slot's keys are split by a migration, ``CLUSTERDOWN``).
+_CLUSTER_BUSY: tuple[type[BaseException], ...] = (
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+)
+
 #: How Redis and Valkey word an ACL refusal inside a script (a plain error reply there).
 _ACL_DENIED = re.compile(r"can't run this command|ACL failure in script|no permissions", re.I)
 
@@ -101,6 +108,10 @@ def translated(exc: BaseException, what: str) -> Exception | None:
             f"{what}: the broker URL's ACL user may not run this (see README, Security): {exc}"
             + (f" [{line}]" if line else "")
         )
+    if isinstance(exc, _CLUSTER_BUSY):
+        # The command did not run: redis-py's redirections ran out while a slot moved or a
+        # master failed over. As a lost connection: try again, do not give up on the work.
+        return BrokerConnectionError(f"{what}: the Cluster is reconfiguring: {exc}")
     if isinstance(exc, redis.ResponseError):
         return ScriptError(f"{what}: {exc}")
     if isinstance(exc, redis.AuthenticationError):  # a ConnectionError in redis-py

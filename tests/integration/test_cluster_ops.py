@@ -15,12 +15,11 @@ import pytest
 from celery import Celery, group
 from celery.signals import before_task_publish
 from celery_app.tasks import runs_key
-from celery_helpers import Stack, StackFactory, stack_factory, wait_until
+from celery_helpers import Stack, StackFactory, stack_factory
 from cli_helpers import CLI
 from kombu import Connection
 from test_cluster import (
     QUEUES,
-    _served_by_another,
     cluster,
     cluster_broker,
     make_stack,
@@ -191,7 +190,7 @@ def test_a_master_killed_in_a_bulk_names_the_unsent_tasks_and_a_retry_stores_eac
     unsent = caught.value.unsent
     assert {u.queue for u in unsent} == {"a"}
     assert set(after_kill) <= {u.message_id for u in unsent} <= set(sent["a"])
-    wait_until(lambda: _served_by_another(cluster, slot, victim) or None, 30, "a replica promoted")
+    cluster.wait_for_failover(slot, victim)
     victim.restart()  # it comes back as the new master's replica: min_replicas=1 holds again
     cluster.wait_until_settled()
     caught.value.retry()
