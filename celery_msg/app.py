@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, signals
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import safe_repr
@@ -98,6 +99,12 @@ class Consumer(CeleryConsumer):
     def update_strategies(self) -> None:
         install(self.app, self.policies)
         super().update_strategies()
+        transport = self._transport()
+        if transport is not None:
+            # Only a solo pool runs tasks inside the event loop, where the next reserve can
+            # overlap the last task (celery_msg.readahead); with prefork it cost 24 % of the
+            # e2e rate (bench/results/e2e-2026-11-30c*: the loop then waits for the reply).
+            transport.reads_ahead = isinstance(self.pool, SoloPool)
         self.strategies.build_variants(
             self.app.tasks.values(),
             ack_modes(self.policies),

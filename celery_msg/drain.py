@@ -69,6 +69,9 @@ class DrainLoop:
         #: The event loop's reserve sent ahead (None outside an event loop, on a Cluster and
         #: with min_replicas), and the channels it asked for.
         self.read_ahead: ReadAhead | None = None
+        #: Whether to use it: set by the Celery worker's consumer for a solo pool only (the one
+        #: pool that runs tasks inside the event loop, where a reserve can overlap a task).
+        self.reads_ahead = False
         self._ahead_channels: list[Any] = []
         self._room = False
 
@@ -280,7 +283,7 @@ class DrainLoop:
         the event loop calls this before it hands over the last reserved message, when the
         channels may take a worthwhile batch and no ack waits to ride on a round."""
         ahead = self.read_ahead
-        if ahead is None or ahead.pending or self._holding:
+        if ahead is None or ahead.pending or self._holding or not self.reads_ahead:
             return
         # Cheapest first: this runs before every message the loop hands over.
         if sum(len(c._ready) for c in self.channels) != 1 or self.has_buffered_acks():
