@@ -102,8 +102,8 @@ class Consumer(CeleryConsumer):
         transport = self._transport()
         if transport is not None:
             # Only a solo pool runs tasks inside the event loop, where the next reserve can
-            # overlap the last task (celery_msg.readahead); with prefork it cost 24 % of the
-            # e2e rate (bench/results/e2e-2026-11-30c*: the loop then waits for the reply).
+            # overlap the last task (celery_msg.readahead). With another pool the loop would
+            # only wait for the reply it could have had from a normal round.
             transport.reads_ahead = isinstance(self.pool, SoloPool)
         self.strategies.build_variants(
             self.app.tasks.values(),
