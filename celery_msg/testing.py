@@ -147,18 +147,15 @@ def free_port() -> int:
             return port
 
 
-class Managed:
-    """Started on ``with`` and closed on the way out, whatever happened: a server process here,
-    a whole topology in :mod:`celery_msg.topologies`."""
-
-    def start(self, timeout: float = 10.0) -> Self:
-        raise NotImplementedError
+class Closing:
+    """``with helper:`` calls ``helper.close()`` on the way out, whatever happened inside (the
+    helpers of a test suite that own processes or connections)."""
 
     def close(self) -> None:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
-        return self.start()
+        return self
 
     def __exit__(
         self,
@@ -167,6 +164,17 @@ class Managed:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class Managed(Closing):
+    """Started on ``with`` and closed on the way out, whatever happened: a server process here,
+    a whole topology in :mod:`celery_msg.topologies`."""
+
+    def start(self, timeout: float = 10.0) -> Self:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
 
 
 class ServerProcess(Managed):

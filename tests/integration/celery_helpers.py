@@ -28,10 +28,10 @@ import redis
 from celery import Celery
 from celery_app.settings import DEFAULT_QUEUE, Settings
 from celery_app.tasks import create_app
-from closing import Closing
 from waiting import wait_until as wait_until
 
 from celery_msg.core import Broker
+from celery_msg.testing import Closing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INTEGRATION_DIR = Path(__file__).resolve().parent

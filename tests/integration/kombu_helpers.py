@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
-from closing import Closing
 from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 from waiting import wait_until as wait_until
 
 import celery_msg  # noqa: F401  (registers the celery-msg:// scheme)
 from celery_msg.core import Broker
+from celery_msg.testing import Closing
 
 if TYPE_CHECKING:
     from conftest import Server
