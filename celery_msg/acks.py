@@ -15,7 +15,8 @@ has taken the command long before its reply could arrive). Replies are read, wit
 on every turn of the loop (no wake-up of their own), and all of them when the consumer closes.
 
 What a reply can say:
-* OK / LEASE_LOST per delivery, as for a synchronous ack (lost ones are logged);
+* OK / LEASE_LOST / GONE per delivery, as for a synchronous ack (lost ones are logged; GONE,
+  acked already by the pool child that ran the task, is not);
 * NOSCRIPT (Redis restarted, ``SCRIPT FLUSH``): the script is loaded again and only those acks
   are sent again;
 * another error (a corrupted queue): logged, and those leases are given up; they expire and
@@ -29,7 +30,7 @@ follows the redirection.
 A connection error leaves the acks in flight unconfirmed: they are handed back to the caller
 (:meth:`AckSender.take_unconfirmed`), which writes them with its next round trip, through the
 same error handling as any other round (a reconnect when Redis is gone). An ack that did land
-before the error is then refused as lost: logged, harmless (the message is gone).
+before the error then finds its message GONE: nothing to do, and nothing logged.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ from typing import Any
 
 import redis
 
+from .consuming import lost_of
 from .core import REDIS_CONNECTION_ERRORS, Broker, Lease, group_by_queue, lease_pairs, pack_evalsha
 from .redisio import load_script
-from .scripts import Code
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class AckSender:
             if len(codes) != len(group):
                 logger.error("ack of %d messages: unexpected reply %r", len(group), reply)
                 continue
-            lost.extend(lease for lease, code in zip(group, codes, strict=True) if code != Code.OK)
+            lost.extend(lost_of(group, codes))
         return resend
 
     def _pop(self, line: _Line) -> list[Lease]:

@@ -27,7 +27,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import safe_repr
 
-from . import poison
+from . import childack, poison
 from .broadcast import name_broadcast_queues
 from .bulk_publish import uses_celery_msg
 from .canvas import install as bulk_groups
@@ -90,6 +90,7 @@ class Consumer(CeleryConsumer):
         self.policies = app_policies(self.app)
         # Before the pool forks: its processes inherit the prepared tasks.
         install(self.app, self.policies)
+        childack.install()
         if uses_celery_msg(self.app):
             # Before the consumer starts: it reads the queue table when it starts consuming.
             name_broadcast_queues(self.app.amqp.queues, self.hostname)

@@ -345,10 +345,17 @@ def group_by_queue(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
     return by_queue
 
 
+def lost_of(group: Iterable[Lease], codes: Iterable[Code | int]) -> list[Lease]:
+    """The leases of one settle or renew call that the server refused as lost (LEASE_LOST).
+    GONE is no loss: the message was acked already (by the pool child that ran it, see
+    :mod:`celery_msg.childack`) or purged, and nobody else holds it."""
+    return [lease for lease, code in zip(group, codes, strict=True) if code == Code.LEASE_LOST]
+
+
 def _lost(groups: Iterable[list[Lease]], results: Sequence[list[Code]]) -> list[Lease]:
     lost: list[Lease] = []
     for group, codes in zip(groups, results, strict=True):
-        lost.extend(lease for lease, code in zip(group, codes, strict=True) if code != Code.OK)
+        lost.extend(lost_of(group, codes))
     return lost
 
 

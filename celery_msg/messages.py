@@ -72,14 +72,16 @@ def stamp_first_failure(message: dict[str, Any], now_ms: Callable[[], int]) -> N
 
 
 def stamp_delivery(
-    payload: dict[str, Any], tag: str, queue: str, key: str, deliveries: int
+    payload: dict[str, Any], tag: str, queue: str, key: str, token: int, deliveries: int
 ) -> None:
     """What kombu and Celery read of a delivery: its tag, and in ``delivery_info`` the delivery
-    count, source queue and stored key (celery-msg's own), and whether it is a redelivery."""
+    count, source queue, stored key and lease token (celery-msg's own: a prefork pool child
+    acks with them, see :mod:`celery_msg.childack`), and whether it is a redelivery."""
     props = payload["properties"]
     props["delivery_tag"] = tag
     info = props["delivery_info"]
     info["delivery_count"] = deliveries
     info["queue"] = queue
     info["message_key"] = key
+    info["lease_token"] = token
     payload["redelivered"] = info["redelivered"] = deliveries > 1

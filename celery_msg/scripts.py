@@ -67,6 +67,10 @@ class Code(enum.IntEnum):
     NOT_FOUND = 2
     #: publish.lua: the exchange's bindings changed since the caller read them; nothing stored.
     STALE_ROUTE = 3
+    #: ack.lua, extend.lua: the message is no longer stored in the queue (acked already, e.g. by
+    #: the prefork pool child that ran it; or purged): nothing to settle, and nobody else holds
+    #: it, so it is no lost lease.
+    GONE = 4
 
 
 def _read(name: str) -> str:

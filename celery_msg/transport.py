@@ -293,7 +293,9 @@ class Channel(RoutingChannel):
             self.broker.dead_letter(lease, "undecodable", f"{type(exc).__name__}: {exc}")
             return None
         tag = f"{delivery.token}@{delivery.queue}"
-        stamp_delivery(payload, tag, delivery.queue, delivery.key, delivery.deliveries)
+        stamp_delivery(
+            payload, tag, delivery.queue, delivery.key, delivery.token, delivery.deliveries
+        )
         self.holdings.add(tag, lease, granted_at)
         return payload
 

@@ -37,6 +37,7 @@ from celery.worker.request import Request
 from kombu.utils.imports import symbol_by_name
 from kombu.utils.json import dumps
 
+from .childack import LEASE_REQUEST_KEY, lease_for_child
 from .headers import FIRST_FAILURE_HEADER, UNIQUE_HEADER
 from .keys import Reason, RecordField
 from .messages import band_of
@@ -238,7 +239,9 @@ def _unlock_on_success(task: Task, policies: Policies) -> None:
 
 class PolicyRequest(Request):
     """Celery's request, plus: the source queue and delivery count passed to the task (as
-    ``self.request.celery_msg_queue`` / ``celery_msg_deliveries``), failures recorded."""
+    ``self.request.celery_msg_queue`` / ``celery_msg_deliveries``), the lease for a prefork
+    child's own ack of an ``acks_late`` success (:mod:`celery_msg.childack`), failures
+    recorded."""
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
@@ -246,6 +249,10 @@ class PolicyRequest(Request):
         if "queue" in info:
             self._request_dict[QUEUE_REQUEST_KEY] = info["queue"]
             self._request_dict[DELIVERIES_REQUEST_KEY] = info.get("delivery_count")
+        # self.task shows the ack mode chosen for this message (TaskView).
+        lease = lease_for_child(info, bool(self.task.acks_late))
+        if lease is not None:
+            self._request_dict[LEASE_REQUEST_KEY] = lease
 
     def on_accepted(self, pid: Any, time_accepted: float) -> None:
         super().on_accepted(pid, time_accepted)

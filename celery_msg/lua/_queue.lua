@@ -1,7 +1,7 @@
 -- Shared helpers, included at load time (see celery_msg/scripts.py); never run on its own.
 -- The generated preamble before this file defines NK (keys per queue), PARTS (their names, in
 -- KEYS order), PUBLISH_PARTS (the subset publish.lua takes), the return codes (OK, LEASE_LOST,
--- NOT_FOUND), the stats counters (STAT_*, celery_msg.keys.Counter), the dead-letter reasons the
+-- NOT_FOUND, GONE), the stats counters (STAT_*, celery_msg.keys.Counter), the dead-letter reasons the
 -- scripts write (REASON_POISON, REASON_MISSING_BODY), the score constants (BAND, MID), the batch
 -- sizes of publish's TTL and length enforcement (EXPIRE_BATCH, TRIM_BATCH) and the `args`
 -- fields (ARG_*), taken from Python so the two never drift.
@@ -271,22 +271,30 @@ end
 
 -- The fenced pairs of ack and extend: settle(key) for every (message key, token) of ARGV from
 -- index first on whose token still holds the lease, at once (a key twice in a batch is settled
--- once: its second token no longer holds). Returns one code per pair (OK, or LEASE_LOST) and
--- how many were settled; the lost ones are counted (lease_lost).
+-- once: its second token no longer holds). Returns one code per pair and how many were
+-- settled: OK; GONE when the key is no longer stored in q at all (acked already, by a prefork
+-- pool child that wrote the ack itself, see celery_msg/childack.py; or purged): nothing to
+-- settle and nobody else holds it, not counted; LEASE_LOST when it is stored but this token
+-- does not hold it (reclaimed, requeued, leased to another, dead): counted (lease_lost).
+-- Only reads (HGET, HEXISTS) before each settle: no write can come before a failing check.
 local function settle_held(q, first, settle)
   local codes = {}
   local done = 0
+  local lost = 0
   for i = first, #ARGV, 2 do
     local key = ARGV[i]
     if holds(q, key, ARGV[i + 1]) then
       settle(key)
       codes[#codes + 1] = OK
       done = done + 1
+    elseif redis.call('HEXISTS', q.body, key) == 0 then
+      codes[#codes + 1] = GONE
     else
       codes[#codes + 1] = LEASE_LOST
+      lost = lost + 1
     end
   end
-  if #codes > done then count(q, STAT_LEASE_LOST, #codes - done) end
+  if lost > 0 then count(q, STAT_LEASE_LOST, lost) end
   return codes, done
 end
 

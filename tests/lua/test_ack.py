@@ -9,7 +9,7 @@ from celery_msg.scripts import Code
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
 
-OK, LOST = Code.OK, Code.LEASE_LOST
+OK, LOST, GONE = Code.OK, Code.LEASE_LOST, Code.GONE
 
 
 def test_an_ack_with_the_current_token_removes_every_trace_of_the_message(lab: Lab):
@@ -41,9 +41,9 @@ def test_a_batch_ack_returns_one_code_per_pair_in_order(lab: Lab):
 
     codes = lab.ack(("a", 1), ("b", 99), ("c", 3), ("missing", 4))
 
-    assert codes == [OK, LOST, OK, LOST]
+    assert codes == [OK, LOST, OK, GONE]
     expected = lab.expect().leased("b", "B", until=lab.now + 100, token=2)
-    assert lab.state() == expected.plus(stats={"acked": "2", "lease_lost": "2"}).state
+    assert lab.state() == expected.plus(stats={"acked": "2", "lease_lost": "1"}).state
 
 
 def test_a_zombie_consumer_cannot_ack_a_redelivered_message(lab: Lab):
@@ -58,12 +58,25 @@ def test_a_zombie_consumer_cannot_ack_a_redelivered_message(lab: Lab):
     assert "body" not in lab.state()
 
 
-def test_a_message_cannot_be_acked_twice(lab: Lab):
+def test_a_second_ack_of_a_message_finds_it_gone_and_changes_nothing_not_even_a_count(lab: Lab):
+    # A prefork pool child acks its task's success; the worker's own ack follows.
     lab.add_leased("m", "M", token=1, deadline=lab.now + 100)
 
-    assert lab.ack(("m", 1), ("m", 1)) == [OK, LOST]
+    assert lab.ack(("m", 1), ("m", 1)) == [OK, GONE]
+    assert lab.ack(("m", 1)) == [GONE]
+    assert lab.state() == {"stats": {"acked": "1"}}
+
+
+def test_an_ack_of_a_message_acked_and_published_again_is_a_lost_lease_not_gone(lab: Lab):
+    # The key is stored again (a new message with the same id): the old token holds nothing.
+    lab.add_leased("m", "M", token=1, deadline=lab.now + 100)
+    assert lab.ack(("m", 1)) == [OK]
+    lab.add_ready("m", "M2", score=lab.back(0, 1))
+    before = lab.state()
+
     assert lab.ack(("m", 1)) == [LOST]
-    assert lab.state() == {"stats": {"acked": "1", "lease_lost": "2"}}
+
+    assert lab.state() == {**before, "stats": {"acked": "1", "lease_lost": "1"}}
 
 
 def test_an_ack_of_a_requeued_message_is_refused_and_leaves_it_ready(lab: Lab):

@@ -24,6 +24,7 @@ from redis.retry import Retry
 
 import celery_msg
 import celery_msg.broadcast
+import celery_msg.childack
 
 from .errors import Fatal, Transient
 from .policies import PROFILES
@@ -281,6 +282,28 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
         (read as OpenTelemetry's Celery instrumentation reads it: an attribute of the request)."""
         seen = str(getattr(self.request, "traceparent", None))
         return fail_first_runs(self, fail_times, label, seen)
+
+    @app.task(name="stop_worker_then", shared=False, bind=True, acks_late=True)
+    def stop_worker_then(self: Task, outcome: str, label: str = "") -> str:
+        """Run in a prefork pool child only: SIGSTOPs the worker (this child's parent), so
+        the worker never reads the result while stopped, then ends with ``outcome``:
+        ``succeed``, ``fail`` (Fatal) or ``retry`` (``self.retry``, a minute later)."""
+        where = {"task": self.request.id, "label": label, "worker": self.request.hostname}
+        record(settings, "start", **where)
+        os.kill(os.getppid(), signal.SIGSTOP)
+        if outcome == "fail":
+            raise Fatal(f"fatal {label}")
+        if outcome == "retry":
+            raise self.retry(countdown=60)
+        record(settings, "finish", **where)
+        return label
+
+    @app.task(name="pool_child", shared=False, bind=True, acks_late=True)
+    def pool_child(self: Task, label: str = "") -> bool:
+        """Whether the process running it counts as a prefork pool child (which acks its own
+        successes: celery_msg.childack); records a start."""
+        record(settings, "start", task=self.request.id, label=label)
+        return celery_msg.childack.in_pool_child()
 
     @app.task(name="record_eta", shared=False, bind=True)
     def record_eta(self: Task, label: str = "") -> str:
