@@ -41,6 +41,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--e2e-n", type=int, help="tasks per end-to-end run (default 10000)")
     parser.add_argument("--eta-n", type=int, help="countdown tasks per eta memory run (100000)")
     parser.add_argument("--chaos-n", type=int, help="tasks per chaos run (default 20000)")
+    parser.add_argument(
+        "--chaos-single-kills", type=int, help="SIGKILLs per single-worker chaos run (default 8)"
+    )
     parser.add_argument("--memory-n", type=int, help="waiting messages for memory (100000)")
     parser.add_argument("--bulk-group-n", type=int, help="tasks in the bulk group (10000)")
     parser.add_argument("--bulk-delay-n", type=int, help=".delay() calls per bulk run (100000)")
@@ -69,6 +72,8 @@ def settings(args: argparse.Namespace) -> Settings:
         changes["eta_n"] = args.eta_n
     if args.chaos_n is not None:
         changes["chaos_n"] = args.chaos_n
+    if args.chaos_single_kills is not None:
+        changes["chaos_single_kills"] = args.chaos_single_kills
     if args.memory_n is not None:
         changes["memory_n"] = args.memory_n
     if args.bulk_group_n is not None:

@@ -192,6 +192,38 @@ class Events:
         return events
 
 
+#: A killed worker counts as *busy* (holding work) when its incarnation recorded a start or a
+#: finish this long before the kill, or had started a task it had not finished (see
+#: :func:`busy_kills`). With 3 ms tasks and a backlog, a working worker records one every few
+#: ms; an idle one (kombu's at the end of a run, waiting for its visibility timeout) none.
+BUSY_WINDOW_S = 1.0
+
+
+def busy_kills(events: Events, kills: list[Kill]) -> int:
+    """How many ``kills`` hit a busy incarnation (:data:`BUSY_WINDOW_S`), from the recorded
+    effects only. The per-kill figure divided by these is not diluted by kills of idle
+    workers, which hold nothing and so can re-run nothing."""
+    times: dict[int, list[float]] = defaultdict(list)
+    open_starts: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for index, starts in events.starts_by_pid.items():
+        finishes = events.finishes_by_pid.get(index, [])
+        for at, pgid, pid in starts:
+            times[pgid].append(at)
+            done = min(
+                (f for f, fpg, fpid in finishes if fpg == pgid and fpid == pid and f >= at),
+                default=float("inf"),
+            )
+            open_starts[pgid].append((at, done))
+        for at, pgid, _ in finishes:
+            times[pgid].append(at)
+    busy = 0
+    for kill in kills:
+        recent = any(kill.at - BUSY_WINDOW_S <= t <= kill.at for t in times.get(kill.pgid, []))
+        running = any(at <= kill.at < done for at, done in open_starts.get(kill.pgid, []))
+        busy += recent or running
+    return busy
+
+
 def analyse(events: Events, n: int, kills: list[Kill]) -> dict[str, Any]:
     """Lost, duplicates and recovery times from the recorded effects (see module doc)."""
     lost = sum(1 for i in range(n) if not events.finishes.get(i))
@@ -229,6 +261,8 @@ def analyse(events: Events, n: int, kills: list[Kill]) -> dict[str, Any]:
         "recovery_s": statistics.median(recoveries) if recoveries else None,
         "recovery_max_s": max(recoveries) if recoveries else None,
         "recoveries_s": [round(r, 2) for r in recoveries],
+        "kills_busy": (busy := busy_kills(events, kills)),
+        "dup_per_busy_kill": dup_completions / busy if busy else 0.0,
         "kills_holding_tasks": len(recoveries) + unrecovered,
         "kills_never_recovered": unrecovered,
     }
@@ -713,7 +747,8 @@ def run(bench: Bench, transport: str, seed: int) -> dict[str, Any]:
 
 
 def single(bench: Bench, transport: str, pool: str, concurrency: int | None) -> dict[str, Any]:
-    """One worker, N tasks published up front, kills at 1/9 .. 8/9 of them finished."""
+    """One worker, N tasks published up front, ``chaos_single_kills`` kills evenly spread over
+    the progress (at 1/(k+1) .. k/(k+1) of them finished)."""
     s = bench.settings
     n, kills = s.chaos_single_n, s.chaos_single_kills
     cluster = Cluster(bench, transport, {pool: (pool, concurrency)}, proxied=False, label="single")

@@ -150,6 +150,19 @@ ROWS = (
         "chaos: duplicate completions caused by a SIGKILL, per SIGKILL",
         _per,
     ),
+    Row("chaos_kills_busy", "chaos: SIGKILLs of a busy worker (an event < 1 s before)", _count),
+    Row(
+        "chaos_dup_per_busy_kill",
+        "chaos: duplicate completions per SIGKILL of a busy worker",
+        _per,
+        "<= kombu",
+        _at_most_kombu,
+    ),
+    Row(
+        "chaos_dup_kill_per_busy_kill",
+        "chaos: duplicate completions caused by a SIGKILL, per SIGKILL of a busy worker",
+        _per,
+    ),
     Row(
         "chaos_dup_kill", "chaos: duplicate completions after a SIGKILL of the first runner", _count
     ),
@@ -169,24 +182,34 @@ ROWS = (
     Row("chaos_wall", "chaos: wall time, N tasks under faults", _s),
     Row(
         "chaos_single_solo",
-        "one -P solo worker, 8 SIGKILLs: finished tasks re-run per kill",
+        "one -P solo worker, N SIGKILLs: finished tasks re-run per kill",
         _per,
         "<= kombu",
         _at_most_kombu,
     ),
     Row(
         "chaos_single_prefork",
-        "one -P prefork -c 2 worker, 8 SIGKILLs: re-run per kill",
+        "one -P prefork -c 2 worker, N SIGKILLs: re-run per kill",
         _per,
         "<= kombu",
         _at_most_kombu,
     ),
     Row(
         "chaos_single_threads",
-        "one -P threads -c 2 worker, 8 SIGKILLs: re-run per kill",
+        "one -P threads -c 2 worker, N SIGKILLs: re-run per kill",
         _per,
         "<= kombu",
         _at_most_kombu,
+    ),
+    *(
+        Row(
+            f"chaos_single_{pool}_busy",
+            f"one -P {pool} worker: re-run per SIGKILL of it busy",
+            _per,
+            "<= kombu",
+            _at_most_kombu,
+        )
+        for pool in ("solo", "prefork", "threads")
     ),
     Row(
         "memory_per_message",
@@ -399,7 +422,8 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             f"{s.get('eta_tasks', 0)} tasks over {s.get('eta_spread', 0):.0f} s"
             + (
                 f"; chaos N={s.get('chaos_n', 0):,} x {s.get('chaos_task_s', 0) * 1000:.0f} ms "
-                f"tasks, single worker N={s.get('chaos_single_n', 0):,}"
+                f"tasks, single worker N={s.get('chaos_single_n', 0):,} with "
+                f"{s.get('chaos_single_kills', 0)} SIGKILLs"
                 if "chaos" in meta.get("groups", ())
                 else ""
             )

@@ -233,6 +233,8 @@ CHAOS_METRICS = {
     "chaos_dup_starts": ("dup_starts", "tasks"),
     "chaos_kills": ("kills", "kills"),
     "chaos_dup_per_kill": ("dup_per_kill", "tasks/kill"),
+    "chaos_kills_busy": ("kills_busy", "kills"),
+    "chaos_dup_per_busy_kill": ("dup_per_busy_kill", "tasks/kill"),
     "chaos_recovery": ("recovery_s", "s"),
     "chaos_wall": ("wall_s", "s"),
 }
@@ -243,7 +245,8 @@ CHAOS_CAUSE_METRICS = {f"chaos_dup_{cause}": cause for cause in chaos.CAUSES}
 def _chaos_unit(metric: str) -> str:
     if metric in CHAOS_METRICS:
         return CHAOS_METRICS[metric][1]
-    return "tasks/kill" if metric == "chaos_dup_kill_per_kill" else "tasks"
+    per_kill = ("chaos_dup_kill_per_kill", "chaos_dup_kill_per_busy_kill")
+    return "tasks/kill" if metric in per_kill else "tasks"
 
 
 def run_chaos(bench: Bench) -> Results:
@@ -264,11 +267,15 @@ def run_chaos(bench: Bench) -> Results:
             values["chaos_dup_kill_per_kill"][transport].append(
                 by_cause["kill"] / out["kills"] if out["kills"] else 0.0
             )
+            values["chaos_dup_kill_per_busy_kill"][transport].append(
+                by_cause["kill"] / out["kills_busy"] if out["kills_busy"] else 0.0
+            )
             recovery = "-" if out["recovery_s"] is None else f"{out['recovery_s']:.1f} s"
             log(
                 f"chaos run {run} {LABELS[transport]:>11}: {s.chaos_n:,} tasks in "
                 f"{out['wall_s']:.0f} s, lost {out['lost']}, duplicate completions "
-                f"{out['dup_completions']} ({out['dup_per_kill']:.2f}/kill, {out['kills']} kills), "
+                f"{out['dup_completions']} ({out['dup_per_kill']:.2f}/kill, {out['kills']} kills; "
+                f"{out['dup_per_busy_kill']:.2f}/busy kill, {out['kills_busy']} busy), "
                 f"duplicate starts {out['dup_starts']}, recovery {recovery}; publish retries "
                 f"{out['publish_retries']}, crashes {len(out['crashes'])}, dead {out['dead']}; "
                 f"duplicate completions by cause {by_cause}"
@@ -295,10 +302,16 @@ def run_chaos(bench: Bench) -> Results:
                 entry["runs"].append(out["dup_per_kill"])
                 entry["median"] = median(entry["runs"])
                 entry["details"].append(out)
+                busy = results.setdefault(f"{metric}_busy", {}).setdefault(
+                    transport, {"runs": [], "unit": "tasks/kill"}
+                )
+                busy["runs"].append(out["dup_per_busy_kill"])
+                busy["median"] = median(busy["runs"])
                 log(
                     f"chaos single run {run} {LABELS[transport]:>11} -P {pool}: "
-                    f"{s.chaos_single_n:,} tasks, {out['kills']} kills, re-ran "
-                    f"{out['dup_completions']} finished tasks ({out['dup_per_kill']:.2f}/kill), "
+                    f"{s.chaos_single_n:,} tasks, {out['kills']} kills ({out['kills_busy']} "
+                    f"busy), re-ran {out['dup_completions']} finished tasks "
+                    f"({out['dup_per_kill']:.2f}/kill, {out['dup_per_busy_kill']:.2f}/busy kill), "
                     f"lost {out['lost']}, {out['wall_s']:.0f} s"
                 )
     return results

@@ -93,6 +93,7 @@ def test_a_prefork_failure_or_retry_is_left_to_the_worker_not_acked_by_the_child
     assert [m.state for m in found if m.key == task_id] == [State.RESERVED]
 
     os.kill(worker.pid, signal.SIGCONT)
+
     def settled() -> bool:
         found = stack.broker.lookup(task_id, [DEFAULT_QUEUE])
         return all(m.state != State.RESERVED for m in found if m.key == task_id)
