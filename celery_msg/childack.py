@@ -21,11 +21,13 @@ What it leaves to the parent: everything but a success. A failure, a retry, a re
 time limit or a lost child are settled by the parent as before. The parent still acks a
 success when it reads the result; ack.lua then finds the message GONE (no longer stored) and
 says so, and the parent stays quiet (no "lease lost", no ``lease_lost`` count); a renewal round
-in between gets GONE too and changes nothing. A child that cannot reach Redis logs it and lets
+in between gets GONE too: the lease is dropped from the book quietly (it must not be run
+again: a message reserved ahead and gone meanwhile is not delivered) and so is the parent's
+ack that follows (:meth:`celery_msg.holdings.Holdings.forget_gone`). A child that cannot reach Redis logs it and lets
 the task succeed: the parent's ack is then the one that counts, as without this module.
 
 The window left: a SIGKILL of the *child* between the result being stored and its ack write
-(the ack is one EVALSHA on an open connection, ~0.2 ms), and a SIGKILL of the worker while a
+(one EVALSHA on the child's open connection, and its reply), and a SIGKILL of the worker while a
 child's ack is being written. A task that raises ``Reject`` from ``after_return`` (after
 ``task_success``) is acked by the child nonetheless.
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
@@ -277,9 +277,19 @@ class Consuming(ScriptCalls):
         )
 
     def extend(self, leases: Iterable[Lease]) -> list[Lease]:
-        """Renew leases for another ``lease_ms``; returns the ones that were lost."""
+        """Renew leases for another ``lease_ms``; returns the ones not renewed (lost, or gone:
+        either way this consumer must not run them)."""
+        return self.renew(leases).not_renewed
+
+    def renew(self, leases: Iterable[Lease]) -> Renewal:
+        """:meth:`extend`, telling a lost lease from a message gone from its queue (acked
+        already, by the pool child that ran it: :mod:`celery_msg.childack`; or purged)."""
         args = partial(Extend.args, now_ms=self.now_ms(), lease_ms=self.lease_ms)
-        return self._settle(leases, self.scripts.extend, "extend", args)
+        codes = self._codes(leases, self.scripts.extend, "extend", args)
+        return Renewal(
+            lost=[lease for lease, code in codes if code == Code.LEASE_LOST],
+            gone=[lease for lease, code in codes if code == Code.GONE],
+        )
 
     def _settle(
         self,
@@ -288,8 +298,19 @@ class Consuming(ScriptCalls):
         what: str,
         args: Callable[..., list[Any]],
     ) -> list[Lease]:
+        """:meth:`_codes`, returning the leases refused as lost."""
+        codes = self._codes(leases, run, what, args)
+        return [lease for lease, code in codes if code == Code.LEASE_LOST]
+
+    def _codes(
+        self,
+        leases: Iterable[Lease],
+        run: Transition[list[Code]],
+        what: str,
+        args: Callable[..., list[Any]],
+    ) -> list[tuple[Lease, Code]]:
         """Run a per-message script over leases, one call per queue, pipelined if several;
-        ``args(held=...)`` builds its ARGV."""
+        ``args(held=...)`` builds its ARGV. Each lease with its code."""
         by_queue = group_by_queue(leases)
         if not by_queue:
             return []
@@ -306,7 +327,25 @@ class Consuming(ScriptCalls):
                 except ReplicationTimeout as exc:
                     raw = self._unconfirmed(exc)
                 results = [run.reply(r) for r in raw]
-        return _lost(by_queue.values(), results)
+        return [
+            (lease, Code(code))
+            for group, codes in zip(by_queue.values(), results, strict=True)
+            for lease, code in zip(group, codes, strict=True)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a renewal (extend.lua) did not renew: ``lost`` (LEASE_LOST: another consumer may
+    hold it; logged and counted) and ``gone`` (GONE: no longer stored, acked already or
+    purged; nobody holds it, so nothing to report)."""
+
+    lost: list[Lease]
+    gone: list[Lease]
+
+    @property
+    def not_renewed(self) -> list[Lease]:
+        return [*self.lost, *self.gone]
 
 
 class PreparedRound(NamedTuple):

@@ -4,7 +4,9 @@ A channel hands kombu a delivery tag; the lease behind it (queue, key, fencing t
 here until the delivery is settled: acked (now, through the event loop's ack writer, or buffered
 to ride on the next round trip), requeued, dead-lettered or restored. Settling takes the lease
 out of the book first, so each delivery is settled at most once whichever thread gets there
-first; a tag whose lease was lost is logged, never settled.
+first; a tag whose lease was lost is logged, never settled; one whose message a renewal found
+gone (acked already by the prefork pool child that ran it: :mod:`celery_msg.childack`) is
+dropped quietly, and so is its settlement.
 
 Three threads touch it: the consumer thread (reserves, delivers, acks a solo task), pool
 threads (ack prefork tasks) and the renewer (renews everything, flushes buffered acks). One
@@ -48,6 +50,10 @@ class Holdings:
         self._acks: list[Lease] = []
         #: When the server last confirmed each held lease (monotonic s): granted or renewed.
         self._confirmed: dict[str, float] = {}
+        #: Tags a renewal found GONE (acked already, by the prefork pool child that ran the
+        #: task: celery_msg.childack; or purged): dropped from the book, and their settlement,
+        #: still to come from Celery, is no lost lease to report.
+        self._gone: set[str] = set()
         self._fresh_s = broker.lease_ms / 1000.0 * FRESH_FRACTION
         #: Called after an ack is buffered (set while the book lingers: the renewer then
         #: writes the ack at once instead of at its next round, a SIGKILL's window).
@@ -79,17 +85,24 @@ class Holdings:
         if time.monotonic() - confirmed < self._fresh_s:
             return True
         self.renew()
-        return self.holds(tag)
+        if self.holds(tag):
+            return True
+        with self._lock:
+            self._gone.discard(tag)  # never handed over: nothing will settle it
+        return False
 
     def renew(self) -> list[Lease]:
-        """Renew every held lease and buffered ack in one call; drop (and return) the lost."""
+        """Renew every held lease and buffered ack in one call; drop (and return) the lost,
+        and quietly the gone."""
         started = time.monotonic()
         held = self.renewable()
-        lost = self.broker.extend(held)
-        gone = self.forget(lost)
-        log_lost(gone, "renew")
-        self.mark_confirmed(started, [lease for lease in held if lease not in set(lost)])
-        return gone
+        renewal = self.broker.renew(held)
+        dropped = self.forget(renewal.lost)
+        log_lost(dropped, "renew")
+        self.forget_gone(renewal.gone)
+        not_renewed = set(renewal.not_renewed)
+        self.mark_confirmed(started, [lease for lease in held if lease not in not_renewed])
+        return dropped
 
     def mark_confirmed(self, at: float, leases: Iterable[Lease]) -> None:
         """The server renewed ``leases`` in a call sent at ``at`` (monotonic s)."""
@@ -116,9 +129,11 @@ class Holdings:
             return True
 
     def settle_many(self, tags: Iterable[str]) -> list[Lease]:
+        tags = list(tags)
         with self._lock:
             for tag in tags:
                 self._confirmed.pop(tag, None)
+                self._gone.discard(tag)
             return [self._leases.pop(tag) for tag in tags if tag in self._leases]
 
     def has_acks(self) -> bool:
@@ -148,6 +163,7 @@ class Holdings:
             leases = list(self._leases.values())
             self._leases.clear()
             self._confirmed.clear()
+            self._gone.clear()
         return leases
 
     def renewable(self) -> list[Lease]:
@@ -162,6 +178,28 @@ class Holdings:
                 del self._leases[tag]
                 self._confirmed.pop(tag, None)
             self._acks = [lease for lease in self._acks if lease.queue != queue]
+
+    def forget_gone(self, gone: Iterable[Lease]) -> None:
+        """Drop leases whose messages a renewal found GONE (no longer stored: acked by the pool
+        child that ran the task, or purged). Nothing to renew or settle any more, and nothing
+        to report: Celery's settlement of such a tag, still to come, is ignored quietly."""
+        gone = set(gone)
+        if not gone:
+            return
+        with self._lock:
+            for tag in [t for t, lease in self._leases.items() if lease in gone]:
+                del self._leases[tag]
+                self._confirmed.pop(tag, None)
+                self._gone.add(tag)
+            self._acks = [lease for lease in self._acks if lease not in gone]
+
+    def _was_gone(self, tag: str) -> bool:
+        """Whether ``tag`` was dropped as GONE (once: its settlement is the last word)."""
+        with self._lock:
+            if tag in self._gone:
+                self._gone.discard(tag)
+                return True
+            return False
 
     def forget(self, lost: Iterable[Lease]) -> list[Lease]:
         """Drop leases the server says are lost: nobody may settle them any more. Returns the
@@ -182,13 +220,14 @@ class Holdings:
     def release(self, tag: str, action: str) -> Lease | None:
         """:meth:`settle`, logging a tag whose lease was lost (nothing to settle)."""
         lease = self.settle(tag)
-        if lease is None:
+        if lease is None and not self._was_gone(tag):
             log_ignored(tag, action)
         return lease
 
     def buffer_ack_or_log(self, tag: str) -> None:
         if not self.buffer_ack(tag):
-            log_ignored(tag, "ack")
+            if not self._was_gone(tag):
+                log_ignored(tag, "ack")
         elif self.on_buffered is not None:
             self.on_buffered()
 

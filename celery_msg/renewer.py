@@ -181,10 +181,12 @@ class LeaseRenewal:
         books = self.books()
         started = time.monotonic()
         held = [lease for book in books for lease in book.renewable()]
-        lost = self.broker.extend(held)
-        if lost:
-            log_lost([lease for book in books for lease in book.forget(lost)], "renew")
-        renewed = set(held) - set(lost)
+        renewal = self.broker.renew(held)
+        if renewal.lost:
+            log_lost([lease for book in books for lease in book.forget(renewal.lost)], "renew")
+        for book in books:
+            book.forget_gone(renewal.gone)  # acked by a pool child (childack): quietly
+        renewed = set(held) - set(renewal.not_renewed)
         for book in books:
             book.mark_confirmed(started, renewed)
         if self.abandoned:

@@ -320,6 +320,26 @@ class Stack(Closing):
         self.redis.close()
 
 
+def stopped_by_its_task(stack: Stack, outcome: str, label: str) -> tuple[Worker, str]:
+    """A prefork worker that ran ``stop_worker_then(outcome)`` and was SIGSTOPped by it (so it
+    never reads the result: what is acked meanwhile, its pool child acked), and the task id.
+    Returns once the child logged the task's end (its trace is over)."""
+    worker = stack.worker(pool="prefork", concurrency=1)
+    task_id = stack.task("stop_worker_then").delay(outcome, label).id
+    ended = {"succeed": "succeeded in", "fail": "raised unexpected", "retry": "retry:"}[outcome]
+    worker.wait_for_log(f"[{task_id}] {ended}", timeout=20)
+    return worker, task_id
+
+
+def acked_by_its_pool_child(stack: Stack, label: str, timeout: float) -> tuple[Worker, str]:
+    """:func:`stopped_by_its_task` with a success, then its queue settled and the message gone
+    within ``timeout`` although the worker is stopped: its pool child acked it."""
+    worker, task_id = stopped_by_its_task(stack, "succeed", label)
+    stack.settled(DEFAULT_QUEUE, timeout=timeout)
+    assert stack.broker.lookup(task_id, [DEFAULT_QUEUE]) == []
+    return worker, task_id
+
+
 def readme_acl(prefix: str, password: str, marker: str = "acl") -> str:
     """The ACL line after ``<!-- marker -->`` in README.md (``acl``: the broker's user, in
     Security; ``acl-cluster``: what a Cluster adds to it), for ``prefix`` and ``password``."""

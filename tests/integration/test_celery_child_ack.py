@@ -14,21 +14,17 @@ from typing import Literal
 
 import pytest
 from celery_app.settings import DEFAULT_QUEUE
-from celery_helpers import Stack, StackFactory, Worker, wait_until
+from celery_helpers import (
+    Stack,
+    StackFactory,
+    acked_by_its_pool_child,
+    stopped_by_its_task,
+    wait_until,
+)
 
 from celery_msg.core import State
 
 LEASE, SWEEP = 2.0, 0.25
-
-
-def _stopped_after(stack: Stack, outcome: str, label: str) -> tuple[Worker, str]:
-    """A prefork worker that ran ``stop_worker_then(outcome)`` and is SIGSTOPped by it; the
-    task id. Returns once the child has logged the task's end (its trace is over)."""
-    worker = stack.worker(pool="prefork", concurrency=1)
-    task_id = stack.task("stop_worker_then").delay(outcome, label).id
-    ended = {"succeed": "succeeded in", "fail": "raised unexpected", "retry": "retry:"}[outcome]
-    worker.wait_for_log(f"[{task_id}] {ended}", timeout=20)
-    return worker, task_id
 
 
 def _starts(stack: Stack, task_id: str) -> int:
@@ -40,11 +36,8 @@ def test_a_prefork_success_is_acked_by_its_child_so_killing_the_worker_does_not_
     make_stack: StackFactory,
 ):
     stack = make_stack(lease_timeout=LEASE, sweep_interval=SWEEP)
-    worker, task_id = _stopped_after(stack, "succeed", "once")
-
     # The worker is stopped and never read the result: only its child can have acked.
-    stack.settled(DEFAULT_QUEUE, timeout=3 * LEASE)
-    assert stack.broker.lookup(task_id, [DEFAULT_QUEUE]) == []
+    worker, task_id = acked_by_its_pool_child(stack, "once", timeout=3 * LEASE)
     assert stack.broker.stats(DEFAULT_QUEUE)["acked"] == 1
 
     worker.kill()  # the whole group, stopped or not
@@ -61,8 +54,7 @@ def test_the_worker_stays_quiet_about_a_success_its_child_acked_though_its_lease
     make_stack: StackFactory,
 ):
     stack = make_stack(lease_timeout=LEASE, sweep_interval=SWEEP)
-    worker, task_id = _stopped_after(stack, "succeed", "quiet")
-    stack.settled(DEFAULT_QUEUE, timeout=3 * LEASE)
+    worker, task_id = acked_by_its_pool_child(stack, "quiet", timeout=3 * LEASE)
     # Stopped past the lease: on resuming, a renewal round and the worker's own ack both
     # find the message gone.
     time.sleep(LEASE)
@@ -86,7 +78,7 @@ def test_a_prefork_failure_or_retry_is_left_to_the_worker_not_acked_by_the_child
     make_stack: StackFactory, outcome: Literal["fail", "retry"]
 ):
     stack = make_stack(lease_timeout=LEASE, sweep_interval=SWEEP)
-    worker, task_id = _stopped_after(stack, outcome, outcome)
+    worker, task_id = stopped_by_its_task(stack, outcome, outcome)
 
     # The child's trace is over and the worker is stopped: the delivery is still leased.
     found = stack.broker.lookup(task_id, [DEFAULT_QUEUE])

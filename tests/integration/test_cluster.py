@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from celery_helpers import HOSTNAME, Stack, StackFactory, stack_factory, wait_until
+from celery_helpers import (
+    HOSTNAME,
+    Stack,
+    StackFactory,
+    acked_by_its_pool_child,
+    stack_factory,
+    wait_until,
+)
 from cli_helpers import CLI
 from kombu import Connection
 
@@ -389,3 +396,10 @@ def test_a_sigkill_on_a_cluster_reruns_only_the_running_task_not_the_finished_on
         stack.settled(queue)
     runs = Counter(e.task for e in stack.events("start"))
     assert runs == Counter({**{r.id: 1 for r in quick}, slow.id: 2})
+
+
+def test_a_prefork_pool_child_acks_its_success_on_the_cluster_master(make_stack: StackFactory):
+    """The child's own connection finds the master of the queue's slot (celery_msg/childack.py)."""
+    stack = make_stack(lease_timeout=2.0, sweep_interval=0.25)
+    worker, _ = acked_by_its_pool_child(stack, "cluster", timeout=6.0)
+    worker.kill()

@@ -17,7 +17,7 @@ import redis
 from celery import group
 from celery.signals import before_task_publish
 from celery_app.tasks import runs_key
-from celery_helpers import Stack, StackFactory, stack_factory, wait_until
+from celery_helpers import Stack, StackFactory, acked_by_its_pool_child, stack_factory, wait_until
 from kombu import Connection, Queue
 
 from bench.failover import drain as drain_through
@@ -273,3 +273,10 @@ def test_a_group_on_a_sentinel_url_is_published_in_bulk_and_each_task_runs_once(
     assert result.get(timeout=60) == list(range(500))
     runs = {k.decode(): int(v) for k, v in stack.redis.hgetall(runs_key(stack.settings)).items()}
     assert runs == {r.id: 1 for r in result.results}
+
+
+def test_a_prefork_pool_child_acks_its_success_on_the_sentinel_master(make_stack: StackFactory):
+    """The child's own connection finds the master the sentinels name (celery_msg/childack.py)."""
+    stack = make_stack(lease_timeout=2.0, sweep_interval=0.25)
+    worker, _ = acked_by_its_pool_child(stack, "sentinel", timeout=6.0)
+    worker.kill()
