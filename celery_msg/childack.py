@@ -23,8 +23,9 @@ success when it reads the result; ack.lua then finds the message GONE (no longer
 says so, and the parent stays quiet (no "lease lost", no ``lease_lost`` count); a renewal round
 in between gets GONE too: the lease is dropped from the book quietly (it must not be run
 again: a message reserved ahead and gone meanwhile is not delivered) and so is the parent's
-ack that follows (:meth:`celery_msg.holdings.Holdings.forget_gone`). A child that cannot reach Redis logs it and lets
-the task succeed: the parent's ack is then the one that counts, as without this module.
+ack that follows (:meth:`celery_msg.holdings.Holdings.forget_gone`). A child that cannot
+reach Redis logs it and lets the task succeed: the parent's ack is then the one that counts, as
+without this module.
 
 The window left: a SIGKILL of the *child* between the result being stored and its ack write
 (one EVALSHA on the child's open connection, and its reply), and a SIGKILL of the worker while a
