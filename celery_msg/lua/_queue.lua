@@ -108,22 +108,47 @@ local function signal(q)
   end
 end
 
+-- `order` holds the band and publish sequence number n of every stored message that is not
+-- READY (band * BAND + MID + n: the score publish gives it at the back of its band), so that a
+-- requeue, reclaim, promotion or replay puts it back in its band. A READY message carries both
+-- in its `ready` score, so it has no entry: reserve.lua writes one when it takes the message
+-- out of `ready`, enqueue_front and enqueue_back drop it when they put it back. A READY message
+-- stored by an older version still has one: nothing reads it while the message is ready, and
+-- reserve overwrites it with the same number.
+
+-- The band and n of an `order` entry or a `ready` score (back: MID + n; front: n). A missing
+-- or garbage one (not a number, no band 0..255: written by hand) gives band 0, n 0: the first
+-- of band 0, so the message stays served rather than failing the script half-way.
+local function band_and_n(score)
+  score = tonumber(score)
+  if not score then return 0, 0 end
+  local band = math.floor(score / BAND)
+  local n = score - band * BAND
+  if n >= MID then n = n - MID end
+  if band ~= band or band < 0 or band > 255 or n ~= n then return 0, 0 end
+  return band, n
+end
+
+-- The `order` entry of a message taken from `ready` at score: the number it was published
+-- with, whether it sat at the back or (came back) at the front of its band.
+local function placed(score)
+  local band, n = band_and_n(score)
+  return band * BAND + MID + n
+end
+
 -- Back to the front of its band, at its publish position among the others that came back.
 local function enqueue_front(q, key)
-  local published = tonumber(redis.call('HGET', q.order, key)) or 0
-  local band = math.floor(published / BAND)
-  local n = published - band * BAND - MID
-  if n < 0 or n >= MID then n = 0 end -- no (or a garbage) order entry: first of its band
+  local band, n = band_and_n(redis.call('HGET', q.order, key))
+  redis.call('HDEL', q.order, key)
   redis.call('ZADD', q.ready, band * BAND + n, key)
 end
 
 -- Append key to the back of its band with a fresh sequence number (a scheduled message that
--- became due: FIFO by due time within its band). `order` follows, so look-ups stay in order.
+-- became due, a replayed one: FIFO by the time it became ready, within its band).
 local function enqueue_back(q, key)
-  local band = math.floor((tonumber(redis.call('HGET', q.order, key)) or 0) / BAND)
-  local score = band * BAND + MID + redis.call('INCR', q.seq)
-  redis.call('HSET', q.order, key, score)
-  redis.call('ZADD', q.ready, score, key)
+  local band = band_and_n(redis.call('HGET', q.order, key))
+  redis.call('HDEL', q.order, key)
+  redis.call('ZADD', q.ready, band * BAND + MID + redis.call('INCR', q.seq), key)
 end
 
 -- Store payload under a free key for id: the id itself, or id/<n> when that id is already

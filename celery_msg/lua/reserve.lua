@@ -44,7 +44,7 @@ end
 local out = {}
 local got = 0
 
-local function deliver(g, key)
+local function deliver(g, key, score)
   local q = queues[g]
   local payload = redis.call('HGET', q.body, key)
   if not payload then
@@ -70,6 +70,8 @@ local function deliver(g, key)
     end
     redis.call('ZREM', q.ttl, key)
   end
+  -- Out of `ready`: its band and publish order go to `order` (leased or dead, it keeps them).
+  redis.call('HSET', q.order, key, placed(score))
   local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0
   -- The poison rule (celery_msg/poison.py is_poison and detail: the same numbers and words).
   if max_deliveries > 0 and delivered >= max_deliveries then
@@ -96,7 +98,7 @@ end
 local function take(g, n)
   local popped = redis.call('ZPOPMIN', queues[g].ready, n)
   for i = 1, #popped, 2 do
-    deliver(g, popped[i])
+    deliver(g, popped[i], popped[i + 1])
   end
   return #popped / 2
 end
