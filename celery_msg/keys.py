@@ -87,6 +87,7 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "ttl",
     "uniq",
     "born",
+    "clock",
 )
 
 #: Keys of a queue that no script takes (written by Python alone), deleted with the queue.
@@ -173,6 +174,7 @@ KEY_TYPES: dict[str, str] = {
     "ttl": "zset",
     "uniq": "zset",
     "born": "hash",
+    "clock": "zset",
     "consumers": "zset",
 }
 
@@ -195,6 +197,7 @@ PUBLISH_KEY_PARTS: tuple[str, ...] = (
     "ttl",
     "uniq",
     "born",
+    "clock",
 )
 
 
@@ -235,6 +238,7 @@ class QueueKeys:
     ttl = _Part()
     uniq = _Part()
     born = _Part()
+    clock = _Part()
     consumers = _Part()  # a side key (SIDE_KEY_PARTS): not in ``all``
 
     @cached_property

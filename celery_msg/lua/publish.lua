@@ -72,7 +72,7 @@ if due > 0 then
   if next_due(q) == due then signal(q) end
 else
   redis.call('ZADD', q.ready, score, key)
-  if now then redis.call('HSET', q.born, key, now) end -- its age (a scheduled one: when due)
+  if now then tick(q, seq, now) end -- its age, by the clock (a scheduled one: when due)
   signal(q)
   if max_length then trim_to(q, max_length) end
 end

@@ -44,6 +44,20 @@ end
 local out = {}
 local got = 0
 
+-- The clock's time of sequence number n in group g, from one look-up per span of sequence
+-- numbers between two ticks (a batch taken from one band mostly falls in one).
+local spans = {}
+local function enqueued(g, n)
+  local span = spans[g]
+  if not (span and n >= span[2] and n < span[3]) then
+    local t, lo, hi = clock_at(queues[g], n)
+    if not t then return nil end
+    span = {t, lo, hi}
+    spans[g] = span
+  end
+  return span[1]
+end
+
 local function deliver(g, key, score)
   local q = queues[g]
   local payload = redis.call('HGET', q.body, key)
@@ -70,8 +84,12 @@ local function deliver(g, key, score)
     end
     redis.call('ZREM', q.ttl, key)
   end
-  -- Out of `ready`: its band and publish order go to `order` (leased or dead, it keeps them).
-  redis.call('HSET', q.order, key, placed(score))
+  -- Out of `ready`: its band and publish order go to `order`, its enqueue time from the clock
+  -- to `born` unless it has one (leased or dead, it keeps them; see _queue.lua).
+  local published = placed(score)
+  redis.call('HSET', q.order, key, published)
+  local born = enqueued(g, published - math.floor(published / BAND) * BAND - MID)
+  if born then redis.call('HSETNX', q.born, key, born) end
   local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0
   -- The poison rule (celery_msg/poison.py is_poison and detail: the same numbers and words).
   if max_deliveries > 0 and delivered >= max_deliveries then

@@ -15,7 +15,8 @@ Keys that do not exist are left out, so ``lab.state() == {...}`` pins down the w
 
 Test modules cannot import from a conftest reliably (tests/ has no packages), so everything they
 need is reached through the ``lab`` fixture: ``lab.now``, ``lab.lease``, ``lab.back(band, n)``,
-``lab.front(band, m)``, ``lab.order(band, n)`` and one method per script.
+``lab.front(band, m)``, ``lab.order(band, n)``, ``lab.ticks((seq, time), ...)`` and one method
+per script.
 
 ``order`` maps every stored key that is not READY to the ready score it was published with
 (``back(band, n)``, n its publish sequence number); requeue, reclaim, promotion and replay read
@@ -57,6 +58,11 @@ def front(band: int, n: int) -> int:
 def order(band: int, n: int) -> str:
     """The ``order`` entry (as stored) of the n-th sequence number published into ``band``."""
     return str(back(band, n))
+
+
+def ticks(*pairs: tuple[int, int]) -> list[tuple[str, int]]:
+    """The ``clock`` key as :meth:`Lab.state` reads it, from (sequence number, time) ticks."""
+    return [(str(at), seq) for seq, at in pairs]
 
 
 def _text(value: Any) -> Any:
@@ -191,6 +197,7 @@ class Lab:
     back = staticmethod(back)
     front = staticmethod(front)
     order = staticmethod(order)
+    ticks = staticmethod(ticks)
 
     def __init__(self, client: redis.Redis, scripts: tr.Scripts, keys: QueueKeys) -> None:
         self.client = client

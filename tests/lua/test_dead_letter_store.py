@@ -69,9 +69,9 @@ def test_bury_allocates_id_slash_n_when_the_id_is_stored(lab: Lab):
 
     expected = (
         lab.expect()
-        .ready("t", "first", seq=1, born=lab.now)
+        .ready("t", "first", seq=1)
         .dead("t/2", "copy", at=lab.now, reason=REASON, deliv=3, band=2, seq=3, born=lab.now)
-        .plus(seq="3", signal=["1"])
+        .plus(seq="3", signal=["1"], clock=lab.ticks((1, lab.now)))
         .plus(stats={"published": "1", "dead": "1", "dead:failed": "1"})
         .duplicates("t", "t/2")
     )
@@ -239,7 +239,8 @@ def test_discard_of_a_dead_duplicate_removes_its_dups_and_alias_entries(lab: Lab
     assert discard(lab, "t/2") == [OK]
 
     # Only t is left: t/2 has no dead, body, order or reason entry, and no dups or alias one.
-    expected = lab.expect().ready("t", "first", seq=1, born=lab.now).plus(seq="3", signal=["1"])
+    expected = lab.expect().ready("t", "first", seq=1).plus(seq="3", signal=["1"])
+    expected.plus(clock=lab.ticks((1, lab.now)))
     expected.plus(stats={"published": "1", "dead": "1", "dead:failed": "1"})
     assert lab.state() == expected.state
 
@@ -382,7 +383,7 @@ def test_trim_removes_the_dups_and_alias_entries_of_a_trimmed_duplicate(lab: Lab
         "body": {"t": "first"},
         "seq": "3",
         "signal": ["1"],
-        "born": {"t": str(lab.now)},
+        "clock": lab.ticks((1, lab.now)),
         "stats": {"published": "1", "dead": "1", "dead:failed": "1", "dead_trimmed": "1"},
     }
 

@@ -62,5 +62,5 @@ def test_purge_removes_the_order_and_dups_entries_of_the_ready_messages_only(lab
     # t/3, u and old are gone, with t/3's dups and alias entries and old's order entry; t
     # keeps its lease.
     expected = lab.expect().leased("t", "first", until=lab.now + lab.lease, token=token, seq=1)
-    expected.plus(born={"t": str(lab.now)}, seq="6", signal=["1"])
+    expected.plus(born={"t": str(lab.now)}, clock=lab.ticks((1, lab.now)), seq="6", signal=["1"])
     assert lab.state() == expected.plus(stats={"published": "3", "delivered": "1"}).state

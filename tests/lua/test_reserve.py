@@ -598,6 +598,8 @@ def test_a_message_older_than_the_queue_ttl_is_never_delivered_but_removed_and_c
         .leased("fresh", "B2", until=lab.now + 6_000 + lab.lease, token=3, seq=2)
         .plus(born={"fresh": str(lab.now + 3_000)}, args={"message_ttl": "5000"})
         .plus(seq="3", signal=["1"], stats={"published": "2", "expired": "1", "delivered": "1"})
+        # Ticks go only when a later publish finds no message maps to them: old's stays.
+        .plus(clock=lab.ticks((1, lab.now), (2, lab.now + 3_000)))
     )
     assert lab.state() == expected.state
 
@@ -662,4 +664,5 @@ def test_a_purged_message_of_a_ttl_queue_leaves_no_deadline_behind(lab: Lab):
         "seq": "2",
         "signal": ["1"],
         "stats": {"published": "2"},
+        "clock": lab.ticks((1, lab.now)),  # the newest tick stays
     }
