@@ -15,6 +15,9 @@
 -- rule: celery_msg/poison.py; the record: celery_msg/keys.py failure_record).
 -- Counts (stats): delivered (every delivery), redelivered (deliveries after the first),
 -- dead and dead:poison / dead:missing-body, expired, reclaimed, promoted.
+-- A message taken out of `ready` gets its `order` entry (band and publish sequence number, for a
+-- requeue or a reclaim) and, unless it has one, its `born` entry (enqueue time, from the
+-- queue's clock): a READY message has neither (see _queue.lua).
 -- A message past its message-TTL deadline (`ttl`) is never delivered: it is removed and counted
 -- as expired (the oldest up to ARGV[7] per queue first, then any that come up to be served);
 -- a delivered message leaves `ttl`: the TTL bounds only the wait for a first delivery.
