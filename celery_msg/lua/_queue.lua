@@ -191,13 +191,13 @@ end
 -- +inf): every n in [lo, hi) has that time. nil when no tick lies at or before n (trimmed, or
 -- none written yet) or its member is not a number (written by hand).
 local function clock_at(q, n)
-  local upto = string.format('%.17g', n)
-  local at = redis.call('ZREVRANGEBYSCORE', q.clock, upto, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  if #at == 0 then return nil end
-  local after = redis.call('ZRANGEBYSCORE', q.clock, '(' .. upto, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  -- By rank (ZCOUNT, ZRANGE): the commands the README's ACL allows, and O(log n) each.
+  local before = redis.call('ZCOUNT', q.clock, '-inf', string.format('%.17g', n))
+  if before == 0 then return nil end
+  local ticks = redis.call('ZRANGE', q.clock, before - 1, before, 'WITHSCORES')
   local hi = math.huge
-  if #after > 0 then hi = tonumber(after[2]) end
-  return tonumber(at[1]), tonumber(at[2]), hi
+  if #ticks > 2 then hi = tonumber(ticks[4]) end
+  return tonumber(ticks[1]), tonumber(ticks[2]), hi
 end
 
 -- Drop the ticks no message waiting at the back of a band needs: every tick before the one the
@@ -210,8 +210,9 @@ local function trim_clock(q)
     if not oldest or n < oldest then oldest = n end
   end)
   local upto = oldest and string.format('%.17g', oldest) or '+inf'
-  local keep = redis.call('ZREVRANGEBYSCORE', q.clock, upto, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  if #keep > 0 then
+  local before = redis.call('ZCOUNT', q.clock, '-inf', upto) -- the one it maps to is the last
+  if before > 1 then
+    local keep = redis.call('ZRANGE', q.clock, before - 1, before - 1, 'WITHSCORES')
     redis.call('ZREMRANGEBYSCORE', q.clock, '-inf', '(' .. keep[2])
   end
 end
