@@ -129,13 +129,6 @@ local function band_and_n(score)
   return band, n
 end
 
--- The `order` entry of a message taken from `ready` at score: the number it was published
--- with, whether it sat at the back or (came back) at the front of its band.
-local function placed(score)
-  local band, n = band_and_n(score)
-  return band * BAND + MID + n
-end
-
 -- Back to the front of its band, at its publish position among the others that came back.
 local function enqueue_front(q, key)
   local band, n = band_and_n(redis.call('HGET', q.order, key))

@@ -89,9 +89,9 @@ local function deliver(g, key, score)
   end
   -- Out of `ready`: its band and publish order go to `order`, its enqueue time from the clock
   -- to `born` unless it has one (leased or dead, it keeps them; see _queue.lua).
-  local published = placed(score)
-  redis.call('HSET', q.order, key, published)
-  local born = enqueued(g, published - math.floor(published / BAND) * BAND - MID)
+  local band, n = band_and_n(score) -- front (came back) or back: the numbers it was published with
+  redis.call('HSET', q.order, key, band * BAND + MID + n)
+  local born = enqueued(g, n)
   if born then redis.call('HSETNX', q.born, key, born) end
   local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0
   -- The poison rule (celery_msg/poison.py is_poison and detail: the same numbers and words).
