@@ -3,8 +3,12 @@ does not move (timings on the shared 2-core VM move by 2x between runs).
 
     python -m bench.instructions group-bulk --n 2000              # runs itself under valgrind
     python -m bench.instructions delay --transport redis --n 2000
+    python -m bench.instructions worker-solo --n 3000             # the consuming side
 
 The phases are :mod:`bench.profiling`'s (``delay``, ``delay-bulk``, ``group``, ``group-bulk``),
+``worker-solo`` (a real ``celery worker -P solo`` under valgrind drains pre-published no-op
+tasks, the e2e benchmark's, which each do one INCR on the bench server; counted from the 200th
+task to the last, divided by the tasks finished meanwhile),
 and two floors (diagnostics: something is stubbed out in the counted process, never in a bench):
 
 - ``*-nopublish``: the transport's ``basic_publish`` does nothing: what Celery and kombu cost
@@ -39,11 +43,7 @@ _CHILD = "BENCH_UNDER_CALLGRIND"
 
 
 def _counting(on: bool) -> None:
-    subprocess.run(
-        ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
-        check=True,
-        capture_output=True,
-    )
+    _toggle(os.getpid(), on)
 
 
 #: Diagnostic phases: (the phase they stub, what is stubbed).
@@ -88,9 +88,62 @@ def _child(phase: str, transport: str, n: int) -> None:
         app.close()
 
 
+#: Tasks a counted worker runs before counting starts (start-up, lazy imports, caches).
+WORKER_WARMUP = 200
+
+
+def _worker(transport: str, n: int, out: str) -> tuple[int, int]:
+    """(instructions, tasks) of a ``-P solo`` worker under callgrind draining ``n`` tasks."""
+    import signal
+    import time
+    from dataclasses import replace
+
+    from .celery_e2e import publish
+    from .common import Bench, Settings, new_prefix, wait_for
+    from .worker import Worker
+
+    class CountedWorker(Worker):
+        def command(self) -> list[str]:
+            callgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+            return [*callgrind, f"--callgrind-out-file={out}", *super().command()]
+
+    with ServerProcess("redis") as server:
+        total = n + WORKER_WARMUP
+        bench = Bench(server, replace(Settings(), e2e_n=total))
+        publish(bench, transport, total)
+        prefix = new_prefix("e2e")
+        done_key = f"{prefix}:done"
+        with CountedWorker(bench, transport, prefix, pool="solo") as worker:
+            worker.wait_ready(timeout=600)
+            wait_for(lambda: int(bench.client.get(done_key) or 0) >= WORKER_WARMUP, 600, 0.05)
+            _toggle(worker.pid, True)
+            first = int(bench.client.get(done_key) or 0)
+            wait_for(lambda: bench.client.get(f"{prefix}:last"), timeout=3600, interval=0.05)
+            _toggle(worker.pid, False)
+            counted = total - first
+            assert worker.proc is not None
+            worker.proc.send_signal(signal.SIGTERM)  # callgrind writes its totals at exit
+            worker.proc.wait(600)
+            time.sleep(0.5)
+        bench.close()
+    with open(out, encoding="utf-8") as dump:
+        found = re.search(r"^totals: (\d+)", dump.read(), re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no totals in {out}")
+    return int(found.group(1)), counted
+
+
+def _toggle(pid: int, on: bool) -> None:
+    subprocess.run(
+        ["callgrind_control", "-i", "on" if on else "off", str(pid)],
+        check=True,
+        capture_output=True,
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
-    parser.add_argument("phase", choices=(*CELERY_PHASES, *FLOORS))
+    parser.add_argument("phase", choices=(*CELERY_PHASES, *FLOORS, "worker-solo"))
     parser.add_argument("--transport", choices=TRANSPORTS, default=OURS)
     parser.add_argument("--n", type=int, default=2_000)
     parser.add_argument("--keep", help="also keep callgrind's output file here")
@@ -102,6 +155,13 @@ def main(argv: list[str]) -> int:
         parser.error("valgrind is not installed")
     with tempfile.TemporaryDirectory() as tmp:
         out = args.keep or os.path.join(tmp, "callgrind.out")
+        if args.phase == "worker-solo":
+            instructions, tasks = _worker(args.transport, args.n, out)
+            print(
+                f"{args.transport} worker -P solo, {tasks} tasks counted: "
+                f"{instructions / tasks:,.0f} instructions per task (callgrind, worker only)"
+            )
+            return 0
         cmd = [
             "valgrind",
             "--tool=callgrind",

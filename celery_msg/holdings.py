@@ -48,6 +48,10 @@ class Holdings:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._acks: list[Lease] = []
+        #: Acks a pool thread is writing and waiting for (:meth:`ack_now`): still leased, and
+        #: the book is not empty meanwhile (a connection given up at that moment lingers
+        #: until they are written or kept).
+        self._writing: list[Lease] = []
         #: When the server last confirmed each held lease (monotonic s): granted or renewed.
         self._confirmed: dict[str, float] = {}
         #: Tags a renewal found GONE (acked already, by the prefork pool child that ran the
@@ -153,9 +157,9 @@ class Holdings:
             self._acks.extend(acks)
 
     def empty(self) -> bool:
-        """Nothing held and no ack waiting."""
+        """Nothing held and no ack waiting or being written."""
         with self._lock:
-            return not self._leases and not self._acks
+            return not self._leases and not self._acks and not self._writing
 
     def take_all(self) -> list[Lease]:
         """Every lease still held (not the buffered acks), emptying the book."""
@@ -167,9 +171,10 @@ class Holdings:
         return leases
 
     def renewable(self) -> list[Lease]:
-        """Held leases plus buffered acks: both must stay leased until written."""
+        """Held leases plus buffered acks and acks being written: all must stay leased until
+        written."""
         with self._lock:
-            return [*self._leases.values(), *self._acks]
+            return [*self._leases.values(), *self._acks, *self._writing]
 
     def drop_queue(self, queue: str) -> None:
         """Forget leases and buffered acks of ``queue``: it was deleted with its messages."""
@@ -238,10 +243,23 @@ class Holdings:
             send([lease])
 
     def ack_now(self, tag: str) -> bool:
-        """Write the ack and wait for it; True when there was a lease to ack."""
-        lease = self.release(tag, "ack")
+        """Write the ack and wait for it; True when there was a lease to ack.
+
+        While the ack is on its way the lease stays in the book (:attr:`_writing`): renewed,
+        and the book not empty. A pool thread's ack can wait for a socket timeout while Celery
+        gives the connection up; the connection's renewer lingers only while some book is not
+        empty, so a book that looked empty then would have stopped it, and the ack kept a
+        moment later would never have been written (the task ran again when its lease lapsed).
+        """
+        with self._lock:
+            self._confirmed.pop(tag, None)
+            lease = self._leases.pop(tag, None)
+            if lease is not None:
+                self._writing.append(lease)
         if lease is None:
+            log_ignored(tag, "ack")
             return False
+        kept = False
         try:
             log_lost(self.broker.ack([lease]), "ack")
         except BrokerConnectionError as exc:
@@ -249,7 +267,14 @@ class Holdings:
             # prefetch slot would stay taken, and the lease, no longer held, expire: the task
             # would run again). Kept for the next round or the renewer's, as a buffered ack.
             logger.warning("ack of %s kept for the next round: %s", lease.key, exc)
-            self.keep_acks([lease])
+            kept = True
+        finally:
+            with self._lock:
+                self._writing.remove(lease)
+                if kept:
+                    self._acks.append(lease)
+        if kept and self.on_buffered is not None:
+            self.on_buffered()  # a lingering renewer writes it now, not a round later
         return True
 
     def requeue(self, tag: str) -> None:

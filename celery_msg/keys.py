@@ -10,7 +10,10 @@ ready      ZSET    message key -> score: priority band * 2^44 + publish sequence
 leased     ZSET    message key -> lease deadline (ms)
 body       HASH    message key -> payload (the kombu message as JSON)
 order      HASH    message key -> the score it was published with: its priority band
-                   (score // 2^44, 0 is served first) and publish sequence in one number
+                   (score // 2^44, 0 is served first) and publish sequence in one number;
+                   only for a message that is not READY (leased, scheduled, dead), whose
+                   ``ready`` score holds both: reserve.lua writes it when it takes one
+                   (a READY message of an older version has one too: unread, overwritten)
 deliv      HASH    message key -> delivery count
 token      HASH    message key -> fencing token of the current lease
 owner      HASH    message key -> consumer holding the current lease
@@ -34,8 +37,15 @@ uniq       ZSET    message id -> until when (ms) a unique publish of that id is 
                    by a unique publish, removed when its policy says (the task started,
                    succeeded, or failed for good) or when the message goes (purged, expired,
                    dropped, dead-lettered)
-born       HASH    message key -> when it was enqueued (ms): published, or promoted from
-                   the schedule (its due time); read for the age of the oldest ready message
+born       HASH    message key -> when it was enqueued (ms), for the age of the oldest ready
+                   message: a promoted one's due time, a taken one's (copied from ``clock``
+                   by reserve.lua, kept through requeue, reclaim, death and replay), a
+                   buried one's; none for a message waiting as published (``clock``)
+clock      ZSET    time (ms) -> sequence number: a tick, written by a publish that found the
+                   last one ``CLOCK_MS`` (1 s) old or more; a message waiting at the back of
+                   its band without a ``born`` entry was enqueued at the time of the last tick
+                   at or before its sequence number, or less than ``CLOCK_MS`` later. Ticks
+                   before the one the oldest such message maps to go at the next tick
 =========  ======  ===================================================================
 
 One more key per queue is written by consumers, never by a script (so it is not in ``KEYS``):
@@ -87,6 +97,7 @@ QUEUE_KEY_PARTS: tuple[str, ...] = (
     "ttl",
     "uniq",
     "born",
+    "clock",
 )
 
 #: Keys of a queue that no script takes (written by Python alone), deleted with the queue.
@@ -173,6 +184,7 @@ KEY_TYPES: dict[str, str] = {
     "ttl": "zset",
     "uniq": "zset",
     "born": "hash",
+    "clock": "zset",
     "consumers": "zset",
 }
 
@@ -195,6 +207,7 @@ PUBLISH_KEY_PARTS: tuple[str, ...] = (
     "ttl",
     "uniq",
     "born",
+    "clock",
 )
 
 
@@ -235,6 +248,7 @@ class QueueKeys:
     ttl = _Part()
     uniq = _Part()
     born = _Part()
+    clock = _Part()
     consumers = _Part()  # a side key (SIDE_KEY_PARTS): not in ``all``
 
     @cached_property

@@ -19,7 +19,7 @@ from .errors import MessageNotFound, ScriptError
 from .keys import RecordField
 from .queues import Queues
 from .redisio import text, translated_errors
-from .scripts import BAND
+from .scripts import BAND, MID
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,15 @@ class Lookups(Queues):
                     keys.append(_lenient_text(field))
             if len(keys) < 2:
                 return keys
-            scores = self.client.hmget(k.order, keys)
-        seq = {key: _sequence(s) for key, s in zip(keys, scores, strict=True)}
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hmget(k.order, keys)
+            for key in keys:
+                pipe.zscore(k.ready, key)
+            orders, *scores = pipe.execute()
+        seq = {
+            key: _sequence(_placement(placed, score))
+            for key, placed, score in zip(keys, orders, scores, strict=True)
+        }
         return sorted(keys, key=seq.__getitem__)
 
     def info(self, queue: str, key: str) -> MessageInfo | None:
@@ -223,7 +230,7 @@ def _message_info(queue: str, key: str, replies: Sequence[Any]) -> MessageInfo |
         queue=queue,
         state=state,
         deliveries=_count_field(deliv) or 0,
-        priority_band=None if order is None else _band_field(order),
+        priority_band=_band_field(_placement(order, ready)),
         owner=None if owner is None else _lenient_text(owner),
         lease_deadline=None if leased is None else float(leased) / 1000.0,
         due=None if due is None else float(due) / 1000.0,
@@ -241,16 +248,27 @@ def _count_field(raw: Any) -> int | None:
         return None
 
 
+def _placement(order: Any, ready: Any) -> Any:
+    """Where a message's band and publish sequence number are kept: its ``order`` entry, or,
+    for a READY message (which has none: see celery_msg/lua/_queue.lua), its ``ready`` score;
+    a READY message stored by an older version has both, equal in band and sequence."""
+    return order if order is not None else ready
+
+
 def _sequence(raw: Any) -> int:
-    """Publish sequence of a stored order (0 when missing or not a number)."""
+    """Publish sequence of an ``order`` entry or a ``ready`` score, front (came back) or back
+    (0 when missing or not a number)."""
     try:
-        return int(float(raw or 0)) % BAND
+        return int(float(raw or 0)) % MID
     except (TypeError, ValueError, OverflowError):
         return 0
 
 
 def _band_field(raw: Any) -> int | None:
-    """The priority band of a stored order (a number); None when it is not one."""
+    """The priority band of an ``order`` entry or a ``ready`` score (a number); None when it is
+    missing or not one."""
+    if raw is None:
+        return None
     try:
         return int(float(raw)) // BAND
     except (TypeError, ValueError, OverflowError):

@@ -7,7 +7,10 @@ keyspace) and turns it into these families, all labelled ``queue`` and ``kind``:
 ``celery_msg_messages{state}``                 gauge    ready (due scheduled included), reserved,
                                                         scheduled, dead
 ``celery_msg_oldest_ready_age_seconds``        gauge    how long the oldest ready message has
-                                                        waited; 0 when nothing is ready
+                                                        waited; 0 when nothing is ready;
+                                                        over-reported by less than 1 s
+                                                        (``scripts.CLOCK_MS``: the queue's
+                                                        clock, see ``lua/_queue.lua``)
 ``celery_msg_consumers``                       gauge    consumers attached (live heartbeats)
 ``celery_msg_<counter>_total``                 counter  published, delivered, redelivered, acked,
                                                         requeued, reclaimed, promoted, retried,

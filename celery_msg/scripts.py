@@ -53,6 +53,13 @@ EXPIRE_BATCH = 10
 #: one only after ``max_length`` was lowered).
 TRIM_BATCH = 100
 
+#: The resolution of a queue's clock (ms; see celery_msg/lua/_queue.lua): a publish writes a
+#: tick (its sequence number -> now) when the last is at least this old, and a message at the
+#: back of its band is given the time of the last tick at or before its sequence number, so the
+#: oldest-ready age over-reports by less than this. One tick per second of publishing: a backlog
+#: of an hour holds at most 3,600, against one ``born`` entry per message before.
+CLOCK_MS = 1000
+
 #: The group reserve.lua gives a ready id whose body was gone (it is dead as 'missing-body').
 MISSING_BODY_GROUP = -1
 
@@ -101,6 +108,7 @@ def _preamble(shard_signal: bool) -> str:
         f"local POISON_DETAIL = '{POISON_DETAIL}'\n"
         f"local BAND = {BAND}\nlocal MID = {MID}\nlocal MISSING = {MISSING_BODY_GROUP}\n"
         f"local EXPIRE_BATCH = {EXPIRE_BATCH}\nlocal TRIM_BATCH = {TRIM_BATCH}\n"
+        f"local CLOCK_MS = {CLOCK_MS}\n"
         f"local ARG_MESSAGE_TTL = '{QueueArg.MESSAGE_TTL}'\n"
         f"local ARG_MAX_LENGTH = '{QueueArg.MAX_LENGTH}'\n"
         f"local ARG_MAX = {max(MAX_MS, MAX_LENGTH)}\n"

@@ -78,8 +78,9 @@ class QueueSnapshot:
     #: waiting for a due time still ahead (ETA, countdown, a retry's delay)
     scheduled: int = 0
     dead: int = 0
-    #: seconds the oldest ready message has waited (since published, or due), None when the
-    #: queue has no ready message (or none whose enqueue time is known)
+    #: seconds the oldest ready message has waited (since published, or due; over-reported by
+    #: less than ``scripts.CLOCK_MS``: the queue's clock), None when the queue has no ready
+    #: message (or none whose enqueue time is known)
     oldest_ready_age: float | None = None
     #: consumers whose heartbeat is alive (see :mod:`celery_msg.consumers`)
     consumers: int = 0

@@ -302,13 +302,13 @@ class Discard(_PerKey):
 
 class Oldest(Transition[int]):
     """Read only: when the oldest ready (or overdue scheduled) message was enqueued (ms, 0:
-    none). KEYS are the queue's ``ready``, ``born`` and ``sched`` (:meth:`keys`)."""
+    none). KEYS are the queue's ``ready``, ``born``, ``sched`` and ``clock`` (:meth:`keys`)."""
 
     name = "oldest"
 
     @staticmethod
     def keys(keys: QueueKeys) -> list[str]:
-        return [keys.ready, keys.born, keys.sched]
+        return [keys.ready, keys.born, keys.sched, keys.clock]
 
     @staticmethod
     def args(*, now_ms: int) -> list[Any]:

@@ -108,22 +108,118 @@ local function signal(q)
   end
 end
 
+-- `order` holds the band and publish sequence number n of every stored message that is not
+-- READY (band * BAND + MID + n: the score publish gives it at the back of its band), so that a
+-- requeue, reclaim, promotion or replay puts it back in its band. A READY message carries both
+-- in its `ready` score, so it has no entry: reserve.lua writes one when it takes the message
+-- out of `ready`, enqueue_front and enqueue_back drop it when they put it back. A READY message
+-- stored by an older version still has one: nothing reads it while the message is ready, and
+-- reserve overwrites it with the same number.
+
+-- The band and n of an `order` entry or a `ready` score (back: MID + n; front: n). A missing
+-- or garbage one (not a number, no band 0..255: written by hand) gives band 0, n 0: the first
+-- of band 0, so the message stays served rather than failing the script half-way.
+local function band_and_n(score)
+  score = tonumber(score)
+  if not score then return 0, 0 end
+  local band = math.floor(score / BAND)
+  local n = score - band * BAND
+  if n >= MID then n = n - MID end
+  if band ~= band or band < 0 or band > 255 or n ~= n then return 0, 0 end
+  return band, n
+end
+
 -- Back to the front of its band, at its publish position among the others that came back.
 local function enqueue_front(q, key)
-  local published = tonumber(redis.call('HGET', q.order, key)) or 0
-  local band = math.floor(published / BAND)
-  local n = published - band * BAND - MID
-  if n < 0 or n >= MID then n = 0 end -- no (or a garbage) order entry: first of its band
+  local band, n = band_and_n(redis.call('HGET', q.order, key))
+  redis.call('HDEL', q.order, key)
   redis.call('ZADD', q.ready, band * BAND + n, key)
 end
 
 -- Append key to the back of its band with a fresh sequence number (a scheduled message that
--- became due: FIFO by due time within its band). `order` follows, so look-ups stay in order.
+-- became due, a replayed one: FIFO by the time it became ready, within its band).
 local function enqueue_back(q, key)
-  local band = math.floor((tonumber(redis.call('HGET', q.order, key)) or 0) / BAND)
-  local score = band * BAND + MID + redis.call('INCR', q.seq)
-  redis.call('HSET', q.order, key, score)
-  redis.call('ZADD', q.ready, score, key)
+  local band = band_and_n(redis.call('HGET', q.order, key))
+  redis.call('HDEL', q.order, key)
+  redis.call('ZADD', q.ready, band * BAND + MID + redis.call('INCR', q.seq), key)
+end
+
+-- For each priority band present in `ready` (at most 256, two O(log n) look-ups each), its first
+-- message at the front (came back) and at the back (published, promoted, replayed): f(key,
+-- score, at_back) for each that exists. Never the whole queue; garbage scores (no band) end
+-- the walk instead of looping.
+local function each_band_head(q, f)
+  local from = '-inf'
+  for _ = 0, 256 do
+    local head = redis.call('ZRANGEBYSCORE', q.ready, from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if #head == 0 then return end
+    local score = tonumber(head[2])
+    local band = math.floor(score / BAND)
+    local back_start = band * BAND + MID
+    if score < back_start then -- a front: the first of the back may be older
+      f(head[1], score, false)
+      local lo = string.format('%.0f', back_start)
+      local hi = '(' .. string.format('%.0f', back_start + MID)
+      local first = redis.call('ZRANGEBYSCORE', q.ready, lo, hi, 'WITHSCORES', 'LIMIT', 0, 1)
+      if #first > 0 then f(first[1], tonumber(first[2]), true) end
+    else
+      f(head[1], score, true)
+    end
+    if band ~= band or band < 0 or band >= 255 then return end -- the last band, or not a band
+    from = string.format('%.0f', (band + 1) * BAND)
+  end
+end
+
+-- The queue's clock (`clock`): ticks, sequence number (score) -> time in ms (member), written
+-- by publish.lua at most once per CLOCK_MS: when a publish finds the last tick CLOCK_MS old or
+-- more, its own sequence number and now become a tick. A message waiting at the back of its
+-- band has no `born` entry: it was enqueued at the time of the last tick at or before its
+-- sequence number n, or up to CLOCK_MS later (a later publish would have written a tick).
+-- Messages with an enqueue time the clock cannot give keep a `born` entry: a promoted one (its
+-- due time), a leased one (reserve copies its time from the clock as it takes it, so that it
+-- keeps it when it comes back to the front, leased for however long), a dead one (its lease's,
+-- or bury's) and those of an older version.
+
+-- The time (ms) the clock gives sequence number n, the tick's n and the next tick's n (or
+-- +inf): every n in [lo, hi) has that time. nil when no tick lies at or before n (trimmed, or
+-- none written yet) or its member is not a number (written by hand).
+local function clock_at(q, n)
+  -- By rank (ZCOUNT, ZRANGE): the commands the README's ACL allows, and O(log n) each.
+  local before = redis.call('ZCOUNT', q.clock, '-inf', string.format('%.17g', n))
+  if before == 0 then return nil end
+  local ticks = redis.call('ZRANGE', q.clock, before - 1, before, 'WITHSCORES')
+  local hi = math.huge
+  if #ticks > 2 then hi = tonumber(ticks[4]) end
+  return tonumber(ticks[1]), tonumber(ticks[2]), hi
+end
+
+-- Drop the ticks no message waiting at the back of a band needs: every tick before the one the
+-- oldest of them maps to (the newest tick always stays: the next publishes map to it).
+local function trim_clock(q)
+  local oldest = nil
+  each_band_head(q, function(_, score, at_back)
+    if not at_back then return end
+    local _, n = band_and_n(score)
+    if not oldest or n < oldest then oldest = n end
+  end)
+  local upto = oldest and string.format('%.17g', oldest) or '+inf'
+  local before = redis.call('ZCOUNT', q.clock, '-inf', upto) -- the one it maps to is the last
+  if before > 1 then
+    local keep = redis.call('ZRANGE', q.clock, before - 1, before - 1, 'WITHSCORES')
+    redis.call('ZREMRANGEBYSCORE', q.clock, '-inf', '(' .. keep[2])
+  end
+end
+
+-- Publish's tick: sequence number seq, enqueued at now (ms). A last tick in the future (a
+-- caller's clock behind the others') writes nothing; one that is not a number is replaced.
+local function tick(q, seq, now)
+  local last = redis.call('ZRANGE', q.clock, -1, -1, 'WITHSCORES')
+  if #last > 0 then
+    local at = tonumber(last[1])
+    if at and now < at + CLOCK_MS then return end
+  end
+  redis.call('ZADD', q.clock, seq, string.format('%.0f', now))
+  trim_clock(q)
 end
 
 -- Store payload under a free key for id: the id itself, or id/<n> when that id is already

@@ -19,8 +19,9 @@
 -- publish with ARGV[8] locked it until then, and nothing has unlocked it since: see
 -- celery_msg.policy.Unique), or, with no lock asked for, while the id is still pending here
 -- (ready, reserved or scheduled, not dead: under the id itself or its newest id/<n> key).
--- The score goes to `order` too: it keeps the band (for a requeue) and the publish order (for
--- look-ups). The hot path of every publisher: seven commands.
+-- A READY message's score keeps its band and publish order; a SCHEDULED one's is its due time,
+-- so its band goes to `order` (see _queue.lua), which promotion reads. The hot path of every
+-- publisher: seven commands.
 -- The queue's arguments (`args`, see celery_msg/queueargs.py) are honoured here, so a queue
 -- nobody consumes stays bounded: with a message TTL the message's deadline (enqueue time + TTL;
 -- its due time for a scheduled one) goes to `ttl`, and up to EXPIRE_BATCH messages past theirs
@@ -58,7 +59,6 @@ if ttl and not now then return redis.error_reply('publish: ARGV[7] (now) is not 
 local key, seq = store_new(q, id, ARGV[2])
 if ARGV[5] == '1' and lock_until > 0 then redis.call('ZADD', q.uniq, lock_until, id) end
 local score = tonumber(ARGV[3]) * BAND + MID + seq
-redis.call('HSET', q.order, key, score)
 count(q, STAT_PUBLISHED, 1)
 if ARGV[9] == '1' then count(q, STAT_RETRIED, 1) end
 if ttl then
@@ -66,12 +66,13 @@ if ttl then
   redis.call('ZADD', q.ttl, math.max(now, due) + ttl, key)
 end
 if due > 0 then
+  redis.call('HSET', q.order, key, score)
   redis.call('ZADD', q.sched, due, key)
   -- Wake a consumer only if this is now the earliest due time: it must shorten its sleep.
   if next_due(q) == due then signal(q) end
 else
   redis.call('ZADD', q.ready, score, key)
-  if now then redis.call('HSET', q.born, key, now) end -- its age (a scheduled one: when due)
+  if now then tick(q, seq, now) end -- its age, by the clock (a scheduled one: when due)
   signal(q)
   if max_length then trim_to(q, max_length) end
 end

@@ -15,6 +15,9 @@
 -- rule: celery_msg/poison.py; the record: celery_msg/keys.py failure_record).
 -- Counts (stats): delivered (every delivery), redelivered (deliveries after the first),
 -- dead and dead:poison / dead:missing-body, expired, reclaimed, promoted.
+-- A message taken out of `ready` gets its `order` entry (band and publish sequence number, for a
+-- requeue or a reclaim) and, unless it has one, its `born` entry (enqueue time, from the
+-- queue's clock): a READY message has neither (see _queue.lua).
 -- A message past its message-TTL deadline (`ttl`) is never delivered: it is removed and counted
 -- as expired (the oldest up to ARGV[7] per queue first, then any that come up to be served);
 -- a delivered message leaves `ttl`: the TTL bounds only the wait for a first delivery.
@@ -44,7 +47,21 @@ end
 local out = {}
 local got = 0
 
-local function deliver(g, key)
+-- The clock's time of sequence number n in group g, from one look-up per span of sequence
+-- numbers between two ticks (a batch taken from one band mostly falls in one).
+local spans = {}
+local function enqueued(g, n)
+  local span = spans[g]
+  if not (span and n >= span[2] and n < span[3]) then
+    local t, lo, hi = clock_at(queues[g], n)
+    if not t then return nil end
+    span = {t, lo, hi}
+    spans[g] = span
+  end
+  return span[1]
+end
+
+local function deliver(g, key, score)
   local q = queues[g]
   local payload = redis.call('HGET', q.body, key)
   if not payload then
@@ -70,6 +87,12 @@ local function deliver(g, key)
     end
     redis.call('ZREM', q.ttl, key)
   end
+  -- Out of `ready`: its band and publish order go to `order`, its enqueue time from the clock
+  -- to `born` unless it has one (leased or dead, it keeps them; see _queue.lua).
+  local band, n = band_and_n(score) -- front (came back) or back: the numbers it was published with
+  redis.call('HSET', q.order, key, band * BAND + MID + n)
+  local born = enqueued(g, n)
+  if born then redis.call('HSETNX', q.born, key, born) end
   local delivered = tonumber(redis.call('HGET', q.deliv, key)) or 0
   -- The poison rule (celery_msg/poison.py is_poison and detail: the same numbers and words).
   if max_deliveries > 0 and delivered >= max_deliveries then
@@ -96,7 +119,7 @@ end
 local function take(g, n)
   local popped = redis.call('ZPOPMIN', queues[g].ready, n)
   for i = 1, #popped, 2 do
-    deliver(g, popped[i])
+    deliver(g, popped[i], popped[i + 1])
   end
   return #popped / 2
 end

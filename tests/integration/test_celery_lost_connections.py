@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -19,6 +20,7 @@ from celery_app.settings import DEFAULT_QUEUE
 from celery_helpers import Stack, Worker, stack_factory, wait_until
 
 from bench.proxy import TcpProxy
+from celery_msg.core import Broker
 
 if TYPE_CHECKING:
     from conftest import Server
@@ -168,3 +170,40 @@ def test_a_worker_cut_off_longer_than_the_lease_does_not_run_the_messages_it_had
     runs = Counter(e.task for e in direct.events("start"))
     assert runs == Counter({**dict.fromkeys(short, 1), long_id: 2})
     assert {e.worker for e in direct.events("start") if e.task in short} == {other.nodename}
+
+
+@pytest.mark.slow
+def test_acks_made_while_redis_is_paused_land_once_it_answers_again(
+    server_factory: Callable[..., Server], prefix: str, tmp_path: Path
+):
+    """Redis stops answering (``CLIENT PAUSE``) while a threads pool finishes its tasks: the
+    pool threads' acks fail, Celery gives the connection up at about the same moment, and the
+    acks must still be written by the old connection's lingering renewer once Redis answers:
+    none of the tasks runs a second time. Events and results live on another server, so the
+    tasks can record their finish during the pause."""
+    broker = server_factory()
+    events = server_factory()
+    with stack_factory(events.url, prefix, tmp_path) as make:
+        stack = make(
+            lease_timeout=10.0,
+            sweep_interval=0.25,
+            broker_url_override=f"celery-msg://{urlsplit(broker.url).netloc}/0",
+        )
+        stack.broker = Broker(broker.process.client(), prefix=prefix)
+        sleeper = stack.task("sleep_then_record")
+        stack.worker(pool="threads", concurrency=2)
+        ids = [sleeper.apply_async([1.0, f"t{i}"], ignore_result=True).id for i in range(2)]
+        stack.wait_for_tasks("start", ids, timeout=15)
+
+        admin = broker.process.client()
+        admin.execute_command("CLIENT", "PAUSE", "7000", "ALL")
+        stack.wait_for_tasks("finish", ids, timeout=15)
+        broker.process.client(socket_timeout=30).ping()  # answers once the pause is over
+
+        stack.settled(DEFAULT_QUEUE, timeout=30)
+        later = sleeper.apply_async([0.1, "later"], ignore_result=True).id
+        stack.wait_for_tasks("finish", [later], timeout=30)
+        # Nothing reserved is left: an ack that was never written would have kept its task
+        # reserved until the lease lapsed, then run it again (counted by started_once).
+        stack.settled(DEFAULT_QUEUE, timeout=15)
+        started_once(stack, [*ids, later])

@@ -399,13 +399,13 @@ def test_acking_and_purging_leave_no_order_or_dups_entries(
     assert broker.publish("q", "t", b"v1", 0) == "t/3"
     [retry] = _lease(broker, "q")
     assert broker.publish("q", "t", b"v2", 0) == "t/6"  # a duplicate again, ready
-    assert redis_client.hlen(keys.order) == 3
+    assert redis_client.hlen(keys.order) == 2  # the two leased: t/6 is READY, its score holds it
     assert redis_client.hlen(keys.dups) == 2
 
     assert broker.ack([first, retry]) == []
     assert broker.purge("q") == 1
 
-    assert redis_client.exists(keys.body, keys.order, keys.dups) == 0
+    assert redis_client.exists(keys.body, keys.order, keys.dups, keys.born) == 0
     assert broker.lookup("t", ["q"]) == []
 
 

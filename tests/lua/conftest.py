@@ -15,12 +15,15 @@ Keys that do not exist are left out, so ``lab.state() == {...}`` pins down the w
 
 Test modules cannot import from a conftest reliably (tests/ has no packages), so everything they
 need is reached through the ``lab`` fixture: ``lab.now``, ``lab.lease``, ``lab.back(band, n)``,
-``lab.front(band, m)``, ``lab.order(band, n)`` and one method per script.
+``lab.front(band, m)``, ``lab.order(band, n)``, ``lab.ticks((seq, time), ...)`` and one method
+per script.
 
-``order`` maps every stored key to the ready score it was published with (``back(band, n)``,
-n its publish sequence number); requeue and reclaim read its band from there, and it never
-changes while the message is stored. The hand-made setups write it too: ``add_ready`` the
-given score, ``add_leased``/``add_dead`` ``back(band, seq)`` (``seq`` 0 unless a test cares).
+``order`` maps every stored key that is not READY to the ready score it was published with
+(``back(band, n)``, n its publish sequence number); requeue, reclaim, promotion and replay read
+its band from there. A READY message has no entry (its ready score holds band and n): reserve
+writes it when it takes the message. The hand-made setups write it too: ``add_leased``,
+``add_dead``, ``add_scheduled`` ``back(band, seq)`` (``seq`` 0 unless a test cares), and
+``add_ready(..., legacy=True)`` the given score, as an older version stored a READY message.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ def order(band: int, n: int) -> str:
     return str(back(band, n))
 
 
+def ticks(*pairs: tuple[int, int]) -> list[tuple[str, int]]:
+    """The ``clock`` key as :meth:`Lab.state` reads it, from (sequence number, time) ticks."""
+    return [(str(at), seq) for seq, at in pairs]
+
+
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -86,12 +94,22 @@ class Expected:
         self._rest: dict[str, Any] = {}
 
     def ready(
-        self, key: str, body: str, *, band: int = 0, seq: int, at: int | None = None, **fields: int
+        self,
+        key: str,
+        body: str,
+        *,
+        band: int = 0,
+        seq: int,
+        at: int | None = None,
+        legacy: bool = False,
+        **fields: int,
     ) -> Expected:
         """READY, published as sequence number ``seq`` of ``band``: at score ``at``, by default
-        where publish put it (``back(band, seq)``). ``fields``: ``deliv``, and ``born`` (its
-        publish time) where publish wrote one."""
-        self._message("ready", key, back(band, seq) if at is None else at, body, band, seq)
+        where publish put it (``back(band, seq)``); no ``order`` entry unless ``legacy`` (stored
+        by an older version). ``fields``: ``deliv``, and ``born`` (its publish time) where
+        publish wrote one."""
+        score = back(band, seq) if at is None else at
+        self._message("ready", key, score, body, band, seq, placed=legacy)
         return self._fields(key, **fields)
 
     def leased(
@@ -149,9 +167,21 @@ class Expected:
             out[part] = value
         return out
 
-    def _message(self, zset: str, key: str, score: int, body: str, band: int, seq: int) -> None:
+    def _message(
+        self,
+        zset: str,
+        key: str,
+        score: int,
+        body: str,
+        band: int,
+        seq: int,
+        *,
+        placed: bool = True,
+    ) -> None:
         self._zsets.setdefault(zset, []).append((key, score))
-        self._fields(key, body=body, order=order(band, seq))
+        self._fields(key, body=body)
+        if placed:
+            self._fields(key, order=order(band, seq))
 
     def _fields(self, key: str, **fields: int | str) -> Expected:
         for part, value in fields.items():
@@ -167,6 +197,7 @@ class Lab:
     back = staticmethod(back)
     front = staticmethod(front)
     order = staticmethod(order)
+    ticks = staticmethod(ticks)
 
     def __init__(self, client: redis.Redis, scripts: tr.Scripts, keys: QueueKeys) -> None:
         self.client = client
@@ -231,11 +262,20 @@ class Lab:
     # -- hand-made setup (plain Redis commands, no scripts) -------------------------------
 
     def add_ready(
-        self, key: str, body: str, *, band: int = 0, score: int, deliv: int | None = None
+        self,
+        key: str,
+        body: str,
+        *,
+        band: int = 0,
+        score: int,
+        deliv: int | None = None,
+        legacy: bool = False,
     ) -> None:
-        """A READY message as publish leaves it: ``order`` holds its ready score."""
+        """A READY message as publish leaves it (no ``order`` entry), or, ``legacy``, as an
+        older version left it: ``order`` holding its ready score."""
         assert score // BAND == band, "the score must lie in the message's band"
-        self._add("ready", key, score, body, score, **({} if deliv is None else {"deliv": deliv}))
+        fields = {} if deliv is None else {"deliv": deliv}
+        self._add("ready", key, score, body, score if legacy else None, **fields)
 
     def add_leased(
         self,
@@ -269,14 +309,16 @@ class Lab:
         self._add("dead", key, at, body, back(band, seq), reason=reason, deliv=deliv)
 
     def _add(
-        self, zset: str, key: str, score: int, body: str, order: int, **fields: int | str
+        self, zset: str, key: str, score: int, body: str, order: int | None, **fields: int | str
     ) -> None:
         """One message in the sorted set ``zset`` (ready, leased, dead, sched) at ``score``,
-        with its body, its ``order`` entry and ``fields`` (a part per hash: deliv, token, ...)."""
+        with its body, its ``order`` entry (unless None) and ``fields`` (a part per hash:
+        deliv, token, ...)."""
         pipe = self.client.pipeline(transaction=True)
         pipe.zadd(getattr(self.keys, zset), {key: score})
         pipe.hset(self.keys.body, key, body)
-        pipe.hset(self.keys.order, key, order)
+        if order is not None:
+            pipe.hset(self.keys.order, key, order)
         for part, value in fields.items():
             pipe.hset(getattr(self.keys, part), key, value)
         pipe.execute()

@@ -158,7 +158,7 @@ NUMERIC_FIELDS = ["order", "deliv", "stats", "args", "born"]
 def _corruptions() -> list[tuple[str, str]]:
     cases = [(part, "wrong type") for part in QUEUE_KEY_PARTS]
     cases += [(part, "not a number") for part in NUMERIC_FIELDS]
-    cases += [("seq", "not a number")]
+    cases += [("seq", "not a number"), ("clock", "not a number")]
     return cases
 
 
@@ -174,6 +174,9 @@ def _corrupt(lab: Lab, part: str, how: str) -> None:
         return
     if part == "seq":
         client.set(key, "x")
+        return
+    if part == "clock":  # a tick whose time is not a number, before and after the real ones
+        client.zadd(key, {"not-a-time": 0, "not-a-time-either": 2**40})
         return
     reasons = [f"{DEAD_REASON_PREFIX}{word}" for word in ("failed", "poison", "missing-body")]
     fields = {"stats": [*(c.value for c in Counter), *reasons]}

@@ -69,9 +69,9 @@ def test_bury_allocates_id_slash_n_when_the_id_is_stored(lab: Lab):
 
     expected = (
         lab.expect()
-        .ready("t", "first", seq=1, born=lab.now)
+        .ready("t", "first", seq=1)
         .dead("t/2", "copy", at=lab.now, reason=REASON, deliv=3, band=2, seq=3, born=lab.now)
-        .plus(seq="3", signal=["1"])
+        .plus(seq="3", signal=["1"], clock=lab.ticks((1, lab.now)))
         .plus(stats={"published": "1", "dead": "1", "dead:failed": "1"})
         .duplicates("t", "t/2")
     )
@@ -114,7 +114,7 @@ def test_replay_moves_a_dead_message_to_the_back_of_its_band_with_a_fresh_sequen
     assert lab.state() == {
         "ready": [("a", lab.back(2, 3)), ("m", lab.back(2, 5)), ("z", lab.back(5, 4))],
         "body": {"a": "A", "z": "Z", "m": "M"},
-        "order": {"a": lab.order(2, 3), "z": lab.order(5, 4), "m": lab.order(2, 5)},
+        # READY again: no `order` entry (its ready score holds band 2 and sequence 5).
         # Why it died stays until the ack: look-ups show the replay in its history.
         "reason": {"m": REASON},
         "seq": "5",
@@ -201,7 +201,7 @@ def test_a_replayed_duplicate_key_keeps_its_dups_entry(lab: Lab):
     assert state["dups"] == {"t/2": "t"}
     assert state["alias"] == {"t": "t/2"}
     assert state["ready"] == [("t", lab.back(0, 1)), ("t/2", lab.back(0, 4))]
-    assert state["order"]["t/2"] == lab.order(0, 4)
+    assert "order" not in state  # both READY: their scores hold band and sequence
 
 
 def test_replay_then_bury_again_then_replay_again(lab: Lab):
@@ -239,7 +239,8 @@ def test_discard_of_a_dead_duplicate_removes_its_dups_and_alias_entries(lab: Lab
     assert discard(lab, "t/2") == [OK]
 
     # Only t is left: t/2 has no dead, body, order or reason entry, and no dups or alias one.
-    expected = lab.expect().ready("t", "first", seq=1, born=lab.now).plus(seq="3", signal=["1"])
+    expected = lab.expect().ready("t", "first", seq=1).plus(seq="3", signal=["1"])
+    expected.plus(clock=lab.ticks((1, lab.now)))
     expected.plus(stats={"published": "1", "dead": "1", "dead:failed": "1"})
     assert lab.state() == expected.state
 
@@ -293,7 +294,7 @@ def only(lab: Lab, *kept: str) -> dict[str, Any]:
         "dead": [(k, ages[k]) for k in kept],
         "reason": dict.fromkeys(kept, REASON),
         "body": {"r": "R", **{k: "D" + k[1:] for k in kept}},
-        "order": {"r": lab.order(0, 6), **{k: lab.order(0, seqs[k]) for k in kept}},
+        "order": {k: lab.order(0, seqs[k]) for k in kept},
         "deliv": dict.fromkeys(kept, "1"),
         "seq": "6",
     }
@@ -380,10 +381,9 @@ def test_trim_removes_the_dups_and_alias_entries_of_a_trimmed_duplicate(lab: Lab
     assert lab.state() == {
         "ready": [("t", lab.back(0, 1))],
         "body": {"t": "first"},
-        "order": {"t": lab.order(0, 1)},
         "seq": "3",
         "signal": ["1"],
-        "born": {"t": str(lab.now)},
+        "clock": lab.ticks((1, lab.now)),
         "stats": {"published": "1", "dead": "1", "dead:failed": "1", "dead_trimmed": "1"},
     }
 

@@ -20,8 +20,9 @@ def test_publish_stores_the_message_at_the_back_of_its_band_and_signals(lab: Lab
     key = lab.publish("m1", "body-1", 0)
 
     assert key == "m1"
-    # One sequence number (1): its place in the band, also kept in `order` with the band.
-    expected = lab.expect().ready("m1", "body-1", seq=1, born=lab.now)
+    # One sequence number (1): its place in the band; no `order` entry (the score holds both),
+    # no `born` entry: the queue's first clock tick (1 -> now) gives its enqueue time.
+    expected = lab.expect().ready("m1", "body-1", seq=1).plus(clock=lab.ticks((1, lab.now)))
     assert lab.state() == expected.plus(seq="1", signal=["1"], stats={"published": "1"}).state
 
 
@@ -38,15 +39,18 @@ def test_the_ready_score_is_band_times_2_pow_44_plus_2_pow_43_plus_the_sequence(
         "b": 7 * 2**44 + 2**43 + 2,
         "c": 255 * 2**44 + 2**43 + 3,
     }
-    # `order` keeps exactly that score, written out as an integer (no exponent, no rounding).
-    assert state["order"] == {
+    assert "order" not in state
+    # The highest score is still an exact double: no two sequence numbers may collide.
+    assert float(scores["c"]) == scores["c"] < 2**53
+    assert lab.client.zscore(lab.keys.ready, "c") == float(255 * 2**44 + 2**43 + 3)
+    # Taken out of `ready`, each keeps exactly that score in `order`, written out as an
+    # integer (no exponent, no rounding).
+    assert len(lab.reserve(count=3)) == 3
+    assert lab.state()["order"] == {
         "a": str(2**43 + 1),
         "b": str(7 * 2**44 + 2**43 + 2),
         "c": str(255 * 2**44 + 2**43 + 3),
     }
-    # The highest score is still an exact double: no two sequence numbers may collide.
-    assert float(scores["c"]) == scores["c"] < 2**53
-    assert lab.client.zscore(lab.keys.ready, "c") == float(255 * 2**44 + 2**43 + 3)
 
 
 def test_messages_of_one_band_are_served_in_publish_order(lab: Lab):
@@ -75,10 +79,10 @@ def test_a_duplicate_id_is_stored_under_id_slash_n(lab: Lab):
 
     expected = (
         lab.expect()
-        .ready("t", "first", seq=1, born=lab.now)
-        .ready("t/2", "second", seq=3, born=lab.now)
-        .ready("t/4", "third", band=1, seq=5, born=lab.now)
-        .plus(seq="5", signal=["1"], stats={"published": "3"})
+        .ready("t", "first", seq=1)
+        .ready("t/2", "second", seq=3)
+        .ready("t/4", "third", band=1, seq=5)
+        .plus(seq="5", signal=["1"], stats={"published": "3"}, clock=lab.ticks((1, lab.now)))
         .duplicates("t", "t/2", "t/4")
     )
     assert lab.state() == expected.state
@@ -93,8 +97,8 @@ def test_a_duplicate_of_a_leased_message_is_stored_beside_it_and_leaves_the_leas
     expected = (
         lab.expect()
         .leased("t", "old", until=lab.now + 500, token=4, owner="w1", seq=3)
-        .ready("t/5", "retry", seq=6, born=lab.now)
-        .plus(seq="6", signal=["1"], stats={"published": "1"})
+        .ready("t/5", "retry", seq=6)
+        .plus(seq="6", signal=["1"], stats={"published": "1"}, clock=lab.ticks((6, lab.now)))
         .duplicates("t", "t/5")
     )
     assert lab.state() == expected.state
@@ -113,10 +117,10 @@ def test_a_duplicate_id_never_overwrites_another_stored_message(lab: Lab):
     assert key == "a/4"
     expected = (
         lab.expect()
-        .ready("a", "first a", seq=1, born=lab.now)
-        .ready("a/3", "someone else's message", seq=2, born=lab.now)  # no dups entry: its own id
-        .ready("a/4", "second a", seq=5, born=lab.now)
-        .plus(seq="5", signal=["1"], stats={"published": "3"})
+        .ready("a", "first a", seq=1)
+        .ready("a/3", "someone else's message", seq=2)  # no dups entry: its own id
+        .ready("a/4", "second a", seq=5)
+        .plus(seq="5", signal=["1"], stats={"published": "3"}, clock=lab.ticks((1, lab.now)))
         .duplicates("a", "a/4")
     )
     assert lab.state() == expected.state
@@ -131,11 +135,11 @@ def test_the_duplicate_key_loop_skips_every_taken_id_slash_n(lab: Lab):
 
     assert lab.publish("a", "second a", 0) == "a/5"
 
-    expected = lab.expect().ready("a", "first a", seq=1, born=lab.now)
+    expected = lab.expect().ready("a", "first a", seq=1)
     for n in (2, 3, 4):
         expected.ready(f"a/{n}", f"other {n}", seq=100 + n)  # untouched, never published
-    expected.ready("a/5", "second a", seq=6, born=lab.now)
-    expected.plus(seq="6", signal=["1"], stats={"published": "2"})
+    expected.ready("a/5", "second a", seq=6)
+    expected.plus(seq="6", signal=["1"], stats={"published": "2"}, clock=lab.ticks((1, lab.now)))
     expected.duplicates("a", "a/5")
     assert lab.state() == expected.state
 
@@ -149,8 +153,8 @@ def test_an_id_that_is_free_again_is_stored_under_itself_without_a_dups_entry(la
     assert lab.publish("t", "again", 0) == "t"
 
     state = lab.state()
-    # t: seq 1; token 2; t/3: n 3, score 4; t again: seq 5.
-    assert state["order"] == {"t/3": lab.order(0, 4), "t": lab.order(0, 5)}
+    # t: seq 1; token 2; t/3: n 3, score 4; t again: seq 5 (both READY: no `order` entry).
+    assert "order" not in state
     assert state["dups"] == {"t/3": "t"}
     assert state["ready"] == [("t/3", lab.back(0, 4)), ("t", lab.back(0, 5))]
 
@@ -177,10 +181,9 @@ def test_every_publish_is_counted_in_stats_published(lab: Lab):
 
     assert lab.client.hgetall(lab.keys.stats) == {b"published": b"8"}
     assert lab.client.zcard(lab.keys.ready) == 8
-    assert lab.client.hlen(lab.keys.order) == 8
     # m0..m6 took 1..7; the duplicate of m0 takes 8 (its key) and 9 (its score).
     assert lab.client.hgetall(lab.keys.dups) == {b"m0/8": b"m0"}
-    assert lab.client.hget(lab.keys.order, "m0/8") == str(lab.back(0, 9)).encode()
+    assert lab.client.zscore(lab.keys.ready, "m0/8") == lab.back(0, 9)
 
 
 def test_the_payload_is_stored_byte_for_byte(lab: Lab):
@@ -240,8 +243,9 @@ def test_a_publish_to_a_queue_with_a_message_ttl_records_the_message_deadline(la
     # A scheduled message's TTL counts from its due time: it waits in the queue only from then.
     expected = (
         lab.expect()
-        .ready("m1", "B1", seq=1, born=lab.now)
+        .ready("m1", "B1", seq=1)
         .scheduled("m2", "B2", due=lab.now + 60_000, seq=2)  # born once it is promoted
+        .plus(clock=lab.ticks((1, lab.now)))
         .plus(ttl=[("m1", lab.now + 5_000), ("m2", lab.now + 65_000)])
         .plus(args={"message_ttl": "5000"}, seq="2", signal=["1"], stats={"published": "2"})
     )
@@ -274,15 +278,12 @@ def test_a_publish_removes_messages_older_than_the_ttl_and_counts_them_expired(l
             ("newer", lab.back(0, 5)),
         ],
         "body": {"edge": "B3", "new": "B4", "newer": "B5"},
-        "order": {"edge": lab.order(0, 3), "new": lab.order(0, 4), "newer": lab.order(0, 5)},
         "seq": "5",
         "signal": ["1"],
         "stats": {"published": "5", "expired": "2"},
-        "born": {
-            "edge": str(lab.now + 1_001),
-            "new": str(lab.now + 6_000),
-            "newer": str(lab.now + 6_001),
-        },
+        # A tick when `edge` came 1,001 ms after the first (then removed: no message maps to
+        # it any more) and when `new` came; `newer`, 1 ms later, maps to new's.
+        "clock": lab.ticks((3, lab.now + 1_001), (4, lab.now + 6_000)),
     }
 
 
@@ -305,7 +306,7 @@ def test_a_publish_beyond_max_length_drops_the_head_and_counts_it_dropped(lab: L
     # The head is what would be served next: a requeued message (front of band 0, delivered
     # once already), then the band-0 message; the band-3 one is served last.
     lab.add_ready("requeued", "R", band=0, score=lab.front(0, 1), deliv=1)
-    lab.client.hset(lab.keys.order, "requeued", lab.order(0, 1))
+    lab.client.hset(lab.keys.order, "requeued", lab.order(0, 1))  # as an older version did
     lab.set_counter("seq", 1)
     lab.publish("low", "L", 3)
 
@@ -315,11 +316,10 @@ def test_a_publish_beyond_max_length_drops_the_head_and_counts_it_dropped(lab: L
         "args": {"max_length": "2"},
         "ready": [("next", lab.back(0, 3)), ("low", lab.back(3, 2))],
         "body": {"low": "L", "next": "N"},
-        "order": {"low": lab.order(3, 2), "next": lab.order(0, 3)},
         "seq": "3",
         "signal": ["1"],
         "stats": {"published": "2", "dropped": "1"},
-        "born": {"low": str(lab.now), "next": str(lab.now)},
+        "clock": lab.ticks((2, lab.now)),
     }
 
 

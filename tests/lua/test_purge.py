@@ -52,16 +52,15 @@ def test_purge_removes_the_order_and_dups_entries_of_the_ready_messages_only(lab
     [(_, _, token, _, _)] = lab.reserve(count=1)
     assert lab.publish("t", "retry", 0) == "t/3"
     assert lab.publish("u", "other", 0) == "u"
+    lab.add_ready("old", "O", score=lab.back(0, 6), legacy=True)  # as an older version left it
+    lab.set_counter("seq", 6)
     assert lab.state()["dups"] == {"t/3": "t"}
-    assert lab.state()["order"] == {
-        "t": lab.order(0, 1),
-        "t/3": lab.order(0, 4),
-        "u": lab.order(0, 5),
-    }
+    assert lab.state()["order"] == {"t": lab.order(0, 1), "old": lab.order(0, 6)}
 
-    assert lab.purge(100) == 2
+    assert lab.purge(100) == 3
 
-    # t/3 and u are gone, with t/3's dups and alias entries; t keeps its lease.
+    # t/3, u and old are gone, with t/3's dups and alias entries and old's order entry; t
+    # keeps its lease.
     expected = lab.expect().leased("t", "first", until=lab.now + lab.lease, token=token, seq=1)
-    expected.plus(born={"t": str(lab.now)}, seq="5", signal=["1"])
+    expected.plus(born={"t": str(lab.now)}, clock=lab.ticks((1, lab.now)), seq="6", signal=["1"])
     assert lab.state() == expected.plus(stats={"published": "3", "delivered": "1"}).state

@@ -20,7 +20,6 @@ def test_reclaim_moves_an_expired_lease_to_the_front_of_its_band(lab: Lab):
     assert lab.state() == {
         "ready": [("m", lab.front(5, 2)), ("r", lab.back(5, 1))],
         "body": {"r": "R", "m": "M"},
-        "order": {"r": lab.order(5, 1), "m": lab.order(5, 2)},
         "deliv": {"m": "2"},
         "signal": ["1"],
         "stats": {"reclaimed": "1"},

@@ -40,7 +40,7 @@ def test_a_publish_with_a_future_due_time_is_scheduled_not_ready_and_signals(lab
     reply = lab.publish_reply("m1", "B1", 2, due=lab.now + 5_000)
 
     assert reply == ("m1", 1)
-    # The band and the publish order are kept in `order` as for a ready message.
+    # The band and the publish order are kept in `order`: its score is its due time.
     expected = lab.expect().scheduled("m1", "B1", due=lab.now + 5_000, band=2, seq=1)
     assert lab.state() == expected.plus(seq="1", signal=["1"], stats={"published": "1"}).state
 
@@ -48,7 +48,7 @@ def test_a_publish_with_a_future_due_time_is_scheduled_not_ready_and_signals(lab
 def test_a_due_time_of_zero_means_now_as_before(lab: Lab):
     assert lab.publish_reply("m1", "B1", 0, due=0) == ("m1", 1)
 
-    expected = lab.expect().ready("m1", "B1", seq=1, born=lab.now)
+    expected = lab.expect().ready("m1", "B1", seq=1).plus(clock=lab.ticks((1, lab.now)))
     assert lab.state() == expected.plus(seq="1", signal=["1"], stats={"published": "1"}).state
 
 
@@ -177,11 +177,7 @@ def test_due_messages_are_served_in_due_time_order_within_a_band(lab: Lab):
         ("c", lab.back(0, 5)),
         ("a", lab.back(0, 6)),
     ]
-    assert lab.state()["order"] == {
-        "b": lab.order(0, 4),
-        "c": lab.order(0, 5),
-        "a": lab.order(0, 6),
-    }
+    assert "order" not in lab.state()  # READY: the scores hold band and sequence
     assert [key for _, key, _, _, _ in lab.reserve(now=lab.now + 5_000, count=10)] == [
         "b",
         "c",
@@ -337,7 +333,12 @@ def test_purge_is_bounded_ready_first_then_scheduled_earliest_first(lab: Lab):
     assert lab.state()["sched"] == [("s1", lab.now + 30)]
     assert lab.purge(3) == 1
     assert lab.purge(3) == 0
-    assert lab.state() == {"seq": "5", "signal": ["1"], "stats": {"published": "5"}}
+    assert lab.state() == {
+        "seq": "5",
+        "signal": ["1"],
+        "stats": {"published": "5"},
+        "clock": lab.ticks((1, lab.now)),  # the newest tick stays
+    }
 
 
 def test_purge_removes_the_dups_entries_of_scheduled_duplicates(lab: Lab):
@@ -420,14 +421,14 @@ def test_a_unique_publish_of_a_dead_id_stores_a_new_message_beside_the_dead_one(
         "dead": [("u", lab.now - 1)],
         "reason": {"u": '{"reason": "poison"}'},
         "body": {"u": "dead body", "u/1": "again"},
-        "order": {"u": lab.order(0, 0), "u/1": lab.order(0, 2)},
+        "order": {"u": lab.order(0, 0)},
         "deliv": {"u": "1"},
         "seq": "2",
         "signal": ["1"],
         "stats": {"published": "1"},
         "dups": {"u/1": "u"},
         "alias": {"u": "u/1"},
-        "born": {"u/1": str(lab.now)},
+        "clock": lab.ticks((2, lab.now)),
     }
 
 

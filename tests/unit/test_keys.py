@@ -25,7 +25,7 @@ def test_the_keys_come_in_script_keys_order_one_per_part():
     keys = QueueKeys("celery", "app:")
 
     assert keys.all == tuple(f"app:{{celery}}:{part}" for part in QUEUE_KEY_PARTS)
-    assert len(set(keys.all)) == len(QUEUE_KEY_PARTS) == 19
+    assert len(set(keys.all)) == len(QUEUE_KEY_PARTS) == 20
 
 
 def test_the_key_tuple_is_built_once_per_queue_keys():
@@ -43,7 +43,8 @@ def test_the_parts_are_in_the_order_the_scripts_expect_them():
     # The scripts read KEYS by this order (the preamble's PARTS); new parts go at the end.
     # `order` (the published score: band and sequence) took the place of `prio`; `born` went,
     # and came back as the enqueue time (ms) for the oldest message's age; `front` went when
-    # requeued messages began to keep their publish sequence number.
+    # requeued messages began to keep their publish sequence number; `clock` (sequence number
+    # -> time ticks) times the messages waiting at the back of a band, which have no `born`.
     assert QUEUE_KEY_PARTS == (
         "ready",
         "leased",
@@ -64,6 +65,7 @@ def test_the_parts_are_in_the_order_the_scripts_expect_them():
         "ttl",
         "uniq",
         "born",
+        "clock",
     )
 
 
