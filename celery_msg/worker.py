@@ -249,6 +249,9 @@ class PolicyRequest(Request):
         if "queue" in info:
             self._request_dict[QUEUE_REQUEST_KEY] = info["queue"]
             self._request_dict[DELIVERIES_REQUEST_KEY] = info.get("delivery_count")
+        # Never one from the message: Celery copies unknown request fields into a retry's
+        # headers, so a retried message carries the lease of the delivery it came from.
+        self._request_dict.pop(LEASE_REQUEST_KEY, None)
         # self.task shows the ack mode chosen for this message (TaskView).
         lease = lease_for_child(info, bool(self.task.acks_late))
         if lease is not None:
