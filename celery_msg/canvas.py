@@ -10,6 +10,8 @@
    s: a queue kombu has cached as declared costs no bound copies per publish.
 4. In or out of a block, the app's settings are a :class:`~celery_msg.settings.FastSettings`:
    Celery's own answers, without the ``KeyError`` per spelling and map of every read.
+5. Task messages' ``argsrepr`` / ``kwargsrepr`` are written by
+   :func:`celery_msg.reprs.saferepr`: Celery's text, through ``repr`` for flat arguments.
 
 The hook is Celery's ``group._apply_tasks``: the generator ``group.apply_async`` exhausts (with
 ``list``) to publish the group's tasks one by one with one producer, after freezing them (ids,
@@ -40,6 +42,7 @@ from celery.canvas import group
 
 from .bulk_publish import bulk, current_buffer, uses_celery_msg
 from .producer import adopt
+from .reprs import install as install_reprs
 from .settings import adopt as adopt_settings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ def install(app: Celery) -> None:
     """Publish ``app``'s groups in bulk (wraps ``group._apply_tasks`` once per process) and
     hold one producer per bulk block (wraps ``app.producer_or_acquire``)."""
     _hold_producer(app)
+    install_reprs()
     original = getattr(group, "_apply_tasks", None)
     if original is None:
         logger.warning(
