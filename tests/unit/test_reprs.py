@@ -85,3 +85,10 @@ def test_installed_where_celerys_task_messages_look_it_up():
     assert celery.app.amqp.saferepr is reprs.saferepr
     reprs.install()  # once
     assert celery.app.amqp.saferepr is reprs.saferepr
+
+
+def test_a_benchmark_can_have_celerys_own_back_for_a_while():
+    reprs.install()
+    with reprs.celerys_own():
+        assert celery.app.amqp.saferepr is celerys
+    assert celery.app.amqp.saferepr is reprs.saferepr
