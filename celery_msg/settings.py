@@ -4,8 +4,8 @@ Celery reads its settings six times per published task (in ``Task.apply_async``,
 ``send_task``, twice in ``as_task_v2`` for ``task_repr_maxlevels``, once in the router). Each
 read of Celery's ``Settings`` (``ConfigurationView.__getitem__``) builds the key's spellings
 (the namespace prefix, the old and new setting names) and tries each in every map, catching a
-``KeyError`` per miss: 152,000 of the 730,000 instructions Celery and kombu spend per ``.delay()`` inside a bulk
-block (``python -m bench.instructions delay-bulk-nopublish``).
+``KeyError`` per miss: 152,000 of the 730,000 instructions Celery and kombu spent per
+``.delay()`` inside a bulk block (``python -m bench.instructions delay-bulk-nopublish``).
 
 :class:`FastSettings` answers exactly what Celery's ``__getitem__`` answers, read at the same
 moment: it remembers only a key's spellings (a pure function of the key, the prefix and the
