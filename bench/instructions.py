@@ -12,7 +12,8 @@ task to the last, divided by the tasks finished meanwhile),
 and two floors (diagnostics: something is stubbed out in the counted process, never in a bench):
 
 - ``*-nopublish``: the transport's ``basic_publish`` does nothing: what Celery and kombu cost
-  per task by themselves, the least any publish through Celery's per-task path can cost;
+  per task by themselves, the least any publish through Celery's per-task path can cost
+  (``delay-bulk-nopublish``: inside a bulk block, with its held producer);
 - ``group-frame``: every signature's ``apply_async`` does nothing: what ``group.apply_async``
   costs around its tasks (cloning and freezing each signature, its result, the barrier, the
   ``GroupResult``), the least a group can cost while its results are tracked as Celery does.
@@ -49,6 +50,7 @@ def _counting(on: bool) -> None:
 #: Diagnostic phases: (the phase they stub, what is stubbed).
 FLOORS = {
     "delay-nopublish": ("delay", "basic_publish"),
+    "delay-bulk-nopublish": ("delay-bulk", "basic_publish"),
     "group-nopublish": ("group", "basic_publish"),
     "group-frame": ("group", "apply_async"),
 }

@@ -1,6 +1,13 @@
 """Dramatiq against Celery on celery-msg, in the same run, on the same fresh server: N no-op
-tasks published, then run by one worker: Dramatiq's as it starts by default (a process per
-core, 8 threads each: 2 x 8 on the bench VM), Celery's ``-P solo`` (as :mod:`bench.celery_e2e`).
+tasks published, then run by one worker, like against like (:data:`WORKERS`):
+
+- one process, one thread: Celery ``-P solo`` / ``dramatiq --processes 1 --threads 1``;
+- two processes, one task at a time each: Celery ``-P prefork -c 2`` / ``dramatiq
+  --processes 2 --threads 1``;
+- each as it starts by default on the 2-core bench VM: Celery ``-P prefork`` (a child per
+  core: ``-c 2``) / Dramatiq (a process per core, 8 threads each: 2 x 8).
+
+Figures:
 
 - send rate: Dramatiq's ``actor.send()`` in a loop; Celery's ``.delay()`` in a loop inside a
   :func:`celery_msg.bulk` block (to its end: Redis holds every message), and one by one;
@@ -18,6 +25,7 @@ import functools
 import importlib.util
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -54,9 +62,20 @@ def _dramatiq_send(bench: Bench, n: int) -> float:
         broker.close()
 
 
-def _dramatiq_worker(bench: Bench, n: int, prefix: str) -> float:
-    """Start ``dramatiq bench.dramatiq_app`` (its defaults); tasks/s from the first worker
-    process booted to the last task finished."""
+#: Worker pairings: name -> (Celery pool, its concurrency; Dramatiq processes, threads: None
+#: is its default).
+WORKERS: dict[str, tuple[str, int | None, int | None, int | None]] = {
+    "solo": ("solo", None, 1, 1),
+    "two": ("prefork", 2, 2, 1),
+    "defaults": ("prefork", 2, None, None),
+}
+
+
+def _dramatiq_worker(
+    bench: Bench, n: int, prefix: str, processes: int | None, threads: int | None
+) -> float:
+    """Start ``dramatiq bench.dramatiq_app`` (``None``: its default processes / threads);
+    tasks/s from the first worker process booted to the last task finished."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -64,7 +83,11 @@ def _dramatiq_worker(bench: Bench, n: int, prefix: str) -> float:
         "BENCH_REDIS_URL": bench.bench_url,
         "BENCH_PREFIX": prefix,
     }
-    cmd = [sys.executable, "-m", "dramatiq", "bench.dramatiq_app"]  # its defaults
+    cmd = [sys.executable, "-m", "dramatiq", "bench.dramatiq_app"]
+    if processes is not None:
+        cmd += ["--processes", str(processes)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -99,28 +122,38 @@ def _dramatiq_worker(bench: Bench, n: int, prefix: str) -> float:
         proc.wait()
 
 
+def _whole(send: float, worker: float) -> float:
+    return 1 / (1 / send + 1 / worker)
+
+
 def dramatiq_run(bench: Bench) -> dict[str, float]:
     n = bench.settings.e2e_n
+    out: dict[str, float] = {}
+    sends: list[float] = []
+    for name, (_, _, processes, threads) in WORKERS.items():
+        bench.flush()
+        send = _dramatiq_send(bench, n)
+        worker = _dramatiq_worker(bench, n, new_prefix("dramatiq"), processes, threads)
+        sends.append(send)
+        out[f"worker_{name}"], out[f"whole_{name}"] = worker, _whole(send, worker)
     bench.flush()
-    send = _dramatiq_send(bench, n)
-    worker = _dramatiq_worker(bench, n, new_prefix("dramatiq"))
-    bench.flush()
-    return {"send": send, "worker": worker, "whole": 1 / (1 / send + 1 / worker)}
+    out["send"] = statistics.median(sends)
+    return out
 
 
 def celery_run(bench: Bench) -> dict[str, float]:
-    out = celery_e2e.run(
-        bench, OURS, "solo", None, publisher=functools.partial(celery_e2e.publish, bulk=True)
-    )
-    one_by_one = celery_e2e.publish(bench, OURS, bench.settings.e2e_n)
+    out: dict[str, float] = {}
+    sends: list[float] = []
+    bulk = functools.partial(celery_e2e.publish, bulk=True)
+    for name, (pool, concurrency, _, _) in WORKERS.items():
+        figures = celery_e2e.run(bench, OURS, pool, concurrency, publisher=bulk)
+        send, worker = figures["publish"], figures["tasks_per_s"]
+        sends.append(send)
+        out[f"worker_{name}"], out[f"whole_{name}"] = worker, _whole(send, worker)
+    out["send"] = statistics.median(sends)
+    out["send_one_by_one"] = celery_e2e.publish(bench, OURS, bench.settings.e2e_n)
     bench.flush()
-    send, worker = out["publish"], out["tasks_per_s"]
-    return {
-        "send": send,
-        "send_one_by_one": one_by_one,
-        "worker": worker,
-        "whole": 1 / (1 / send + 1 / worker),
-    }
+    return out
 
 
 def run(bench: Bench, run_number: int) -> dict[str, dict[str, float]]:

@@ -8,6 +8,10 @@
    the block's life, instead of taking one from the pool and giving it back per task.
 3. In or out of a block, the pool's producers are :class:`~celery_msg.producer.DeclaringProducer`
    s: a queue kombu has cached as declared costs no bound copies per publish.
+4. In or out of a block, the app's settings are a :class:`~celery_msg.settings.FastSettings`:
+   Celery's own answers, without the ``KeyError`` per spelling and map of every read.
+5. Task messages' ``argsrepr`` / ``kwargsrepr`` are written by
+   :func:`celery_msg.reprs.saferepr`: Celery's text, through ``repr`` for flat arguments.
 
 The hook is Celery's ``group._apply_tasks``: the generator ``group.apply_async`` exhausts (with
 ``list``) to publish the group's tasks one by one with one producer, after freezing them (ids,
@@ -38,6 +42,8 @@ from celery.canvas import group
 
 from .bulk_publish import bulk, current_buffer, uses_celery_msg
 from .producer import adopt
+from .reprs import install as install_reprs
+from .settings import adopt as adopt_settings
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,7 @@ def install(app: Celery) -> None:
     """Publish ``app``'s groups in bulk (wraps ``group._apply_tasks`` once per process) and
     hold one producer per bulk block (wraps ``app.producer_or_acquire``)."""
     _hold_producer(app)
+    install_reprs()
     original = getattr(group, "_apply_tasks", None)
     if original is None:
         logger.warning(
@@ -74,6 +81,7 @@ def _hold_producer(app: Celery) -> None:
         return pool.acquire(block=True, timeout=app.conf.broker_pool_acquire_timeout)
 
     def producer_or_acquire(producer: Any = None) -> Any:
+        adopt_settings(app)  # again: Celery makes a new settings object when it finalizes
         if producer is None:
             buffer = current_buffer()
             if buffer is None:

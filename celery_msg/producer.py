@@ -15,6 +15,16 @@ when the connection is closed or re-established (kombu's ``Connection``), and an
 never caches (an ``auto_delete`` or ``x-expires`` queue) is declared on every publish as
 before. Pinned by ``tests/integration/test_producer_declarations.py`` (the same publishes
 through both producers declare the same queues).
+
+Inside a bulk block of this thread, a publish Celery asks to retry (``retry=True``: every task)
+is first made without kombu's ``Connection.ensure`` around it: there it buffers the message
+(the block's flush sends it, and sends again what was not confirmed, by the app's retry
+policy), so the wrapper made per publish retried nothing (20,000 of the 775,000 instructions of
+a ``.delay()`` in a block, ``python -m bench.instructions delay-bulk``). kombu's other step for
+such a publish (the retry policy into the connection's transport options) is kept, and a
+publish that still fails on a recoverable connection error (routing read a binding table, or a
+queue was declared, on a dropped connection) is made again as kombu makes it, inside ``ensure``
+(``tests/integration/test_bulk_publish.py``: a declaration across a Redis restart).
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.messaging import Producer
+
+from .bulk_publish import current_buffer
 
 
 def declaration_cached(entity: Any, channel: Any) -> bool:
@@ -33,7 +45,20 @@ def declaration_cached(entity: Any, channel: Any) -> bool:
 
 
 class DeclaringProducer(Producer):
-    """kombu's ``Producer``; a cached declaration costs one set look-up (see the module)."""
+    """kombu's ``Producer``; a cached declaration costs one set look-up, and inside a bulk
+    block a publish is not wrapped in ``ensure`` until it fails (see the module)."""
+
+    def publish(self, body: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("retry") and current_buffer() is not None:
+            policy = kwargs.get("retry_policy")
+            if policy:
+                self.connection.transport_options.update(policy)  # as kombu's publish does
+            kwargs["retry"] = False
+            try:
+                return super().publish(body, *args, **kwargs)  # type: ignore[no-untyped-call]
+            except self.connection.recoverable_connection_errors:
+                kwargs["retry"] = True  # made again as kombu makes it: revived, retried
+        return super().publish(body, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     def maybe_declare(self, entity: Any, retry: bool = False, **retry_policy: Any) -> Any:
         if entity and declaration_cached(entity, self.channel):

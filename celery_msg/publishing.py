@@ -147,7 +147,7 @@ class Publishing(ScriptCalls):
             lock_until_ms=out.lock_until_ms,
             retry=out.retry,
         )
-        return head + b"".join(bulk(arg) for arg in args)
+        return head + b"".join(map(bulk, args))
 
     def publish_once(
         self, queue: str, message_id: str, payload: bytes | str, band: int, *, due_ms: int = 0

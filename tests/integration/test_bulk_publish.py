@@ -217,3 +217,27 @@ def test_an_exception_inside_a_bulk_block_still_sends_what_was_published(stack: 
         sent = stack.task("add").delay(1, 1).id
         raise KeyError("boom")
     assert stored_keys(stack) == [sent]
+
+
+def test_a_task_whose_queue_is_declared_while_redis_restarts_is_retried_as_kombu_retries_it(
+    durable_server: Server, durable_stack: Stack
+):
+    # Inside a block the producer first publishes without kombu's ensure (it only buffers);
+    # a declaration that meets a dropped connection must still be revived and retried by
+    # ensure, as kombu does outside the block, not raised out of apply_async.
+    stack = durable_stack
+    declare(stack)
+    add = stack.task("add")
+    policy = {"max_retries": 40, "interval_start": 0.1, "interval_step": 0.1, "interval_max": 0.3}
+    with celery_msg.bulk(stack.app, 100):
+        # ignore_result: no result backend connection (same server) left to a killed Redis
+        first = add.apply_async((1, 1), ignore_result=True)
+        durable_server.process.kill()
+        restart = threading.Timer(0.5, durable_server.process.restart)
+        restart.start()
+        try:
+            fresh = add.apply_async((2, 2), queue="fresh", retry_policy=policy, ignore_result=True)
+        finally:
+            restart.join()
+    assert stored_keys(stack) == [first.id]
+    assert stored_keys(stack, "fresh") == [fresh.id]
