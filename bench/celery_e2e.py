@@ -26,12 +26,20 @@ class Unfinished(RuntimeError):
     """The worker did not finish all N tasks in time."""
 
 
-def publish(bench: Bench, transport: str, n: int, *, bulk: bool = False) -> float:
+#: The no-op tasks: ``bench.noop`` waits for Redis to count it (a round trip per task, as a
+#: task doing its own I/O), ``bench.noop_unwaited`` does not (only the broker's waits remain).
+NOOP = "bench.noop"
+NOOP_UNWAITED = "bench.noop_unwaited"
+
+
+def publish(
+    bench: Bench, transport: str, n: int, *, bulk: bool = False, task_name: str = NOOP
+) -> float:
     """Publish ``n`` no-op tasks; returns tasks/s. ``bulk``: the ``.delay()`` calls inside one
     :func:`celery_msg.bulk` block, timed to its end (Redis holds every message)."""
     app = make_app(bench.broker_url(transport))
     try:
-        task = app.tasks["bench.noop"]
+        task = app.tasks[task_name]
         task.delay(n)  # connect and declare outside the timing
         started = time.perf_counter()
         with celery_msg.bulk(app) if bulk else contextlib.nullcontext():
@@ -49,20 +57,29 @@ def run(
     pool: str,
     concurrency: int | None,
     publisher: Callable[[Bench, str, int], float] | None = None,
+    task_name: str = NOOP,
 ) -> dict[str, Any]:
-    """One e2e run; ``publisher`` publishes the N tasks (default :func:`publish`)."""
+    """One e2e run; ``publisher`` publishes the N tasks (default :func:`publish` of
+    ``task_name``)."""
     n = bench.settings.e2e_n
     bench.flush()
-    publish_rate = (publisher or publish)(bench, transport, n)
+    if publisher is None:
+        publish_rate = publish(bench, transport, n, task_name=task_name)
+    else:
+        publish_rate = publisher(bench, transport, n)
     prefix = new_prefix("e2e")
     client = bench.client
+
+    def finished() -> Any:
+        if task_name == NOOP:
+            return client.get(f"{prefix}:last")  # written by the task that counted N
+        # Written by every task; the count reaching N tells the last one wrote it.
+        return int(client.get(f"{prefix}:done") or 0) >= n and client.get(f"{prefix}:last")
+
     with Worker(bench, transport, prefix, pool=pool, concurrency=concurrency) as worker:
         ready = worker.wait_ready()
         done = wait_for(
-            lambda: client.get(f"{prefix}:last"),
-            timeout=30 + n / MIN_RATE,
-            interval=0.02,
-            check=worker.check_alive,
+            finished, timeout=30 + n / MIN_RATE, interval=0.02, check=worker.check_alive
         )
         if done is None:
             count = int(client.get(f"{prefix}:done") or 0)

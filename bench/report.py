@@ -86,6 +86,7 @@ ROWS = (
     Row("raw_consume_4q", "raw consume+ack, 4 queues", _rate, ">= 3x", _ratio_at_least(3)),
     Row("celery_publish", "Celery publish (`delay`)", _rate),
     Row("e2e_solo", "Celery e2e, -P solo", _rate, ">= 1.1x", _ratio_at_least(1.1)),
+    Row("e2e_solo_unwaited", "Celery e2e, -P solo, task not waiting on Redis", _rate),
     Row(
         "enqueue_group_bulk",
         "enqueue a group: ours bulk vs kombu as is",
@@ -108,6 +109,7 @@ ROWS = (
     Row("bulk_window_ms", "bulk block: longest a task waited in the process", _ms),
     Row("enqueue_delay_batch", "apply_async(producer=p), both in Producer.batch()", _rate),
     Row("e2e_prefork", "Celery e2e, -P prefork -c 2", _rate, ">= 1.1x", _ratio_at_least(1.1)),
+    Row("e2e_prefork_unwaited", "Celery e2e, -P prefork -c 2, task not waiting on Redis", _rate),
     Row("idle_worker", "idle worker CPU (prefork -c 2)", _pct, "< 1 %", lambda o, k, r: o < 1),
     Row("idle_server", "server CPU caused by idle worker", _pct),
     Row("latency_p50", "publish -> task start, p50", _ms),

@@ -32,6 +32,9 @@ Results = dict[str, dict[str, Any]]
 
 #: (metric, pool, concurrency) of the end-to-end runs.
 E2E_POOLS = (("e2e_solo", "solo", None), ("e2e_prefork", "prefork", 2))
+#: The same runs with a task that does not wait for its own bookkeeping (bench.tasks
+#: noop_unwaited): what the worker's broker costs, without a task's round trip beside it.
+E2E_UNWAITED = (("e2e_solo_unwaited", "solo", None), ("e2e_prefork_unwaited", "prefork", 2))
 
 
 def log(message: str) -> None:
@@ -68,13 +71,17 @@ def run_raw(bench: Bench) -> Results:
 def run_e2e(bench: Bench) -> Results:
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in range(1, bench.settings.runs + 1):
-        for metric, pool, concurrency in E2E_POOLS:
+        for metric, pool, concurrency in (*E2E_POOLS, *E2E_UNWAITED):
+            unwaited = metric.endswith("_unwaited")
+            task = celery_e2e.NOOP_UNWAITED if unwaited else celery_e2e.NOOP
             for transport in _order(run):
-                out = celery_e2e.run(bench, transport, pool, concurrency)
+                out = celery_e2e.run(bench, transport, pool, concurrency, task_name=task)
                 values[metric][transport].append(out["tasks_per_s"])
-                values["celery_publish"][transport].append(out["publish"])
+                if not unwaited:
+                    values["celery_publish"][transport].append(out["publish"])
                 log(
-                    f"e2e run {run} {LABELS[transport]:>11} -P {pool}: publish "
+                    f"e2e run {run} {LABELS[transport]:>11} -P {pool}{' (unwaited)' * unwaited}: "
+                    "publish "
                     f"{out['publish']:,.0f}/s, worker {out['tasks_per_s']:,.0f} tasks/s "
                     f"(startup {out['startup_s']:.1f} s)"
                 )

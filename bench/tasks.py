@@ -45,6 +45,43 @@ def noop(total: int) -> None:
         _store().set(f"{_prefix()}:last", time.time())
 
 
+#: Per process: a connection of the bench server whose replies :func:`noop_unwaited` reads
+#: only now and then, and how many are unread.
+_unwaited: dict[int, list[Any]] = {}
+
+#: Unread replies after which :func:`noop_unwaited` reads what has arrived.
+UNREAD_LIMIT = 300
+
+
+def noop_unwaited(total: int) -> None:
+    """Throughput with no round trip in the task: as :func:`noop`, but its bookkeeping is
+    written without waiting for Redis (one send per task; the replies are read in passing).
+
+    :func:`noop` waits for an ``INCR`` reply in every task, as a task waiting on its own I/O
+    would: on a fast machine that round trip is a large part of a no-op task's time on either
+    transport, which hides what the broker costs. Here the worker's only waits are its
+    broker's. Each task writes when it finished, then counts itself (in that order, in one
+    send: Redis runs them back to back), so when the count reaches ``total``, ``last`` is the
+    last task's finish (of the last to write, with a prefork pool's children interleaving).
+    """
+    pid = os.getpid()
+    state = _unwaited.get(pid)
+    if state is None:
+        state = _unwaited[pid] = [_store().connection_pool.get_connection(), 0]
+    conn, unread = state
+    prefix = _prefix()
+    now = repr(time.time())
+    commands = [("SET", f"{prefix}:first", now, "NX"), ("SET", f"{prefix}:last", now)]
+    commands.append(("INCR", f"{prefix}:done"))
+    conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+    unread += len(commands)
+    if unread >= UNREAD_LIMIT:
+        while unread and conn.can_read(timeout=0):
+            conn.read_response()
+            unread -= 1
+    state[1] = unread
+
+
 def probe(index: int) -> None:
     """Latency: record when this task started."""
     _store().hset(f"{_prefix()}:started", str(index), time.time())
@@ -89,6 +126,7 @@ def make_app(broker_url: str, transport_options: dict[str, Any] | None = None) -
     if broker_url.startswith("celery-msg"):
         celery_msg.configure(app)  # the one line a celery-msg user adds
     app.task(name="bench.noop")(noop)
+    app.task(name="bench.noop_unwaited")(noop_unwaited)
     app.task(name="bench.probe")(probe)
     app.task(name="bench.sleeper", acks_late=True)(sleeper)
     app.task(name="bench.delayed")(delayed)
