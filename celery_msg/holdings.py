@@ -257,7 +257,8 @@ class Holdings:
             if lease is not None:
                 self._writing.append(lease)
         if lease is None:
-            log_ignored(tag, "ack")
+            if not self._was_gone(tag):
+                log_ignored(tag, "ack")
             return False
         kept = False
         try:
