@@ -12,7 +12,7 @@ from celery_msg.scripts import Code
 if TYPE_CHECKING:
     from conftest import Lab  # tests/lua/conftest.py
 
-OK, LOST = Code.OK, Code.LEASE_LOST
+OK, LOST, GONE = Code.OK, Code.LEASE_LOST, Code.GONE
 
 
 def test_requeue_puts_the_message_at_the_front_of_its_band(lab: Lab):
@@ -65,6 +65,19 @@ def test_a_requeue_with_a_wrong_token_changes_nothing_but_the_lease_lost_count(l
     assert lab.requeue(("m", 6), uncount=True) == [LOST]
 
     assert lab.state() == {**before, "stats": {"lease_lost": "1"}}
+
+
+def test_a_requeue_of_a_message_acked_already_finds_it_gone_and_counts_nothing(lab: Lab):
+    # A prefork pool child acked its success; the worker, stopped before it read the result,
+    # restores the delivery.
+    lab.add_leased("m", "M", token=5, deadline=lab.now + 100, deliv=1)
+    lab.add_leased("n", "N", token=6, deadline=lab.now + 100, deliv=1)
+    assert lab.ack(("m", 5)) == [OK]
+    before = lab.state()
+
+    assert lab.requeue(("m", 5), ("n", 9), uncount=True) == [GONE, LOST]
+
+    assert lab.state() == {**before, "stats": {**before["stats"], "lease_lost": "1"}}
 
 
 def test_a_batch_requeue_returns_one_code_per_pair_and_puts_them_in_publish_order(lab: Lab):
