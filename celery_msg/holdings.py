@@ -198,6 +198,12 @@ class Holdings:
                 self._gone.add(tag)
             self._acks = [lease for lease in self._acks if lease not in gone]
 
+    def _ignored(self, tag: str, action: str) -> None:
+        """A settlement of ``tag`` found no lease: logged as lost, unless a renewal found its
+        message GONE (then nothing is wrong and nothing is said)."""
+        if not self._was_gone(tag):
+            log_ignored(tag, action)
+
     def _was_gone(self, tag: str) -> bool:
         """Whether ``tag`` was dropped as GONE (once: its settlement is the last word)."""
         with self._lock:
@@ -225,14 +231,13 @@ class Holdings:
     def release(self, tag: str, action: str) -> Lease | None:
         """:meth:`settle`, logging a tag whose lease was lost (nothing to settle)."""
         lease = self.settle(tag)
-        if lease is None and not self._was_gone(tag):
-            log_ignored(tag, action)
+        if lease is None:
+            self._ignored(tag, action)
         return lease
 
     def buffer_ack_or_log(self, tag: str) -> None:
         if not self.buffer_ack(tag):
-            if not self._was_gone(tag):
-                log_ignored(tag, "ack")
+            self._ignored(tag, "ack")
         elif self.on_buffered is not None:
             self.on_buffered()
 
@@ -257,8 +262,7 @@ class Holdings:
             if lease is not None:
                 self._writing.append(lease)
         if lease is None:
-            if not self._was_gone(tag):
-                log_ignored(tag, "ack")
+            self._ignored(tag, "ack")
             return False
         kept = False
         try:
