@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -46,6 +46,7 @@ from .registration import URL_SCHEMES
 if TYPE_CHECKING:
     from celery import Celery
 
+    from .core import Outgoing, Route
     from .routing import RoutingChannel as Channel
 
 logger = logging.getLogger(__name__)
@@ -150,13 +151,46 @@ class Buffer:
         #: The longest a message of this buffer waited in the process before it was written
         #: (seconds): the window the block opens (the guarantee moves to the block's edge).
         self.longest_wait = 0.0
+        #: Messages added so far, the last one and its entries (:mod:`celery_msg.group_template`
+        #: takes its templates from them).
+        self.added = 0
+        self.last: Origin | None = None
+        self.last_entries: list[Entry] = []
 
     def add(self, channel: Channel, message: dict[str, Any], exchange: str, key: str) -> None:
         """Route ``message`` as :meth:`Channel.basic_publish` would and buffer it for each of
         its queues; a full batch is written at once."""
+        origin = self._origin(channel, message, exchange, key)
+        start = len(self._pending)
+        self._route(origin, fresh=False)
+        self.last_entries = self._pending[start:]
+        self._full()
+
+    def add_routed(
+        self,
+        channel: Channel,
+        message: dict[str, Any],
+        exchange: str,
+        key: str,
+        routed: Sequence[tuple[Outgoing, Route | None]],
+    ) -> None:
+        """Buffer ``message`` with its entries already made (each queue's :class:`Outgoing`
+        and route, as :meth:`add` would make them): :mod:`celery_msg.group_template`'s derived
+        messages. A route gone stale is routed again from ``message`` as for :meth:`add`."""
+        origin = self._origin(channel, message, exchange, key)
+        for out, route in routed:
+            origin.queues.add(out.queue)
+            self._pending.append(Entry(out, route, origin))
+        self._full()
+
+    def _origin(self, channel: Channel, message: dict[str, Any], exchange: str, key: str) -> Origin:
         if not self._pending:
             self._oldest = time.monotonic()
-        self._route(Origin(channel, message, exchange, key), fresh=False)
+        origin = self.last = Origin(channel, message, exchange, key)
+        self.added += 1
+        return origin
+
+    def _full(self) -> None:
         if len(self._pending) >= self.batch:
             self._write()
             # Redis lost the script (restarted, or it is new there): reloaded; they go again

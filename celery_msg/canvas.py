@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -41,6 +42,7 @@ from celery import Celery
 from celery.canvas import group
 
 from .bulk_publish import bulk, current_buffer, uses_celery_msg
+from .group_template import GroupPublisher, publisher_for
 from .producer import adopt
 from .reprs import install as install_reprs
 from .settings import adopt as adopt_settings
@@ -49,6 +51,14 @@ logger = logging.getLogger(__name__)
 
 _apps: weakref.WeakSet[Celery] = weakref.WeakSet()
 _MARK = "__celery_msg_bulk__"
+_last = threading.local()
+
+
+def last_publisher() -> GroupPublisher | None:
+    """The publisher of this thread's last group published in bulk with derived messages
+    (its ``derived`` count says how many were), for tests and benchmarks."""
+    publisher: GroupPublisher | None = getattr(_last, "publisher", None)
+    return publisher
 
 
 def install(app: Celery) -> None:
@@ -114,7 +124,11 @@ def _bulk_apply_tasks(original: Any) -> Any:
         if target not in _apps or not uses_celery_msg(target):
             yield from original(self, tasks, producer, app, *args, **kwargs)
             return
-        with bulk(target):
+        with bulk(target) as buffer:
+            publisher = publisher_for(target, buffer)
+            if publisher is not None:
+                tasks = publisher.tasks(tasks)
+                _last.publisher = publisher
             yield from original(self, tasks, producer, app, *args, **kwargs)
 
     return _apply_tasks
