@@ -17,30 +17,32 @@ answered here (an attribute on Celery's clone of the signature, dropped with it)
 - The first task of a shape goes through Celery's path, and the message it built (as the
   transport received it) and its ``after_task_publish`` arguments are kept: the template.
 - The second goes through Celery's path too, and is derived from the template as well: only if
-  the two are equal (the message, its signal's body, headers, exchange and routing key) is
-  the shape trusted. Anything Celery or a library adds per task that is not modelled here (a
-  time, a per-task header, a route by arguments) shows up as a difference, and then every
-  task of that shape takes Celery's path.
+  the two are equal (the message, its signal's body, headers, exchange and routing key) is the
+  shape trusted. Anything Celery or a library adds per task that is not modelled here (a time,
+  a per-task header, a route by arguments) shows up as a difference, and then every task of
+  that shape takes Celery's path.
 - From the third on: the message is the template with the task's id (also its
-  ``correlation_id``, and its ``root_id`` when that was the task's own), ``group_index``,
-  body (arguments serialized by the template's serializer) and ``argsrepr``/``kwargsrepr``
-  (Celery's ``saferepr`` with Celery's limits). Celery's ``backend.on_task_call`` is called
-  for a task whose result is tracked, and ``after_task_publish`` is sent with what Celery
-  sends, after the message is buffered.
+  ``correlation_id``, and its ``root_id`` when that was the task's own), ``group_index``, body
+  (arguments serialized by the template's serializer) and ``argsrepr``/``kwargsrepr``
+  (Celery's ``saferepr`` with Celery's limits); its stored JSON is the template's text with
+  those values put in (:class:`Splice`), and its buffer entries the template's. Celery's
+  ``backend.on_task_call`` is called for a task whose result is tracked, and
+  ``after_task_publish`` is sent with what Celery sends, after the message is buffered.
 
 Not derived (Celery's path, as before, for the whole group or the shape): while
 ``before_task_publish`` or the deprecated ``task_sent`` have receivers (they may change the
 message, and a derived message would carry the first task's change); with
 ``task_send_sent_event``; with a router that is not a plain mapping (a function may route by
 arguments); a task class that overrides ``apply_async`` or ``shadow_name``, or uses pydantic
-arguments; when one of Celery's functions on this path was wrapped by another library
-(``__wrapped__``); options with a time in them (``countdown``, ``eta``, ``expires``), links;
-partial arguments given to the group's ``apply_async``; compression; protocol 1; more than
-:data:`MAX_SHAPES` shapes in one group. ``msg_group_templates = False`` in the app's
-configuration turns it off.
+arguments; when one of Celery's functions on this path was replaced or wrapped by another
+library (Sentry wraps ``Task.apply_async``, and must see every task); options with a time in
+them (``countdown``, ``eta``, ``expires``), links; partial arguments given to the group's
+``apply_async``; compression; protocol 1; more than :data:`MAX_SHAPES` shapes in one group.
+``msg_group_templates = False`` in the app's configuration turns it off.
 
-Pinned by ``tests/integration/test_group_template.py``: the messages stored and the signals
-sent for the same groups, derived and through Celery's path, are equal after renaming ids.
+Pinned by ``tests/integration/test_group_template.py``: the messages stored, the backend calls
+and the signals of the same groups, derived and through Celery's path, are equal after
+renaming ids.
 """
 
 from __future__ import annotations
@@ -82,14 +84,19 @@ MAX_SHAPES = 8
 #: The app setting that turns derivation off.
 SETTING = "msg_group_templates"
 
-#: Celery's functions on the derived path, checked not to be wrapped by another library.
-_CELERYS = (
-    Celery.send_task,
-    Task.apply_async,
-    Signature.apply_async,
-    AMQP.as_task_v2,
-    AMQP._create_task_sender,
-)
+#: The qualified name of the function ``AMQP.send_task_message`` is in Celery.
+_SENDER = "AMQP._create_task_sender.<locals>.send_task_message"
+
+#: Celery's functions on the derived path as this module found them: each group checks that
+#: they are still these and not wrapped (``__wrapped__``), since a library that wraps one (as
+#: Sentry wraps ``Task.apply_async``) expects to see every task.
+_CELERYS = {
+    (Celery, "send_task"): Celery.send_task,
+    (Task, "apply_async"): Task.apply_async,
+    (Signature, "apply_async"): Signature.apply_async,
+    (AMQP, "as_task_v2"): AMQP.as_task_v2,
+    (AMQP, "_create_task_sender"): AMQP._create_task_sender,
+}
 
 
 @dataclass(slots=True)
@@ -525,11 +532,17 @@ def publisher_for(app: Celery, buffer: Buffer) -> GroupPublisher | None:
         return None
     if signals.before_task_publish.receivers or signals.task_sent.receivers:
         return None
-    if any(hasattr(f, "__wrapped__") for f in _CELERYS):
-        return None
+    for (owner, name), found in _CELERYS.items():
+        now = getattr(owner, name)
+        if now is not found or hasattr(now, "__wrapped__"):
+            return None
     amqp = app.amqp
-    if type(amqp).as_task_v2 is not AMQP.as_task_v2 or type(app).send_task is not Celery.send_task:
-        return None
+    if (
+        getattr(app.send_task, "__func__", None) is not Celery.send_task
+        or getattr(amqp.create_task_message, "__func__", None) is not AMQP.as_task_v2
+        or getattr(amqp.send_task_message, "__qualname__", "") != _SENDER
+    ):
+        return None  # an app, or its amqp, whose send path was replaced
     if not all(isinstance(route, MapRoute) for route in amqp.router.routes):
         return None
     return GroupPublisher(app, buffer)

@@ -7,6 +7,7 @@ silently fell back to Celery's path fails instead of comparing Celery with itsel
 from __future__ import annotations
 
 import base64
+import functools
 import gc
 import json
 import re
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from celery import chord, group
+from celery import Task, chord, group
 from celery.signals import after_task_publish, before_task_publish
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
 from celery_helpers import Stack, StackFactory
@@ -242,3 +243,25 @@ def test_errors_in_the_middle_are_celerys_and_what_came_before_is_stored(
                 group([*(add.s(i, i) for i in range(6)), bad, add.s(9, 9)]).apply_async()
             stored_counts.append(len(stored(stack, DEFAULT_QUEUE)))
         assert stored_counts == [6, 6]
+
+
+def test_a_library_that_wraps_apply_async_sees_every_task(stack: Stack, signalled: Published):
+    # As Sentry's Celery integration does (functools.wraps), and as a plain replacement would.
+    add = stack.task("add")
+    original = Task.apply_async
+    seen: list[str] = []
+
+    def tracing(self: Task, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["task_id"])
+        return original(self, *args, **kwargs)
+
+    for wrapper in (functools.wraps(original)(tracing), tracing):
+        seen.clear()
+        Task.apply_async = wrapper  # type: ignore[method-assign]
+        try:
+            canvas._last.publisher = None
+            result = group(add.s(i, i) for i in range(20)).apply_async()
+        finally:
+            Task.apply_async = original  # type: ignore[method-assign]
+        assert canvas.last_publisher() is None
+        assert seen == [r.id for r in result.results]
