@@ -65,13 +65,16 @@ from celery.app.routes import MapRoute
 from celery.app.task import Task
 from celery.canvas import Signature
 from kombu import serialization
+from kombu.exceptions import EncodeError
+from kombu.utils import json as kombu_json
 
+from .publishing import Outgoing
 from .routing import dumps
 
 if TYPE_CHECKING:
     from .bulk_publish import Buffer
     from .bulk_senders import Entry, Origin
-    from .core import Outgoing, Route
+    from .core import Route
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +207,20 @@ class Template:
     #: marker that was not unique in the text).
     splice: Splice | None
 
+    #: True while the serializer is kombu's own JSON (``kombu.utils.json.dumps``).
+    kombu_json: bool
+
+    def encode(self, body: Any) -> Any:
+        """``body`` serialized as kombu's ``Producer.publish`` does (``serialization.dumps``),
+        but kombu's own JSON through one encoder, not one per call (``json.dumps`` with
+        ``cls`` builds one with these same defaults); errors raised as kombu raises them."""
+        if not self.kombu_json:
+            return serialization.dumps(body, serializer=self.serializer)[2]  # type: ignore[no-untyped-call]
+        try:
+            return dumps(body)
+        except Exception as exc:
+            raise EncodeError(exc) from exc
+
 
 @dataclass(slots=True, eq=False)
 class Shape:
@@ -233,7 +250,7 @@ class _Derived:
         payload = template.splice.join(self.values)
         task_id = self.values["id"]
         return [
-            (out._replace(message_id=task_id, payload=payload), route)
+            (Outgoing(out.queue, task_id, payload, *out[3:]), route)
             for out, route in template.routed
         ]
 
@@ -388,7 +405,7 @@ class GroupPublisher:
                 kwargs, self._kwargsrepr_maxsize, maxlevels=self._maxlevels
             )
         body = (args, kwargs, template.embed)
-        _, _, data = serialization.dumps(body, serializer=template.serializer)  # type: ignore[no-untyped-call]
+        data = template.encode(body)
         channel = template.channel
         values["body"], _ = channel.encode_body(data, channel.body_encoding)
         properties = dict(template.message["properties"])
@@ -521,6 +538,8 @@ def _template(
         ignore_result=bool(headers.get("ignore_result")),
         root_is_id=root_is_id,
         splice=_splice(message, names) if plain else None,
+        kombu_json=serializer == "json"
+        and serialization.registry._encoders["json"].encoder is kombu_json.dumps,
     )
 
 

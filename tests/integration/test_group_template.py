@@ -19,6 +19,8 @@ from celery import Task, chord, group
 from celery.signals import after_task_publish, before_task_publish
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
 from celery_helpers import Stack, StackFactory
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kombu.exceptions import EncodeError
 
 from celery_msg import canvas
@@ -265,3 +267,31 @@ def test_a_library_that_wraps_apply_async_sees_every_task(stack: Stack, signalle
             Task.apply_async = original  # type: ignore[method-assign]
         assert canvas.last_publisher() is None
         assert seen == [r.id for r in result.results]
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+CALLS = st.tuples(
+    st.lists(JSON_VALUES, max_size=4), st.dictionaries(st.text(min_size=1), JSON_VALUES, max_size=3)
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(calls=st.lists(CALLS, min_size=3, max_size=8))
+def test_any_arguments_are_stored_as_celery_stores_them(
+    stack: Stack, signalled: Published, calls: list[tuple[list[Any], dict[str, Any]]]
+):
+    tsum = stack.task("tsum")
+    tsum.typing = False
+    out, derived = both_ways(
+        stack, lambda: group(tsum.s(*a, **k) for a, k in calls).apply_async(), signalled
+    )
+    assert derived == len(calls) - 2
+    assert [m["body"][:2] for m in out["messages"]] == renamed([[list(a), k] for a, k in calls])
