@@ -113,6 +113,8 @@ def both_ways(
         publisher = canvas.last_publisher()
         if on:
             derived = publisher.derived if publisher is not None else 0
+        else:
+            assert publisher is None  # msg_group_templates = False: Celery's path only
     del backend.on_task_call
     assert results[1] == results[0]
     return results[1], derived
