@@ -27,7 +27,10 @@ answered here (an attribute on Celery's clone of the signature, dropped with it)
   (Celery's ``saferepr`` with Celery's limits); its stored JSON is the template's text with
   those values put in (:class:`Splice`), and its buffer entries the template's. Celery's
   ``backend.on_task_call`` is called for a task whose result is tracked, and
-  ``after_task_publish`` is sent with what Celery sends, after the message is buffered.
+  ``after_task_publish`` is sent with what Celery sends, after the message is buffered. (One
+  thing of Celery's is not repeated: ``send_task`` returns an ``AsyncResult`` the group loop
+  drops at once, whose ``__del__`` makes a Redis result backend unsubscribe from the task's
+  channel, and the loop's own result subscribes again; a derived task stays subscribed.)
 
 Not derived (Celery's path, as before, for the whole group or the shape): while
 ``before_task_publish`` or the deprecated ``task_sent`` have receivers (they may change the
@@ -80,7 +83,8 @@ logger = logging.getLogger(__name__)
 
 #: The options Celery sets per task of a group; every other option defines the shape.
 PER_TASK_OPTIONS = frozenset({"task_id", "group_index"})
-#: Options whose message fields depend on the time of the call, or that add messages.
+#: Options whose message fields depend on the time of the call, or that carry signatures of
+#: their own (links, cloned per task by Celery).
 NOT_DERIVED_OPTIONS = frozenset({"countdown", "eta", "expires", "link", "link_error"})
 #: Shapes in one group before the rest of its tasks take Celery's path.
 MAX_SHAPES = 8
