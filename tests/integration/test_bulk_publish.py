@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from celery import group
 from celery_app.settings import DEFAULT_QUEUE
 from celery_app.tasks import create_app
 from celery_helpers import Stack, stack_factory, wait_until
@@ -17,6 +18,7 @@ from kombu import Exchange, Producer, Queue
 
 import celery_msg
 from bench.proxy import TcpProxy
+from celery_msg import canvas
 from celery_msg.bulk_publish import BulkPublishError, RetryPolicy, bulk_buffer
 
 if TYPE_CHECKING:
@@ -159,6 +161,45 @@ def test_a_batch_run_but_unanswered_before_a_redis_crash_is_sent_again_and_store
     assert stored_keys(stack) == sorted(ids)  # each once: no id/<n> second copy
     stats = stack.broker.stats(DEFAULT_QUEUE)
     # The 500 whose replies were lost went again as unique publishes, found stored: no-ops.
+    assert (stats["published"], stats["duplicates"]) == (3000, 500)
+
+
+def test_a_groups_derived_messages_run_but_unanswered_before_a_redis_crash_are_stored_once(
+    durable_server: Server, durable_stack: Stack
+):
+    # As above, with groups: past their first two tasks their messages are derived
+    # (celery_msg.group_template) and go into the buffer with entries made from a template.
+    stack = durable_stack
+    declare(stack)
+    with TcpProxy(durable_server.process.port) as proxy:
+        app = create_app(
+            replace(stack.settings, redis_url=f"redis://127.0.0.1:{proxy.port}").environ()
+        )
+        add = app.tasks["add"]
+        ids: list[str] = []
+        derived = []
+
+        def publish(n: int) -> None:
+            result = group(add.s(i, i).set(ignore_result=True) for i in range(n)).apply_async()
+            ids.extend(r.id for r in result.results)
+            publisher = canvas.last_publisher()
+            derived.append(publisher.derived if publisher is not None else 0)
+
+        with celery_msg.bulk(app, batch=500) as buffer:  # the groups join this block
+            publish(1500)
+            buffer.flush()
+            proxy.hold_replies()
+            publish(500)  # one batch, run, not answered
+            wait_until(lambda: len(stored_keys(stack)) == 2000 or None, 10, "the batch run")
+            durable_server.process.kill()
+            durable_server.process.restart()  # from its AOF: the 2000 are kept, not its scripts
+            proxy.drop_all()
+            proxy.heal()
+            publish(1000)
+        app.close()
+    assert derived == [1498, 498, 998]
+    assert stored_keys(stack) == sorted(ids)  # each once: no id/<n> second copy
+    stats = stack.broker.stats(DEFAULT_QUEUE)
     assert (stats["published"], stats["duplicates"]) == (3000, 500)
 
 
