@@ -15,11 +15,12 @@
 
 The hook is Celery's ``group._apply_tasks``: the generator ``group.apply_async`` exhausts (with
 ``list``) to publish the group's tasks one by one with one producer, after freezing them (ids,
-group id, chord size) and before building the ``GroupResult``. Wrapping it in a bulk block
-changes no step of Celery's own: every task is still built and published by
-``Task.apply_async`` -> ``amqp.send_task_message``, with its ``before_task_publish`` and
-``after_task_publish`` signals, and its result tracked as usual. The only change is when the
-messages reach Redis: in pipelined batches, all of them before ``apply_async`` returns.
+group id, chord size) and before building the ``GroupResult``. Wrapped in a bulk block, the
+messages reach Redis in pipelined batches, all of them before ``apply_async`` returns; and past
+the first two tasks of each shape, a task's message is derived from the one Celery built
+(:mod:`celery_msg.group_template`, which says when and how that is shown equal to Celery's),
+instead of built again by ``Task.apply_async`` -> ``amqp.send_task_message``. Celery's loop
+itself (freezing, results, barrier, chord size) is unchanged.
 
 What this relies on is pinned by ``tests/integration/test_bulk_groups.py`` (a group's, a
 chunk's and a chord header's tasks are published inside the block, in Celery's own code; the
@@ -55,8 +56,9 @@ _last = threading.local()
 
 
 def last_publisher() -> GroupPublisher | None:
-    """The publisher of this thread's last group published in bulk with derived messages
-    (its ``derived`` count says how many were), for tests and benchmarks."""
+    """The publisher of this thread's last group published in bulk (its ``derived`` count says
+    how many of its messages were derived), None where they were all built by Celery; for
+    tests and benchmarks."""
     publisher: GroupPublisher | None = getattr(_last, "publisher", None)
     return publisher
 
@@ -125,10 +127,9 @@ def _bulk_apply_tasks(original: Any) -> Any:
             yield from original(self, tasks, producer, app, *args, **kwargs)
             return
         with bulk(target) as buffer:
-            publisher = publisher_for(target, buffer)
+            publisher = _last.publisher = publisher_for(target, buffer)
             if publisher is not None:
                 tasks = publisher.tasks(tasks)
-                _last.publisher = publisher
             yield from original(self, tasks, producer, app, *args, **kwargs)
 
     return _apply_tasks

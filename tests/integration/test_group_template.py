@@ -101,7 +101,6 @@ def both_ways(
             stack.broker.purge(queue)
         signalled.clear()
         called.clear()
-        canvas._last.publisher = None
         publish()
         messages = [m for queue in queues for m in stored(stack, queue)]
         signals = [
@@ -225,7 +224,6 @@ def test_a_before_task_publish_receiver_gets_every_task_built_by_celery(stack: S
 
     before_task_publish.connect(before, weak=False)
     try:
-        canvas._last.publisher = None
         result = group(add.s(i, i) for i in range(20)).apply_async()
     finally:
         before_task_publish.disconnect(before)
@@ -263,7 +261,6 @@ def test_a_library_that_wraps_apply_async_sees_every_task(stack: Stack, signalle
         seen.clear()
         Task.apply_async = wrapper  # type: ignore[method-assign]
         try:
-            canvas._last.publisher = None
             result = group(add.s(i, i) for i in range(20)).apply_async()
         finally:
             Task.apply_async = original  # type: ignore[method-assign]
