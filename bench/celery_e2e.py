@@ -3,6 +3,8 @@
 Publishing is timed on its own (``task.delay`` in a loop, Celery's default producer pool).
 The worker starts after that; throughput is N / (last task finished - worker ready), where
 "ready" is Celery's ``worker_ready`` signal (or the first task's start, if that came first).
+With several worker processes on the queue (``processes``, as an operator runs one ``-P solo``
+worker per core), "ready" is the first of them to be ready: the others' start-up counts.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def run(
     concurrency: int | None,
     publisher: Callable[[Bench, str, int], float] | None = None,
     task_name: str = NOOP,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """One e2e run; ``publisher`` publishes the N tasks (default :func:`publish` of
-    ``task_name``)."""
+    ``task_name``); ``processes`` workers alike (``-n bench1@``, ``bench2@``...) are started
+    together on the one queue."""
     n = bench.settings.e2e_n
     bench.flush()
     if publisher is None:
@@ -76,11 +80,23 @@ def run(
         # Written by every task; the count reaching N tells the last one wrote it.
         return int(client.get(f"{prefix}:done") or 0) >= n and client.get(f"{prefix}:last")
 
-    with Worker(bench, transport, prefix, pool=pool, concurrency=concurrency) as worker:
-        ready = worker.wait_ready()
-        done = wait_for(
-            finished, timeout=30 + n / MIN_RATE, interval=0.02, check=worker.check_alive
-        )
+    names = ["bench"] if processes == 1 else [f"bench{i}" for i in range(1, processes + 1)]
+    with contextlib.ExitStack() as stack:
+        workers = [
+            stack.enter_context(
+                Worker(bench, transport, prefix, pool=pool, concurrency=concurrency, name=name)
+            )
+            for name in names
+        ]
+
+        def check_alive() -> None:
+            for worker in workers:
+                worker.check_alive()
+
+        for worker in workers:
+            worker.wait_ready()
+        ready = float(client.get(f"{prefix}:first_ready") or 0)
+        done = wait_for(finished, timeout=30 + n / MIN_RATE, interval=0.02, check=check_alive)
         if done is None:
             count = int(client.get(f"{prefix}:done") or 0)
             raise Unfinished(f"{transport} -P {pool}: {count} of {n} tasks done; giving up")
@@ -90,6 +106,6 @@ def run(
     return {
         "publish": publish_rate,
         "tasks_per_s": n / (last - start),
-        "startup_s": ready - worker.started_at,
+        "startup_s": ready - min(worker.started_at for worker in workers),
         "first_task_after_ready_s": first - ready,
     }

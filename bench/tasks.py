@@ -135,7 +135,13 @@ def make_app(broker_url: str, transport_options: dict[str, Any] | None = None) -
 
 
 def _on_ready(sender: Any = None, **kwargs: Any) -> None:
-    _store().set(f"{_prefix()}:ready", time.time())
+    """``ready``: this worker's (the last one's, when several share a prefix); ``first_ready``:
+    the first of several workers on one prefix (bench.celery_e2e times from it)."""
+    now = time.time()
+    pipe = _store().pipeline(transaction=False)
+    pipe.set(f"{_prefix()}:ready", now)
+    pipe.set(f"{_prefix()}:first_ready", now, nx=True)
+    pipe.execute()
 
 
 if "BENCH_BROKER_URL" in os.environ:  # inside a worker started by bench.worker

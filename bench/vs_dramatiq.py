@@ -1,17 +1,27 @@
 """Dramatiq against Celery on celery-msg, in the same run, on the same fresh server: N no-op
-tasks published, then run by one worker, like against like (:data:`WORKERS`):
+tasks published, then run by workers started afterwards. Each side runs the deployments an
+operator would run on the 2-core bench VM (:data:`CELERY`, :data:`DRAMATIQ`), and the report
+pairs them (:data:`PAIRS`):
 
 - one process, one thread: Celery ``-P solo`` / ``dramatiq --processes 1 --threads 1``;
-- two processes, one task at a time each: Celery ``-P prefork -c 2`` / ``dramatiq
-  --processes 2 --threads 1``;
-- each as it starts by default on the 2-core bench VM: Celery ``-P prefork`` (a child per
-  core: ``-c 2``) / Dramatiq (a process per core, 8 threads each: 2 x 8).
+- two processes, one task at a time each: Celery ``-P prefork -c 2`` / ``--processes 2
+  --threads 1``;
+- each as it starts by default here: Celery ``-P prefork`` (a child per core: ``-c 2``) /
+  Dramatiq (a process per core, 8 threads each: 2 x 8);
+- a process per core, as Dramatiq runs: two Celery ``-P solo`` workers on the one queue /
+  Dramatiq 2 x 8;
+- threads: Celery ``-P threads -c 8`` (one process) / Dramatiq 1 x 8, and two such workers /
+  Dramatiq 2 x 8;
+- and Dramatiq's own best here: besides its default, 1 x 8 and 2 x 16 are run, and the report
+  holds every Celery deployment against Dramatiq's default and against the Dramatiq
+  deployment with the best median.
 
 Figures:
 
 - send rate: Dramatiq's ``actor.send()`` in a loop; Celery's ``.delay()`` in a loop inside a
   :func:`celery_msg.bulk` block (to its end: Redis holds every message), and one by one;
-- worker rate: N / (last task finished - worker ready), as :mod:`bench.celery_e2e`;
+- worker rate: N / (last task finished - first worker process ready), as
+  :mod:`bench.celery_e2e`;
 - whole process: N / (publish time + worker time), the publisher and then the worker.
 
 Dramatiq is an optional bench extra (``pip install 'celery-msg[bench]'``); without it the group
@@ -29,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from . import celery_e2e
@@ -62,13 +73,58 @@ def _dramatiq_send(bench: Bench, n: int) -> float:
         broker.close()
 
 
-#: Worker pairings: name -> (Celery pool, its concurrency; Dramatiq processes, threads: None
-#: is its default).
-WORKERS: dict[str, tuple[str, int | None, int | None, int | None]] = {
-    "solo": ("solo", None, 1, 1),
-    "two": ("prefork", 2, 2, 1),
-    "defaults": ("prefork", 2, None, None),
+@dataclass(frozen=True)
+class CeleryDeployment:
+    """``processes`` alike ``celery worker -P pool [-c concurrency]`` on the one queue."""
+
+    label: str
+    pool: str
+    concurrency: int | None
+    processes: int = 1
+
+
+@dataclass(frozen=True)
+class DramatiqDeployment:
+    """``dramatiq [--processes p] [--threads t]`` (``None``: its default)."""
+
+    label: str
+    processes: int | None
+    threads: int | None
+
+
+#: Celery's deployments (with celery-msg), by the key of their figures.
+CELERY: dict[str, CeleryDeployment] = {
+    "solo": CeleryDeployment("1 worker `-P solo`", "solo", None),
+    "prefork": CeleryDeployment(
+        "1 worker `-P prefork -c 2` (its default here: a child per core)", "prefork", 2
+    ),
+    "solo_x2": CeleryDeployment("2 workers `-P solo` on the queue", "solo", None, processes=2),
+    "threads": CeleryDeployment("1 worker `-P threads -c 8`", "threads", 8),
+    "threads_x2": CeleryDeployment(
+        "2 workers `-P threads -c 8` on the queue", "threads", 8, processes=2
+    ),
 }
+
+#: Dramatiq's deployments, by the key of their figures.
+DRAMATIQ_DEPLOYMENTS: dict[str, DramatiqDeployment] = {
+    "1x1": DramatiqDeployment("`--processes 1 --threads 1`", 1, 1),
+    "2x1": DramatiqDeployment("`--processes 2 --threads 1`", 2, 1),
+    "2x8": DramatiqDeployment("default: 2 processes x 8 threads", None, None),
+    "1x8": DramatiqDeployment("`--processes 1 --threads 8`", 1, 8),
+    "2x16": DramatiqDeployment("`--processes 2 --threads 16`", 2, 16),
+}
+
+#: Like with like: each Celery deployment -> the Dramatiq deployment it matches best.
+PAIRS: dict[str, str] = {
+    "solo": "1x1",
+    "prefork": "2x1",
+    "solo_x2": "2x8",
+    "threads": "1x8",
+    "threads_x2": "2x8",
+}
+
+#: Dramatiq's default deployment (the issue's target is its whole-process rate).
+DRAMATIQ_DEFAULT = "2x8"
 
 
 def _dramatiq_worker(
@@ -130,10 +186,12 @@ def dramatiq_run(bench: Bench) -> dict[str, float]:
     n = bench.settings.e2e_n
     out: dict[str, float] = {}
     sends: list[float] = []
-    for name, (_, _, processes, threads) in WORKERS.items():
+    for name, deployment in DRAMATIQ_DEPLOYMENTS.items():
         bench.flush()
         send = _dramatiq_send(bench, n)
-        worker = _dramatiq_worker(bench, n, new_prefix("dramatiq"), processes, threads)
+        worker = _dramatiq_worker(
+            bench, n, new_prefix("dramatiq"), deployment.processes, deployment.threads
+        )
         sends.append(send)
         out[f"worker_{name}"], out[f"whole_{name}"] = worker, _whole(send, worker)
     bench.flush()
@@ -145,8 +203,15 @@ def celery_run(bench: Bench) -> dict[str, float]:
     out: dict[str, float] = {}
     sends: list[float] = []
     bulk = functools.partial(celery_e2e.publish, bulk=True)
-    for name, (pool, concurrency, _, _) in WORKERS.items():
-        figures = celery_e2e.run(bench, OURS, pool, concurrency, publisher=bulk)
+    for name, deployment in CELERY.items():
+        figures = celery_e2e.run(
+            bench,
+            OURS,
+            deployment.pool,
+            deployment.concurrency,
+            publisher=bulk,
+            processes=deployment.processes,
+        )
         send, worker = figures["publish"], figures["tasks_per_s"]
         sends.append(send)
         out[f"worker_{name}"], out[f"whole_{name}"] = worker, _whole(send, worker)

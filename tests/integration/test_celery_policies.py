@@ -21,6 +21,7 @@ from celery_helpers import Stack, StackFactory, wait_until
 
 from celery_msg.deadletters import DeadFilter, DeadLetters, DeadMessage
 from celery_msg.errors import PoisonMessage
+from celery_msg.headers import UNIQUE_HEADER
 
 if TYPE_CHECKING:
     pass
@@ -289,6 +290,30 @@ def test_a_unique_task_id_is_published_once_while_pending_and_again_after_it_ran
     assert [e.label for e in stack.events("start")] == ["one"]
 
     recorder.apply_async(("three",), task_id=task_id)
+    stack.wait_for_events("finish", 2, timeout=10)
+    assert [e.label for e in stack.events("start")] == ["one", "three"]
+    stack.settled(DEFAULT_QUEUE)
+
+
+@pytest.mark.parametrize("asked", [True, "start"], ids=["until success", "until start"])
+def test_a_task_unique_by_its_own_header_is_unlocked_by_the_worker_without_a_unique_policy(
+    make_stack: StackFactory, asked: Any
+):
+    # No policy names unique ids here: only the message's header asks (the worker's check
+    # of a start or a success for an id to unlock must still look at it).
+    stack = make_stack()
+    recorder = stack.task("record_now")
+    task_id = f"asked-{uuid.uuid4().hex}"
+    headers = {UNIQUE_HEADER: asked}
+    first = recorder.apply_async(("one",), task_id=task_id, headers=headers)
+    recorder.apply_async(("two",), task_id=task_id, headers=headers)
+    assert stack.broker.counts(DEFAULT_QUEUE)["ready"] == 1
+
+    stack.worker()
+    assert first.get(timeout=10) == "one"
+    stack.settled(DEFAULT_QUEUE)
+    # Unlocked when it started or succeeded: the same id is stored and runs again.
+    recorder.apply_async(("three",), task_id=task_id, headers=headers)
     stack.wait_for_events("finish", 2, timeout=10)
     assert [e.label for e in stack.events("start")] == ["one", "three"]
     stack.settled(DEFAULT_QUEUE)
