@@ -325,11 +325,12 @@ class GroupPublisher:
         except KeyError:
             pass
         task = self.app.tasks.get(name)
-        cls = type(task)
+        # Bound to Celery's own functions: neither the class nor this task object (as
+        # ddtrace's Celery patch sets it on the task) has its own apply_async or shadow_name.
         ok = (
             task is not None
-            and cls.apply_async is Task.apply_async
-            and cls.shadow_name is Task.shadow_name
+            and getattr(task.apply_async, "__func__", None) is Task.apply_async
+            and getattr(task.shadow_name, "__func__", None) is Task.shadow_name
             and getattr(task, "_dump_pydantic_arguments", None) is None
             and not getattr(task, "__v2_compat__", False)
         )

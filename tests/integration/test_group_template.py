@@ -266,6 +266,16 @@ def test_a_library_that_wraps_apply_async_sees_every_task(stack: Stack, signalle
             Task.apply_async = original  # type: ignore[method-assign]
         assert canvas.last_publisher() is None
         assert seen == [r.id for r in result.results]
+    # On the task object itself, as ddtrace's Celery patch sets it: that task is not derived.
+    seen.clear()
+    add.apply_async = functools.partial(tracing, add)
+    try:
+        result = group(add.s(i, i) for i in range(20)).apply_async()
+    finally:
+        del add.apply_async
+    publisher = canvas.last_publisher()
+    assert publisher is not None and publisher.derived == 0
+    assert seen == [r.id for r in result.results]
 
 
 JSON_VALUES = st.recursive(
