@@ -36,11 +36,12 @@ Not derived (Celery's path, as before, for the whole group or the shape): while
 ``before_task_publish`` or the deprecated ``task_sent`` have receivers (they may change the
 message, and a derived message would carry the first task's change); with
 ``task_send_sent_event``; with a router that is not a plain mapping (a function may route by
-arguments); a task class that overrides ``apply_async`` or ``shadow_name``, or uses pydantic
-arguments; when one of Celery's functions on this path was replaced or wrapped by another
-library (Sentry wraps ``Task.apply_async``, and must see every task); options with a time in
-them (``countdown``, ``eta``, ``expires``), links; partial arguments given to the group's
-``apply_async``; compression; protocol 1; more than :data:`MAX_SHAPES` shapes in one group.
+arguments); a task whose class or object has its own ``apply_async`` or ``shadow_name``
+(ddtrace's patch sets one on the task), or uses pydantic arguments; when one of Celery's
+functions on this path was replaced or wrapped by another library (Sentry wraps
+``Task.apply_async``, and must see every task); options with a time in them (``countdown``,
+``eta``, ``expires``), links; partial arguments given to the group's ``apply_async``;
+compression; protocol 1; more than :data:`MAX_SHAPES` shapes in one group.
 ``msg_group_templates = False`` in the app's configuration turns it off.
 
 Pinned by ``tests/integration/test_group_template.py``: the messages stored, the backend calls
