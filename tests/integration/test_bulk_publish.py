@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from celery import group
+from celery import Celery, group
 from celery_app.settings import DEFAULT_QUEUE
 from celery_app.tasks import create_app
 from celery_helpers import Stack, stack_factory, wait_until
@@ -134,32 +134,43 @@ def test_a_stale_route_in_a_batch_is_routed_again_and_only_those_messages_sent(s
     assert sorted(stored_keys(stack, "bulk-b")) == sorted(expected)
 
 
-def test_a_batch_run_but_unanswered_before_a_redis_crash_is_sent_again_and_stored_once(
-    durable_server: Server, durable_stack: Stack
-):
-    stack = durable_stack
+def crash_with_a_batch_unanswered(
+    server: Server, stack: Stack, publish: Callable[[Celery, int], list[str]]
+) -> list[str]:
+    """In one bulk block of 500-message batches, through a proxy (the test looks at Redis
+    directly): ``publish(app, n)`` 1500 tasks and flush; 500 more, one batch Redis runs but
+    whose replies are held; Redis killed and restarted from its AOF (the 2000 kept, not its
+    scripts); 1000 more. Returns the ids published."""
     declare(stack)
-    with TcpProxy(durable_server.process.port) as proxy:
-        # The publisher talks to Redis through the proxy; the test looks at Redis directly.
+    with TcpProxy(server.process.port) as proxy:
         app = create_app(
             replace(stack.settings, redis_url=f"redis://127.0.0.1:{proxy.port}").environ()
         )
-        add = app.tasks["add"]
         ids: list[str] = []
         with celery_msg.bulk(app, batch=500) as buffer:
-            ids.extend(add.delay(i, i).id for i in range(1500))
+            ids += publish(app, 1500)
             buffer.flush()
             proxy.hold_replies()
-            ids.extend(add.delay(i, i).id for i in range(500))  # one batch, run, not answered
+            ids += publish(app, 500)  # one batch, run, not answered
             wait_until(lambda: len(stored_keys(stack)) == 2000 or None, 10, "the batch run")
-            durable_server.process.kill()
-            durable_server.process.restart()  # from its AOF: the 2000 are kept, not its scripts
+            server.process.kill()
+            server.process.restart()
             proxy.drop_all()
             proxy.heal()
-            ids.extend(add.delay(i, i).id for i in range(1000))
+            ids += publish(app, 1000)
         app.close()
-    assert stored_keys(stack) == sorted(ids)  # each once: no id/<n> second copy
-    stats = stack.broker.stats(DEFAULT_QUEUE)
+    return ids
+
+
+def test_a_batch_run_but_unanswered_before_a_redis_crash_is_sent_again_and_stored_once(
+    durable_server: Server, durable_stack: Stack
+):
+    def delays(app: Celery, n: int) -> list[str]:
+        return [app.tasks["add"].delay(i, i).id for i in range(n)]
+
+    ids = crash_with_a_batch_unanswered(durable_server, durable_stack, delays)
+    assert stored_keys(durable_stack) == sorted(ids)  # each once: no id/<n> second copy
+    stats = durable_stack.broker.stats(DEFAULT_QUEUE)
     # The 500 whose replies were lost went again as unique publishes, found stored: no-ops.
     assert (stats["published"], stats["duplicates"]) == (3000, 500)
 
@@ -167,39 +178,21 @@ def test_a_batch_run_but_unanswered_before_a_redis_crash_is_sent_again_and_store
 def test_a_groups_derived_messages_run_but_unanswered_before_a_redis_crash_are_stored_once(
     durable_server: Server, durable_stack: Stack
 ):
-    # As above, with groups: past their first two tasks their messages are derived
-    # (celery_msg.group_template) and go into the buffer with entries made from a template.
-    stack = durable_stack
-    declare(stack)
-    with TcpProxy(durable_server.process.port) as proxy:
-        app = create_app(
-            replace(stack.settings, redis_url=f"redis://127.0.0.1:{proxy.port}").environ()
-        )
+    # As above, with groups (they join the block): past their first two tasks their messages
+    # are derived (celery_msg.group_template), with buffer entries made from a template.
+    derived = []
+
+    def groups(app: Celery, n: int) -> list[str]:
         add = app.tasks["add"]
-        ids: list[str] = []
-        derived = []
+        result = group(add.s(i, i).set(ignore_result=True) for i in range(n)).apply_async()
+        publisher = canvas.last_publisher()
+        derived.append(publisher.derived if publisher is not None else 0)
+        return [r.id for r in result.results]
 
-        def publish(n: int) -> None:
-            result = group(add.s(i, i).set(ignore_result=True) for i in range(n)).apply_async()
-            ids.extend(r.id for r in result.results)
-            publisher = canvas.last_publisher()
-            derived.append(publisher.derived if publisher is not None else 0)
-
-        with celery_msg.bulk(app, batch=500) as buffer:  # the groups join this block
-            publish(1500)
-            buffer.flush()
-            proxy.hold_replies()
-            publish(500)  # one batch, run, not answered
-            wait_until(lambda: len(stored_keys(stack)) == 2000 or None, 10, "the batch run")
-            durable_server.process.kill()
-            durable_server.process.restart()  # from its AOF: the 2000 are kept, not its scripts
-            proxy.drop_all()
-            proxy.heal()
-            publish(1000)
-        app.close()
+    ids = crash_with_a_batch_unanswered(durable_server, durable_stack, groups)
     assert derived == [1498, 498, 998]
-    assert stored_keys(stack) == sorted(ids)  # each once: no id/<n> second copy
-    stats = stack.broker.stats(DEFAULT_QUEUE)
+    assert stored_keys(durable_stack) == sorted(ids)  # each once: no id/<n> second copy
+    stats = durable_stack.broker.stats(DEFAULT_QUEUE)
     assert (stats["published"], stats["duplicates"]) == (3000, 500)
 
 
