@@ -18,7 +18,7 @@ from collections.abc import Callable
 from celery import group
 
 import celery_msg
-from celery_msg import canvas, reprs
+from celery_msg import canvas, reprs, send_template
 
 from .common import KOMBU, OURS, Bench
 from .tasks import make_app
@@ -48,14 +48,15 @@ def _timed(
     return n / elapsed, cpu / n * 1e6
 
 
-#: Tasks of the last group published whose message was derived (celery_msg.group_template).
-_derived: list[int] = [0]
+#: Tasks whose message was derived: of the last group published (celery_msg.group_template),
+#: and of the last block of ``.delay()`` calls (celery_msg.send_template).
+_derived: dict[str, int] = {"group": 0, "delay": 0}
 
 
 def _group(app: object, task: object, n: int) -> None:
     group(task.s(i) for i in range(n)).apply_async()  # type: ignore[attr-defined]
     publisher = canvas.last_publisher()
-    _derived[0] = publisher.derived if publisher is not None else 0
+    _derived["group"] = publisher.derived if publisher is not None else 0
 
 
 def _delays(app: object, task: object, n: int) -> None:
@@ -71,6 +72,8 @@ def _delays_in_block(app: object, task: object, n: int) -> None:
     with celery_msg.bulk(app) as buffer:
         _delays(app, task, n)
     _window[0] = buffer.longest_wait
+    publisher = send_template.last_publisher()
+    _derived["delay"] = publisher.derived if publisher is not None else 0
 
 
 def _group_in_batch(app: object, task: object, n: int) -> None:
@@ -108,17 +111,21 @@ SHAPES: dict[str, list[tuple[str, str, Callable[..., None], bool]]] = {
 def run(bench: Bench, run_number: int) -> dict[str, dict[str, tuple[float, float]]]:
     """One run: figure -> transport -> (tasks/s, client CPU µs per task); ours also
     ``window_ms``: the longest a task waited in the process inside the bulk block;
-    ``derived``: how many tasks of our bulk group had their message derived from Celery's
-    (so that a group silently back on Celery's path shows in the report)."""
+    ``derived`` and ``delay_derived``: how many tasks of our bulk group and of our block of
+    ``.delay()`` calls had their message derived from Celery's (so that one silently back on
+    Celery's path shows in the report)."""
     sizes = {"group": bench.settings.bulk_group_n, "delay": bench.settings.bulk_delay_n}
     out: dict[str, dict[str, tuple[float, float]]] = {}
-    derived = 0
+    derived = delay_derived = 0
     for shape, steps in SHAPES.items():
         for figure, transport, body, bulk_groups in steps if run_number % 2 else steps[::-1]:
             rate_cpu = _timed(bench, transport, sizes[shape], body, bulk_groups=bulk_groups)
             out.setdefault(figure, {})[transport] = rate_cpu
             if figure == "group_bulk":
-                derived = _derived[0]
+                derived = _derived["group"]
+            elif figure == "delay_bulk":
+                delay_derived = _derived["delay"]
     out["window_ms"] = {OURS: (_window[0] * 1000, 0.0)}
     out["derived"] = {OURS: (float(derived), 0.0)}
+    out["delay_derived"] = {OURS: (float(delay_derived), 0.0)}
     return out

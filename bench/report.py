@@ -109,6 +109,7 @@ ROWS = (
     Row("enqueue_delay_bulk_cpu_us", "client CPU per task: .delay(), ours bulk vs kombu", _us),
     Row("bulk_window_ms", "bulk block: longest a task waited in the process", _ms),
     Row("bulk_group_derived", "group in bulk: tasks whose message was derived", _count),
+    Row("bulk_delay_derived", ".delay() in a block: tasks whose message was derived", _count),
     Row("enqueue_delay_batch", "apply_async(producer=p), both in Producer.batch()", _rate),
     Row("e2e_prefork", "Celery e2e, -P prefork -c 2", _rate, ">= 1.1x", _ratio_at_least(1.1)),
     Row("e2e_prefork_unwaited", "Celery e2e, -P prefork -c 2, task not waiting on Redis", _rate),

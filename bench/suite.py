@@ -98,6 +98,7 @@ def run_bulk(bench: Bench) -> Results:
         window = out.pop("window_ms")[OURS][0]
         values["bulk_window_ms"][OURS].append(window)
         values["bulk_group_derived"][OURS].append(out.pop("derived")[OURS][0])
+        values["bulk_delay_derived"][OURS].append(out.pop("delay_derived")[OURS][0])
         for figure, by_transport in out.items():
             for transport, (rate, cpu) in by_transport.items():
                 values[f"enqueue_{figure}"][transport].append(rate)

@@ -12,6 +12,9 @@
    Celery's own answers, without the ``KeyError`` per spelling and map of every read.
 5. Task messages' ``argsrepr`` / ``kwargsrepr`` are written by
    :func:`celery_msg.reprs.saferepr`: Celery's text, through ``repr`` for flat arguments.
+6. Inside a block, tasks sent one by one (``.delay()``, ``apply_async``, ``send_task``) go
+   through the app's own ``send_task`` (:mod:`celery_msg.send_template`), which derives their
+   messages past the first two of each shape, as a group's are.
 
 The hook is Celery's ``group._apply_tasks``: the generator ``group.apply_async`` exhausts (with
 ``list``) to publish the group's tasks one by one with one producer, after freezing them (ids,
@@ -46,6 +49,7 @@ from .bulk_publish import bulk, current_buffer, uses_celery_msg
 from .group_template import GroupPublisher, publisher_for
 from .producer import adopt
 from .reprs import install as install_reprs
+from .send_template import install as install_send_task
 from .settings import adopt as adopt_settings
 
 logger = logging.getLogger(__name__)
@@ -64,9 +68,11 @@ def last_publisher() -> GroupPublisher | None:
 
 
 def install(app: Celery) -> None:
-    """Publish ``app``'s groups in bulk (wraps ``group._apply_tasks`` once per process) and
-    hold one producer per bulk block (wraps ``app.producer_or_acquire``)."""
+    """Publish ``app``'s groups in bulk (wraps ``group._apply_tasks`` once per process), hold
+    one producer per bulk block (wraps ``app.producer_or_acquire``) and derive the messages of
+    tasks sent one by one in a block (``app.send_task``)."""
     _hold_producer(app)
+    install_send_task(app)
     install_reprs()
     original = getattr(group, "_apply_tasks", None)
     if original is None:

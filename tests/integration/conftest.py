@@ -5,6 +5,7 @@
 - ``stack``: one such stack with the default settings.
 - ``consumer_process``: ``start(queue, **options)`` runs a kombu consumer in a child process
   (fast leases) that the test can SIGKILL or SIGSTOP; all are closed after the test.
+- ``signalled``: the ``after_task_publish`` calls of the test.
 - ``clock`` and ``broker``: a :class:`celery_msg.core.Broker` on this test's server and prefix
   whose clock is pinned (``clock.t``, seconds, from ``pinned.T0``; lease ``pinned.LEASE_MS``).
 """
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from celery.signals import after_task_publish
 from celery_helpers import Stack, StackFactory, stack_factory
 from kombu_helpers import FAST, ConsumerProcess
 from pinned import LEASE_MS, T0, Clock
@@ -50,6 +52,20 @@ def consumer_process(server: Server, prefix: str) -> Iterator[Callable[..., Cons
     yield start
     for process in started:
         process.close()
+
+
+@pytest.fixture
+def signalled() -> Iterator[list[dict[str, Any]]]:
+    """The ``after_task_publish`` calls of the test (a receiver does not turn derived
+    messages off: only ``before_task_publish`` ones may change a message)."""
+    seen: list[dict[str, Any]] = []
+
+    def after(sender: Any = None, **kwargs: Any) -> None:
+        seen.append({"sender": sender, **kwargs})
+
+    after_task_publish.connect(after, weak=False)
+    yield seen
+    after_task_publish.disconnect(after)
 
 
 @pytest.fixture

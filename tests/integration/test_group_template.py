@@ -6,117 +6,49 @@ silently fell back to Celery's path fails instead of comparing Celery with itsel
 
 from __future__ import annotations
 
-import base64
 import functools
-import gc
-import json
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import template_helpers
 from celery import Task, chord, group
-from celery.signals import after_task_publish, before_task_publish
+from celery.signals import before_task_publish
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
 from celery_helpers import Stack, StackFactory
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from kombu.exceptions import EncodeError
+from template_helpers import (
+    ODD_ARGUMENTS,
+    Calls,
+    Published,
+    any_calls,
+    assert_stored_as_called,
+    stored,
+)
 
 from celery_msg import canvas
-
-Published = list[dict[str, Any]]
 
 
 @pytest.fixture
 def stack(make_stack: StackFactory) -> Iterator[Stack]:
-    yield make_stack()
-    # The tracked results of these groups are in reference cycles: collected now, while their
-    # server still answers their unsubscribe, not after it stopped.
-    gc.collect()
-
-
-@pytest.fixture
-def signalled() -> Iterator[list[dict[str, Any]]]:
-    """The ``after_task_publish`` calls of the test (a receiver does not turn derivation off:
-    only ``before_task_publish`` ones may change a message)."""
-    seen: list[dict[str, Any]] = []
-
-    def after(sender: Any = None, **kwargs: Any) -> None:
-        seen.append({"sender": sender, **kwargs})
-
-    after_task_publish.connect(after, weak=False)
-    yield seen
-    after_task_publish.disconnect(after)
-
-
-def stored(stack: Stack, queue: str) -> list[dict[str, Any]]:
-    """The messages of ``queue`` in the queue's order (its ready sorted set), whole, with
-    their bodies decoded."""
-    keys = stack.broker.keys(queue)
-    order = [k.decode() for k in stack.redis.zrange(keys.ready, 0, -1)]
-    bodies = {k.decode(): json.loads(v) for k, v in stack.redis.hgetall(keys.body).items()}
-    assert sorted(order) == sorted(bodies)
-    out = []
-    for key in order:
-        message = bodies[key]
-        message["body"] = json.loads(base64.b64decode(message["body"]))
-        out.append(message)
-    return out
-
-
-UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def renamed(value: Any) -> Any:
-    """``value`` with every id (task, group, chord body) named by its first appearance."""
-    text = json.dumps(value, sort_keys=True, default=repr)
-    names: dict[str, str] = {}
-    return json.loads(UUID.sub(lambda m: names.setdefault(m[0], f"id-{len(names)}"), text))
+    yield from template_helpers.collected_stack(make_stack)
 
 
 def both_ways(
     stack: Stack,
     publish: Callable[[], Any],
-    signalled: list[dict[str, Any]],
+    signalled: Published,
     queues: tuple[str, ...] = (DEFAULT_QUEUE,),
 ) -> tuple[Any, int]:
-    """Publish with derivation off and then on (each on empty queues); asserts the stored
-    messages and the signals are equal after renaming; returns (what derivation stored and
-    signalled, renamed; how many messages it derived)."""
-    results = []
-    derived = 0
-    backend = stack.app.backend
-    on_task_call = backend.on_task_call
-    called: list[str] = []  # the ids the result backend was told of, as Celery tells it
+    """:func:`template_helpers.both_ways` for groups."""
 
-    def spy(producer: Any, task_id: str) -> Any:
-        called.append(task_id)
-        return on_task_call(producer, task_id)
-
-    backend.on_task_call = spy
-    for on in (False, True):
-        stack.app.conf.msg_group_templates = on
-        for queue in queues:
-            stack.broker.purge(queue)
-        signalled.clear()
-        called.clear()
-        publish()
-        messages = [m for queue in queues for m in stored(stack, queue)]
-        signals = [
-            {**s, "body": list(s["body"]), "signal": None}
-            for s in signalled
-            if s["sender"] in {m["headers"]["task"] for m in messages}
-        ]
-        results.append(renamed({"messages": messages, "signals": signals, "told": called}))
+    def derived() -> int | None:
         publisher = canvas.last_publisher()
-        if on:
-            derived = publisher.derived if publisher is not None else 0
-        else:
-            assert publisher is None  # msg_group_templates = False: Celery's path only
-    del backend.on_task_call
-    assert results[1] == results[0]
-    return results[1], derived
+        return publisher.derived if publisher is not None else None
+
+    return template_helpers.both_ways(
+        stack, publish, signalled, setting="msg_group_templates", derived=derived, queues=queues
+    )
 
 
 def test_plain_arguments(stack: Stack, signalled: Published):
@@ -127,16 +59,6 @@ def test_plain_arguments(stack: Stack, signalled: Published):
     assert derived == 48  # all but the first two of the shape
     assert len(out["messages"]) == 50 and len(out["signals"]) == 50
     assert [m["body"][0] for m in out["messages"]] == [[i, i] for i in range(50)]
-
-
-ODD_ARGUMENTS = [
-    ("quote'\"s", "ünïcödé ✓", "\n\t\\"),
-    (1.5, -0.0, 10**30, None, True, False),
-    ([1, [2, [3, [4, [5, [6]]]]]], {"a": {"b": {"c": {"d": 1}}}}),
-    ("x" * 5000,),  # longer than argsrepr's limit: cut by saferepr
-    (list(range(300)),),
-    ((), [], {}, ""),
-]
 
 
 def test_arguments_whose_text_celery_writes_its_own_way(stack: Stack, signalled: Published):
@@ -278,29 +200,13 @@ def test_a_library_that_wraps_apply_async_sees_every_task(stack: Stack, signalle
     assert seen == [r.id for r in result.results]
 
 
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
-)
-CALLS = st.tuples(
-    st.lists(JSON_VALUES, max_size=4), st.dictionaries(st.text(min_size=1), JSON_VALUES, max_size=3)
-)
-
-
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(calls=st.lists(CALLS, min_size=3, max_size=8))
+@any_calls
 def test_any_arguments_are_stored_as_celery_stores_them(
-    stack: Stack, signalled: Published, calls: list[tuple[list[Any], dict[str, Any]]]
+    stack: Stack, signalled: Published, calls: Calls
 ):
     tsum = stack.task("tsum")
     tsum.typing = False
     out, derived = both_ways(
         stack, lambda: group(tsum.s(*a, **k) for a, k in calls).apply_async(), signalled
     )
-    assert derived == len(calls) - 2
-    assert [m["body"][:2] for m in out["messages"]] == renamed([[list(a), k] for a, k in calls])
+    assert_stored_as_called(out, derived, calls)
