@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,23 @@ REDIRECT_WAIT_MAX = 0.1
 _local = threading.local()
 
 T = TypeVar("T")
+
+#: Per app, what a block of it does when it opens: each opener returns what to do when it
+#: closes (:mod:`celery_msg.send_template` sets the app's ``send_task`` only meanwhile).
+_openers: weakref.WeakKeyDictionary[Celery, list[Callable[[], Callable[[], None]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def on_open(app: Celery, opener: Callable[[], Callable[[], None]]) -> None:
+    """Run ``opener`` when a bulk block of ``app`` opens, and what it returns when it closes
+    (not for a block that joins an open one)."""
+    _openers.setdefault(app, []).append(opener)
+
+
+def openers(app: Celery) -> list[Callable[[], Callable[[], None]]]:
+    """What a block of ``app`` runs when it opens (see :func:`on_open`)."""
+    return list(_openers.get(app, ()))
 
 
 def bulk_buffer(message: dict[str, Any]) -> Buffer | None:
@@ -343,10 +361,13 @@ def bulk(
         yield outer
         return
     buffer = _local.buffer = Buffer(batch, retry_policy or RetryPolicy.of(app))
+    closers = [opener() for opener in _openers.get(app, ())]
     try:
         yield buffer
     finally:
         _local.buffer = None
+        for close in closers:
+            close()
         try:
             buffer.flush()
         finally:

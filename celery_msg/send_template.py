@@ -8,9 +8,11 @@ Celery's work per task, and most of it (``send_task``: exec options, the router,
 ``as_task_v2``, ``send_task_message``, kombu's ``Producer.publish``) builds the same message
 again with another id and other arguments.
 
-How: :func:`install` gives a configured app its own ``send_task`` (an attribute of the app,
-which ``Task.apply_async`` calls): outside a bulk block, or for a call it does not derive, it
-is Celery's own (``type(app).send_task``, so a later patch of Celery's is still called).
+How: while a bulk block of a configured app is open (in any thread), the app has its own
+``send_task`` (an attribute of the app, which ``Task.apply_async`` calls; set by the first
+block to open, removed when the last closes, so that outside blocks a ``.delay()`` pays
+nothing for it). Outside this thread's block, or for a call it does not derive, it is Celery's
+own (``type(app).send_task``, so a later patch of Celery's is still called).
 ``Task.apply_async`` itself still runs for every task (the arguments' check, ``shadow_name``,
 the task's exec options): only what it calls is answered here.
 
@@ -36,6 +38,7 @@ after renaming ids.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from celery.utils import uuid
 
-from .bulk_publish import current_buffer
+from .bulk_publish import current_buffer, on_open, openers
 from .templates import (
     NOT_DERIVED_OPTIONS,
     OWN_SEND_TASK,
@@ -148,12 +151,36 @@ def _nothing(_: Any) -> None:
     """A publisher holds nothing to give back when its block closes."""
 
 
-def install(app: Celery) -> None:
-    """Give ``app`` celery-msg's ``send_task`` (once; not over a ``send_task`` another
-    library set on the app, which then keeps Celery's path)."""
-    if "send_task" in app.__dict__:
-        return
+class _Hook:
+    """celery-msg's ``send_task`` on one app, set while a bulk block of the app is open in
+    any thread (counted): outside blocks ``app.send_task`` is Celery's own, at no cost."""
 
+    def __init__(self, app: Celery) -> None:
+        self._app = weakref.ref(app)
+        self._lock = threading.Lock()
+        self._open = 0
+        self._set = False
+
+    def open(self) -> Callable[[], None]:
+        app = self._app()
+        with self._lock:
+            self._open += 1
+            if app is not None and self._open == 1 and "send_task" not in app.__dict__:
+                app.send_task = _send_task(app)
+                self._set = True
+        return self.close
+
+    def close(self) -> None:
+        app = self._app()
+        with self._lock:
+            self._open -= 1
+            if not self._open and self._set:
+                self._set = False
+                if app is not None and getattr(app.__dict__.get("send_task"), OWN_SEND_TASK, None):
+                    del app.send_task
+
+
+def _send_task(app: Celery) -> Callable[..., Any]:
     def send_task(*args: Any, **kwargs: Any) -> Any:
         buffer = current_buffer()
         if buffer is None or not 1 <= len(args) <= _POSITIONAL:
@@ -163,8 +190,15 @@ def install(app: Celery) -> None:
             return type(app).send_task(app, *args, **kwargs)
         return publisher.send(*args, **kwargs)
 
-    setattr(send_task, OWN_SEND_TASK, app)
-    app.send_task = send_task
+    setattr(send_task, OWN_SEND_TASK, True)
+    return send_task
+
+
+def install(app: Celery) -> None:
+    """Give ``app`` celery-msg's ``send_task`` inside its bulk blocks (once; never over a
+    ``send_task`` another library set on the app, which then keeps Celery's path)."""
+    if not any(isinstance(getattr(opener, "__self__", None), _Hook) for opener in openers(app)):
+        on_open(app, _Hook(app).open)
 
 
 def _publisher(app: Celery, buffer: Buffer) -> Callable[[], SendPublisher | None]:

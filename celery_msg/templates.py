@@ -109,7 +109,7 @@ def celerys_path_intact(app: Celery) -> bool:
             return False
     own = app.__dict__.get("send_task")
     if type(app).send_task is not Celery.send_task or not (
-        own is None or getattr(own, OWN_SEND_TASK, None) is app
+        own is None or getattr(own, OWN_SEND_TASK, False)
     ):
         return False  # an app whose send_task was replaced
     amqp = app.amqp

@@ -8,6 +8,7 @@ that silently fell back to Celery's path fails instead of comparing Celery with 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -265,7 +266,7 @@ def test_a_library_that_wraps_the_path_sees_every_task(stack: Stack, owner: Any,
 
 def test_an_app_whose_send_task_another_library_set_keeps_celerys_path(stack: Stack):
     add = stack.task("add")
-    del stack.app.send_task  # celery-msg's: the app as before configure()
+    assert "send_task" not in stack.app.__dict__  # celery-msg's is set inside blocks only
     celerys = stack.app.send_task
     seen: list[str] = []
 
@@ -277,6 +278,7 @@ def test_an_app_whose_send_task_another_library_set_keeps_celerys_path(stack: St
     canvas.install(stack.app)  # configure() after it: ours is not put over it
     assert stack.app.send_task is own
     with celery_msg.bulk(stack.app):
+        assert stack.app.send_task is own  # a block does not put ours over it either
         for i in range(20):
             add.delay(i, i)
         group(add.s(i, i) for i in range(20)).apply_async()
@@ -292,3 +294,36 @@ def test_any_arguments_are_stored_as_celery_stores_them(
     tsum.typing = False
     out, derived = both_ways(stack, lambda: [tsum.apply_async(a, k) for a, k in calls], signalled)
     assert_stored_as_called(out, derived, calls)
+
+
+def test_the_apps_send_task_is_celery_msgs_only_while_a_block_is_open(stack: Stack):
+    # Set by the first block to open (in any thread), removed when the last one closes: a
+    # .delay() outside every block calls Celery's send_task directly.
+    add, app = stack.task("add"), stack.app
+    opened, closing = threading.Event(), threading.Event()
+    derived_there: list[int] = []
+
+    def other_thread() -> None:
+        with celery_msg.bulk(app):
+            opened.set()
+            closing.wait(10)
+            for i in range(10):
+                add.delay(i, i)
+        publisher = send_template.last_publisher()
+        derived_there.append(publisher.derived if publisher is not None else 0)
+
+    assert "send_task" not in app.__dict__
+    with celery_msg.bulk(app):
+        assert "send_task" in app.__dict__
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        assert opened.wait(10)
+        for i in range(10):
+            add.delay(i, i)
+    assert "send_task" in app.__dict__  # the other thread's block is still open
+    add.delay(0, 0)  # outside any block of this thread: Celery's path, stored at once
+    closing.set()
+    thread.join(10)
+    assert "send_task" not in app.__dict__
+    assert derived_there == [8]
+    assert len(stored(stack, DEFAULT_QUEUE)) == 21
