@@ -35,7 +35,12 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check celery_msg tests bench example_project
 	$(BIN)/mypy celery_msg example_project/demo
 
-bench: $(VENV)/.installed
+# The benchmarks also run Dramatiq in the same run (the `bench` extra).
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
