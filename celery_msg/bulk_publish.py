@@ -83,11 +83,6 @@ def on_open(app: Celery, opener: Callable[[], Callable[[], None]]) -> None:
     _openers.setdefault(app, []).append(opener)
 
 
-def openers(app: Celery) -> list[Callable[[], Callable[[], None]]]:
-    """What a block of ``app`` runs when it opens (see :func:`on_open`)."""
-    return list(_openers.get(app, ()))
-
-
 def bulk_buffer(message: dict[str, Any]) -> Buffer | None:
     """The open block's buffer if this thread is inside one and ``message`` is a task; the
     transport's publish hook (every publish calls it, so it is cheap when no block is open)."""

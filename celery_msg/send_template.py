@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from celery.utils import uuid
 
-from .bulk_publish import current_buffer, on_open, openers
+from .bulk_publish import current_buffer, on_open
 from .templates import (
     NOT_DERIVED_OPTIONS,
     OWN_SEND_TASK,
@@ -68,6 +68,8 @@ _PARENT = "<parent>"
 _POSITIONAL = 3
 
 _last = threading.local()
+#: Apps given the hook (:func:`install`), once each.
+_hooked: weakref.WeakSet[Celery] = weakref.WeakSet()
 
 
 def last_publisher() -> SendPublisher | None:
@@ -119,7 +121,7 @@ class SendPublisher(Deriver):
             if not shape.trusted:
                 returned = shape.returned
 
-                def same(result: Any, _: Any) -> bool:
+                def same(result: Any) -> bool:
                     return bool((type(result), getattr(result, "ignored", None)) == returned)
 
                 return self.second(
@@ -159,7 +161,6 @@ class _Hook:
         self._app = weakref.ref(app)
         self._lock = threading.Lock()
         self._open = 0
-        self._set = False
 
     def open(self) -> Callable[[], None]:
         app = self._app()
@@ -167,17 +168,17 @@ class _Hook:
             self._open += 1
             if app is not None and self._open == 1 and "send_task" not in app.__dict__:
                 app.send_task = _send_task(app)
-                self._set = True
         return self.close
 
     def close(self) -> None:
         app = self._app()
         with self._lock:
             self._open -= 1
-            if not self._open and self._set:
-                self._set = False
-                if app is not None and getattr(app.__dict__.get("send_task"), OWN_SEND_TASK, None):
-                    del app.send_task
+            # Only ours: a send_task another library set meanwhile stays.
+            if self._open or app is None:
+                return
+            if getattr(app.__dict__.get("send_task"), OWN_SEND_TASK, False):
+                del app.send_task
 
 
 def _send_task(app: Celery) -> Callable[..., Any]:
@@ -197,7 +198,8 @@ def _send_task(app: Celery) -> Callable[..., Any]:
 def install(app: Celery) -> None:
     """Give ``app`` celery-msg's ``send_task`` inside its bulk blocks (once; never over a
     ``send_task`` another library set on the app, which then keeps Celery's path)."""
-    if not any(isinstance(getattr(opener, "__self__", None), _Hook) for opener in openers(app)):
+    if app not in _hooked:
+        _hooked.add(app)
         on_open(app, _Hook(app).open)
 
 

@@ -101,7 +101,7 @@ def celerys_path_intact(app: Celery) -> bool:
     conf = app.conf
     if conf.task_send_sent_event or conf.task_protocol != 2:
         return False
-    if signals.before_task_publish.receivers or signals.task_sent.receivers:
+    if signal_receivers():
         return False
     for (owner, name), found in _CELERYS.items():
         now = getattr(owner, name)
@@ -228,8 +228,6 @@ class Template:
     embed: Any
     ignore_result: bool
     root_is_id: bool
-    #: Whether ``group_index`` is per task (a group's) or the template's (None, one by one).
-    indexed: bool
     #: Whether Celery writes ``argsrepr``/``kwargsrepr`` per task (not given as options).
     argsrepr: bool
     kwargsrepr: bool
@@ -366,7 +364,7 @@ class Deriver:
         template: Template,
         derive: Callable[[], Derived],
         celerys: Callable[[], Any],
-        same_return: Callable[[Any, Derived], bool] | None = None,
+        same_return: Callable[[Any], bool] | None = None,
     ) -> Any:
         """Celery's path for the second task of ``shape``, compared with its derived message:
         the shape is trusted only if they are equal."""
@@ -390,7 +388,7 @@ class Deriver:
                 template.splice is None
                 or [(e.out, e.route) for e in self.buffer.last_entries] == derived.routed(template)
             )
-            and (same_return is None or same_return(result, derived))
+            and (same_return is None or same_return(result))
         )
         if not shape.trusted:
             shape.template = None
@@ -411,7 +409,7 @@ class Deriver:
         headers = dict(template.message["headers"])
         headers["id"] = task_id
         values: dict[str, Any] = {"id": task_id, "correlation_id": task_id}
-        if template.indexed:
+        if self.indexed:
             headers["group_index"] = values["group_index"] = group_index
         if template.root_is_id:
             headers["root_id"] = values["root_id"] = task_id
@@ -551,7 +549,6 @@ def template_of(
         embed=copy.deepcopy(body[2]),
         ignore_result=bool(headers.get("ignore_result")),
         root_is_id=root_is_id,
-        indexed=indexed,
         argsrepr=argsrepr,
         kwargsrepr=kwargsrepr,
         splice=_splice(message, names) if plain else None,

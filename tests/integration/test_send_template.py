@@ -19,6 +19,7 @@ from celery._state import _task_stack
 from celery.result import AsyncResult
 from celery.signals import before_task_publish
 from celery_app.settings import DEFAULT_QUEUE, SECOND_QUEUE
+from celery_app.tasks import runs_key
 from celery_helpers import Stack, StackFactory
 from kombu.exceptions import EncodeError
 from kombu.messaging import Producer
@@ -327,3 +328,18 @@ def test_the_apps_send_task_is_celery_msgs_only_while_a_block_is_open(stack: Sta
     assert "send_task" not in app.__dict__
     assert derived_there == [8]
     assert len(stored(stack, DEFAULT_QUEUE)) == 21
+
+
+def test_derived_delay_calls_run_once_each_through_a_real_worker(make_stack: StackFactory):
+    # Counted by the task itself, outside the broker: every derived message runs, once.
+    stack = make_stack(prefetch_multiplier=100)
+    counted = stack.task("counted")
+    with celery_msg.bulk(stack.app):
+        results = [counted.delay(i) for i in range(2000)]
+    publisher = send_template.last_publisher()
+    assert publisher is not None and publisher.derived == 1998
+    stack.worker()
+    assert [r.get(timeout=120) for r in results] == list(range(2000))
+    runs = {k.decode(): int(v) for k, v in stack.redis.hgetall(runs_key(stack.settings)).items()}
+    assert runs == {r.id: 1 for r in results}
+    stack.settled(DEFAULT_QUEUE, timeout=30)
